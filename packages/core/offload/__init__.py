@@ -1,0 +1,55 @@
+"""offload: run containerised work as SLURM jobs on remote HPC sites, over one SSH connection.
+
+import offload
+site = offload.load_site("leonardo")          # or None: $OFFLOAD_SITE, the default, else "local"
+job = site.submit(offload.JobSpec(["python3", "train.py"], image="docker://me/train:1",
+                                  resources=offload.Resources(gpus=4, walltime="02:00:00")))
+for line in job.logs(follow=True):
+    print(line)
+"""
+
+from offload.config import SiteConfig
+from offload.errors import (
+    ConfigError,
+    HostKeyError,
+    JobFailedError,
+    JobNotFoundError,
+    OffloadError,
+    PluginError,
+    RemoteCommandError,
+    SubmissionError,
+    TransportError,
+)
+from offload.jobs import Job, JobState, JobStatus
+from offload.plugins import RuntimePlugin, SchedulerPlugin, TransportPlugin, hookimpl
+from offload.script import BatchScript
+from offload.site import Site, load_site
+from offload.spec import JobSpec, Mount, Resources
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchScript",
+    "ConfigError",
+    "HostKeyError",
+    "Job",
+    "JobFailedError",
+    "JobNotFoundError",
+    "JobSpec",
+    "JobState",
+    "JobStatus",
+    "Mount",
+    "OffloadError",
+    "PluginError",
+    "RemoteCommandError",
+    "Resources",
+    "RuntimePlugin",
+    "SchedulerPlugin",
+    "Site",
+    "SiteConfig",
+    "SubmissionError",
+    "TransportError",
+    "TransportPlugin",
+    "hookimpl",
+    "load_site",
+]

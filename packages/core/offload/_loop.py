@@ -1,0 +1,115 @@
+"""The private event loop thread behind offload's sync API and its shared connections.
+
+All site I/O runs on one asyncio loop in a daemon thread, so one SSH connection per site serves the whole
+process: the CLI and Airflow (sync callers) and Dask or triggers (async callers on loops of their own).
+Sync calls block on :func:`run`; async calls ``await`` :func:`bridge`, which hops onto the private loop and
+back without blocking the caller's loop. This is httpx's "async first, sync as a thin layer", with the
+extra rule that a connection never crosses loops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import contextlib
+import threading
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+_lock = threading.Lock()
+_loop: asyncio.AbstractEventLoop | None = None
+_thread: threading.Thread | None = None
+
+
+def loop() -> asyncio.AbstractEventLoop:
+    """The private loop, started on first use."""
+    global _loop, _thread
+    with _lock:
+        if _loop is None or _loop.is_closed():
+            new_loop = asyncio.new_event_loop()
+            ready = threading.Event()
+
+            def serve() -> None:
+                asyncio.set_event_loop(new_loop)
+                new_loop.call_soon(ready.set)
+                new_loop.run_forever()
+
+            _thread = threading.Thread(target=serve, name="offload-io", daemon=True)
+            _thread.start()
+            ready.wait()
+            _loop = new_loop
+        return _loop
+
+
+def on_private_loop() -> bool:
+    try:
+        return asyncio.get_running_loop() is _loop
+    except RuntimeError:
+        return False
+
+
+def run(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+    """Run ``coro`` on the private loop and wait for it from synchronous code."""
+    if on_private_loop():
+        coro.close()
+        raise RuntimeError("offload's sync API was called from its own I/O thread; use the async variant")
+    future = asyncio.run_coroutine_threadsafe(coro, loop())
+    try:
+        return future.result(timeout)
+    except concurrent.futures.TimeoutError:
+        future.cancel()
+        raise TimeoutError(f"no result within {timeout} s") from None
+    except KeyboardInterrupt:
+        future.cancel()
+        raise
+
+
+async def bridge(coro: Coroutine[Any, Any, T]) -> T:
+    """Await ``coro`` on the private loop from any other loop (or directly, when already on it)."""
+    if on_private_loop():
+        return await coro
+    future = asyncio.run_coroutine_threadsafe(coro, loop())
+    try:
+        return await asyncio.wrap_future(future)
+    except asyncio.CancelledError:
+        future.cancel()
+        raise
+
+
+def spawn(coro: Coroutine[Any, Any, Any]) -> concurrent.futures.Future[Any]:
+    """Start ``coro`` on the private loop without waiting for it."""
+    return asyncio.run_coroutine_threadsafe(coro, loop())
+
+
+_cleanups: list[Callable[[], Coroutine[Any, Any, Any]]] = []
+
+
+def at_exit(cleanup: Callable[[], Coroutine[Any, Any, Any]]) -> None:
+    """Run ``cleanup()`` on the private loop when the interpreter exits (e.g. close connections)."""
+    _cleanups.append(cleanup)
+
+
+async def _run_cleanups() -> None:
+    for cleanup in reversed(_cleanups):
+        # Exiting anyway: one failed cleanup must not skip the others.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(cleanup(), 10)
+    current = asyncio.current_task()
+    rest = [t for t in asyncio.all_tasks() if t is not current]
+    for task in rest:
+        task.cancel()
+    await asyncio.gather(*rest, return_exceptions=True)
+
+
+def _shutdown() -> None:
+    if _loop is None or _loop.is_closed() or not _loop.is_running():
+        return
+    with contextlib.suppress(Exception):
+        asyncio.run_coroutine_threadsafe(_run_cleanups(), _loop).result(15)
+    _loop.call_soon_threadsafe(_loop.stop)
+
+
+atexit.register(_shutdown)

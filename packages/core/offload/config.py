@@ -1,0 +1,264 @@
+"""Site profiles: one TOML file, validated on load.
+
+The file is ``$OFFLOAD_CONFIG`` or ``<user config dir>/offload/sites.toml``::
+
+    default_site = "leonardo"
+
+    [sites.leonardo]
+    host = "login.leonardo.cineca.it"   # or an alias of ~/.ssh/config
+    user = "jdoe"
+    scheduler = "slurm"
+    partition = "boost_usr_prod"
+    gpus_per_node = 4
+    runtime = "apptainer"
+    runtime_options = ["--nv"]
+    setup = ["module load apptainer"]
+
+Every error names the file, the site and the key, and suggests the nearest valid key for a typo. An
+environment variable ``OFFLOAD__<SITE>__<KEY>`` overrides one key of one site (the value is read as TOML
+when it parses, else as a string), so CI can point a profile elsewhere without editing the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+
+from offload.errors import ConfigError
+from offload.spec import parse_memory, parse_walltime
+
+LOCAL_SITE = "local"
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """One validated site profile. Field names are the TOML keys."""
+
+    name: str
+    # how to reach the site
+    transport: str = "ssh"
+    host: str | None = None
+    port: int | None = None
+    user: str | None = None
+    identity_files: tuple[str, ...] = ()
+    agent: bool = True
+    jump_host: str | None = None
+    known_hosts: str | None = None
+    ssh_config: tuple[str, ...] = ()
+    keepalive: int = 30
+    max_sessions: int = 8
+    connect_timeout: float = 20.0
+    # the scheduler and its defaults
+    scheduler: str = "slurm"
+    partition: str | None = None
+    gpu_partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    walltime: str | None = None
+    gpus_per_node: int | None = None
+    gpu_request: str = "--gpus"
+    scheduler_options: tuple[str, ...] = ()
+    poll_interval: float = 2.0
+    # the container runtime
+    runtime: str = "apptainer"
+    runtime_options: tuple[str, ...] = ()
+    image: str | None = None
+    # the job's surroundings
+    workdir: str = "~/offload"
+    setup: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    # where the profile came from, for error messages
+    source: str = "<built-in>"
+
+    def with_overrides(self, **changes: Any) -> SiteConfig:
+        return dataclasses.replace(self, **changes)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(SiteConfig) if f.name not in ("name", "source")}
+_CHOICES = {
+    "transport": ("ssh", "local"),
+    "gpu_request": ("--gpus", "--gres", "--gpus-per-node"),
+}
+
+
+def default_config_path() -> Path:
+    env = os.environ.get("OFFLOAD_CONFIG")
+    if env:
+        return Path(env).expanduser()
+    return Path(platformdirs.user_config_dir("offload")) / "sites.toml"
+
+
+def local_site_config() -> SiteConfig:
+    """The built-in ``local`` site: local processes, no container, no scheduler daemon."""
+    return SiteConfig(
+        name=LOCAL_SITE,
+        transport="local",
+        scheduler="local",
+        runtime="none",
+        workdir=str(Path(platformdirs.user_data_dir("offload")) / "local-site"),
+        poll_interval=0.5,
+    )
+
+
+@dataclass(frozen=True)
+class SiteProfiles:
+    """All profiles of one config file, plus the built-in ``local`` site."""
+
+    path: Path
+    sites: dict[str, SiteConfig]
+    default_site: str | None
+
+    def get(self, name: str | None) -> SiteConfig:
+        """The profile called ``name``; None picks ``$OFFLOAD_SITE``, the file's default, else ``local``."""
+        chosen = name or os.environ.get("OFFLOAD_SITE") or self.default_site or LOCAL_SITE
+        if chosen in self.sites:
+            return self.sites[chosen]
+        known = sorted(self.sites)
+        hint = _nearest(chosen, known)
+        where = str(self.path) if self.path.exists() else f"{self.path} (which does not exist yet)"
+        raise ConfigError(
+            f"unknown site {chosen!r}{hint}. Sites in {where}: {', '.join(known)}. "
+            f"Add a [sites.{chosen}] table there, or run 'offload sites list'."
+        )
+
+
+def load_profiles(path: str | os.PathLike[str] | None = None) -> SiteProfiles:
+    """Read and validate the site profile file (a missing file leaves only the ``local`` site)."""
+    file = Path(path).expanduser() if path is not None else default_config_path()
+    sites: dict[str, SiteConfig] = {LOCAL_SITE: local_site_config()}
+    data: dict[str, Any] = {}
+    if file.exists():
+        try:
+            data = tomllib.loads(file.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{file}: not valid TOML ({exc}). Fix the syntax and try again.") from None
+        except OSError as exc:
+            raise ConfigError(f"{file}: cannot read it ({exc.strerror})") from None
+    elif path is not None or os.environ.get("OFFLOAD_CONFIG"):
+        raise ConfigError(f"{file}: no such file. Set OFFLOAD_CONFIG to an existing site profile file.")
+
+    unknown_top = set(data) - {"default_site", "sites"}
+    for key in sorted(unknown_top):
+        raise ConfigError(
+            f"{file}: unknown top-level key {key!r}{_nearest(key, ['default_site', 'sites'])}. "
+            "Site profiles go in [sites.NAME] tables."
+        )
+    raw_sites = data.get("sites", {})
+    if not isinstance(raw_sites, dict):
+        raise ConfigError(f"{file}: 'sites' must be a table of [sites.NAME] tables")
+    for name, table in raw_sites.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{file}: [sites.{name}] must be a table of keys")
+        base = local_site_config() if name == LOCAL_SITE else SiteConfig(name=name)
+        table = {**table, **_env_overrides(name)}
+        sites[name] = _validate_site(file, name, table, base)
+    for name in set(_env_sites()) - set(raw_sites):
+        if name == LOCAL_SITE:
+            sites[name] = _validate_site(file, name, _env_overrides(name), local_site_config())
+
+    default = data.get("default_site")
+    if default is not None and default not in sites:
+        raise ConfigError(
+            f"{file}: default_site = {default!r} names no site{_nearest(default, list(sites))}. "
+            f"Sites: {', '.join(sorted(sites))}."
+        )
+    return SiteProfiles(path=file, sites=sites, default_site=default)
+
+
+def _env_sites() -> list[str]:
+    return sorted({k.split("__")[1].lower() for k in os.environ if k.startswith("OFFLOAD__") and k.count("__") >= 2})
+
+
+def _env_overrides(site: str) -> dict[str, Any]:
+    prefix = f"OFFLOAD__{site.upper().replace('-', '_')}__"
+    overrides: dict[str, Any] = {}
+    for key, value in os.environ.items():
+        if key.startswith(prefix):
+            overrides[key[len(prefix) :].lower()] = _parse_env_value(value)
+    return overrides
+
+
+def _parse_env_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _nearest(word: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _validate_site(file: Path, name: str, table: dict[str, Any], base: SiteConfig) -> SiteConfig:
+    where = f"{file}: [sites.{name}]"
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in _FIELDS:
+            raise ConfigError(
+                f"{where}: unknown key {key!r}{_nearest(key, list(_FIELDS))}. Valid keys: {', '.join(sorted(_FIELDS))}."
+            )
+        values[key] = _coerce(where, key, value)
+    if "transport" not in values and values.get("host") is None and base.host is None and name != LOCAL_SITE:
+        raise ConfigError(f"{where}: no 'host'. Give the login node's name or an alias of ~/.ssh/config.")
+    config = dataclasses.replace(base, source=str(file), **values)
+    if config.transport == "ssh" and not config.host:
+        raise ConfigError(f"{where}: transport 'ssh' needs a 'host'")
+    if config.gpus_per_node is not None and config.gpus_per_node < 0:
+        raise ConfigError(f"{where}: gpus_per_node cannot be negative")
+    if config.port is not None and not 0 < config.port < 65536:
+        raise ConfigError(f"{where}: port {config.port} is not a TCP port")
+    if config.poll_interval <= 0:
+        raise ConfigError(f"{where}: poll_interval must be positive (seconds)")
+    if config.max_sessions < 1:
+        raise ConfigError(f"{where}: max_sessions must be at least 1")
+    try:
+        parse_walltime(config.walltime)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: key 'walltime': {exc}") from None
+    return config
+
+
+def _coerce(where: str, key: str, value: Any) -> Any:
+    """Check one value against the field's type; lists become tuples so profiles stay hashable."""
+    annotation = str(_FIELDS[key].type)
+    label = f"{where}: key {key!r}"
+    if key in _CHOICES and value not in _CHOICES[key]:
+        raise ConfigError(f"{label} must be one of {', '.join(_CHOICES[key])}, got {value!r}")
+    if annotation.startswith("tuple"):
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{label} must be a list of strings, got {value!r}")
+        return tuple(value)
+    if annotation.startswith("dict"):
+        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            raise ConfigError(f"{label} must be a table of string values, got {value!r}")
+        return dict(value)
+    if annotation.startswith("bool"):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{label} must be true or false, got {value!r}")
+        return value
+    if annotation.startswith("int"):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{label} must be a whole number, got {value!r}")
+        return value
+    if annotation.startswith("float"):
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise ConfigError(f"{label} must be a number, got {value!r}")
+        return float(value)
+    # str or str | None
+    if key == "walltime" and isinstance(value, int):
+        return value
+    if not isinstance(value, str):
+        raise ConfigError(f"{label} must be a string, got {value!r}")
+    if key == "memory":
+        parse_memory(value)
+    return value

@@ -1,0 +1,231 @@
+"""A submitted job: :class:`Job`, its :class:`JobState` and :class:`JobStatus`.
+
+A Job is a handle: it holds the job's id and where its files are on the site, and asks the site's poller for
+its state. Many Jobs waiting at once cost one scheduler query per poll interval, not one each.
+Every operation has a sync form (the CLI, Airflow) and an async form prefixed with ``a`` (Dask, triggers);
+the async wait is :meth:`Job.finished`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from offload import _loop
+from offload.errors import JobFailedError
+
+if TYPE_CHECKING:
+    from offload.site import Site
+    from offload.spec import JobSpec
+
+
+class JobState(enum.Enum):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    TIMEOUT = "TIMEOUT"
+    UNKNOWN = "UNKNOWN"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, JobState.TIMEOUT)
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """What the scheduler last said about a job. ``reason`` is the scheduler's own (e.g. ``Priority``)."""
+
+    state: JobState
+    reason: str = ""
+    exit_code: int | None = None
+    node: str = ""
+    signal: int | None = None
+
+    def describe(self) -> str:
+        text = self.state.value
+        if self.reason and self.reason not in ("None", "(null)"):
+            text += f" ({self.reason})"
+        if self.state.is_terminal and self.exit_code is not None:
+            text += f", exit code {self.exit_code}"
+        if self.signal:
+            text += f", signal {self.signal}"
+        return text
+
+
+@dataclass(frozen=True)
+class JobRef:
+    """What the scheduler needs to find a job: its id and its directory on the site."""
+
+    id: str
+    jobdir: str
+    index: int | None = None  # task index within an array
+
+    @property
+    def output_path(self) -> str:
+        suffix = f".{self.index}" if self.index is not None else ""
+        return f"{self.jobdir}/output{suffix}"
+
+    @property
+    def exitcode_path(self) -> str:
+        suffix = f".{self.index}" if self.index is not None else ""
+        return f"{self.jobdir}/exitcode{suffix}"
+
+
+class Job:
+    """A job on a site. Get one from :meth:`Site.submit` or :meth:`Site.job` (reattach by id)."""
+
+    def __init__(self, site: Site, ref: JobRef, *, name: str | None = None, spec: JobSpec | None = None) -> None:
+        self.site = site
+        self.ref = ref
+        self.name = name
+        self.spec = spec
+
+    @property
+    def id(self) -> str:
+        return self.ref.id
+
+    def __repr__(self) -> str:
+        return f"<Job {self.id} on {self.site.name}{f' {self.name!r}' if self.name else ''}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Job) and (other.site.name, other.id) == (self.site.name, self.id)
+
+    def __hash__(self) -> int:
+        return hash((self.site.name, self.id))
+
+    # -- status -----------------------------------------------------------------------------------------
+
+    async def astatus(self, refresh: bool = True) -> JobStatus:
+        """The job's status; with ``refresh``, as of a scheduler query made now (shared with other callers)."""
+        return await _loop.bridge(self.site._poller.status(self.ref, refresh=refresh))
+
+    def status(self, refresh: bool = True) -> JobStatus:
+        return _loop.run(self.site._poller.status(self.ref, refresh=refresh))
+
+    @property
+    def state(self) -> JobState:
+        return self.status().state
+
+    @property
+    def exit_code(self) -> int | None:
+        """The payload's exit code once the job ended (None before, or if the job never ran)."""
+        return self.status().exit_code
+
+    # -- waiting ----------------------------------------------------------------------------------------
+
+    async def finished(self, timeout: float | None = None, *, check: bool = False) -> JobStatus:
+        """Wait for the job to end and return its final status (the async form of :meth:`wait`)."""
+        return await _loop.bridge(self._finished(timeout, check))
+
+    def wait(self, timeout: float | None = None, *, check: bool = False) -> JobStatus:
+        """Block until the job ends. ``check=True`` raises :class:`JobFailedError` unless it COMPLETED."""
+        return _loop.run(self._finished(timeout, check))
+
+    async def _finished(self, timeout: float | None, check: bool) -> JobStatus:
+        try:
+            status = await asyncio.wait_for(self.site._poller.wait(self.ref), timeout)
+        except TimeoutError:
+            raise TimeoutError(f"job {self.id} on {self.site.name} did not end within {timeout} s") from None
+        if check and status.state is not JobState.COMPLETED:
+            tail = await self._tail()
+            raise JobFailedError(
+                f"job {self.id} on {self.site.name} ended {status.describe()}. Last lines of its log:\n{tail}",
+                job_id=self.id,
+                state=status.state.value,
+                exit_code=status.exit_code,
+                log_tail=tail,
+            )
+        return status
+
+    # -- logs -------------------------------------------------------------------------------------------
+
+    async def _tail(self, lines: int = 20) -> str:
+        data = await self.site._transport.read_file(self.ref.output_path)
+        return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
+
+    async def atail(self, lines: int = 20) -> str:
+        """The last ``lines`` lines of the job's output (stdout and stderr together)."""
+        return await _loop.bridge(self._tail(lines))
+
+    async def alogs(self, follow: bool = False) -> AsyncIterator[str]:
+        """The job's output line by line; with ``follow``, until the job ends (like ``tail -f``)."""
+        queue: asyncio.Queue[str | BaseException | None] = asyncio.Queue()
+        caller = asyncio.get_running_loop()
+
+        async def pump() -> None:
+            try:
+                async for line in self._read_lines(follow):
+                    caller.call_soon_threadsafe(queue.put_nowait, line)
+                caller.call_soon_threadsafe(queue.put_nowait, None)
+            except BaseException as exc:  # handed to the consumer, re-raised there
+                caller.call_soon_threadsafe(queue.put_nowait, exc)
+
+        if _loop.on_private_loop():
+            async for line in self._read_lines(follow):
+                yield line
+            return
+        future = _loop.spawn(pump())
+        try:
+            while (item := await queue.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            future.cancel()
+
+    def logs(self, follow: bool = False) -> Iterator[str]:
+        """The job's output line by line; with ``follow``, streams until the job ends."""
+        import queue as sync_queue
+
+        lines: sync_queue.Queue[str | BaseException | None] = sync_queue.Queue()
+
+        async def pump() -> None:
+            try:
+                async for line in self._read_lines(follow):
+                    lines.put(line)
+                lines.put(None)
+            except BaseException as exc:
+                lines.put(exc)
+
+        future = _loop.spawn(pump())
+        try:
+            while (item := lines.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            future.cancel()
+
+    async def _read_lines(self, follow: bool) -> AsyncIterator[str]:
+        offset = 0
+        pending = b""
+        transport = self.site._transport
+        poller = self.site._poller
+        while True:
+            ended = (await poller.status(self.ref, refresh=False)).state.is_terminal if follow else True
+            chunk = await transport.read_file(self.ref.output_path, offset)
+            offset += len(chunk)
+            pending += chunk
+            *complete, pending = pending.split(b"\n")
+            for raw in complete:
+                yield raw.decode("utf-8", "replace")
+            if ended and not chunk:
+                break
+            if not chunk:
+                await poller.next_poll(self.ref)
+        if pending:
+            yield pending.decode("utf-8", "replace")
+
+    # -- cancel -----------------------------------------------------------------------------------------
+
+    async def acancel(self) -> None:
+        await _loop.bridge(self.site._cancel([self.ref]))
+
+    def cancel(self) -> None:
+        """Cancel the job (a no-op for a job that already ended)."""
+        _loop.run(self.site._cancel([self.ref]))

@@ -1,0 +1,108 @@
+"""The local record of submitted jobs (SQLite), so ``offload status`` lists them across restarts and any
+process on this machine can reattach to a job by id. Secrets are never recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import platformdirs
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    site TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    name TEXT,
+    jobdir TEXT NOT NULL,
+    task_index INTEGER,
+    command TEXT,
+    image TEXT,
+    submitted_at REAL NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT,
+    exit_code INTEGER,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (site, job_id)
+);
+CREATE INDEX IF NOT EXISTS jobs_by_time ON jobs (submitted_at);
+CREATE INDEX IF NOT EXISTS jobs_by_name ON jobs (site, name);
+"""
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    site: str
+    job_id: str
+    name: str | None
+    jobdir: str
+    task_index: int | None
+    command: list[str]
+    image: str | None
+    submitted_at: float
+    state: str
+    reason: str
+    exit_code: int | None
+    updated_at: float
+
+
+def default_path() -> Path:
+    base = os.environ.get("OFFLOAD_STATE_DIR") or platformdirs.user_state_dir("offload")
+    return Path(base) / "jobs.sqlite"
+
+
+class JobRecords:
+    """A small SQLite table, safe to use from several threads and processes."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path or default_path()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, timeout=30, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(_SCHEMA)
+
+    def add(self, rows: list[tuple[str, str, str | None, str, int | None, list[str], str | None]]) -> None:
+        now = time.time()
+        with self._lock:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'PENDING', '', NULL, ?)",
+                [(s, j, n, d, i, json.dumps(c), img, now, now) for s, j, n, d, i, c, img in rows],
+            )
+
+    def update(self, site: str, job_id: str, state: str, reason: str, exit_code: int | None) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE jobs SET state = ?, reason = ?, exit_code = ?, updated_at = ? WHERE site = ? AND job_id = ?",
+                (state, reason, exit_code, time.time(), site, job_id),
+            )
+
+    def get(self, site: str, job_id: str) -> JobRecord | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE site = ? AND job_id = ?", (site, job_id)).fetchone()
+        return _record(row) if row else None
+
+    def find(self, site: str | None = None, name: str | None = None, limit: int = 50) -> list[JobRecord]:
+        query, args = "SELECT * FROM jobs WHERE 1=1", []
+        if site:
+            query += " AND site = ?"
+            args.append(site)
+        if name:
+            query += " AND name = ?"
+            args.append(name)
+        query += " ORDER BY submitted_at DESC, job_id DESC LIMIT ?"
+        args.append(limit)
+        with self._lock:
+            rows = self._db.execute(query, args).fetchall()
+        return [_record(r) for r in rows]
+
+
+def _record(row: tuple) -> JobRecord:
+    values = list(row)
+    values[5] = json.loads(values[5] or "[]")
+    return JobRecord(*values)

@@ -1,0 +1,1 @@
+"""Container runtimes: how a job's command is wrapped to run inside its image."""

@@ -1,0 +1,40 @@
+"""Apptainer and SingularityCE: ``exec --cleanenv`` with values passed as ``APPTAINERENV_*`` variables."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from offload.runtimes.base import PASSTHROUGH, ContainerContext, check_bind_paths, require_image
+
+
+class ApptainerRuntime:
+    """``apptainer exec`` (or ``singularity exec``): ``.sif`` files, ``docker://``, ``oras://`` and sandboxes."""
+
+    def __init__(self, name: str = "apptainer", options: Sequence[str] = ()) -> None:
+        self.name = name
+        self.binary = name
+        self.env_prefix = "APPTAINERENV_" if name == "apptainer" else "SINGULARITYENV_"
+        self.options = tuple(options)
+
+    def validate(self, ctx: ContainerContext) -> None:
+        require_image(self.name, ctx)
+        check_bind_paths(self.name, ctx, ":,")
+
+    def prelude(self, ctx: ContainerContext) -> list[str]:
+        # --cleanenv drops the host environment; <PREFIX>NAME puts NAME back inside, and keeps values off argv.
+        lines = [f'export {self.env_prefix}{name}="${{{name}}}"' for name in ctx.env_names]
+        lines += [f'[ -n "${{{name}+x}}" ] && export {self.env_prefix}{name}="${{{name}}}"' for name in PASSTHROUGH]
+        return lines
+
+    def command(self, argv: Sequence[str], ctx: ContainerContext) -> list[str]:
+        image = require_image(self.name, ctx)
+        options = [*self.options, *ctx.options]
+        args = [self.binary, "exec", "--cleanenv"]
+        if ctx.gpus and not {"--nv", "--rocm", "--nvccli"} & set(options):
+            args.append("--nv")
+        for mount in ctx.mounts:
+            spec = f"{mount.source}:{mount.destination}"
+            args += ["--bind", spec + (":ro" if mount.read_only else "")]
+        if ctx.workdir:
+            args += ["--pwd", ctx.workdir]
+        return [*args, *options, image, *argv]

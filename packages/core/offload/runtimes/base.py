@@ -1,0 +1,80 @@
+"""The runtime contract: turn the payload's argv into the argv that runs it in a container.
+
+A runtime gets a :class:`ContainerContext` (image, mounts, the names of the environment variables the payload
+must see, working directory, GPU count, the site's runtime options) and returns
+
+* ``prelude(ctx)``: shell lines placed in the batch script before the command (e.g. Apptainer's
+  ``APPTAINERENV_*`` exports, so values never appear on a command line), and
+* ``command(argv, ctx)``: the argv that runs the payload in the container.
+
+Every runtime must: run the payload with exactly the given argv; pass every name of ``ctx.env_names`` and the
+scheduler's GPU variables (``CUDA_VISIBLE_DEVICES`` and friends) into the container; bind the mounts; start in
+``ctx.workdir`` when given; return the payload's exit status. ``tests/integration/test_runtime_contract.py``
+checks this for real on Charliecloud; the Apptainer and Podman paths are checked by their exact command lines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from offload.errors import ConfigError
+from offload.spec import Mount
+
+# Variables the scheduler sets for the job that the payload needs to see inside the container.
+PASSTHROUGH = (
+    "CUDA_VISIBLE_DEVICES",
+    "ROCR_VISIBLE_DEVICES",
+    "GPU_DEVICE_ORDINAL",
+    "SLURM_JOB_ID",
+    "SLURM_ARRAY_JOB_ID",
+    "SLURM_ARRAY_TASK_ID",
+    "SLURM_JOB_NODELIST",
+    "SLURM_CPUS_PER_TASK",
+    "SLURM_MEM_PER_NODE",
+    "OFFLOAD_JOB_DIR",
+    "OFFLOAD_TASK_INDEX",
+)
+
+
+@dataclass(frozen=True)
+class ContainerContext:
+    image: str | None
+    mounts: tuple[Mount, ...] = ()
+    env_names: tuple[str, ...] = ()
+    workdir: str | None = None
+    gpus: int = 0
+    options: tuple[str, ...] = ()
+
+
+class Runtime(Protocol):
+    name: str
+
+    def validate(self, ctx: ContainerContext) -> None:
+        """Raise :class:`ConfigError` for a context this runtime cannot run (before submission)."""
+        ...
+
+    def prelude(self, ctx: ContainerContext) -> list[str]: ...
+
+    def command(self, argv: Sequence[str], ctx: ContainerContext) -> list[str]: ...
+
+
+def require_image(runtime: str, ctx: ContainerContext) -> str:
+    if not ctx.image:
+        raise ConfigError(
+            f"no container image: runtime {runtime!r} needs one. Pass image=... (CLI: --image) or set 'image' "
+            "in the site profile."
+        )
+    return ctx.image
+
+
+def check_bind_paths(runtime: str, ctx: ContainerContext, forbidden: str) -> None:
+    for mount in ctx.mounts:
+        for path in (mount.source, mount.destination):
+            bad = [c for c in forbidden if c in path]
+            if bad:
+                raise ConfigError(
+                    f"{runtime} cannot bind {path!r}: its bind syntax reserves {' '.join(repr(c) for c in bad)}. "
+                    "Bind a parent directory, or a symlink without those characters."
+                )

@@ -1,0 +1,41 @@
+"""Charliecloud: ``ch-run`` on a directory or SquashFS image; the environment passes through unchanged."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from offload.errors import ConfigError
+from offload.runtimes.base import ContainerContext, check_bind_paths, require_image
+
+
+class CharliecloudRuntime:
+    name = "charliecloud"
+
+    def __init__(self, options: Sequence[str] = ()) -> None:
+        self.options = tuple(options)
+
+    def validate(self, ctx: ContainerContext) -> None:
+        image = require_image(self.name, ctx)
+        if "://" in image:
+            raise ConfigError(
+                f"charliecloud runs unpacked directories or SquashFS files, not {image!r}. "
+                "Pull it on the site with 'ch-image pull' and 'ch-convert', then give the path."
+            )
+        check_bind_paths(self.name, ctx, ":")
+        for mount in ctx.mounts:
+            if mount.read_only:
+                raise ConfigError(
+                    f"charliecloud binds are writable when the host path is; it has no read-only bind for "
+                    f"{mount.source!r}. Drop ':ro', or make the directory read-only on the site."
+                )
+
+    def prelude(self, ctx: ContainerContext) -> list[str]:
+        return []  # ch-run passes the whole environment into the container
+
+    def command(self, argv: Sequence[str], ctx: ContainerContext) -> list[str]:
+        args = ["ch-run"]
+        for mount in ctx.mounts:
+            args += ["-b", f"{mount.source}:{mount.destination}"]
+        if ctx.workdir:
+            args += ["-c", ctx.workdir]
+        return [*args, *self.options, *ctx.options, require_image(self.name, ctx), "--", *argv]

@@ -1,0 +1,34 @@
+"""Podman (for sites that offer it): host network, CDI GPUs, values passed by name with ``-e NAME``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from offload.runtimes.base import PASSTHROUGH, ContainerContext, check_bind_paths, require_image
+
+
+class PodmanRuntime:
+    name = "podman"
+
+    def __init__(self, options: Sequence[str] = ()) -> None:
+        self.options = tuple(options)
+
+    def validate(self, ctx: ContainerContext) -> None:
+        require_image(self.name, ctx)
+        check_bind_paths(self.name, ctx, ":,")
+
+    def prelude(self, ctx: ContainerContext) -> list[str]:
+        return []
+
+    def command(self, argv: Sequence[str], ctx: ContainerContext) -> list[str]:
+        # Host networking: Dask workers and Jupyter must be reachable on the node's own address.
+        args = ["podman", "run", "--rm", "--network=host", "--userns=keep-id"]
+        if ctx.gpus:
+            args += ["--device", "nvidia.com/gpu=all"]
+        for mount in ctx.mounts:
+            args += ["-v", f"{mount.source}:{mount.destination}" + (":ro" if mount.read_only else "")]
+        if ctx.workdir:
+            args += ["-w", ctx.workdir]
+        for name in (*ctx.env_names, *PASSTHROUGH):
+            args += ["-e", name]  # a bare name copies the value from the job's environment, if set
+        return [*args, *self.options, *ctx.options, require_image(self.name, ctx), *argv]

@@ -1,0 +1,71 @@
+"""The ``local`` scheduler: each job is a background process group on this machine (or a login node).
+
+It keeps the same job directory layout and exit code file as SLURM, so the rest of offload cannot tell the
+difference: examples run on a laptop first and move to a site by changing the site's name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from offload.config import SiteConfig
+from offload.jobs import JobRef, JobState, JobStatus
+from offload.schedulers.slurm import exit_code_files
+from offload.spec import JobSpec
+from offload.transports.base import Transport
+
+
+class LocalScheduler:
+    name = "local"
+    supports_arrays = False
+    task_index = ""
+
+    def __init__(self, config: SiteConfig) -> None:
+        self.config = config
+
+    def directives(self, spec: JobSpec, jobdir: str, array_size: int | None) -> list[str]:
+        return []
+
+    def submit_line(self, script_path: str) -> str:
+        # set -m: the job gets a process group of its own, so cancel can stop the whole tree.
+        return (
+            f'set -m; bash {script_path} > "$(dirname {script_path})/output" 2>&1 < /dev/null & '
+            'printf "%s\\n" "$!"; set +m'
+        )
+
+    def job_ids(self, output: str, array_size: int | None) -> list[str]:
+        pid = output.strip().splitlines()[-1].strip() if output.strip() else ""
+        if not pid.isdigit():
+            raise ValueError(f"the local launcher printed {output!r} instead of a process id")
+        return [pid]
+
+    async def poll(self, transport: Transport, refs: Sequence[JobRef]) -> dict[str, JobStatus]:
+        script = (
+            'while [ "$#" -gt 0 ]; do pid=$1; dir=$2; shift 2; '
+            'if [ -f "$dir/exitcode" ]; then echo "$pid done"; '
+            'elif [ -f "$dir/cancelled" ]; then echo "$pid cancelled"; '
+            'elif kill -0 "$pid" 2>/dev/null; then echo "$pid running"; '
+            'else echo "$pid done"; fi; done'
+        )
+        args = [arg for ref in refs for arg in (ref.id, ref.jobdir)]
+        result = await transport.run(["sh", "-c", script, "sh", *args])
+        seen = dict(line.split(" ", 1) for line in result.stdout.splitlines() if " " in line)
+        statuses: dict[str, JobStatus] = {}
+        finished = [ref for ref in refs if seen.get(ref.id) == "done"]
+        if finished:
+            statuses.update(await exit_code_files(transport, finished))
+        for ref in refs:
+            if seen.get(ref.id) == "running":
+                statuses[ref.id] = JobStatus(JobState.RUNNING, node="localhost")
+            elif seen.get(ref.id) == "cancelled":
+                statuses[ref.id] = JobStatus(JobState.CANCELLED, "cancelled by the user")
+        return statuses
+
+    async def cancel(self, transport: Transport, refs: Sequence[JobRef]) -> None:
+        script = (
+            'while [ "$#" -gt 0 ]; do pid=$1; dir=$2; shift 2; '
+            'if [ ! -f "$dir/exitcode" ]; then : > "$dir/cancelled"; '
+            'kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null; fi; done; true'
+        )
+        args = [arg for ref in refs for arg in (ref.id, ref.jobdir)]
+        await transport.run(["sh", "-c", script, "sh", *args])

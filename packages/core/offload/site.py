@@ -1,0 +1,338 @@
+"""A :class:`Site`: one configured place to run jobs, with its connection, scheduler, runtime and poller.
+
+Data of one submission flows one way::
+
+    JobSpec + SiteConfig -> Runtime.command() -> argv -> BatchScript (+ scheduler directives)
+    -> one submission program over the transport (mkdir, job.sh, secrets.env, sbatch) -> job ids -> Job
+
+Many jobs go in one round trip: ``submit_many`` sends every script in one program on one SSH channel, and
+identical specs become one job array.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import secrets as _secrets
+import shlex
+import time
+from collections.abc import Sequence
+
+from offload import _loop
+from offload.config import SiteConfig, load_profiles
+from offload.errors import ConfigError, JobNotFoundError, OffloadError, SubmissionError, TransportError
+from offload.jobs import Job, JobRef, JobState, JobStatus
+from offload.plugins import Plugins, plugins
+from offload.poller import Poller
+from offload.records import JobRecords
+from offload.runtimes.base import ContainerContext
+from offload.script import BatchScript, secrets_file
+from offload.spec import JobSpec
+
+log = logging.getLogger("offload")
+
+_MARK = "OFFLOAD_SUBMIT"
+
+
+class _Submission:
+    """One sbatch call: a spec, its job directory, and how many array tasks (None: not an array)."""
+
+    def __init__(self, spec: JobSpec, jobdir: str, script: str, array_size: int | None) -> None:
+        self.spec = spec
+        self.jobdir = jobdir
+        self.script = script
+        self.array_size = array_size
+        self.ids: list[str] = []
+
+
+class Site:
+    """A place to run jobs. Get one with :func:`offload.load_site`."""
+
+    def __init__(self, config: SiteConfig, *, registry: Plugins | None = None, records: JobRecords | None = None):
+        registry = registry or plugins()
+        self.config = config
+        self.name = config.name
+        self._hook = registry.manager.hook
+        self._transport = registry.transport(config.transport).factory(config)
+        self._scheduler = registry.scheduler(config.scheduler).factory(config)
+        self._runtime = registry.runtime(config.runtime).factory(config.runtime_options)
+        self._poller = Poller(self._poll, config.poll_interval, self._ended)
+        self._records = records or JobRecords()
+        self._workdir: str | None = None
+        self._secret_dirs: dict[str, set[str]] = {}
+
+    def __repr__(self) -> str:
+        return f"<Site {self.name} {self._transport.description} {self.config.scheduler}/{self.config.runtime}>"
+
+    @property
+    def transport(self):
+        """The site's connection (commands, files, port forwards), shared by everything in this process."""
+        return self._transport
+
+    # -- building scripts -------------------------------------------------------------------------------
+
+    def _context(self, spec: JobSpec) -> ContainerContext:
+        env_names = tuple(dict.fromkeys([*self.config.env, *spec.env, *spec.secrets]))
+        return ContainerContext(
+            image=spec.image or self.config.image,
+            mounts=spec.mounts,
+            env_names=env_names,
+            workdir=spec.workdir,
+            gpus=spec.resources.gpus,
+        )
+
+    def validate(self, spec: JobSpec) -> None:
+        """Raise :class:`ConfigError` if this site cannot run ``spec``; touches nothing on the site."""
+        self._runtime.validate(self._context(spec))
+        self._scheduler.directives(spec, f"{self.config.workdir}/jobs/check", None)
+
+    def _script(self, spec: JobSpec, jobdir: str, array_size: int | None) -> str:
+        ctx = self._context(spec)
+        self._runtime.validate(ctx)
+        script = BatchScript(
+            directives=self._scheduler.directives(spec, jobdir, array_size),
+            jobdir=jobdir,
+            task_index=self._scheduler.task_index,
+            setup=list(self.config.setup),
+            env={**self.config.env, **spec.env},
+            prelude=self._runtime.prelude(ctx),
+            command=self._runtime.command(spec.command, ctx),
+            comment=f"offload job on site {self.name}",
+        )
+        self._hook.offload_job_script(script=script, spec=spec, site=self.config)
+        return script.render()
+
+    def job_script(self, spec: JobSpec) -> str:
+        """The batch script ``spec`` would be submitted with (secrets not included: they never are)."""
+        return self._script(spec, f"{self.config.workdir}/jobs/{_job_key(spec)}", None)
+
+    async def _jobs_dir(self) -> str:
+        if self._workdir is None:
+            workdir = self.config.workdir
+            if workdir == "~" or workdir.startswith("~/"):
+                workdir = (await self._transport.home()) + workdir[1:]
+            if not workdir.startswith("/"):
+                raise ConfigError(f"site '{self.name}': workdir {workdir!r} must be absolute or start with '~/'")
+            self._workdir = workdir
+        return f"{self._workdir}/jobs"
+
+    # -- submitting -------------------------------------------------------------------------------------
+
+    async def asubmit(self, spec: JobSpec) -> Job:
+        """Submit one job and return its handle (async)."""
+        return (await self.asubmit_many([spec]))[0]
+
+    def submit(self, spec: JobSpec) -> Job:
+        """Submit one job and return its handle."""
+        return _loop.run(self._submit_many([spec]))[0]
+
+    async def asubmit_many(self, specs: Sequence[JobSpec]) -> list[Job]:
+        """Submit many jobs in one round trip; identical specs go as one job array (async)."""
+        return await _loop.bridge(self._submit_many(list(specs)))
+
+    def submit_many(self, specs: Sequence[JobSpec]) -> list[Job]:
+        """Submit many jobs in one round trip; identical specs go as one job array."""
+        return _loop.run(self._submit_many(list(specs)))
+
+    async def _submit_many(self, specs: list[JobSpec]) -> list[Job]:
+        if not specs:
+            return []
+        for spec in specs:
+            if not isinstance(spec, JobSpec):
+                raise ConfigError(f"submit takes offload.JobSpec objects, got {type(spec).__name__}")
+            self.validate(spec)  # every spec, before anything reaches the site
+        groups: dict[JobSpec, list[int]] = {}
+        for index, spec in enumerate(specs):
+            groups.setdefault(spec, []).append(index)
+        jobs_dir = await self._jobs_dir()
+        submissions: list[tuple[_Submission, list[int]]] = []
+        for spec, indices in groups.items():
+            chunks = [indices] if self._scheduler.supports_arrays and len(indices) > 1 else [[i] for i in indices]
+            for chunk in chunks:
+                jobdir = f"{jobs_dir}/{_job_key(spec)}"
+                array_size = len(chunk) if len(chunk) > 1 else None
+                submissions.append(
+                    (_Submission(spec, jobdir, self._script(spec, jobdir, array_size), array_size), chunk)
+                )
+        await self._send([s for s, _ in submissions], jobs_dir)
+
+        jobs: list[Job | None] = [None] * len(specs)
+        rows = []
+        for submission, indices in submissions:
+            for task, (index, job_id) in enumerate(zip(indices, submission.ids, strict=True)):
+                ref = JobRef(job_id, submission.jobdir, task if submission.array_size else None)
+                job = Job(self, ref, name=submission.spec.name, spec=submission.spec)
+                self._poller.known(ref, JobStatus(JobState.PENDING, "submitted"))
+                jobs[index] = job
+                rows.append((self.name, job_id, submission.spec.name, submission.jobdir, ref.index,
+                             list(submission.spec.command), submission.spec.image or self.config.image))  # fmt: skip
+            if submission.spec.secrets:
+                self._secret_dirs[submission.jobdir] = set(submission.ids)
+        self._records.add(rows)
+        return [job for job in jobs if job is not None]
+
+    async def _send(self, submissions: list[_Submission], jobs_dir: str) -> None:
+        """One program, one round trip: make each job's 0700 dir, write job.sh and secrets.env, submit."""
+        eof = f"OFFLOAD_EOF_{_secrets.token_hex(8)}"
+        lines = ["umask 077", f"mkdir -p {shlex.quote(jobs_dir)} || exit 90"]
+        for number, sub in enumerate(submissions):
+            if eof in sub.script:
+                raise SubmissionError("the job script contains offload's end marker; submit again")
+            d = shlex.quote(sub.jobdir)
+            lines += [
+                f"d={d}",
+                'mkdir -m 700 "$d" || exit 91',
+                f"cat > \"$d/job.sh\" <<'{eof}'",
+                sub.script.rstrip("\n"),
+                eof,
+            ]
+            if sub.spec.secrets:
+                # printf is a shell builtin: the values appear in no process list and no temp file.
+                lines.append(f'printf %s {shlex.quote(secrets_file(dict(sub.spec.secrets)))} > "$d/secrets.env"')
+            lines += [
+                f"out=$({self._scheduler.submit_line(chr(34) + '$d/job.sh' + chr(34))} 2>&1); rc=$?",
+                '[ "$rc" = 0 ] && printf "%s\\n" "$out" > "$d/jobid"',
+                f'printf "{_MARK} {number} %s %s\\n" "$rc" "$(printf "%s" "$out" | base64 | tr -d "\\n")"',
+            ]
+        program = "\n".join(lines) + "\n"
+        try:
+            result = await self._transport.run(["bash", "-s"], input=program, check=False)
+        except TransportError:
+            await self._cancel_orphans(submissions)
+            raise
+        outcome: dict[int, tuple[int, str]] = {}
+        for line in result.stdout.splitlines():
+            if line.startswith(_MARK + " "):
+                parts = line.split(" ")
+                text = base64.b64decode(parts[3]).decode("utf-8", "replace") if len(parts) > 3 else ""
+                outcome[int(parts[1])] = (int(parts[2]), text)
+        failures: list[str] = []
+        for number, sub in enumerate(submissions):
+            rc, text = outcome.get(number, (-1, result.stderr.strip() or "the submission program stopped early"))
+            if rc == 0:
+                try:
+                    sub.ids = self._scheduler.job_ids(text, sub.array_size)
+                except ValueError as exc:
+                    failures.append(f"{sub.spec.name or 'job'}: {exc}")
+            else:
+                failures.append(text.strip())
+        if failures:
+            submitted = [JobRef(i, s.jobdir) for s in submissions for i in s.ids]
+            if submitted:  # all or nothing: no orphan is left behind by a half-failed batch
+                await self._scheduler.cancel(self._transport, submitted)
+            message = failures[0] if len(set(failures)) == 1 else "\n".join(sorted(set(failures)))
+            raise SubmissionError(
+                f"site '{self.name}' refused the job: {message}\n"
+                "Check the resources against the site's limits ('offload doctor "
+                f"{self.name}' lists partitions); nothing was left queued.",
+                scheduler_message=message,
+            )
+
+    async def _cancel_orphans(self, submissions: list[_Submission]) -> None:
+        """After a connection failure mid-submission, cancel whatever did get submitted (its id is on disk)."""
+        with contextlib.suppress(OffloadError):
+            paths = [f"{s.jobdir}/jobid" for s in submissions]
+            result = await self._transport.run(["sh", "-c", 'cat "$@" 2>/dev/null; true', "sh", *paths])
+            ids = [line.split(";")[0] for line in result.stdout.split() if line.split(";")[0].isdigit()]
+            if ids:
+                log.warning("connection failed during submission; cancelling the %d job(s) that got in", len(ids))
+                await self._scheduler.cancel(self._transport, [JobRef(i, "") for i in ids])
+
+    # -- following jobs ---------------------------------------------------------------------------------
+
+    async def _poll(self, refs: list[JobRef]) -> dict[str, JobStatus]:
+        return await self._scheduler.poll(self._transport, refs)
+
+    def _ended(self, ref: JobRef, status: JobStatus) -> None:
+        self._records.update(self.name, ref.id, status.state.value, status.reason, status.exit_code)
+        ids = self._secret_dirs.get(ref.jobdir)
+        if ids is not None:
+            ids.discard(ref.id)
+            if not ids:
+                del self._secret_dirs[ref.jobdir]
+                path = f"{ref.jobdir}/secrets.env"
+                task = asyncio.get_running_loop().create_task(self._transport.run(["rm", "-f", path], check=False))
+                task.add_done_callback(lambda t: t.exception())
+
+    async def _cancel(self, refs: list[JobRef]) -> None:
+        if refs:
+            await self._scheduler.cancel(self._transport, refs)
+            for ref in refs:
+                await self._poller.status(ref, refresh=True)
+
+    async def acancel(self, jobs: Sequence[Job]) -> None:
+        """Cancel many jobs in one scheduler call (async)."""
+        await _loop.bridge(self._cancel([job.ref for job in jobs]))
+
+    def cancel(self, jobs: Sequence[Job]) -> None:
+        """Cancel many jobs in one scheduler call."""
+        _loop.run(self._cancel([job.ref for job in jobs]))
+
+    async def _job(self, job_id: str) -> Job:
+        record = self._records.get(self.name, job_id)
+        if record is not None:
+            ref = JobRef(job_id, record.jobdir, record.task_index)
+            return Job(self, ref, name=record.name)
+        ref = JobRef(job_id, "")
+        status = (await self._scheduler.poll(self._transport, [ref])).get(job_id)
+        if status is None or (status.state is JobState.FAILED and "left the queue" in status.reason):
+            raise JobNotFoundError(
+                f"no job {job_id!r} on site '{self.name}': it is neither in the scheduler's queue nor in this "
+                "machine's job records ('offload status' lists them)"
+            )
+        self._poller.known(ref, status)
+        return Job(self, ref)
+
+    def job(self, job_id: str) -> Job:
+        """Reattach to a job by id (from this machine's records, or the scheduler's queue)."""
+        return _loop.run(self._job(str(job_id)))
+
+    async def ajob(self, job_id: str) -> Job:
+        return await _loop.bridge(self._job(str(job_id)))
+
+    def records(self, name: str | None = None, limit: int = 50):
+        """This machine's records of jobs on this site, newest first."""
+        return self._records.find(self.name, name, limit)
+
+    # -- lifetime ---------------------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        await _loop.bridge(self._transport.close())
+        _forget(self)
+
+    def close(self) -> None:
+        """Close the site's connection (jobs keep running on the site)."""
+        _loop.run(self._transport.close())
+        _forget(self)
+
+
+def _job_key(spec: JobSpec) -> str:
+    return f"{spec.name or 'job'}-{time.strftime('%Y%m%d-%H%M%S')}-{_secrets.token_hex(3)}"
+
+
+_sites: dict[str, Site] = {}
+
+
+async def _close_all() -> None:
+    for site in list(_sites.values()):
+        await site._transport.close()
+
+
+_loop.at_exit(_close_all)
+
+
+def _forget(site: Site) -> None:
+    if _sites.get(site.name) is site:
+        del _sites[site.name]
+
+
+def load_site(name: str | None = None) -> Site:
+    """The site called ``name`` from the site profiles (None: ``$OFFLOAD_SITE``, the file's default, else
+    the built-in ``local`` site). Sites are shared per process, so they share one connection."""
+    config = load_profiles().get(name)
+    site = _sites.get(config.name)
+    if site is None or site.config != config:
+        site = _sites[config.name] = Site(config)
+    return site

@@ -1,0 +1,233 @@
+"""What to run: :class:`JobSpec` and the :class:`Resources` it asks for.
+
+Specs are plain frozen values, validated when made, so bad input fails in the user's process with a clear
+message before anything reaches a site. Two equal specs are the same work, which is how ``submit_many``
+knows it may send them as one job array.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from offload.errors import ConfigError
+
+_WALLTIME = re.compile(r"^(?:(?P<d>\d+)-)?(?P<rest>\d+(?::\d+){0,2})$")
+_MEMORY = re.compile(r"^(?P<n>\d+(?:\.\d+)?)\s*(?P<unit>[KMGT]?)(?:i?B)?$", re.IGNORECASE)
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def parse_walltime(value: str | int | None) -> int | None:
+    """Seconds in a SLURM time limit: ``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH``, ``D-HH:MM``, ``D-HH:MM:SS``.
+
+    An int is taken as seconds.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ConfigError(f"walltime {value!r} is not a time: use 'HH:MM:SS', e.g. '02:00:00'")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ConfigError(f"walltime must be positive, got {value} seconds")
+        return value
+    match = _WALLTIME.match(str(value).strip())
+    if not match:
+        raise ConfigError(
+            f"walltime {value!r} is not a SLURM time: use 'MM', 'HH:MM:SS' or 'D-HH:MM:SS', e.g. '02:00:00'"
+        )
+    days = int(match["d"] or 0)
+    parts = [int(p) for p in match["rest"].split(":")]
+    if match["d"] is not None:  # D-HH, D-HH:MM, D-HH:MM:SS
+        parts += [0] * (3 - len(parts))
+        hours, minutes, seconds = parts
+    elif len(parts) == 1:
+        hours, minutes, seconds = 0, parts[0], 0
+    elif len(parts) == 2:
+        hours, minutes, seconds = 0, parts[0], parts[1]
+    else:
+        hours, minutes, seconds = parts
+    if (match["d"] is not None or len(parts) == 3) and (minutes >= 60 or seconds >= 60):
+        raise ConfigError(f"walltime {value!r}: minutes and seconds must be below 60")
+    total = ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+    if total <= 0:
+        raise ConfigError(f"walltime {value!r} is zero: give a positive time such as '00:30:00'")
+    return total
+
+
+def format_walltime(seconds: int) -> str:
+    """``D-HH:MM:SS`` (or ``HH:MM:SS`` under a day), the form every SLURM version accepts."""
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    hms = f"{hours:02d}:{minutes:02d}:{secs:02d}"
+    return f"{days}-{hms}" if days else hms
+
+
+def parse_memory(value: str | int | None) -> int | None:
+    """Megabytes in a memory request: ``'4G'``, ``'500M'``, ``'1.5GB'``, ``'2GiB'``, or an int of megabytes."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ConfigError(f"memory {value!r} is not a size: use e.g. '4G' or '500M'")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ConfigError(f"memory must be positive, got {value} MB")
+        return value
+    match = _MEMORY.match(str(value).strip())
+    if not match:
+        raise ConfigError(f"memory {value!r} is not a size: use e.g. '4G', '500M' or '1T'")
+    scale = {"": 1, "K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024}[match["unit"].upper()]
+    megabytes = int(float(match["n"]) * scale + 0.999)
+    if megabytes <= 0:
+        raise ConfigError(f"memory {value!r} is zero: give a positive size such as '1G'")
+    return megabytes
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What a job asks the scheduler for. ``None`` means: the site's default."""
+
+    nodes: int = 1
+    cpus: int | None = None
+    memory: str | int | None = None
+    gpus: int = 0
+    walltime: str | int | None = None
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    extra: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("nodes", "cpus", "gpus"):
+            value = getattr(self, name)
+            if value is None and name == "cpus":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(f"Resources.{name} must be a whole number, got {value!r}")
+        if self.nodes < 1:
+            raise ConfigError(f"Resources.nodes must be at least 1, got {self.nodes}")
+        if self.cpus is not None and self.cpus < 1:
+            raise ConfigError(f"Resources.cpus must be at least 1, got {self.cpus}")
+        if self.gpus < 0:
+            raise ConfigError(f"Resources.gpus cannot be negative, got {self.gpus}: use 0 for a CPU-only job")
+        parse_walltime(self.walltime)
+        parse_memory(self.memory)
+        if isinstance(self.extra, str):
+            raise ConfigError("Resources.extra is a list of scheduler options, e.g. ['--exclusive']")
+        object.__setattr__(self, "extra", tuple(self.extra))
+        for option in self.extra:
+            if not isinstance(option, str) or not option.startswith("-"):
+                raise ConfigError(f"Resources.extra holds scheduler options like '--exclusive', got {option!r}")
+
+    @property
+    def walltime_seconds(self) -> int | None:
+        return parse_walltime(self.walltime)
+
+    @property
+    def memory_mb(self) -> int | None:
+        return parse_memory(self.memory)
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A host path on the site bound into the container at ``target`` (the same path when not given)."""
+
+    source: str
+    target: str | None = None
+    read_only: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> Mount:
+        """``SRC``, ``SRC:DST`` or ``SRC:DST:ro`` as on the command line."""
+        parts = text.split(":")
+        if len(parts) == 1:
+            return cls(parts[0])
+        if len(parts) == 2:
+            return cls(parts[0], parts[1])
+        if len(parts) == 3 and parts[2] in ("ro", "rw"):
+            return cls(parts[0], parts[1], parts[2] == "ro")
+        raise ConfigError(f"mount {text!r} is not SRC[:DST[:ro]]; a path with ':' needs a Mount(...) object")
+
+    def __post_init__(self) -> None:
+        if not self.source or not self.source.startswith("/"):
+            raise ConfigError(f"mount source {self.source!r} must be an absolute path on the site")
+        if self.target is not None and not self.target.startswith("/"):
+            raise ConfigError(f"mount target {self.target!r} must be an absolute path in the container")
+
+    @property
+    def destination(self) -> str:
+        return self.target or self.source
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One piece of containerised work: a command, the image it runs in, and what it needs.
+
+    ``env`` is written into the batch script; ``secrets`` never are: they travel in a 0600 file in the job's
+    0700 directory and reach only the payload's environment.
+    """
+
+    command: tuple[str, ...]
+    image: str | None = None
+    resources: Resources = field(default_factory=Resources)
+    env: Mapping[str, str] = field(default_factory=dict)
+    secrets: Mapping[str, str] = field(default_factory=dict, repr=False)
+    mounts: tuple[Mount, ...] = ()
+    workdir: str | None = None
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        command = self.command
+        if isinstance(command, str):
+            raise ConfigError(
+                "JobSpec.command is an argv list, e.g. ['python3', 'train.py']; "
+                "for a shell line use ['bash', '-c', '...']"
+            )
+        command = tuple(command)
+        if not command or not all(isinstance(a, str) for a in command):
+            raise ConfigError(f"JobSpec.command must be a non-empty list of strings, got {self.command!r}")
+        object.__setattr__(self, "command", command)
+        if not isinstance(self.resources, Resources):
+            raise ConfigError("JobSpec.resources must be an offload.Resources(...)")
+        for label, mapping in (("env", self.env), ("secrets", self.secrets)):
+            frozen = _frozen_env(label, mapping)
+            object.__setattr__(self, label, frozen)
+        overlap = set(self.env) & set(self.secrets)
+        if overlap:
+            raise ConfigError(f"{sorted(overlap)} given both as env and as secrets: keep each name in one place")
+        mounts = tuple(Mount.parse(m) if isinstance(m, str) else m for m in self.mounts)
+        if not all(isinstance(m, Mount) for m in mounts):
+            raise ConfigError("JobSpec.mounts holds 'SRC[:DST[:ro]]' strings or offload.Mount objects")
+        object.__setattr__(self, "mounts", mounts)
+        if self.workdir is not None and not self.workdir.startswith("/"):
+            raise ConfigError(f"JobSpec.workdir {self.workdir!r} must be an absolute path in the container")
+        if self.name is not None and not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", self.name):
+            raise ConfigError(
+                f"job name {self.name!r}: use letters, digits, '.', '_' and '-' (at most 64), starting with a "
+                "letter or digit"
+            )
+
+    def __hash__(self) -> int:
+        return hash((self.command, self.image, self.resources, tuple(sorted(self.env.items())), self.mounts))
+
+
+class _FrozenEnv(dict):
+    """A dict that cannot change after the spec is made, so equal specs stay equal."""
+
+    def _readonly(self, *args: object, **kwargs: object) -> None:
+        raise TypeError("a JobSpec's env and secrets are read-only; make a new JobSpec")
+
+    __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = _readonly  # type: ignore[assignment]
+
+
+def _frozen_env(label: str, mapping: Mapping[str, str] | Sequence[tuple[str, str]]) -> _FrozenEnv:
+    items = dict(mapping)
+    for key, value in items.items():
+        if not isinstance(key, str) or not _ENV_NAME.match(key):
+            raise ConfigError(f"{label} name {key!r} is not a valid environment variable name")
+        if not isinstance(value, str):
+            raise ConfigError(f"{label}[{key!r}] must be a string, got {type(value).__name__}")
+        if "\0" in value:
+            raise ConfigError(f"{label}[{key!r}] contains a NUL byte, which no environment can hold")
+    return _FrozenEnv(items)

@@ -1,0 +1,82 @@
+"""The transport interface every site connection implements (ssh, local, or a plugin's)."""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from offload.errors import RemoteCommandError
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """A finished command on the site."""
+
+    argv: tuple[str, ...]
+    exit_status: int
+    stdout: str
+    stderr: str
+
+    def check(self) -> CommandResult:
+        """Raise :class:`RemoteCommandError` with the command's stderr if it failed."""
+        if self.exit_status != 0:
+            shown = shlex.join(self.argv)
+            if len(shown) > 200:
+                shown = shown[:200] + "..."
+            detail = (self.stderr or self.stdout).strip() or "(no output)"
+            raise RemoteCommandError(
+                f"command on the site failed with exit status {self.exit_status}: {shown}\n{detail}",
+                argv=list(self.argv),
+                exit_status=self.exit_status,
+                stderr=self.stderr,
+            )
+        return self
+
+
+class PortForward(Protocol):
+    """A local 127.0.0.1 port that reaches a host:port on the site."""
+
+    @property
+    def local_port(self) -> int: ...
+
+    async def close(self) -> None: ...
+
+
+@runtime_checkable
+class Transport(Protocol):
+    """Runs commands and moves files on one site. Implementations are async and safe to share.
+
+    ``run`` takes an argv list, never a shell string: the transport quotes it for whatever shell sits on the
+    far side, so no user value is ever pasted into a command line unquoted.
+    """
+
+    description: str
+
+    async def run(
+        self,
+        argv: Sequence[str],
+        *,
+        input: str | bytes | None = None,
+        check: bool = True,
+        timeout: float | None = None,
+    ) -> CommandResult: ...
+
+    async def home(self) -> str:
+        """The remote user's home directory (absolute), to resolve ``~`` in profile paths."""
+        ...
+
+    async def write_file(self, path: str, data: bytes, *, mode: int = 0o600) -> None:
+        """Create or replace ``path`` with ``data``, created with ``mode`` (never briefly wider)."""
+        ...
+
+    async def read_file(self, path: str, offset: int = 0) -> bytes:
+        """The bytes of ``path`` from ``offset`` on; empty if the file does not exist yet."""
+        ...
+
+    async def forward_local_port(self, remote_host: str, remote_port: int, local_port: int = 0) -> PortForward:
+        """Listen on 127.0.0.1:``local_port`` (0: any free port) and forward to the site's host:port."""
+        ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,90 @@
+"""The local transport: the same interface as SSH, for the ``local`` site and for running on a login node."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+from offload.errors import TransportError
+from offload.transports.base import CommandResult
+
+
+class _NoForward:
+    """Local services are reached directly: the "forward" is the port itself."""
+
+    def __init__(self, port: int) -> None:
+        self._port = port
+
+    @property
+    def local_port(self) -> int:
+        return self._port
+
+    async def close(self) -> None:
+        return None
+
+
+class LocalTransport:
+    """Runs commands as subprocesses of this process (argv, no shell) and touches local files."""
+
+    description = "local"
+
+    def __init__(self, config: object | None = None) -> None:
+        self.stats: Counter[str] = Counter()
+
+    async def run(
+        self,
+        argv: Sequence[str],
+        *,
+        input: str | bytes | None = None,
+        check: bool = True,
+        timeout: float | None = None,
+    ) -> CommandResult:
+        data = input.encode() if isinstance(input, str) else input
+        self.stats[f"run:{argv[0]}"] += 1
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.PIPE if data is not None else asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+        except FileNotFoundError:
+            raise TransportError(f"{argv[0]!r} is not installed on this machine") from None
+        try:
+            stdout, stderr = await asyncio.wait_for(process.communicate(data), timeout)
+        except TimeoutError:
+            process.kill()
+            raise TransportError(f"{argv[0]!r} did not finish within {timeout} s") from None
+        result = CommandResult(
+            tuple(argv),
+            process.returncode if process.returncode is not None else 255,
+            stdout.decode("utf-8", "replace"),
+            stderr.decode("utf-8", "replace"),
+        )
+        return result.check() if check else result
+
+    async def home(self) -> str:
+        return str(Path.home())
+
+    async def write_file(self, path: str, data: bytes, *, mode: int = 0o600) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(path, mode)
+
+    async def read_file(self, path: str, offset: int = 0) -> bytes:
+        try:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                return f.read()
+        except FileNotFoundError:
+            return b""
+
+    async def forward_local_port(self, remote_host: str, remote_port: int, local_port: int = 0) -> _NoForward:
+        return _NoForward(remote_port)
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,315 @@
+"""The SSH transport: one asyncssh connection per site, shared by every command, SFTP and port forward.
+
+It opens lazily, keeps itself alive, and when a connection that was up drops it reconnects with backoff and
+re-opens its port forwards on the same local ports, so a laptop that sleeps or changes networks carries on
+(the jobs keep running on the site meanwhile). A command is retried on a fresh connection only when it
+provably never started (its channel failed to open); a submission is never sent twice.
+
+asyncssh and OS errors are mapped here, at the boundary, to offload's :mod:`offload.errors`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shlex
+import socket
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import asyncssh
+
+from offload.config import SiteConfig
+from offload.errors import HostKeyError, TransportError
+from offload.transports.base import CommandResult
+
+log = logging.getLogger("offload.ssh")
+
+_RECONNECT_DELAYS = (0.5, 1, 2, 4, 8, 15, 30)
+
+
+def known_hosts_path(config: SiteConfig) -> Path:
+    """The known_hosts file the site is checked against (the profile's, else ~/.ssh/known_hosts)."""
+    return Path(config.known_hosts or "~/.ssh/known_hosts").expanduser()
+
+
+def connect_options(config: SiteConfig, *, verify_host_key: bool = True) -> dict[str, object]:
+    """Keyword arguments of :func:`asyncssh.connect` for a profile.
+
+    Unset profile keys stay unset, so asyncssh fills them from the user's ``~/.ssh/config`` (HostName, User,
+    Port, IdentityFile, ProxyJump): a user who can ``ssh leonardo`` needs only ``host = "leonardo"``.
+    """
+    options: dict[str, object] = {
+        "keepalive_interval": config.keepalive,
+        "keepalive_count_max": 3,
+        "connect_timeout": config.connect_timeout,
+    }
+    if config.port is not None:
+        options["port"] = config.port
+    if config.user is not None:
+        options["username"] = config.user
+    if config.identity_files:
+        options["client_keys"] = [str(Path(p).expanduser()) for p in config.identity_files]
+    if not config.agent:
+        options["agent_path"] = None
+    if config.jump_host:
+        options["tunnel"] = config.jump_host
+    if config.ssh_config:
+        options["config"] = [str(Path(p).expanduser()) for p in config.ssh_config]
+    if verify_host_key:
+        path = known_hosts_path(config)
+        # A missing file trusts nobody (asyncssh reads an empty list); nothing is ever auto-accepted.
+        options["known_hosts"] = str(path) if path.exists() else b""
+    else:
+        options["known_hosts"] = None
+    return options
+
+
+class _Forward:
+    """A local forward that survives reconnects: it is re-opened on the same local port."""
+
+    def __init__(self, transport: SSHTransport, remote_host: str, remote_port: int, local_port: int) -> None:
+        self._transport = transport
+        self.remote_host = remote_host
+        self.remote_port = remote_port
+        self._requested_port = local_port
+        self._listener: asyncssh.SSHListener | None = None
+
+    @property
+    def local_port(self) -> int:
+        assert self._listener is not None
+        return self._listener.get_port()
+
+    async def open(self, conn: asyncssh.SSHClientConnection) -> None:
+        port = self._listener.get_port() if self._listener is not None else self._requested_port
+        try:
+            self._listener = await conn.forward_local_port("127.0.0.1", port, self.remote_host, self.remote_port)
+        except OSError as exc:
+            raise TransportError(f"cannot listen on 127.0.0.1:{port} for a port forward: {exc.strerror}") from None
+
+    async def close(self) -> None:
+        self._transport._forwards.discard(self)
+        if self._listener is not None:
+            self._listener.close()
+            with contextlib.suppress(Exception):
+                await self._listener.wait_closed()
+
+
+class SSHTransport:
+    """Commands, files and port forwards on a site over one asyncssh connection."""
+
+    def __init__(self, config: SiteConfig) -> None:
+        self.config = config
+        who = f"{config.user}@" if config.user else ""
+        port = f":{config.port}" if config.port else ""
+        self.description = f"ssh://{who}{config.host}{port}"
+        self.stats: Counter[str] = Counter()
+        self._conn: asyncssh.SSHClientConnection | None = None
+        self._lock: asyncio.Lock | None = None
+        self._sessions: asyncio.Semaphore | None = None
+        self._sftp: asyncssh.SFTPClient | None = None
+        self._home: str | None = None
+        self._forwards: set[_Forward] = set()
+        self._was_connected = False
+        self._closed = False
+        self._watcher: asyncio.Task[None] | None = None
+
+    # -- connection -------------------------------------------------------------------------------------
+
+    async def _connection(self) -> asyncssh.SSHClientConnection:
+        if self._conn is not None and not self._conn.is_closed():
+            return self._conn
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+            self._sessions = asyncio.Semaphore(self.config.max_sessions)
+        async with self._lock:
+            if self._conn is not None and not self._conn.is_closed():
+                return self._conn
+            if self._closed:
+                raise TransportError(f"the connection to {self.description} was closed by offload")
+            self._sftp = None
+            delays = _RECONNECT_DELAYS if self._was_connected else ()
+            for attempt, delay in enumerate((0, *delays)):
+                if delay:
+                    log.warning("connection to %s lost; reconnecting in %s s", self.description, delay)
+                    await asyncio.sleep(delay)
+                try:
+                    self._conn = await self._connect()
+                    break
+                except TransportError as exc:
+                    if isinstance(exc, HostKeyError) or attempt == len(delays):
+                        raise
+            self.stats["connects"] += 1
+            self._was_connected = True
+            for forward in list(self._forwards):
+                await forward.open(self._conn)
+            self._watcher = asyncio.get_running_loop().create_task(self._watch(self._conn))
+            return self._conn
+
+    async def _connect(self) -> asyncssh.SSHClientConnection:
+        config = self.config
+        try:
+            return await asyncssh.connect(config.host, **connect_options(config))
+        except asyncssh.HostKeyNotVerifiable as exc:
+            raise HostKeyError(
+                f"the host key of {self.description} is not trusted by {known_hosts_path(config)} ({exc.reason}). "
+                f"If you expect this host, check its fingerprint and run: offload sites trust {config.name}"
+            ) from None
+        except asyncssh.PermissionDenied:
+            raise TransportError(
+                f"{self.description} refused our keys. Check 'user' and 'identity_files' in the profile of "
+                f"'{config.name}' ({config.source}), or load the key into your ssh-agent."
+            ) from None
+        except (TimeoutError, socket.gaierror, ConnectionRefusedError, OSError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+            raise TransportError(
+                f"cannot reach {self.description}: {reason}. Check the host and port of site "
+                f"'{config.name}' and that your network (VPN, jump host) lets you through."
+            ) from None
+        except asyncssh.Error as exc:
+            raise TransportError(f"SSH to {self.description} failed: {exc.reason}") from None
+
+    async def _watch(self, conn: asyncssh.SSHClientConnection) -> None:
+        """Bring port forwards back after a drop, without waiting for the next command."""
+        with contextlib.suppress(Exception):
+            await conn.wait_closed()
+        if not self._closed and self._forwards and self._conn is conn:
+            with contextlib.suppress(TransportError):
+                await self._connection()
+
+    async def connect(self) -> None:
+        """Open the connection now (it otherwise opens on first use)."""
+        await self._connection()
+
+    # -- commands ---------------------------------------------------------------------------------------
+
+    async def run(
+        self,
+        argv: Sequence[str],
+        *,
+        input: str | bytes | None = None,
+        check: bool = True,
+        timeout: float | None = None,
+    ) -> CommandResult:
+        command = shlex.join(argv)
+        data = input.encode() if isinstance(input, str) else input
+        self.stats[f"run:{argv[0]}"] += 1
+        for attempt in range(2):
+            conn = await self._connection()
+            assert self._sessions is not None
+            async with self._sessions:
+                try:
+                    process = await conn.create_process(command, encoding=None)
+                except (asyncssh.ChannelOpenError, asyncssh.DisconnectError, ConnectionError) as exc:
+                    # The command never started: safe to retry once on a fresh connection.
+                    if attempt == 0:
+                        self._drop(conn)
+                        continue
+                    raise TransportError(f"cannot open a channel on {self.description}: {exc}") from None
+                try:
+                    stdout, stderr = await asyncio.wait_for(process.communicate(data), timeout)
+                except TimeoutError:
+                    process.kill()
+                    raise TransportError(
+                        f"command on {self.description} did not finish within {timeout} s: {command[:200]}"
+                    ) from None
+                except (asyncssh.Error, ConnectionError) as exc:
+                    self._drop(conn)
+                    raise TransportError(
+                        f"connection to {self.description} failed while running {argv[0]!r}: {exc}. "
+                        "The command may or may not have run on the site."
+                    ) from None
+            status = process.exit_status if process.exit_status is not None else 255
+            result = CommandResult(
+                tuple(argv),
+                status,
+                (stdout or b"").decode("utf-8", "replace"),
+                (stderr or b"").decode("utf-8", "replace"),
+            )
+            return result.check() if check else result
+        raise AssertionError("unreachable")
+
+    def _drop(self, conn: asyncssh.SSHClientConnection) -> None:
+        if self._conn is conn:
+            conn.abort()
+
+    # -- files ------------------------------------------------------------------------------------------
+
+    async def _sftp_client(self) -> asyncssh.SFTPClient:
+        conn = await self._connection()
+        if self._sftp is None:
+            try:
+                self._sftp = await conn.start_sftp_client()
+            except asyncssh.Error as exc:
+                raise TransportError(f"SFTP is not available on {self.description}: {exc}") from None
+        return self._sftp
+
+    async def home(self) -> str:
+        if self._home is None:
+            sftp = await self._sftp_client()
+            self._home = await sftp.realpath(".")
+        return self._home
+
+    async def write_file(self, path: str, data: bytes, *, mode: int = 0o600) -> None:
+        sftp = await self._sftp_client()
+        self.stats["sftp:write"] += 1
+        try:
+            async with sftp.open(path, "wb", attrs=asyncssh.SFTPAttrs(permissions=mode)) as f:
+                await f.write(data)
+            await sftp.chmod(path, mode)
+        except asyncssh.SFTPError as exc:
+            raise TransportError(f"cannot write {path} on {self.description}: {exc.reason}") from None
+
+    async def read_file(self, path: str, offset: int = 0) -> bytes:
+        sftp = await self._sftp_client()
+        self.stats["sftp:read"] += 1
+        try:
+            async with sftp.open(path, "rb") as f:
+                if offset:
+                    await f.seek(offset)
+                return await f.read()
+        except asyncssh.SFTPNoSuchFile:
+            return b""
+        except asyncssh.SFTPError as exc:
+            raise TransportError(f"cannot read {path} on {self.description}: {exc.reason}") from None
+
+    # -- forwards ---------------------------------------------------------------------------------------
+
+    async def forward_local_port(self, remote_host: str, remote_port: int, local_port: int = 0) -> _Forward:
+        conn = await self._connection()
+        forward = _Forward(self, remote_host, remote_port, local_port)
+        await forward.open(conn)
+        self._forwards.add(forward)
+        return forward
+
+    async def close(self) -> None:
+        self._closed = True
+        for forward in list(self._forwards):
+            await forward.close()
+        if self._conn is not None:
+            self._conn.close()
+            with contextlib.suppress(Exception):
+                await self._conn.wait_closed()
+        if self._watcher is not None:
+            self._watcher.cancel()
+
+
+async def fetch_host_key(config: SiteConfig) -> asyncssh.SSHKey:
+    """The key the site presents, without trusting it (for ``offload sites trust``)."""
+    options = connect_options(config, verify_host_key=False)
+    kwargs = {k: v for k, v in options.items() if k in ("port", "tunnel", "config", "connect_timeout")}
+    try:
+        key = await asyncssh.get_server_host_key(config.host, **kwargs)
+    except (OSError, asyncssh.Error) as exc:
+        raise TransportError(f"cannot reach {config.host} to read its host key: {exc}") from None
+    if key is None:
+        raise TransportError(f"{config.host} presented no host key")
+    return key
+
+
+def known_hosts_line(config: SiteConfig, key: asyncssh.SSHKey) -> str:
+    host = config.host or ""
+    pattern = f"[{host}]:{config.port}" if config.port and config.port != 22 else host
+    return f"{pattern} {key.export_public_key('openssh').decode().strip()}\n"
