@@ -87,6 +87,12 @@ class JobRecords:
             row = self._db.execute("SELECT * FROM jobs WHERE site = ? AND job_id = ?", (site, job_id)).fetchone()
         return _record(row) if row else None
 
+    def sites_of(self, job_id: str) -> list[str]:
+        """The sites on which this machine submitted a job with this id."""
+        with self._lock:
+            rows = self._db.execute("SELECT DISTINCT site FROM jobs WHERE job_id = ?", (job_id,)).fetchall()
+        return [r[0] for r in rows]
+
     def find(self, site: str | None = None, name: str | None = None, limit: int = 50) -> list[JobRecord]:
         query, args = "SELECT * FROM jobs WHERE 1=1", []
         if site:

@@ -1,0 +1,355 @@
+"""The ``offload`` command: run a container on N GPUs, follow it, and manage sites.
+
+User errors print one line of cause and remedy and exit 2; ``run`` exits with the job's own exit code.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import click
+
+from offload import _loop
+from offload.config import load_profiles
+from offload.errors import ConfigError, OffloadError
+from offload.jobs import Job, JobState, JobStatus
+from offload.records import JobRecords
+from offload.site import Site, load_site
+from offload.spec import JobSpec, Mount, Resources
+
+
+def _fail(message: str) -> None:
+    click.echo(f"offload: error: {message}", err=True)
+    sys.exit(2)
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    try:
+        yield
+    except OffloadError as exc:
+        _fail(str(exc))
+
+
+def _env_pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
+    pairs = {}
+    for item in values:
+        name, sep, value = item.partition("=")
+        if not sep:
+            if option == "--env" and name in os.environ:
+                value = os.environ[name]  # --env NAME copies the local value, like docker run -e
+            else:
+                raise ConfigError(f"{option} {item!r} is not NAME=VALUE")
+        pairs[name] = value
+    return pairs
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="offload")
+def main() -> None:
+    """Run containerised work as jobs on remote HPC sites, over one SSH connection."""
+
+
+# -- sites ---------------------------------------------------------------------------------------------
+
+
+@main.group()
+def sites() -> None:
+    """List, inspect and trust site profiles."""
+
+
+@sites.command("list")
+def sites_list() -> None:
+    """The configured sites (and the built-in 'local')."""
+    with _user_errors():
+        profiles = load_profiles()
+    default = profiles.get(None).name
+    click.echo(f"# {profiles.path}")
+    for name, site in sorted(profiles.sites.items()):
+        where = site.host or "this machine"
+        mark = "*" if name == default else " "
+        click.echo(f"{mark} {name:<16} {where:<28} {site.scheduler}/{site.runtime}")
+
+
+@sites.command("show")
+@click.argument("name", required=False)
+def sites_show(name: str | None) -> None:
+    """Every key of one site profile, defaults included."""
+    with _user_errors():
+        config = load_profiles().get(name)
+    for key, value in vars(config).items():
+        click.echo(f"{key:<18} = {value!r}")
+
+
+@sites.command("trust")
+@click.argument("name")
+@click.option("--yes", is_flag=True, help="Record the key without asking (only after checking the fingerprint).")
+def sites_trust(name: str, yes: bool) -> None:
+    """Show a site's SSH host key fingerprint and record it in known_hosts."""
+    from offload.transports.ssh import fetch_host_key, known_hosts_line, known_hosts_path
+
+    with _user_errors():
+        config = load_profiles().get(name)
+        if config.transport != "ssh":
+            raise ConfigError(f"site '{name}' is not reached over SSH: nothing to trust")
+        key = _loop.run(fetch_host_key(config))
+        line = known_hosts_line(config, key)
+        path = known_hosts_path(config)
+        click.echo(f"{config.host} presents a {key.get_algorithm()} key: {key.get_fingerprint('sha256')}")
+        existing = path.read_text() if path.exists() else ""
+        if line.strip() in existing.splitlines():
+            click.echo(f"already trusted in {path}")
+            return
+        if not yes and not click.confirm("Compare it with the fingerprint your site publishes. Trust it?"):
+            _fail("not trusted; nothing was written")
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(line)
+        os.chmod(path, 0o600)
+        click.echo(f"recorded in {path}")
+
+
+# -- doctor --------------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("site_name", metavar="SITE", required=False)
+def doctor(site_name: str | None) -> None:
+    """Check a site end to end: connection, host key, scheduler, runtime, image, work dir, GPUs."""
+    from offload.doctor import run_checks
+
+    with _user_errors():
+        config = load_profiles().get(site_name)
+    failed = 0
+    for check in run_checks(config):
+        mark = {"ok": "PASS", "fail": "FAIL", "skip": "SKIP"}[check.outcome]
+        click.echo(f"{mark:<5} {check.name:<16} {check.detail}")
+        if check.outcome == "fail":
+            failed += 1
+            click.echo(f"{'':<22}fix: {check.fix}")
+    sys.exit(1 if failed else 0)
+
+
+# -- run -----------------------------------------------------------------------------------------------
+
+
+@main.command(context_settings={"ignore_unknown_options": False})
+@click.option("--site", "site_name", help="Site profile (default: $OFFLOAD_SITE, the config's default, 'local').")
+@click.option("--gpus", type=int, default=0, show_default=True, help="GPUs for the job.")
+@click.option("--cpus", type=int, help="CPU cores for the job.")
+@click.option("--memory", help="Memory, e.g. 16G.")
+@click.option("--nodes", type=int, default=1, show_default=True)
+@click.option("--time", "walltime", help="Walltime, HH:MM:SS or D-HH:MM:SS.")
+@click.option("--partition", help="Partition (default: the site's; its GPU partition when --gpus).")
+@click.option("--account")
+@click.option("--qos")
+@click.option("--image", help="Container image (default: the site's).")
+@click.option("--env", "env", multiple=True, metavar="K=V", help="Environment for the payload (repeatable).")
+@click.option("--secret", "secret", multiple=True, metavar="K=V", help="Secret env var, never written to scripts.")
+@click.option("--mount", "mounts", multiple=True, metavar="SRC[:DST[:ro]]", help="Bind a site path (repeatable).")
+@click.option("--workdir", help="Working directory inside the container.")
+@click.option("--name", help="Job name.")
+@click.option("--detach", is_flag=True, help="Submit, print the job id and return; the job keeps running.")
+@click.argument("command", nargs=-1, required=True)
+def run(
+    site_name: str | None,
+    gpus: int,
+    cpus: int | None,
+    memory: str | None,
+    nodes: int,
+    walltime: str | None,
+    partition: str | None,
+    account: str | None,
+    qos: str | None,
+    image: str | None,
+    env: tuple[str, ...],
+    secret: tuple[str, ...],
+    mounts: tuple[str, ...],
+    workdir: str | None,
+    name: str | None,
+    detach: bool,
+    command: tuple[str, ...],
+) -> None:
+    """Run COMMAND in a container on the site, stream its output, exit with its exit code.
+
+    Put the command after '--':  offload run --gpus 2 -- python3 train.py --epochs 3
+    """
+    with _user_errors():
+        spec = JobSpec(
+            command=command,
+            image=image,
+            resources=Resources(
+                nodes=nodes,
+                cpus=cpus,
+                memory=memory,
+                gpus=gpus,
+                walltime=walltime,
+                partition=partition,
+                account=account,
+                qos=qos,
+            ),
+            env=_env_pairs(env, "--env"),
+            secrets=_env_pairs(secret, "--secret"),
+            mounts=tuple(Mount.parse(m) for m in mounts),
+            workdir=workdir,
+            name=name,
+        )
+        site = load_site(site_name)
+        site.validate(spec)
+        job = site.submit(spec)
+    click.echo(f"offload: submitted job {job.id} to site '{site.name}'", err=True)
+    if detach:
+        click.echo(job.id)
+        return
+    sys.exit(_follow(job, cancel_on_interrupt=True))
+
+
+def _follow(job: Job, cancel_on_interrupt: bool) -> int:
+    """Show the queue state, stream the output, return the exit code for the CLI."""
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        with _user_errors():
+            _show_pending(job)
+            for line in job.logs(follow=True):
+                click.echo(line)
+            status = job.wait()
+    except KeyboardInterrupt:
+        if not cancel_on_interrupt:
+            click.echo(f"\noffload: stopped following; job {job.id} keeps running", err=True)
+            return 130
+        click.echo(f"\noffload: interrupted; cancelling job {job.id}", err=True)
+        with _user_errors():
+            job.cancel()
+        click.echo(f"offload: job {job.id} cancelled", err=True)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return _exit_code(job, status)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _show_pending(job: Job) -> None:
+    tty = sys.stderr.isatty()
+    start = time.monotonic()
+    shown = ""
+    status = job.status()
+    while status.state is JobState.PENDING or status.state is JobState.UNKNOWN:
+        text = f"offload: job {job.id} {status.describe()}"
+        if tty:
+            elapsed = int(time.monotonic() - start)
+            click.echo(f"\r{text} [{elapsed // 60}:{elapsed % 60:02d}]\033[K", err=True, nl=False)
+        elif text != shown:
+            click.echo(text, err=True)
+        shown = text
+        time.sleep(job.site.config.poll_interval)
+        status = job.status()
+    if tty and shown:
+        click.echo("", err=True)
+    click.echo(f"offload: job {job.id} {status.describe()}" + (f" on {status.node}" if status.node else ""), err=True)
+
+
+def _exit_code(job: Job, status: JobStatus) -> int:
+    if status.state is JobState.COMPLETED:
+        return 0
+    click.echo(f"offload: job {job.id} ended {status.describe()}", err=True)
+    if status.exit_code:
+        return status.exit_code
+    return 128 + status.signal if status.signal else 1
+
+
+# -- status, logs, cancel ------------------------------------------------------------------------------
+
+
+def _resolve(job_id: str, site_name: str | None) -> Job:
+    if site_name is None:
+        found = JobRecords().sites_of(job_id)
+        if len(found) > 1:
+            raise ConfigError(f"job {job_id} exists on several sites ({', '.join(found)}): add --site")
+        site_name = found[0] if found else None
+    return load_site(site_name).job(job_id)
+
+
+@main.command()
+@click.argument("job_id", metavar="[JOB]", required=False)
+@click.option("--site", "site_name", help="Only this site.")
+@click.option("--name", help="Only jobs with this name (e.g. a Dask cluster's).")
+@click.option("--limit", type=int, default=20, show_default=True)
+def status(job_id: str | None, site_name: str | None, name: str | None, limit: int) -> None:
+    """The state of one job, or of the jobs this machine submitted (newest first)."""
+    with _user_errors():
+        if job_id:
+            job = _resolve(job_id, site_name)
+            st = job.status()
+            click.echo(f"{job.id} on {job.site.name}: {st.describe()}" + (f" on {st.node}" if st.node else ""))
+            return
+        records = JobRecords().find(site_name, name, limit)
+        by_site: dict[str, list] = {}
+        for record in records:
+            by_site.setdefault(record.site, []).append(record)
+        states: dict[tuple[str, str], JobStatus] = {}
+        for site, rows in by_site.items():
+            live = [r for r in rows if not JobState(r.state).is_terminal]
+            if live:
+                s: Site = load_site(site)
+                jobs = [s.job(r.job_id) for r in live]
+                for job in jobs:  # one scheduler query serves all of them
+                    states[(site, job.id)] = job.status()
+        click.echo(f"{'JOB':<12} {'SITE':<12} {'NAME':<20} {'STATE':<28} {'SUBMITTED':<19}")
+        for r in records:
+            st = states.get((r.site, r.job_id))
+            state = st.describe() if st else JobStatus(JobState(r.state), r.reason, r.exit_code).describe()
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.submitted_at))
+            click.echo(f"{r.job_id:<12} {r.site:<12} {(r.name or '-'):<20} {state:<28} {when}")
+
+
+@main.command()
+@click.argument("job_id", metavar="JOB")
+@click.option("--site", "site_name")
+@click.option("-f", "--follow", is_flag=True, help="Keep streaming until the job ends.")
+def logs(job_id: str, site_name: str | None, follow: bool) -> None:
+    """Print a job's output (stdout and stderr together)."""
+    with _user_errors():
+        job = _resolve(job_id, site_name)
+        if not job.ref.jobdir:
+            raise ConfigError(f"job {job_id} was not submitted by offload from this machine: its log is unknown")
+        try:
+            for line in job.logs(follow=follow):
+                click.echo(line)
+        except KeyboardInterrupt:
+            sys.exit(130)
+
+
+@main.command()
+@click.argument("job_ids", metavar="JOB...", nargs=-1)
+@click.option("--site", "site_name")
+@click.option("--name", help="Cancel every unfinished job with this name (e.g. what a crashed Dask client left).")
+def cancel(job_ids: tuple[str, ...], site_name: str | None, name: str | None) -> None:
+    """Cancel jobs, by id or by name, in one scheduler call per site."""
+    with _user_errors():
+        if not job_ids and not name:
+            raise ConfigError("give job ids, or --name NAME")
+        jobs = [_resolve(j, site_name) for j in job_ids]
+        if name:
+            for record in JobRecords().find(site_name, name, limit=100000):
+                if not JobState(record.state).is_terminal:
+                    jobs.append(load_site(record.site).job(record.job_id))
+        by_site: dict[str, list[Job]] = {}
+        for job in jobs:
+            by_site.setdefault(job.site.name, []).append(job)
+        for site, site_jobs in by_site.items():
+            load_site(site).cancel(site_jobs)
+            click.echo(f"cancelled {len(site_jobs)} job(s) on {site}: {' '.join(j.id for j in site_jobs)}")
+        if not jobs:
+            click.echo("nothing to cancel")
+
+
+if __name__ == "__main__":
+    main()
