@@ -44,7 +44,8 @@ class LocalScheduler:
             'while [ "$#" -gt 0 ]; do pid=$1; dir=$2; shift 2; '
             'if [ -f "$dir/exitcode" ]; then echo "$pid done"; '
             'elif [ -f "$dir/cancelled" ]; then echo "$pid cancelled"; '
-            'elif kill -0 "$pid" 2>/dev/null; then echo "$pid running"; '
+            'elif kill -0 "$pid" 2>/dev/null && [ "$(ps -o stat= -p "$pid" | cut -c1)" != Z ]; '
+            'then echo "$pid running"; '
             'else echo "$pid done"; fi; done'
         )
         args = [arg for ref in refs for arg in (ref.id, ref.jobdir)]
@@ -65,7 +66,7 @@ class LocalScheduler:
         script = (
             'while [ "$#" -gt 0 ]; do pid=$1; dir=$2; shift 2; '
             'if [ ! -f "$dir/exitcode" ]; then : > "$dir/cancelled"; '
-            'kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null; fi; done; true'
+            'kill -TERM "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null; fi; done; true'
         )
         args = [arg for ref in refs for arg in (ref.id, ref.jobdir)]
         await transport.run(["sh", "-c", script, "sh", *args])

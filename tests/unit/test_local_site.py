@@ -1,0 +1,101 @@
+"""The built-in local site end to end: real local processes, the same job layout as on a SLURM site."""
+
+import shlex
+import time
+from pathlib import Path
+
+import pytest
+
+import offload
+from offload import ConfigError, JobFailedError, JobSpec, JobState
+
+
+@pytest.fixture
+def site(tmp_path, monkeypatch):
+    monkeypatch.setenv("OFFLOAD__LOCAL__WORKDIR", str(tmp_path / "work"))
+    monkeypatch.setenv("OFFLOAD_CONFIG", str(tmp_path / "sites.toml"))
+    (tmp_path / "sites.toml").write_text("")
+    site = offload.load_site("local")
+    yield site
+    site.close()
+
+
+NASTY = ["a b", "$(touch /tmp/offload-pwned)", "`id`", "x;y", "line1\nline2", "'\"", "$HOME", "*"]
+
+
+def test_submit_wait_logs_and_exact_exit_code(site):
+    job = site.submit(JobSpec(["sh", "-c", "echo out; echo err >&2; exit 7"], name="seven"))
+    status = job.wait(timeout=30)
+    assert (status.state, status.exit_code) == (JobState.FAILED, 7)
+    assert sorted(job.logs()) == ["err", "out"]
+    with pytest.raises(JobFailedError, match="exit code 7") as err:
+        job.wait(check=True)
+    assert "out" in err.value.log_tail
+
+
+def test_arguments_env_and_secrets_reach_the_payload_literally(site, tmp_path):
+    code = "import os,sys,json; print(json.dumps([sys.argv[1:], os.environ['E'], os.environ['S']]))"
+    pwned = Path("/tmp/offload-pwned")
+    pwned.unlink(missing_ok=True)
+    secret = "s3cr3t-" + NASTY[1]
+    job = site.submit(JobSpec(["python3", "-c", code, *NASTY], env={"E": NASTY[1]}, secrets={"S": secret}))
+    assert job.wait(timeout=30).state is JobState.COMPLETED
+    import json
+
+    argv, env_value, seen_secret = json.loads("".join(job.logs()))
+    assert argv == NASTY and env_value == NASTY[1] and seen_secret == secret
+    assert not pwned.exists()
+    script = (tmp_path / "work" / "jobs").glob("*/job.sh")
+    assert all("s3cr3t" not in p.read_text() for p in script), "a secret was written into the batch script"
+
+
+def test_secrets_file_is_private_and_removed_after_the_job(site, tmp_path):
+    job = site.submit(JobSpec(["sh", "-c", "stat -c %a \"$OFFLOAD_JOB_DIR/secrets.env\" \"$OFFLOAD_JOB_DIR\""],
+                              secrets={"TOKEN": "x"}))  # fmt: skip
+    job.wait(timeout=30)
+    assert list(job.logs()) == ["600", "700"]
+    deadline = time.time() + 10
+    while (tmp_path / "work" / "jobs" / job.ref.jobdir.rsplit("/", 1)[1] / "secrets.env").exists():
+        assert time.time() < deadline, "secrets.env was left behind"
+        time.sleep(0.1)
+
+
+def test_follow_streams_until_the_end(site):
+    job = site.submit(JobSpec(["sh", "-c", "for i in 1 2 3; do echo $i; sleep 0.3; done"]))
+    assert list(job.logs(follow=True)) == ["1", "2", "3"]
+    assert job.state is JobState.COMPLETED
+
+
+def test_cancel_stops_the_whole_process_group(site, tmp_path):
+    marker = tmp_path / "survived"
+    job = site.submit(JobSpec(["sh", "-c", f"sleep 3; touch {shlex.quote(str(marker))}"]))
+    time.sleep(0.5)
+    job.cancel()
+    assert job.wait(timeout=10).state is JobState.CANCELLED
+    time.sleep(3.5)
+    assert not marker.exists()
+
+
+def test_submit_many_and_reattach_by_id(site):
+    jobs = site.submit_many([JobSpec(["sh", "-c", f"exit {i}"]) for i in range(4)])
+    assert [j.wait(timeout=30).exit_code for j in jobs] == [0, 1, 2, 3]
+    again = site.job(jobs[2].id)
+    assert again.ref.jobdir == jobs[2].ref.jobdir and again.exit_code == 2
+
+
+def test_bad_input_is_refused_before_anything_runs(site, tmp_path):
+    with pytest.raises(ConfigError, match="need a container runtime"):
+        site.submit(JobSpec(["true"], mounts=["/data"]))
+    assert not (tmp_path / "work").exists()
+
+
+def test_unknown_job_id_is_a_clear_error(site):
+    with pytest.raises(offload.JobNotFoundError, match="neither in the scheduler's queue"):
+        site.job("999999999")
+
+
+async def test_async_api_from_another_event_loop(site):
+    job = await site.asubmit(JobSpec(["sh", "-c", "echo async"]))
+    status = await job.finished(timeout=30)
+    assert status.state is JobState.COMPLETED
+    assert [line async for line in job.alogs()] == ["async"]
