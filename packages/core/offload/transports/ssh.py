@@ -299,10 +299,10 @@ class SSHTransport:
 async def fetch_host_key(config: SiteConfig) -> asyncssh.SSHKey:
     """The key the site presents, without trusting it (for ``offload sites trust``)."""
     options = connect_options(config, verify_host_key=False)
-    kwargs = {k: v for k, v in options.items() if k in ("port", "tunnel", "config", "connect_timeout")}
+    kwargs = {k: v for k, v in options.items() if k in ("port", "tunnel", "config")}
     try:
-        key = await asyncssh.get_server_host_key(config.host, **kwargs)
-    except (OSError, asyncssh.Error) as exc:
+        key = await asyncio.wait_for(asyncssh.get_server_host_key(config.host, **kwargs), config.connect_timeout)
+    except (OSError, TimeoutError, asyncssh.Error) as exc:
         raise TransportError(f"cannot reach {config.host} to read its host key: {exc}") from None
     if key is None:
         raise TransportError(f"{config.host} presented no host key")

@@ -1,0 +1,197 @@
+"""The core API on the test site: quoting, many jobs over one connection, bad input, reconnects."""
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+import offload
+from offload import ConfigError, JobSpec, JobState, Mount, Resources
+
+from .conftest import STATE, queued_jobs
+
+NASTY = ["a b", "$(touch /tmp/pwned)", "`touch /tmp/pwned`", "x; touch /tmp/pwned", "l1\nl2", "'\"", "$HOME", "*"]
+
+
+def test_arguments_env_secrets_and_mount_paths_reach_the_payload_literally(site):
+    weird_dir = f"/tmp/offload dir $(x) `y` ;z {uuid.uuid4().hex[:6]}"
+    site.submit(JobSpec(["mkdir", "-p", weird_dir], name="mkdir")).wait(timeout=60)
+    # a file the payload will find through the mount
+    site.submit(JobSpec(["sh", "-c", 'echo mounted > "$1/probe"', "sh", weird_dir])).wait(timeout=60)
+    code = (
+        "import os, sys, json; print(json.dumps([sys.argv[1:], os.environ['PLAIN'], os.environ['TOKEN'],"
+        " open('/work/probe').read().strip(), os.getcwd()]))"
+    )
+    secret = "tok 'en' $(touch /tmp/pwned) \n second line"
+    spec = JobSpec(["python3", "-c", code, *NASTY], env={"PLAIN": NASTY[1] + NASTY[4]}, secrets={"TOKEN": secret},
+                   mounts=[Mount(weird_dir, "/work")], workdir="/work")  # fmt: skip
+    job = site.submit(spec)
+    status = job.wait(timeout=60)
+    log = list(job.logs())
+    assert status.state is JobState.COMPLETED, log
+    argv, plain, token, probe, cwd = json.loads("".join(log))
+    assert argv == NASTY
+    assert plain == NASTY[1] + NASTY[4]
+    assert token == secret
+    assert (probe, cwd) == ("mounted", "/work")
+    check = site.submit(JobSpec(["sh", "-c", "test -e /tmp/pwned && echo PWNED || echo clean"]))
+    check.wait(timeout=60)
+    assert list(check.logs()) == ["clean"]
+    body = offload_read(site, f"{job.ref.jobdir}/job.sh")
+    assert "tok 'en'" not in body, "a secret reached the batch script"
+
+
+def offload_read(site, path: str) -> str:
+    from offload import _loop
+
+    return _loop.run(site.transport.read_file(path)).decode()
+
+
+def test_a_hundred_jobs_over_one_connection_with_one_squeue_per_poll(testsite_config):
+    # A fresh Site, so its counters are this test's alone.
+    from offload.config import load_profiles
+
+    site = offload.Site(load_profiles().get("testsite"))
+    try:
+        specs = [JobSpec(["sh", "-c", f"echo {i}; exit $(( {i} % 3 ))"], name="hundred") for i in range(100)]
+        started = time.monotonic()
+        jobs = site.submit_many(specs)
+        assert len({j.id for j in jobs}) == 100
+        statuses = [j.wait(timeout=300) for j in jobs]
+        elapsed = time.monotonic() - started
+        assert [s.exit_code for s in statuses] == [i % 3 for i in range(100)]
+        assert list(jobs[42].logs()) == ["42"]
+        stats = site.transport.stats
+        assert stats["connects"] == 1
+        assert stats["run:bash"] == 1  # all 100 submissions in one round trip
+        # one squeue per poll, whatever the number of jobs waited on (not one per job)
+        assert stats["run:squeue"] == site._poller.polls
+        assert site._poller.polls <= elapsed / site.config.poll_interval + 3
+    finally:
+        site.close()
+
+
+def test_identical_specs_go_as_one_array(site):
+    jobs = site.submit_many([JobSpec(["sh", "-c", 'echo "task $OFFLOAD_TASK_INDEX of $SLURM_ARRAY_JOB_ID"'])] * 5)
+    array_id = jobs[0].id.split("_")[0]
+    assert [j.id for j in jobs] == [f"{array_id}_{i}" for i in range(5)]
+    for i, job in enumerate(jobs):
+        assert job.wait(timeout=60).state is JobState.COMPLETED
+        assert list(job.logs()) == [f"task {i} of {array_id}"]
+
+
+def test_a_refused_job_carries_slurms_message_and_leaves_nothing(site, site_user):
+    name = f"refused-{uuid.uuid4().hex[:6]}"
+    bad = JobSpec(["true"], name=name, resources=Resources(partition="nosuchpartition"))
+    good = JobSpec(["sleep", "60"], name=name)
+    with pytest.raises(offload.SubmissionError) as err:
+        site.submit_many([good, bad])
+    assert "invalid partition" in err.value.scheduler_message.lower()
+    assert queued_jobs(site_user, name) == []  # the good one was cancelled: all or nothing
+
+
+def test_bad_input_is_refused_before_submission(site, site_user):
+    before = queued_jobs(site_user)
+    with pytest.raises(ConfigError, match="nodes=2"):
+        site.submit(JobSpec(["true"], resources=Resources(gpus=5)))
+    with pytest.raises(ConfigError, match="ch-convert"):
+        site.submit(JobSpec(["true"], image="docker://python:3.11"))
+    with pytest.raises(ConfigError, match="walltime"):
+        site.submit(JobSpec(["true"], resources=Resources(walltime="soon")))
+    assert queued_jobs(site_user) == before
+
+
+def test_missing_image_is_a_clear_error(tmp_path, testsite_config):
+    config = tmp_path / "sites.toml"
+    text = testsite_config.read_text().replace('image = "', 'previous_image = "').replace("previous_image", "#")
+    config.write_text(text)
+    result = run_cli(["run", "--site", "testsite", "--", "true"], config)
+    assert result.returncode == 2
+    assert "no container image" in result.stderr and "--image" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def run_cli(args, config):
+    import os
+
+    env = {**os.environ, "OFFLOAD_CONFIG": str(config)}
+    return subprocess.run([sys.executable, "-m", "offload.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=120)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (lambda t: t.replace("port = 2222", "port = 2229"), "cannot reach"),
+        (lambda t: t + "\n[sites.extra]\nhost = 'x'\nprt = 1\n", "did you mean 'port'"),
+        (lambda t: t + "\n[sites.broken\n", "not valid TOML"),
+        (lambda t: t.replace("known_hosts = ", "known_hosts = '/dev/null' #"), "offload sites trust testsite"),
+    ],
+    ids=["unreachable-host", "unknown-key", "malformed-toml", "unknown-host-key"],
+)
+def test_site_problems_are_one_line_with_the_fix(tmp_path, testsite_config, change, expected, site_user):
+    config = tmp_path / "sites.toml"
+    config.write_text(change(testsite_config.read_text()))
+    before = queued_jobs(site_user)
+    result = run_cli(["run", "--site", "testsite", "--", "true"], config)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+    assert queued_jobs(site_user) == before
+
+
+def test_unknown_site_and_negative_gpus_from_the_cli(testsite_config):
+    result = run_cli(["run", "--site", "testsit", "--", "true"], testsite_config)
+    assert result.returncode == 2 and "did you mean 'testsite'" in result.stderr
+    result = run_cli(["run", "--site", "testsite", "--gpus", "-2", "--", "true"], testsite_config)
+    assert result.returncode == 2 and "cannot be negative" in result.stderr
+
+
+def test_trust_records_the_host_key_then_connections_work(tmp_path, testsite_config):
+    known = tmp_path / "known_hosts"
+    config = tmp_path / "sites.toml"
+    config.write_text(testsite_config.read_text().replace(str(STATE / "known_hosts"), str(known)))
+    refused = run_cli(["run", "--site", "testsite", "--", "true"], config)
+    assert refused.returncode == 2 and "not trusted" in refused.stderr
+    trusted = run_cli(["sites", "trust", "testsite", "--yes"], config)
+    assert trusted.returncode == 0, trusted.stderr
+    assert "SHA256:" in trusted.stdout and known.read_text().startswith("[127.0.0.1]:2222 ssh-ed25519 ")
+    assert run_cli(["run", "--site", "testsite", "--", "true"], config).returncode == 0
+
+
+def test_doctor_passes_on_the_test_site(testsite_config):
+    result = run_cli(["doctor", "testsite"], testsite_config)
+    assert result.returncode == 0, result.stdout
+    for check in ("connection", "host key", "sbatch", "runtime", "image", "workdir", "gpus"):
+        assert any(line.startswith("PASS") and check in line for line in result.stdout.splitlines()), check
+
+
+def test_a_dropped_connection_is_reopened_and_waiting_carries_on(site):
+    from offload import _loop
+
+    job = site.submit(JobSpec(["sh", "-c", "sleep 3; echo survived"]))
+    time.sleep(1)
+    connects = site.transport.stats["connects"]
+    _loop.run(_abort(site.transport))  # the network drops under us
+    assert job.wait(timeout=60).state is JobState.COMPLETED
+    assert list(job.logs()) == ["survived"]
+    assert site.transport.stats["connects"] == connects + 1
+
+
+async def _abort(transport):
+    conn = await transport._connection()
+    conn.abort()
+
+
+def test_sleeping_job_shows_running_with_its_node(site):
+    job = site.submit(JobSpec(["sleep", "30"]))
+    deadline = time.time() + 30
+    while (status := job.status()).state is not JobState.RUNNING:
+        assert time.time() < deadline
+        time.sleep(0.3)
+    assert status.node == "node1"
+    job.cancel()
+    assert job.wait(timeout=30).state is JobState.CANCELLED

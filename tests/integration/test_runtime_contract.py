@@ -1,0 +1,57 @@
+"""The runtime contract (offload/runtimes/base.py), run for real on Charliecloud. Apptainer and Podman, which
+have no package here, are held to the same contract by the command lines checked in tests/unit."""
+
+import json
+
+import pytest
+
+from offload import JobSpec, JobState, Mount, Resources
+
+PROBE = (
+    "import os, sys, json; print(json.dumps({'argv': sys.argv[1:], 'cwd': os.getcwd(), "
+    "'env': {k: os.environ.get(k) for k in ('MODE', 'TOKEN', 'CUDA_VISIBLE_DEVICES', 'SLURM_JOB_ID', "
+    "'OFFLOAD_JOB_DIR')}, 'os': open('/etc/os-release').read().split('\\n')[0]}))"
+)
+
+
+def run(site, spec):
+    job = site.submit(spec)
+    status = job.wait(timeout=90)
+    return job, status, list(job.logs())
+
+
+def test_payload_runs_in_the_image_with_argv_env_gpus_and_workdir(site):
+    spec = JobSpec(["python3", "-c", PROBE, "one", "two words"], env={"MODE": "fast"}, secrets={"TOKEN": "t0k"},
+                   resources=Resources(gpus=3), mounts=[Mount("/tmp", "/scratch")], workdir="/scratch")  # fmt: skip
+    job, status, log = run(site, spec)
+    assert status.state is JobState.COMPLETED, log
+    seen = json.loads(log[-1])
+    assert seen["argv"] == ["one", "two words"]
+    assert seen["cwd"] == "/scratch"
+    assert seen["env"]["MODE"] == "fast" and seen["env"]["TOKEN"] == "t0k"
+    assert seen["env"]["CUDA_VISIBLE_DEVICES"] == "0,1,2"
+    assert seen["env"]["SLURM_JOB_ID"] == job.id
+    assert seen["env"]["OFFLOAD_JOB_DIR"] == job.ref.jobdir
+    assert seen["os"] == 'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"'
+
+
+@pytest.mark.parametrize("code", [0, 1, 42, 255])
+def test_exit_status_of_the_payload_is_the_jobs(site, code):
+    _, status, _ = run(site, JobSpec(["python3", "-c", f"raise SystemExit({code})"]))
+    assert status.exit_code == code
+    assert status.state is (JobState.COMPLETED if code == 0 else JobState.FAILED)
+
+
+def test_mounted_directory_is_writable_from_the_container(site):
+    job, status, log = run(site, JobSpec(["sh", "-c", "echo written > /scratch/offload-contract && echo ok"],
+                                         mounts=[Mount("/tmp", "/scratch")]))  # fmt: skip
+    assert log == ["ok"]
+    check = site.submit(JobSpec(["cat", "/tmp/offload-contract"]))
+    check.wait(timeout=60)
+    assert list(check.logs()) == ["written"]
+
+
+def test_a_missing_command_in_the_image_fails_with_the_reason_in_the_log(site):
+    _, status, log = run(site, JobSpec(["no-such-program"]))
+    assert status.state is JobState.FAILED and status.exit_code != 0
+    assert any("no-such-program" in line for line in log)

@@ -1,0 +1,18 @@
+"""Every example runs on the built-in local site with no HPC at all."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+EXAMPLES = Path(__file__).parents[2] / "examples"
+
+
+def test_gpu_job_example_runs_locally(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "OFFLOAD_STATE_DIR": str(tmp_path / "state"),
+           "OFFLOAD_CONFIG": str(tmp_path / "sites.toml")}  # fmt: skip
+    (tmp_path / "sites.toml").write_text("")
+    result = subprocess.run([sys.executable, str(EXAMPLES / "gpu_job.py")], capture_output=True, text=True,
+                            env=env, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "GPUs visible:" in result.stdout
+    assert "COMPLETED" in result.stderr
