@@ -43,7 +43,7 @@ def test_exit_status_of_the_payload_is_the_jobs(site, code):
 
 
 def test_mounted_directory_is_writable_from_the_container(site):
-    job, status, log = run(site, JobSpec(["sh", "-c", "echo written > /scratch/offload-contract && echo ok"],
+    _, _, log = run(site, JobSpec(["sh", "-c", "echo written > /scratch/offload-contract && echo ok"],
                                          mounts=[Mount("/tmp", "/scratch")]))  # fmt: skip
     assert log == ["ok"]
     check = site.submit(JobSpec(["cat", "/tmp/offload-contract"]))
