@@ -27,6 +27,7 @@ class BatchScript:
     directives: list[str] = field(default_factory=list)
     jobdir: str = ""
     task_index: str = ""  # shell expression of the array task index, '' when the scheduler has no arrays
+    index_value: str | None = None  # OFFLOAD_TASK_INDEX for schedulers without arrays (one job per task)
     setup: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     prelude: list[str] = field(default_factory=list)
@@ -39,7 +40,9 @@ class BatchScript:
             lines.append(f"# {self.comment}")
         lines += [
             f"export OFFLOAD_JOB_DIR={shlex.quote(self.jobdir)}",
-            f'export OFFLOAD_TASK_INDEX="{self.task_index}"',
+            f'offload_array_index="{self.task_index}"',
+            "export OFFLOAD_TASK_INDEX="
+            + (shlex.quote(self.index_value) if self.index_value is not None else '"$offload_array_index"'),
             'cd "$OFFLOAD_JOB_DIR" || exit 97',
             *self.setup,
             *(f"export {name}={shlex.quote(value)}" for name, value in self.env.items()),
@@ -48,7 +51,7 @@ class BatchScript:
             shlex.join(self.command),
             "offload_status=$?",
             "printf '%s\\n' \"$offload_status\" \\",
-            '    > "$OFFLOAD_JOB_DIR/exitcode${OFFLOAD_TASK_INDEX:+.$OFFLOAD_TASK_INDEX}"',
+            '    > "$OFFLOAD_JOB_DIR/exitcode${offload_array_index:+.$offload_array_index}"',
             'exit "$offload_status"',
         ]
         return "\n".join(lines) + "\n"

@@ -30,6 +30,7 @@ from offload.records import JobRecords
 from offload.runtimes.base import ContainerContext
 from offload.script import BatchScript, secrets_file
 from offload.spec import JobSpec
+from offload.transports.base import PortForward
 
 log = logging.getLogger("offload")
 
@@ -88,13 +89,14 @@ class Site:
         self._runtime.validate(self._context(spec))
         self._scheduler.directives(spec, f"{self.config.workdir}/jobs/check", None)
 
-    def _script(self, spec: JobSpec, jobdir: str, array_size: int | None) -> str:
+    def _script(self, spec: JobSpec, jobdir: str, array_size: int | None, index: int | None = None) -> str:
         ctx = self._context(spec)
         self._runtime.validate(ctx)
         script = BatchScript(
             directives=self._scheduler.directives(spec, jobdir, array_size),
             jobdir=jobdir,
             task_index=self._scheduler.task_index,
+            index_value=None if index is None else str(index),
             setup=list(self.config.setup),
             env={**self.config.env, **spec.env},
             prelude=self._runtime.prelude(ctx),
@@ -149,13 +151,16 @@ class Site:
         jobs_dir = await self._jobs_dir()
         submissions: list[tuple[_Submission, list[int]]] = []
         for spec, indices in groups.items():
-            chunks = [indices] if self._scheduler.supports_arrays and len(indices) > 1 else [[i] for i in indices]
-            for chunk in chunks:
+            if self._scheduler.supports_arrays and len(indices) > 1:
                 jobdir = f"{jobs_dir}/{_job_key(spec)}"
-                array_size = len(chunk) if len(chunk) > 1 else None
-                submissions.append(
-                    (_Submission(spec, jobdir, self._script(spec, jobdir, array_size), array_size), chunk)
-                )
+                script = self._script(spec, jobdir, len(indices))
+                submissions.append((_Submission(spec, jobdir, script, len(indices)), indices))
+                continue
+            for position, index in enumerate(indices):
+                # No arrays here: one job per task, each told its index like an array task would be.
+                jobdir = f"{jobs_dir}/{_job_key(spec)}"
+                script = self._script(spec, jobdir, None, position if len(indices) > 1 else None)
+                submissions.append((_Submission(spec, jobdir, script, None), [index]))
         await self._send([s for s, _ in submissions], jobs_dir)
 
         jobs: list[Job | None] = [None] * len(specs)
@@ -295,6 +300,18 @@ class Site:
     def records(self, name: str | None = None, limit: int = 50):
         """This machine's records of jobs on this site, newest first."""
         return self._records.find(self.name, name, limit)
+
+    # -- reaching services on the site -----------------------------------------------------------------
+
+    async def aforward(self, remote_host: str, remote_port: int, local_port: int = 0) -> PortForward:
+        """Forward 127.0.0.1:``local_port`` (0: any free port) to ``remote_host:remote_port`` as seen from the
+        site's login node, over the site's connection. Returns an object with ``local_port`` and ``close()``;
+        it is re-opened on the same port after a reconnect."""
+        return await _loop.bridge(self._transport.forward_local_port(remote_host, remote_port, local_port))
+
+    def forward(self, remote_host: str, remote_port: int, local_port: int = 0) -> PortForward:
+        """Sync form of :meth:`aforward`."""
+        return _loop.run(self._transport.forward_local_port(remote_host, remote_port, local_port))
 
     # -- lifetime ---------------------------------------------------------------------------------------
 

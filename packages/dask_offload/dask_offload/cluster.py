@@ -1,0 +1,501 @@
+"""``OffloadCluster``: a Dask cluster whose scheduler and workers are jobs on an offload site.
+
+It is a :class:`distributed.deploy.SpecCluster`: a dict of worker-job specs that the cluster reconciles.
+Each spec is one job running several workers (one per GPU on GPU clusters); names are
+``<cluster>-<job>-<worker>``. What dask-jobqueue leaves out is done here by default:
+
+* the scheduler runs on the site (a small job of its own) and is reached through a 127.0.0.1 port forward on
+  the site's SSH connection, so compute nodes never need to reach the client;
+* TLS with per-cluster temporary certificates, which travel as offload secrets (never in scripts or logs);
+* worker jobs started together are submitted together: one round trip, identical jobs as one job array;
+* the core's poller watches every job: a job that fails or hits its walltime is replaced while the cluster is
+  scaled up, and the user is told why, once;
+* ``close()``, interpreter exit, SIGINT and SIGTERM cancel every job of the cluster, in one scheduler call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import inspect
+import json
+import logging
+import math
+import platform
+import secrets
+import signal
+import sys
+import threading
+import time
+import weakref
+from pathlib import Path
+from typing import Any
+
+import dask.config
+import distributed
+import yaml
+from dask.utils import parse_bytes
+from distributed.core import Status
+from distributed.deploy.spec import ProcessInterface, SpecCluster
+from distributed.scheduler import Scheduler
+from distributed.security import Security
+
+import offload
+from dask_offload import launcher
+
+log = logging.getLogger("dask_offload")
+
+_DEFAULTS = Path(__file__).with_name("offload.yaml")
+dask.config.update_defaults(yaml.safe_load(_DEFAULTS.read_text()))
+
+LAUNCHER = inspect.getsource(launcher)
+
+
+def expected_versions() -> dict[str, str]:
+    """What the image must run: the client's Python (major.minor) and exactly its ``distributed``."""
+    return {"python": ".".join(platform.python_version_tuple()[:2]), "distributed": distributed.__version__}
+
+
+class VersionMismatchError(offload.OffloadError):
+    """The image's Python or ``distributed`` differs from the client's: workers would not talk to it."""
+
+
+def describe_mismatch(found: dict[str, dict[str, str | None]]) -> str:
+    image, client = found["image"], found["client"]
+    has = f"distributed {image['distributed']}" if image["distributed"] else "no distributed"
+    return (
+        f"the image runs Python {image['python']} with {has}; this client runs Python {client['python']} with "
+        f"distributed {client['distributed']}. Install distributed=={client['distributed']} (and Python "
+        f"{client['python']}) in the image, or match the client to the image."
+    )
+
+
+class _Shared:
+    """What the scheduler job and the worker jobs of one cluster share; batches their submissions."""
+
+    def __init__(self, site: offload.Site, name: str, options: dict[str, Any], security: Security | None):
+        self.site = site
+        self.name = name
+        self.options = options
+        self.security = security
+        self.jobs: set[offload.Job] = set()
+        self._pending: list[tuple[str, list[str], asyncio.Future[offload.Job]]] = []
+        self._flush: asyncio.Future[None] | None = None
+        self._to_cancel: list[tuple[offload.Job, asyncio.Future[None]]] = []
+        self._cancel_flush: asyncio.Future[None] | None = None
+        self._told: set[str] = set()
+        self._quick_failures = 0
+
+    # -- what runs --------------------------------------------------------------------------------------
+
+    @property
+    def python(self) -> str:
+        local = self.site.config.transport == "local" and self.site.config.runtime == "none"
+        return self.options.get("python") or (sys.executable if local else "python3")
+
+    def secrets(self) -> dict[str, str]:
+        if self.security is None or not self.security.require_encryption:
+            return {}
+        return {
+            "OFFLOAD_DASK_TLS_CA": self.security.tls_ca_file,
+            "OFFLOAD_DASK_TLS_CERT": self.security.tls_worker_cert,
+            "OFFLOAD_DASK_TLS_KEY": self.security.tls_worker_key,
+        }
+
+    def resources(self, *, gpus: int, cpus: int, memory_bytes: int, extra: tuple[str, ...] = ()) -> offload.Resources:
+        o = self.options
+        return offload.Resources(
+            gpus=gpus, cpus=cpus, memory=max(1, memory_bytes // 2**20), walltime=o["walltime"],
+            partition=o["partition"], account=o["account"], qos=o["qos"], extra=extra,
+        )  # fmt: skip
+
+    def spec(self, args: list[str], resources: offload.Resources) -> offload.JobSpec:
+        command = [self.python, "-c", LAUNCHER, args[0], json.dumps(expected_versions()), *args[1:]]
+        return offload.JobSpec(
+            command, image=self.options["image"], resources=resources, env=dict(self.options["env"]),
+            secrets=self.secrets(), name=self.name,
+        )  # fmt: skip
+
+    def scheduler_spec(self) -> offload.JobSpec:
+        o = self.options
+        resources = self.resources(gpus=0, cpus=o["scheduler_cores"], memory_bytes=parse_bytes(o["scheduler_memory"]))
+        return self.spec(["scheduler"], resources)
+
+    def worker_spec(self, address: str, groups: list[list[str]]) -> offload.JobSpec:
+        o = self.options
+        per_job = o["per_job"]
+        resources = self.resources(
+            gpus=per_job if o["gpu"] else 0,
+            cpus=per_job * o["cores"],
+            memory_bytes=per_job * o["memory_bytes"],
+            extra=tuple(o["job_extra"]),
+        )
+        worker_resources = {"GPU": 1} if o["gpu"] else {}
+        args = ["worker", address, json.dumps(groups), str(o["cores"]), str(o["memory_bytes"]),
+                json.dumps(worker_resources)]  # fmt: skip
+        return self.spec(args, resources)
+
+    # -- batching ---------------------------------------------------------------------------------------
+
+    async def submit_worker_job(self, address: str, names: list[str]) -> offload.Job:
+        """Submit one worker job; calls made together go in one round trip, as one job array."""
+        future: asyncio.Future[offload.Job] = asyncio.get_running_loop().create_future()
+        self._pending.append((address, names, future))
+        if self._flush is None:
+            self._flush = asyncio.ensure_future(self._submit_pending())
+        return await future
+
+    async def _submit_pending(self) -> None:
+        await asyncio.sleep(0.01)  # SpecCluster starts new workers together: let them all join this batch
+        batch, self._pending, self._flush = self._pending, [], None
+        by_address: dict[str, list[tuple[list[str], asyncio.Future[offload.Job]]]] = {}
+        for address, names, future in batch:
+            by_address.setdefault(address, []).append((names, future))
+        for address, entries in by_address.items():
+            spec = self.worker_spec(address, [names for names, _ in entries])
+            try:
+                jobs = await self.site.asubmit_many([spec] * len(entries))
+            except BaseException as exc:
+                for _, future in entries:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), job in zip(entries, jobs, strict=True):
+                self.jobs.add(job)
+                if not future.done():
+                    future.set_result(job)
+
+    async def cancel(self, job: offload.Job) -> None:
+        """Cancel a job; calls made together go as one scheduler call."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._to_cancel.append((job, future))
+        if self._cancel_flush is None:
+            self._cancel_flush = asyncio.ensure_future(self._cancel_pending())
+        await future
+
+    async def _cancel_pending(self) -> None:
+        await asyncio.sleep(0.01)
+        batch, self._to_cancel, self._cancel_flush = self._to_cancel, [], None
+        jobs = [job for job, _ in batch]
+        try:
+            await self.site.acancel(jobs)
+            error = None
+        except offload.OffloadError as exc:
+            error = exc
+        for job, future in batch:
+            self.jobs.discard(job)
+            if not future.done():
+                future.set_exception(error) if error else future.set_result(None)
+
+    def cancel_all_now(self) -> None:
+        """Cancel every job still live, synchronously (interpreter exit, signals)."""
+        jobs, self.jobs = list(self.jobs), set()
+        if jobs:
+            try:
+                self.site.cancel(jobs)
+            except offload.OffloadError as exc:
+                ids = " ".join(j.id for j in jobs)
+                log.error("could not cancel the jobs of %s (%s); run: offload cancel --name %s  [%s]",
+                          self.name, exc, self.name, ids)  # fmt: skip
+
+    # -- losses -----------------------------------------------------------------------------------------
+
+    def tell_once(self, key: str, message: str) -> None:
+        if key not in self._told:
+            self._told.add(key)
+            log.warning(message)
+
+    def allow_replacement(self, lifetime: float) -> bool:
+        """Replace lost jobs, unless they keep dying right after they start (a broken image, say)."""
+        self._quick_failures = self._quick_failures + 1 if lifetime < 30 else 0
+        return self._quick_failures <= 3
+
+
+class SiteScheduler(ProcessInterface):
+    """The Dask scheduler as a job on the site, reached through a local port forward."""
+
+    def __init__(self, *, shared: _Shared, **kwargs: Any) -> None:
+        super().__init__()
+        self.shared = shared
+        self.job: offload.Job | None = None
+        self.contact_address: str | None = None
+        self.dashboard_port: int | None = None
+        self._forwards: list[Any] = []
+
+    async def start(self) -> None:
+        shared = self.shared
+        self.job = await shared.site.asubmit(shared.scheduler_spec())
+        shared.jobs.add(self.job)
+        info = await asyncio.wait_for(self._scheduler_info(), shared.options["startup_timeout"])
+        protocol, _, hostport = info["address"].partition("://")
+        host, _, port = hostport.rpartition(":")
+        forward = await shared.site.aforward(host.strip("[]"), int(port))
+        self._forwards.append(forward)
+        self.address = f"{protocol}://127.0.0.1:{forward.local_port}"
+        self.contact_address = info["address"]  # what workers on the site connect to
+        if info.get("dashboard"):
+            dashboard = await shared.site.aforward(host.strip("[]"), int(info["dashboard"]))
+            self._forwards.append(dashboard)
+            self.dashboard_port = dashboard.local_port
+        log.info("scheduler job %s runs at %s, reached at %s", self.job.id, self.contact_address, self.address)
+        await super().start()
+
+    async def _scheduler_info(self) -> dict[str, Any]:
+        assert self.job is not None
+        shown = ""
+        async for line in self.job.alogs(follow=True):
+            if line.startswith(f"{launcher.MARK}_SCHEDULER "):
+                return json.loads(line.split(" ", 1)[1])
+            if line.startswith(f"{launcher.MARK}_MISMATCH "):
+                raise VersionMismatchError(describe_mismatch(json.loads(line.split(" ", 1)[1])))
+            status = await self.job.astatus(refresh=False)
+            if status.state is not offload.JobState.RUNNING and status.describe() != shown:
+                shown = status.describe()
+                log.info("scheduler job %s: %s", self.job.id, shown)
+        status = await self.job.astatus()
+        tail = await self.job.atail()
+        raise RuntimeError(f"the scheduler job {self.job.id} ended {status.describe()} before it started:\n{tail}")
+
+    async def close(self) -> None:
+        for forward in self._forwards:
+            await forward.close()
+        if self.job is not None:
+            await self.shared.cancel(self.job)
+        await super().close()
+
+
+class WorkerJob(ProcessInterface):
+    """One job on the site running ``len(suffixes)`` Dask workers (one per GPU on GPU clusters)."""
+
+    def __init__(self, scheduler: str, name: str, *, shared: _Shared, suffixes: list[str], **kwargs: Any) -> None:
+        super().__init__(scheduler, name)
+        self.scheduler_address = scheduler
+        self.name = name
+        self.shared = shared
+        self.worker_names = [f"{name}{suffix}" for suffix in suffixes]
+        self.job: offload.Job | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._started = 0.0
+
+    async def start(self) -> None:
+        self.job = await self.shared.submit_worker_job(self.scheduler_address, self.worker_names)
+        self._started = time.monotonic()
+        self._watcher = asyncio.ensure_future(self._watch())
+        await super().start()
+
+    async def _watch(self) -> None:
+        assert self.job is not None
+        status = await self.job.finished()
+        if self.status != Status.running:
+            return  # we are closing it
+        self.shared.jobs.discard(self.job)
+        cluster = self._cluster() if getattr(self, "_cluster", None) else None
+        if cluster is None or cluster.status != Status.running:
+            return
+        tail = await self.job.atail(5)
+        if "OFFLOAD_DASK_MISMATCH" in tail:
+            self.shared.tell_once("mismatch", f"worker job {self.job.id} refused to start: {tail}")
+            return
+        replace = self.shared.allow_replacement(time.monotonic() - self._started)
+        what = "replacing it" if replace else "not replacing it: jobs keep failing as they start"
+        self.shared.tell_once(
+            f"{status.state.value}:{status.reason}",
+            f"worker job {self.job.id} ({self.name}) ended {status.describe()}; {what}. Last lines of its log:\n{tail}",
+        )
+        if cluster.workers.get(self.name) is self:
+            del cluster.workers[self.name]
+            self.status = Status.closed
+            if not replace:
+                cluster.worker_spec.pop(self.name, None)
+            cluster._correct_state()
+
+    async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+        if self.job is not None and self.status == Status.running:
+            self.status = Status.closing
+            await self.shared.cancel(self.job)
+        await super().close()
+
+
+class OffloadCluster(SpecCluster):
+    """A Dask cluster on an offload site: GPU or CPU workers as SLURM jobs in containers.
+
+    Parameters (defaults from the Dask config section ``offload``; keyword arguments win):
+
+    site: site profile name (None: ``$OFFLOAD_SITE``, the config's default, else ``local``)
+    gpus: GPU workers to start with, one per GPU, ``CUDA_VISIBLE_DEVICES`` pinned to one id each, advertising
+        ``resources={"GPU": 1}``; packed ``gpus_per_node`` workers to a job
+    n_workers: workers to start with (default: ``gpus``); ``scale()``/``adapt()`` change it later
+    cores, memory: threads and memory of each worker
+    processes: CPU workers per job (GPU clusters pack the site's ``gpus_per_node`` instead)
+    walltime, image, partition, account, qos, job_extra, env: what every job gets
+    scheduler: ``"site"`` (a job on the site, reached by SSH port forward) or ``"local"`` (in this process)
+    tls: per-cluster temporary TLS certificates (default True); or pass ``security=Security(...)``
+    name: the cluster's name, which tags its jobs (``offload status --name``, ``offload cancel --name``)
+    """
+
+    def __init__(
+        self,
+        site: str | None = None,
+        *,
+        gpus: int | None = None,
+        n_workers: int | None = None,
+        cores: int | None = None,
+        memory: str | None = None,
+        processes: int | None = None,
+        walltime: str | None = None,
+        image: str | None = None,
+        scheduler: str | None = None,
+        tls: bool | None = None,
+        security: Security | None = None,
+        name: str | None = None,
+        env: dict[str, str] | None = None,
+        partition: str | None = None,
+        account: str | None = None,
+        qos: str | None = None,
+        job_extra: list[str] | None = None,
+        python: str | None = None,
+        asynchronous: bool = False,
+        loop: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        given = {k: v for k, v in locals().items() if k not in ("self", "kwargs", "asynchronous", "loop", "__class__")}
+        options = {key: (given[key] if given.get(key) is not None else dask.config.get(f"offload.{key}", None))
+                   for key in given}  # fmt: skip
+        for key in ("scheduler_cores", "scheduler_memory", "startup_timeout"):
+            options[key] = dask.config.get(f"offload.{key}")
+        if kwargs:
+            raise TypeError(f"OffloadCluster got unexpected arguments {sorted(kwargs)}")
+        self._site = offload.load_site(options["site"])
+        gpus = int(options["gpus"] or 0)
+        if gpus < 0:
+            raise offload.ConfigError(f"gpus cannot be negative, got {gpus}")
+        options["gpu"] = gpus > 0
+        per_node = self._site.config.gpus_per_node
+        options["per_job"] = (min(gpus, per_node) if per_node else gpus) if gpus else int(options["processes"])
+        options["memory_bytes"] = parse_bytes(str(options["memory"]))
+        options["cores"] = int(options["cores"])
+        if options["scheduler"] is None:
+            options["scheduler"] = "local" if self._site.name == "local" else "site"
+        if options["scheduler"] not in ("site", "local"):
+            raise offload.ConfigError(f"scheduler must be 'site' or 'local', got {options['scheduler']!r}")
+        name = options["name"] or f"dask-{secrets.token_hex(3)}"
+        if security is None:
+            security = Security.temporary() if options["tls"] else None
+        self._shared = _Shared(self._site, name, options, security)
+        self._options = options
+        # Refuse what the site cannot run (missing image, too many GPUs, bad walltime) before submitting.
+        self._site.validate(self._shared.worker_spec("tls://check:1", [["check"]]))
+        if options["scheduler"] == "site":
+            self._site.validate(self._shared.scheduler_spec())
+            scheduler_spec = {"cls": SiteScheduler, "options": {"shared": self._shared}}
+        else:
+            host = "127.0.0.1" if self._site.name == "local" else None
+            scheduler_spec = {
+                "cls": Scheduler,
+                "options": {"protocol": "tls://" if security else "tcp://", "security": security, "host": host,
+                            "dashboard_address": "127.0.0.1:0"},
+            }  # fmt: skip
+        suffixes = [f"-{i}" for i in range(options["per_job"])]
+        worker = {"cls": WorkerJob, "options": {"shared": self._shared, "suffixes": suffixes}, "group": suffixes}
+        self._per_job = options["per_job"]
+        n = options["n_workers"] if options["n_workers"] is not None else gpus
+        self._prefix = name
+        jobs = math.ceil(int(n) / self._per_job) if n else 0
+        workers = {f"{name}-{i}": worker for i in range(jobs)}
+        _register_exit(self._shared)
+        super().__init__(
+            workers=workers, worker=worker, scheduler=scheduler_spec, security=security or Security(),
+            name=name, asynchronous=asynchronous, loop=loop,
+        )  # fmt: skip
+        self._i = jobs
+
+    # -- naming and scaling -----------------------------------------------------------------------------
+
+    def _new_worker_name(self, worker_number: int) -> str:
+        return f"{self._prefix}-{worker_number}"
+
+    @property
+    def site(self) -> offload.Site:
+        return self._site
+
+    @property
+    def workers_per_job(self) -> int:
+        return self._per_job
+
+    def scale(self, n: int | None = None, jobs: int = 0, memory: str | None = None, cores: int | None = None):
+        """Scale to ``n`` workers, or to ``jobs`` jobs (rounded up to whole jobs)."""
+        if n is not None:
+            jobs = max(jobs, math.ceil(n / self._per_job))
+        if memory is not None:
+            jobs = max(jobs, math.ceil(parse_bytes(memory) / (self._options["memory_bytes"] * self._per_job)))
+        if cores is not None:
+            jobs = max(jobs, math.ceil(cores / (self._options["cores"] * self._per_job)))
+        return super().scale(jobs)
+
+    def adapt(self, *args: Any, minimum_jobs: int | None = None, maximum_jobs: int | None = None, **kwargs: Any):
+        """Adaptive scaling in workers (``minimum``/``maximum``) or jobs (``minimum_jobs``/``maximum_jobs``)."""
+        if minimum_jobs is not None:
+            kwargs["minimum"] = minimum_jobs * self._per_job
+        if maximum_jobs is not None:
+            kwargs["maximum"] = maximum_jobs * self._per_job
+        kwargs.setdefault("worker_key", lambda ws: ws.name.rsplit("-", 1)[0] if self._per_job > 1 else ws.name)
+        return super().adapt(*args, **kwargs)
+
+    def _threads_per_worker(self) -> int:
+        return self._options["cores"]
+
+    def _memory_per_worker(self) -> int:
+        return self._options["memory_bytes"]
+
+    # -- inspection -------------------------------------------------------------------------------------
+
+    def job_script(self) -> str:
+        """The batch script of one worker job (TLS credentials are secrets: they are not in it)."""
+        address = getattr(self.scheduler, "contact_address", None) or getattr(self.scheduler, "address", None)
+        return self._site.job_script(self._shared.worker_spec(address or "<scheduler>", [["<worker>"]]))
+
+    @property
+    def jobs(self) -> list[offload.Job]:
+        """The cluster's live jobs (scheduler first, if it runs on the site)."""
+        scheduler_job = getattr(self.scheduler, "job", None)
+        workers = [w.job for w in self.workers.values() if getattr(w, "job", None) is not None]
+        return ([scheduler_job] if scheduler_job is not None else []) + workers
+
+    @property
+    def dashboard_link(self) -> str:
+        port = getattr(self.scheduler, "dashboard_port", None)
+        if port:
+            return f"http://127.0.0.1:{port}/status"
+        return super().dashboard_link
+
+    async def _close(self) -> None:
+        try:
+            await super()._close()
+        finally:
+            await asyncio.sleep(0)
+            if self._shared.jobs:
+                await self._site.acancel(list(self._shared.jobs))
+                self._shared.jobs.clear()
+
+
+_live: weakref.WeakSet[_Shared] = weakref.WeakSet()
+
+
+def _register_exit(shared: _Shared) -> None:
+    """Cancel what a cluster left on the site at interpreter exit, SIGINT and SIGTERM."""
+    _live.add(shared)
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+@atexit.register
+def _cancel_everything() -> None:
+    # Registered after offload's own exit hook, so it runs first, while offload's I/O thread still works.
+    for shared in list(_live):
+        shared.cancel_all_now()

@@ -1,0 +1,135 @@
+"""Runs inside the job's container: a Dask scheduler, or the Dask workers of one job.
+
+This file is sent as the job's ``python3 -c`` program, so it may import only the standard library and
+``distributed`` (what the image must have). It never reads files from the client: TLS credentials arrive as
+environment variables (offload secrets), the scheduler's address and the worker names as arguments.
+
+Workers: ``distributed`` is imported once, then one process per worker is forked from this one, so N workers
+cost one import (dask-jobqueue's ``dask worker`` pays an import per worker, and another per nanny). On a GPU
+job each forked worker sees exactly one of the job's GPUs in ``CUDA_VISIBLE_DEVICES``. When any worker process
+exits, the others are stopped and the job ends, so the cluster sees the loss and replaces the job.
+
+    python3 -c SOURCE scheduler EXPECT_JSON
+    python3 -c SOURCE worker EXPECT_JSON ADDRESS GROUPS_JSON NTHREADS MEMORY_LIMIT RESOURCES_JSON
+"""
+
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import signal
+import sys
+
+MARK = "OFFLOAD_DASK"
+
+
+def versions():
+    import distributed
+
+    return {"python": ".".join(platform.python_version_tuple()[:2]), "distributed": distributed.__version__}
+
+
+def check_versions(expect):
+    try:
+        found = versions()
+    except ImportError:
+        found = {"python": ".".join(platform.python_version_tuple()[:2]), "distributed": None}
+    if found != expect:
+        print(f"{MARK}_MISMATCH {json.dumps({'image': found, 'client': expect})}", flush=True)
+        sys.exit(3)
+
+
+def security():
+    ca = os.environ.get("OFFLOAD_DASK_TLS_CA")
+    if not ca:
+        return None
+    from distributed.security import Security
+
+    cert, key = os.environ["OFFLOAD_DASK_TLS_CERT"], os.environ["OFFLOAD_DASK_TLS_KEY"]
+    roles = {f"tls_{role}_{kind}": value for role in ("scheduler", "worker", "client")
+             for kind, value in (("cert", cert), ("key", key))}  # fmt: skip
+    return Security(tls_ca_file=ca, require_encryption=True, **roles)
+
+
+async def run_scheduler():
+    from distributed import Scheduler
+
+    sec = security()
+    protocol = "tls://" if sec else "tcp://"
+    async with Scheduler(protocol=protocol, port=0, security=sec, dashboard_address=":0") as scheduler:
+        dashboard = scheduler.services.get("dashboard")
+        info = {"address": scheduler.address, "dashboard": dashboard.port if dashboard else None, **versions()}
+        print(f"{MARK}_SCHEDULER {json.dumps(info)}", flush=True)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(scheduler.close()))
+        await scheduler.finished()
+
+
+async def run_worker(address, name, nthreads, memory_limit, resources):
+    from distributed import Worker
+
+    async with Worker(address, name=name, nthreads=nthreads, memory_limit=memory_limit, resources=resources,
+                      security=security()) as worker:  # fmt: skip
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(worker.close()))
+        await worker.finished()
+
+
+def run_workers(address, groups, nthreads, memory_limit, resources):
+    index = int(os.environ.get("OFFLOAD_TASK_INDEX") or 0)
+    names = groups[index]
+    gpus = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g]
+    if resources.get("GPU") and len(gpus) < len(names):
+        print(f"{MARK}_ERROR {len(names)} GPU workers but CUDA_VISIBLE_DEVICES={gpus}", flush=True)
+        sys.exit(4)
+    import distributed  # noqa: F401  (imported once here, shared by every forked worker)
+
+    children = {}
+    for i, name in enumerate(names):
+        pid = os.fork()
+        if pid == 0:
+            if resources.get("GPU"):
+                os.environ["CUDA_VISIBLE_DEVICES"] = gpus[i]
+            code = 0
+            try:
+                asyncio.run(run_worker(address, name, nthreads, memory_limit, resources))
+            except BaseException as exc:  # report, then leave without running the parent's cleanup
+                print(f"{MARK}_WORKER_FAILED {name}: {exc!r}", flush=True)
+                code = 1
+            os._exit(code)
+        children[pid] = name
+    print(f"{MARK}_WORKERS {json.dumps(names)}", flush=True)
+
+    def stop(signum, frame):
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    status = 0
+    while children:
+        pid, wait_status = os.wait()
+        children.pop(pid, None)
+        status = status or os.waitstatus_to_exitcode(wait_status)
+        stop(None, None)  # one worker gone: stop the job, so the cluster sees it and replaces the job
+    sys.exit(abs(status))
+
+
+def main(argv):
+    mode, expect = argv[0], json.loads(argv[1])
+    check_versions(expect)
+    if mode == "scheduler":
+        asyncio.run(run_scheduler())
+    elif mode == "worker":
+        address, groups, nthreads, memory_limit, resources = argv[2:7]
+        run_workers(address, json.loads(groups), int(nthreads), memory_limit, json.loads(resources))
+    else:
+        sys.exit(f"unknown mode {mode!r}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
