@@ -261,11 +261,16 @@ class Site:
                 task = asyncio.get_running_loop().create_task(self._transport.run(["rm", "-f", path], check=False))
                 task.add_done_callback(lambda t: t.exception())
 
-    async def _cancel(self, refs: list[JobRef]) -> None:
-        if refs:
-            await self._scheduler.cancel(self._transport, refs)
-            for ref in refs:
-                await self._poller.status(ref, refresh=True)
+    async def _cancel(self, refs: list[JobRef], timeout: float = 60) -> None:
+        """Cancel ``refs`` in one scheduler call, and return once the scheduler says they ended."""
+        if not refs:
+            return
+        await self._scheduler.cancel(self._transport, refs)
+        await asyncio.gather(*(self._poller.status(ref, refresh=True) for ref in refs))
+        try:
+            await asyncio.wait_for(asyncio.gather(*(self._poller.wait(ref) for ref in refs)), timeout)
+        except TimeoutError:
+            log.warning("cancelled %d job(s) on %s, but they have not ended after %s s", len(refs), self.name, timeout)
 
     async def acancel(self, jobs: Sequence[Job]) -> None:
         """Cancel many jobs in one scheduler call (async)."""
@@ -303,15 +308,14 @@ class Site:
 
     # -- reaching services on the site -----------------------------------------------------------------
 
-    async def aforward(self, remote_host: str, remote_port: int, local_port: int = 0) -> PortForward:
+    async def aforward(self, remote_host: str, remote_port: int, local_port: int = 0) -> Forward:
         """Forward 127.0.0.1:``local_port`` (0: any free port) to ``remote_host:remote_port`` as seen from the
-        site's login node, over the site's connection. Returns an object with ``local_port`` and ``close()``;
-        it is re-opened on the same port after a reconnect."""
-        return await _loop.bridge(self._transport.forward_local_port(remote_host, remote_port, local_port))
+        site's login node, over the site's connection; re-opened on the same port after a reconnect."""
+        return Forward(await _loop.bridge(self._transport.forward_local_port(remote_host, remote_port, local_port)))
 
-    def forward(self, remote_host: str, remote_port: int, local_port: int = 0) -> PortForward:
+    def forward(self, remote_host: str, remote_port: int, local_port: int = 0) -> Forward:
         """Sync form of :meth:`aforward`."""
-        return _loop.run(self._transport.forward_local_port(remote_host, remote_port, local_port))
+        return Forward(_loop.run(self._transport.forward_local_port(remote_host, remote_port, local_port)))
 
     # -- lifetime ---------------------------------------------------------------------------------------
 
@@ -323,6 +327,23 @@ class Site:
         """Close the site's connection (jobs keep running on the site)."""
         _loop.run(self._transport.close())
         _forget(self)
+
+
+class Forward:
+    """A local port forward to a service on the site. Close it when done (closing twice is harmless)."""
+
+    def __init__(self, inner: PortForward) -> None:
+        self._inner = inner
+
+    @property
+    def local_port(self) -> int:
+        return self._inner.local_port
+
+    async def aclose(self) -> None:
+        await _loop.bridge(self._inner.close())
+
+    def close(self) -> None:
+        _loop.run(self._inner.close())
 
 
 def _job_key(spec: JobSpec) -> str:

@@ -258,7 +258,7 @@ class SiteScheduler(ProcessInterface):
 
     async def close(self) -> None:
         for forward in self._forwards:
-            await forward.close()
+            await forward.aclose()
         if self.job is not None:
             await self.shared.cancel(self.job)
         await super().close()
@@ -440,7 +440,9 @@ class OffloadCluster(SpecCluster):
             kwargs["minimum"] = minimum_jobs * self._per_job
         if maximum_jobs is not None:
             kwargs["maximum"] = maximum_jobs * self._per_job
-        kwargs.setdefault("worker_key", lambda ws: ws.name.rsplit("-", 1)[0] if self._per_job > 1 else ws.name)
+        # Retire whole jobs: a worker "<cluster>-<job>-<i>" belongs to job "<cluster>-<job>". A lambda that captures
+        # nothing, so it travels to the scheduler by value (the image has no dask_offload to import).
+        kwargs.setdefault("worker_key", lambda ws: ws.name.rsplit("-", 1)[0])
         return super().adapt(*args, **kwargs)
 
     def _threads_per_worker(self) -> int:

@@ -79,7 +79,8 @@ class _Forward:
 
     @property
     def local_port(self) -> int:
-        assert self._listener is not None
+        if self._listener is None:
+            raise TransportError(f"the forward to {self.remote_host}:{self.remote_port} is closed")
         return self._listener.get_port()
 
     async def open(self, conn: asyncssh.SSHClientConnection) -> None:
@@ -91,10 +92,11 @@ class _Forward:
 
     async def close(self) -> None:
         self._transport._forwards.discard(self)
-        if self._listener is not None:
-            self._listener.close()
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
             with contextlib.suppress(Exception):
-                await self._listener.wait_closed()
+                await listener.wait_closed()
 
 
 class SSHTransport:

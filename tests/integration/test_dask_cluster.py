@@ -1,0 +1,220 @@
+"""OffloadCluster on the test site: scheduler job behind an SSH port forward, TLS, GPU workers in Charliecloud.
+
+Covers what dask-jobqueue's generic tests cover (job start/stop, scale, adapt with min/max jobs, worker naming,
+job script contents, security on), written for OffloadCluster, plus what jobqueue cannot do."""
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections import Counter
+
+import pytest
+from distributed import Client
+
+from dask_offload import OffloadCluster
+from dask_offload.cluster import VersionMismatchError
+
+from .conftest import STATE, queued_jobs
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+def wait_until(predicate, timeout=90, interval=0.3, what="condition"):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(interval)
+
+
+def tasks():
+    """Task functions made here, not at module level, so they travel by value (workers cannot import tests)."""
+
+    def gpu_of_task(i):
+        time.sleep(0.2)
+        return os.environ["CUDA_VISIBLE_DEVICES"]
+
+    def slow(x):
+        time.sleep(0.5)
+        return x
+
+    return gpu_of_task, slow
+
+
+def test_four_gpu_workers_each_pinned_to_its_own_gpu(site_user):
+    name = unique("gpus")
+    with OffloadCluster(site="testsite", gpus=4, name=name) as cluster, Client(cluster) as client:
+        client.wait_for_workers(4, timeout=120)
+        assert len(queued_jobs(site_user, name)) == 2  # the scheduler's job and ONE job with four workers
+        seen = client.run(lambda: os.environ["CUDA_VISIBLE_DEVICES"])
+        assert sorted(seen.values()) == ["0", "1", "2", "3"]
+        info = client.scheduler_info(n_workers=-1)["workers"].values()
+        assert sorted(w["name"] for w in info) == [f"{name}-0-{i}" for i in range(4)]
+        assert all(w["resources"] == {"GPU": 1} for w in info)
+        gpu_of_task, _ = tasks()
+        futures = [client.submit(gpu_of_task, i, resources={"GPU": 1}, pure=False) for i in range(40)]
+        counts = Counter(client.gather(futures))
+        assert sum(counts.values()) == 40
+        assert set(counts) == {"0", "1", "2", "3"}, counts
+        assert cluster.scheduler_address.startswith("tls://127.0.0.1:")
+    assert queued_jobs(site_user, name) == []
+
+
+def test_scale_up_and_down_in_workers_and_jobs(site_user):
+    name = unique("scale")
+    with OffloadCluster(site="testsite", processes=2, cores=1, memory="1GiB", name=name) as cluster:
+        with Client(cluster) as client:
+            assert queued_jobs(site_user, name) != []  # the scheduler job
+            cluster.scale(4)
+            client.wait_for_workers(4, timeout=120)
+            assert len(cluster.worker_spec) == 2
+            names = sorted(w["name"] for w in client.scheduler_info(n_workers=-1)["workers"].values())
+            assert names == [f"{name}-0-0", f"{name}-0-1", f"{name}-1-0", f"{name}-1-1"]
+            cluster.scale(jobs=3)
+            client.wait_for_workers(6, timeout=120)
+            cluster.scale(2)
+            wait_until(lambda: len(client.scheduler_info()["workers"]) == 2, what="scale down to 2 workers")
+            wait_until(lambda: len(queued_jobs(site_user, name)) == 2, what="one worker job left")
+            cluster.scale(0)
+            wait_until(lambda: len(client.scheduler_info()["workers"]) == 0, what="scale down to 0")
+            wait_until(lambda: len(queued_jobs(site_user, name)) == 1, what="only the scheduler job left")
+    assert queued_jobs(site_user, name) == []
+
+
+def test_adapt_scales_up_under_load_and_back_to_zero(site_user):
+    name = unique("adapt")
+    with OffloadCluster(site="testsite", gpus=0, processes=1, memory="1GiB", name=name) as cluster:
+        cluster.adapt(minimum=0, maximum=4, interval="300ms", wait_count=2)
+        with Client(cluster) as client:
+            _, slow = tasks()
+            futures = client.map(slow, range(40))
+            wait_until(lambda: len(client.scheduler_info()["workers"]) >= 2, timeout=120, what="adaptive scale-up")
+            assert client.gather(futures) == list(range(40))
+            assert len(cluster.worker_spec) <= 4
+            del futures
+            wait_until(lambda: len(client.scheduler_info()["workers"]) == 0, timeout=120, what="scale to zero")
+            wait_until(lambda: len(queued_jobs(site_user, name)) == 1, what="worker jobs gone")
+
+
+def test_adapt_with_minimum_and_maximum_jobs(site_user):
+    name = unique("adaptjobs")
+    with OffloadCluster(site="testsite", processes=2, memory="1GiB", name=name) as cluster:
+        cluster.adapt(minimum_jobs=1, maximum_jobs=2, interval="300ms", wait_count=2)
+        with Client(cluster) as client:
+            client.wait_for_workers(2, timeout=120)  # the minimum: one job of two workers
+            _, slow = tasks()
+            futures = client.map(slow, range(60))
+            wait_until(lambda: len(client.scheduler_info()["workers"]) == 4, timeout=120, what="two jobs")
+            assert len(queued_jobs(site_user, name)) <= 3
+            client.gather(futures)
+            del futures
+            wait_until(lambda: len(client.scheduler_info()["workers"]) == 2, timeout=120, what="back to one job")
+
+
+def test_job_script_and_security(site_user):
+    name = unique("script")
+    with OffloadCluster(site="testsite", gpus=2, walltime="00:20:00", name=name, env={"MODE": "x"}) as cluster:
+        script = cluster.job_script()
+        assert "#SBATCH --gpus=2" in script and "#SBATCH --time=00:20:00" in script
+        assert f"#SBATCH --job-name={name}" in script and "--partition=gpu" in script
+        assert "export MODE=x" in script
+        assert "BEGIN" not in script and "PRIVATE KEY" not in script  # certificates are secrets, never in scripts
+        assert cluster.security.require_encryption
+        with Client(cluster) as client:
+            client.wait_for_workers(2, timeout=120)
+            assert all(a.startswith("tls://") for a in client.scheduler_info()["workers"])
+            with pytest.raises(OSError):  # without the cluster's certificates the scheduler refuses us
+                Client(cluster.scheduler_address.replace("tls://", "tcp://"), timeout="3s")
+            jobdir = cluster.jobs[0].ref.jobdir
+        modes = subprocess.run(["stat", "-c", "%a", jobdir, f"{jobdir}/secrets.env"], capture_output=True,
+                               text=True).stdout.split()  # fmt: skip
+        assert modes == ["700", "600"]
+    wait_until(lambda: not os.path.exists(f"{jobdir}/secrets.env"), what="secrets removed after close")
+
+
+def test_a_lost_worker_job_is_replaced_and_the_user_told_once(site_user, caplog):
+    name = unique("lost")
+    caplog.set_level(logging.WARNING, logger="dask_offload")
+    with OffloadCluster(site="testsite", processes=1, memory="1GiB", n_workers=2, name=name) as cluster:
+        with Client(cluster) as client:
+            client.wait_for_workers(2, timeout=120)
+            victim = cluster.jobs[1]
+            subprocess.run(["scancel", victim.id], check=True)  # an admin, a node failure, a walltime...
+            wait_until(lambda: victim.id not in [j.id for j in cluster.jobs], timeout=60, what="loss noticed")
+            wait_until(lambda: len(client.scheduler_info()["workers"]) == 2, timeout=120, what="replacement")
+            assert len(queued_jobs(site_user, name)) == 3
+    told = [r for r in caplog.records if "ended CANCELLED" in r.getMessage()]
+    assert len(told) == 1 and "replacing it" in told[0].getMessage()
+
+
+def test_an_image_without_matching_distributed_is_reported_before_any_worker(site_user):
+    name = unique("mismatch")
+    with pytest.raises(Exception) as err:
+        OffloadCluster(site="testsite", gpus=1, image=str(STATE / "images" / "bare"), name=name)
+    assert isinstance(err.value.__cause__, VersionMismatchError)
+    assert "no distributed" in str(err.value) and "Install distributed==" in str(err.value)
+    assert queued_jobs(site_user, name) == []
+
+
+def test_scheduler_in_the_client_process(site_user):
+    name = unique("localsched")
+    with OffloadCluster(site="testsite", scheduler="local", n_workers=2, memory="1GiB", name=name) as cluster:
+        with Client(cluster) as client:
+            client.wait_for_workers(2, timeout=120)
+            assert client.submit(lambda: 41 + 1).result() == 42
+            assert len(queued_jobs(site_user, name)) == 2  # workers only: the scheduler is here
+    assert queued_jobs(site_user, name) == []
+
+
+async def test_asynchronous_cluster(site_user):
+    name = unique("async")
+    async with OffloadCluster(site="testsite", gpus=2, name=name, asynchronous=True) as cluster:
+        async with Client(cluster, asynchronous=True) as client:
+            await client.wait_for_workers(2)
+            result = await client.submit(lambda: 6 * 7, resources={"GPU": 1})
+            assert result == 42
+    assert queued_jobs(site_user, name) == []
+
+
+CLIENT = """
+import sys, time
+from dask_offload import OffloadCluster
+cluster = OffloadCluster(site="testsite", gpus=2, name=sys.argv[1])
+client = cluster.get_client()
+client.wait_for_workers(2, timeout=120)
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT"])
+def test_killing_the_client_cancels_every_job(site_user, how):
+    name = unique(how.lower())
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(CLIENT), name], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    assert len(queued_jobs(site_user, name)) == 2
+    proc.send_signal(getattr(signal, how))
+    proc.wait(timeout=60)
+    assert queued_jobs(site_user, name) == []
+
+
+def test_offload_cancel_cleans_up_after_a_crashed_client(site_user):
+    name = unique("crash")
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(CLIENT), name], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    proc.kill()  # SIGKILL: no handler runs
+    proc.wait(timeout=30)
+    assert len(queued_jobs(site_user, name)) == 2
+    listing = subprocess.run([sys.executable, "-m", "offload.cli", "status", "--name", name], capture_output=True,
+                             text=True, timeout=60)  # fmt: skip
+    assert listing.stdout.count(name) == 2
+    result = subprocess.run([sys.executable, "-m", "offload.cli", "cancel", "--name", name], capture_output=True,
+                            text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert queued_jobs(site_user, name) == []
