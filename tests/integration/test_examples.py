@@ -13,3 +13,11 @@ def test_gpu_job_example_on_the_test_site(testsite_config):
     assert result.returncode == 0, result.stderr
     assert "GPUs visible: 0,1" in result.stdout
     assert "CPython 3.11" in result.stdout
+
+
+def test_dask_example_on_the_test_site(testsite_config):
+    result = subprocess.run([sys.executable, str(EXAMPLES / "dask_gpu.py"), "--site", "testsite"],
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "4 GPU workers ready" in result.stdout
+    assert "chunks per GPU: {'0': " in result.stdout and "'3': " in result.stdout

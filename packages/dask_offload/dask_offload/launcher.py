@@ -81,8 +81,10 @@ async def run_worker(address, name, nthreads, memory_limit, resources):
 def run_workers(address, groups, nthreads, memory_limit, resources):
     index = int(os.environ.get("OFFLOAD_TASK_INDEX") or 0)
     names = groups[index]
-    gpus = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g]
-    if resources.get("GPU") and len(gpus) < len(names):
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = [g for g in (visible or "").split(",") if g]
+    pin = bool(resources.get("GPU")) and visible is not None  # no GPU scheduling (a laptop): do not pin
+    if pin and len(gpus) < len(names):
         print(f"{MARK}_ERROR {len(names)} GPU workers but CUDA_VISIBLE_DEVICES={gpus}", flush=True)
         sys.exit(4)
     import distributed  # noqa: F401  (imported once here, shared by every forked worker)
@@ -91,7 +93,7 @@ def run_workers(address, groups, nthreads, memory_limit, resources):
     for i, name in enumerate(names):
         pid = os.fork()
         if pid == 0:
-            if resources.get("GPU"):
+            if pin:
                 os.environ["CUDA_VISIBLE_DEVICES"] = gpus[i]
             code = 0
             try:
