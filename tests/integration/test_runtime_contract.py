@@ -5,12 +5,14 @@ import json
 
 import pytest
 
+import offload
 from offload import JobSpec, JobState, Mount, Resources
 
 PROBE = (
     "import os, sys, json; print(json.dumps({'argv': sys.argv[1:], 'cwd': os.getcwd(), "
     "'env': {k: os.environ.get(k) for k in ('MODE', 'TOKEN', 'CUDA_VISIBLE_DEVICES', 'SLURM_JOB_ID', "
-    "'OFFLOAD_JOB_DIR')}, 'os': open('/etc/os-release').read().split('\\n')[0]}))"
+    "'OFFLOAD_JOB_DIR')}, 'os': open('/etc/os-release').read().split('\\n')[0], "
+    "'jobdir_visible': os.path.exists(os.path.join(os.environ['OFFLOAD_JOB_DIR'], 'job.sh'))}))"
 )
 
 
@@ -31,7 +33,7 @@ def test_payload_runs_in_the_image_with_argv_env_gpus_and_workdir(site):
     assert seen["env"]["MODE"] == "fast" and seen["env"]["TOKEN"] == "t0k"
     assert seen["env"]["CUDA_VISIBLE_DEVICES"] == "0,1,2"
     assert seen["env"]["SLURM_JOB_ID"] == job.id
-    assert seen["env"]["OFFLOAD_JOB_DIR"] == job.ref.jobdir
+    assert seen["jobdir_visible"]  # $OFFLOAD_JOB_DIR is the job's directory, seen from inside
     assert seen["os"] == 'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"'
 
 
@@ -55,3 +57,15 @@ def test_a_missing_command_in_the_image_fails_with_the_reason_in_the_log(site):
     _, status, log = run(site, JobSpec(["no-such-program"]))
     assert status.state is JobState.FAILED and status.exit_code != 0
     assert any("no-such-program" in line for line in log)
+
+
+def test_the_job_directory_is_shared_with_the_container(site):
+    job = site.submit(
+        JobSpec(["sh", "-c", 'cat "$OFFLOAD_JOB_DIR/input"; echo done > "$OFFLOAD_JOB_DIR/result"; sleep 1'])
+    )
+    job.put("input", b"staged before the job started\n")
+    assert job.wait(timeout=60).state is JobState.COMPLETED
+    assert list(job.logs()) == ["staged before the job started"]
+    assert job.get("result") == b"done\n"
+    with pytest.raises(offload.ConfigError, match="plain file name"):
+        job.get("../secrets.env")

@@ -108,3 +108,12 @@ def test_no_runtime_runs_the_command_as_is():
     rt = runtime("none")
     assert rt.command(["echo", "a b"], ContainerContext(image=None, workdir="/tmp")) == ["echo", "a b"]
     assert rt.prelude(ContainerContext(image=None, workdir="/tmp/x y")) == ["cd '/tmp/x y'"]
+
+
+def test_the_job_directory_is_bound_where_offload_job_dir_says():
+    ctx = ContainerContext(image="/img", jobdir="/home/u/offload/jobs/j1")
+    assert runtime("apptainer").command(["x"], ctx)[3:5] == ["--bind", "/home/u/offload/jobs/j1"]
+    assert runtime("podman").command(["x"], ctx)[5:7] == ["-v", "/home/u/offload/jobs/j1:/home/u/offload/jobs/j1"]
+    assert runtime("charliecloud").command(["x"], ctx)[:4] == [
+        "ch-run", "-b", "/home/u/offload/jobs/j1:/mnt/9", "--set-env=OFFLOAD_JOB_DIR=/mnt/9",
+    ]  # fmt: skip

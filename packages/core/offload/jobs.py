@@ -15,11 +15,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from offload import _loop
-from offload.errors import JobFailedError
+from offload.errors import ConfigError, JobFailedError
 
 if TYPE_CHECKING:
     from offload.site import Site
     from offload.spec import JobSpec
+
+
+_RESERVED = {"job.sh", "secrets.env", "exitcode", "jobid", "cancelled"}
 
 
 class JobState(enum.Enum):
@@ -152,21 +155,23 @@ class Job:
         """The last ``lines`` lines of the job's output (stdout and stderr together)."""
         return await _loop.bridge(self._tail(lines))
 
-    async def alogs(self, follow: bool = False) -> AsyncIterator[str]:
-        """The job's output line by line; with ``follow``, until the job ends (like ``tail -f``)."""
+    async def alogs(self, follow: bool = False, interval: float | None = None) -> AsyncIterator[str]:
+        """The job's output line by line; with ``follow``, until the job ends (like ``tail -f``).
+
+        A follower reads new output every ``interval`` seconds (default: the site's poll interval)."""
         queue: asyncio.Queue[str | BaseException | None] = asyncio.Queue()
         caller = asyncio.get_running_loop()
 
         async def pump() -> None:
             try:
-                async for line in self._read_lines(follow):
+                async for line in self._read_lines(follow, interval):
                     caller.call_soon_threadsafe(queue.put_nowait, line)
                 caller.call_soon_threadsafe(queue.put_nowait, None)
             except BaseException as exc:  # handed to the consumer, re-raised there
                 caller.call_soon_threadsafe(queue.put_nowait, exc)
 
         if _loop.on_private_loop():
-            async for line in self._read_lines(follow):
+            async for line in self._read_lines(follow, interval):
                 yield line
             return
         future = _loop.spawn(pump())
@@ -201,25 +206,54 @@ class Job:
         finally:
             future.cancel()
 
-    async def _read_lines(self, follow: bool) -> AsyncIterator[str]:
+    async def _read_lines(self, follow: bool, interval: float | None = None) -> AsyncIterator[str]:
         offset = 0
         pending = b""
         transport = self.site._transport
         poller = self.site._poller
-        while True:
-            ended = (await poller.status(self.ref, refresh=False)).state.is_terminal if follow else True
-            chunk = await transport.read_file(self.ref.output_path, offset)
-            offset += len(chunk)
-            pending += chunk
-            *complete, pending = pending.split(b"\n")
-            for raw in complete:
-                yield raw.decode("utf-8", "replace")
-            if ended and not chunk:
-                break
-            if not chunk:
-                await poller.next_poll(self.ref)
+        watcher = asyncio.ensure_future(poller.wait(self.ref)) if follow else None
+        try:
+            while True:
+                ended = watcher is None or watcher.done()
+                chunk = await transport.read_file(self.ref.output_path, offset)
+                offset += len(chunk)
+                pending += chunk
+                *complete, pending = pending.split(b"\n")
+                for raw in complete:
+                    yield raw.decode("utf-8", "replace")
+                if ended and not chunk:
+                    break
+                if not chunk:
+                    assert watcher is not None
+                    await asyncio.wait({watcher}, timeout=interval or poller.interval)
+        finally:
+            if watcher is not None:
+                watcher.cancel()
         if pending:
             yield pending.decode("utf-8", "replace")
+
+    # -- files in the job's directory -------------------------------------------------------------------
+
+    def _path(self, name: str) -> str:
+        if not name or "/" in name or name in (".", "..") or name in _RESERVED:
+            raise ConfigError(f"{name!r} is not a plain file name of the job's directory (or is offload's own)")
+        return f"{self.ref.jobdir}/{name}"
+
+    async def aput(self, name: str, data: bytes, mode: int = 0o600) -> None:
+        """Write ``data`` to the file ``name`` in the job's directory (``$OFFLOAD_JOB_DIR/name`` inside)."""
+        await _loop.bridge(self.site._transport.write_file(self._path(name), data, mode=mode))
+
+    def put(self, name: str, data: bytes, mode: int = 0o600) -> None:
+        """Sync form of :meth:`aput`."""
+        _loop.run(self.site._transport.write_file(self._path(name), data, mode=mode))
+
+    async def aget(self, name: str) -> bytes:
+        """The bytes of the file ``name`` in the job's directory (empty if it does not exist)."""
+        return await _loop.bridge(self.site._transport.read_file(self._path(name)))
+
+    def get(self, name: str) -> bytes:
+        """Sync form of :meth:`aget`."""
+        return _loop.run(self.site._transport.read_file(self._path(name)))
 
     # -- cancel -----------------------------------------------------------------------------------------
 

@@ -74,7 +74,7 @@ class Site:
 
     # -- building scripts -------------------------------------------------------------------------------
 
-    def _context(self, spec: JobSpec) -> ContainerContext:
+    def _context(self, spec: JobSpec, jobdir: str | None = None) -> ContainerContext:
         env_names = tuple(dict.fromkeys([*self.config.env, *spec.env, *spec.secrets]))
         return ContainerContext(
             image=spec.image or self.config.image,
@@ -82,15 +82,16 @@ class Site:
             env_names=env_names,
             workdir=spec.workdir,
             gpus=spec.resources.gpus,
+            jobdir=jobdir,
         )
 
     def validate(self, spec: JobSpec) -> None:
         """Raise :class:`ConfigError` if this site cannot run ``spec``; touches nothing on the site."""
-        self._runtime.validate(self._context(spec))
+        self._runtime.validate(self._context(spec, f"{self.config.workdir}/jobs/check"))
         self._scheduler.directives(spec, f"{self.config.workdir}/jobs/check", None)
 
     def _script(self, spec: JobSpec, jobdir: str, array_size: int | None, index: int | None = None) -> str:
-        ctx = self._context(spec)
+        ctx = self._context(spec, jobdir)
         self._runtime.validate(ctx)
         script = BatchScript(
             directives=self._scheduler.directives(spec, jobdir, array_size),
@@ -130,15 +131,21 @@ class Site:
         """Submit one job and return its handle."""
         return _loop.run(self._submit_many([spec]))[0]
 
-    async def asubmit_many(self, specs: Sequence[JobSpec]) -> list[Job]:
+    async def asubmit_many(self, specs: Sequence[JobSpec], *, arrays: bool = True) -> list[Job]:
         """Submit many jobs in one round trip; identical specs go as one job array (async)."""
-        return await _loop.bridge(self._submit_many(list(specs)))
+        return await _loop.bridge(self._submit_many(list(specs), arrays))
 
-    def submit_many(self, specs: Sequence[JobSpec]) -> list[Job]:
-        """Submit many jobs in one round trip; identical specs go as one job array."""
-        return _loop.run(self._submit_many(list(specs)))
+    def submit_many(self, specs: Sequence[JobSpec], *, arrays: bool = True) -> list[Job]:
+        """Submit many jobs in one round trip; identical specs go as one job array.
 
-    async def _submit_many(self, specs: list[JobSpec]) -> list[Job]:
+        Each job learns its position among identical specs from ``$OFFLOAD_TASK_INDEX``. ``arrays=False``
+        sends identical specs as separate jobs: SLURM tries a single job for scheduling the moment it is
+        submitted, but an array only at its next scheduling pass (up to ``batch_sched_delay``, 3 s by
+        default), so a handful of jobs that must start *now* start sooner without an array.
+        """
+        return _loop.run(self._submit_many(list(specs), arrays))
+
+    async def _submit_many(self, specs: list[JobSpec], arrays: bool = True) -> list[Job]:
         if not specs:
             return []
         for spec in specs:
@@ -151,7 +158,7 @@ class Site:
         jobs_dir = await self._jobs_dir()
         submissions: list[tuple[_Submission, list[int]]] = []
         for spec, indices in groups.items():
-            if self._scheduler.supports_arrays and len(indices) > 1:
+            if arrays and self._scheduler.supports_arrays and len(indices) > 1:
                 jobdir = f"{jobs_dir}/{_job_key(spec)}"
                 script = self._script(spec, jobdir, len(indices))
                 submissions.append((_Submission(spec, jobdir, script, len(indices)), indices))

@@ -49,6 +49,7 @@ _DEFAULTS = Path(__file__).with_name("offload.yaml")
 dask.config.update_defaults(yaml.safe_load(_DEFAULTS.read_text()))
 
 LAUNCHER = inspect.getsource(launcher)
+ARRAY_FROM = 16  # worker jobs started together from this many on go as one job array
 
 
 def expected_versions() -> dict[str, str]:
@@ -85,6 +86,8 @@ class _Shared:
         self._cancel_flush: asyncio.Future[None] | None = None
         self._told: set[str] = set()
         self._quick_failures = 0
+        self.initial_workers: list[tuple[str, list[str]]] = []  # (job name, worker names) started with the cluster
+        self.presubmitted: dict[str, offload.Job] = {}
 
     # -- what runs --------------------------------------------------------------------------------------
 
@@ -154,7 +157,9 @@ class _Shared:
         for address, entries in by_address.items():
             spec = self.worker_spec(address, [names for names, _ in entries])
             try:
-                jobs = await self.site.asubmit_many([spec] * len(entries))
+                # Few jobs go separately: SLURM starts a lone job at once, an array only at its next pass.
+                many = len(entries) >= ARRAY_FROM
+                jobs = await self.site.asubmit_many([spec] * len(entries), arrays=many)
             except BaseException as exc:
                 for _, future in entries:
                     if not future.done():
@@ -224,9 +229,18 @@ class SiteScheduler(ProcessInterface):
 
     async def start(self) -> None:
         shared = self.shared
-        self.job = await shared.site.asubmit(shared.scheduler_spec())
-        shared.jobs.add(self.job)
+        # The first workers go in the same round trip as the scheduler and wait in the queue alongside it,
+        # instead of queueing only once the scheduler runs; they learn its address from a file we write.
+        initial = shared.initial_workers
+        groups = [names for _, names in initial]
+        specs = [shared.scheduler_spec()] + [shared.worker_spec("file", groups)] * len(initial)
+        jobs = await shared.site.asubmit_many(specs, arrays=len(initial) >= ARRAY_FROM)
+        self.job, workers = jobs[0], jobs[1:]
+        shared.jobs.update(jobs)
+        shared.presubmitted = {name: job for (name, _), job in zip(initial, workers, strict=True)}
         info = await asyncio.wait_for(self._scheduler_info(), shared.options["startup_timeout"])
+        address = json.dumps({"address": info["address"]}).encode()
+        await asyncio.gather(*(job.aput("scheduler.json", address) for job in workers))
         protocol, _, hostport = info["address"].partition("://")
         host, _, port = hostport.rpartition(":")
         forward = await shared.site.aforward(host.strip("[]"), int(port))
@@ -243,7 +257,7 @@ class SiteScheduler(ProcessInterface):
     async def _scheduler_info(self) -> dict[str, Any]:
         assert self.job is not None
         shown = ""
-        async for line in self.job.alogs(follow=True):
+        async for line in self.job.alogs(follow=True, interval=0.1):
             if line.startswith(f"{launcher.MARK}_SCHEDULER "):
                 return json.loads(line.split(" ", 1)[1])
             if line.startswith(f"{launcher.MARK}_MISMATCH "):
@@ -278,7 +292,9 @@ class WorkerJob(ProcessInterface):
         self._started = 0.0
 
     async def start(self) -> None:
-        self.job = await self.shared.submit_worker_job(self.scheduler_address, self.worker_names)
+        self.job = self.shared.presubmitted.pop(self.name, None) or await self.shared.submit_worker_job(
+            self.scheduler_address, self.worker_names
+        )
         self._started = time.monotonic()
         self._watcher = asyncio.ensure_future(self._watch())
         await super().start()
@@ -404,6 +420,8 @@ class OffloadCluster(SpecCluster):
         self._prefix = name
         jobs = math.ceil(int(n) / self._per_job) if n else 0
         workers = {f"{name}-{i}": worker for i in range(jobs)}
+        if options["scheduler"] == "site":
+            self._shared.initial_workers = [(job, [job + suffix for suffix in suffixes]) for job in workers]
         _register_exit(self._shared)
         super().__init__(
             workers=workers, worker=worker, scheduler=scheduler_spec, security=security or Security(),

@@ -78,6 +78,22 @@ async def run_worker(address, name, nthreads, memory_limit, resources):
         await worker.finished()
 
 
+def scheduler_address(address):
+    """``file``: the job was submitted with the scheduler's own job; the client writes the scheduler's address
+    into this job's directory as soon as the scheduler reports it."""
+    if address != "file":
+        return address
+    import time
+
+    path = os.path.join(os.environ["OFFLOAD_JOB_DIR"], "scheduler.json")
+    while True:
+        try:
+            with open(path) as f:
+                return json.load(f)["address"]
+        except (OSError, ValueError, KeyError):  # not there yet, or half written
+            time.sleep(0.05)
+
+
 def run_workers(address, groups, nthreads, memory_limit, resources):
     index = int(os.environ.get("OFFLOAD_TASK_INDEX") or 0)
     names = groups[index]
@@ -88,6 +104,8 @@ def run_workers(address, groups, nthreads, memory_limit, resources):
         print(f"{MARK}_ERROR {len(names)} GPU workers but CUDA_VISIBLE_DEVICES={gpus}", flush=True)
         sys.exit(4)
     import distributed  # noqa: F401  (imported once here, shared by every forked worker)
+
+    address = scheduler_address(address)
 
     children = {}
     for i, name in enumerate(names):

@@ -32,6 +32,8 @@ class ApptainerRuntime:
         args = [self.binary, "exec", "--cleanenv"]
         if ctx.gpus and not {"--nv", "--rocm", "--nvccli"} & set(options):
             args.append("--nv")
+        if ctx.jobdir:
+            args += ["--bind", ctx.jobdir]
         for mount in ctx.mounts:
             spec = f"{mount.source}:{mount.destination}"
             args += ["--bind", spec + (":ro" if mount.read_only else "")]

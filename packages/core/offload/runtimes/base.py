@@ -7,6 +7,9 @@ must see, working directory, GPU count, the site's runtime options) and returns
   ``APPTAINERENV_*`` exports, so values never appear on a command line), and
 * ``command(argv, ctx)``: the argv that runs the payload in the container.
 
+The job's own directory (``ctx.jobdir``) is visible inside the container at ``$OFFLOAD_JOB_DIR``: payloads
+write results there and offload stages inputs there (``Job.put``/``Job.get``).
+
 Every runtime must: run the payload with exactly the given argv; pass every name of ``ctx.env_names`` and the
 scheduler's GPU variables (``CUDA_VISIBLE_DEVICES`` and friends) into the container; bind the mounts; start in
 ``ctx.workdir`` when given; return the payload's exit status. ``tests/integration/test_runtime_contract.py``
@@ -46,6 +49,7 @@ class ContainerContext:
     workdir: str | None = None
     gpus: int = 0
     options: tuple[str, ...] = ()
+    jobdir: str | None = None  # the job's directory on the site, to be visible at $OFFLOAD_JOB_DIR inside
 
 
 class Runtime(Protocol):
@@ -70,11 +74,13 @@ def require_image(runtime: str, ctx: ContainerContext) -> str:
 
 
 def check_bind_paths(runtime: str, ctx: ContainerContext, forbidden: str) -> None:
-    for mount in ctx.mounts:
-        for path in (mount.source, mount.destination):
-            bad = [c for c in forbidden if c in path]
-            if bad:
-                raise ConfigError(
-                    f"{runtime} cannot bind {path!r}: its bind syntax reserves {' '.join(repr(c) for c in bad)}. "
-                    "Bind a parent directory, or a symlink without those characters."
-                )
+    paths = [p for mount in ctx.mounts for p in (mount.source, mount.destination)]
+    if ctx.jobdir:
+        paths.append(ctx.jobdir)
+    for path in paths:
+        bad = [c for c in forbidden if c in path]
+        if bad:
+            raise ConfigError(
+                f"{runtime} cannot bind {path!r}: its bind syntax reserves {' '.join(repr(c) for c in bad)}. "
+                "Bind a parent directory, or a symlink without those characters (or change the site's workdir)."
+            )

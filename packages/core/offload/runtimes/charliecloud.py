@@ -1,4 +1,8 @@
-"""Charliecloud: ``ch-run`` on a directory or SquashFS image; the environment passes through unchanged."""
+"""Charliecloud: ``ch-run`` on a directory or SquashFS image; the environment passes through unchanged.
+
+``ch-run`` binds only onto directories that exist in the image, so the job's directory goes to ``/mnt/9``
+(``ch-image`` creates ``/mnt/0`` to ``/mnt/9`` in every image for this) and ``OFFLOAD_JOB_DIR`` says so.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,8 @@ from collections.abc import Sequence
 
 from offload.errors import ConfigError
 from offload.runtimes.base import ContainerContext, check_bind_paths, require_image
+
+JOB_DIR = "/mnt/9"
 
 
 class CharliecloudRuntime:
@@ -34,6 +40,8 @@ class CharliecloudRuntime:
 
     def command(self, argv: Sequence[str], ctx: ContainerContext) -> list[str]:
         args = ["ch-run"]
+        if ctx.jobdir:
+            args += ["-b", f"{ctx.jobdir}:{JOB_DIR}", f"--set-env=OFFLOAD_JOB_DIR={JOB_DIR}"]
         for mount in ctx.mounts:
             args += ["-b", f"{mount.source}:{mount.destination}"]
         if ctx.workdir:

@@ -25,6 +25,8 @@ class PodmanRuntime:
         args = ["podman", "run", "--rm", "--network=host", "--userns=keep-id"]
         if ctx.gpus:
             args += ["--device", "nvidia.com/gpu=all"]
+        if ctx.jobdir:
+            args += ["-v", f"{ctx.jobdir}:{ctx.jobdir}"]
         for mount in ctx.mounts:
             args += ["-v", f"{mount.source}:{mount.destination}" + (":ro" if mount.read_only else "")]
         if ctx.workdir:

@@ -1,0 +1,69 @@
+"""Time to N ready Dask workers: OffloadCluster over SSH vs dask-jobqueue's SLURMCluster submitting locally.
+
+Both pack 4 workers per job (a 4-GPU node's worth) with 1 thread and 1 GiB each, and both clocks run from
+the cluster's constructor to ``wait_for_workers(N)``. dask-jobqueue runs its scheduler in the client process
+and its workers outside any container; offload starts its scheduler as a job, reaches it through an SSH port
+forward, uses TLS and runs every worker in Charliecloud. Target: ratio at or below 0.8 at N=16.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+import time
+import warnings
+
+from common import Comparison, alternate, squeue_empty
+
+PER_JOB = 4
+
+
+def offload_time(n: int) -> float:
+    from distributed import Client
+
+    from dask_offload import OffloadCluster
+
+    start = time.perf_counter()
+    with OffloadCluster(site="testsite", n_workers=n, processes=PER_JOB, cores=1, memory="1GiB",
+                        walltime="00:10:00") as cluster, Client(cluster) as client:  # fmt: skip
+        client.wait_for_workers(n, timeout=300)
+        seconds = time.perf_counter() - start  # closing is not part of getting ready
+    squeue_empty()
+    return seconds
+
+
+def jobqueue_time(n: int) -> float:
+    from dask_jobqueue import SLURMCluster
+    from distributed import Client
+
+    logs = tempfile.mkdtemp(prefix="jobqueue-logs-")
+    start = time.perf_counter()
+    with SLURMCluster(queue="cpu", cores=PER_JOB, processes=PER_JOB, memory=f"{PER_JOB}GiB",
+                      walltime="00:10:00", python=sys.executable, log_directory=logs,
+                      n_workers=n) as cluster, Client(cluster) as client:  # fmt: skip
+        client.wait_for_workers(n, timeout=300)
+        seconds = time.perf_counter() - start
+    squeue_empty()
+    return seconds
+
+
+def measure(sizes: tuple[int, ...] = (1, 8, 16), runs: int = 3) -> list[Comparison]:
+    logging.getLogger("distributed").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="Mismatched versions")  # Python 3.11.7 here, 3.11.2 in the image
+    os.environ.setdefault(
+        "OFFLOAD_CONFIG", f"{os.environ.get('OFFLOAD_TESTSITE_DIR', '/var/lib/offload-testsite')}/offload.toml"
+    )
+    rows = []
+    for n in sizes:
+        ours, theirs = alternate(runs, lambda n=n: offload_time(n), lambda n=n: jobqueue_time(n))
+        rows.append(Comparison(f"time to {n} ready Dask workers", "dask-jobqueue SLURMCluster", ours, theirs,
+                               target="<= 0.8 at N=16" if n == 16 else ""))  # fmt: skip
+    return rows
+
+
+if __name__ == "__main__":
+    from common import table
+
+    print(table(measure(runs=int(os.environ.get("BENCH_RUNS", "3")))))
