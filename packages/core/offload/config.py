@@ -172,6 +172,13 @@ def load_profiles(path: str | os.PathLike[str] | None = None) -> SiteProfiles:
     return SiteProfiles(path=file, sites=sites, default_site=default)
 
 
+def profile_from_table(name: str, table: dict[str, Any], source: str, base: SiteConfig | None = None) -> SiteConfig:
+    """A validated profile from keys given elsewhere than the file (e.g. an Airflow connection's fields);
+    errors name ``source`` where they would name the file."""
+    start = base or (local_site_config() if name == LOCAL_SITE else SiteConfig(name=name))
+    return _validate_site(Path(source), name, dict(table), start)
+
+
 def _env_sites() -> list[str]:
     return sorted({k.split("__")[1].lower() for k in os.environ if k.startswith("OFFLOAD__") and k.count("__") >= 2})
 

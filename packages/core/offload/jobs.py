@@ -155,6 +155,10 @@ class Job:
         """The last ``lines`` lines of the job's output (stdout and stderr together)."""
         return await _loop.bridge(self._tail(lines))
 
+    def tail(self, lines: int = 20) -> str:
+        """Sync form of :meth:`atail`."""
+        return _loop.run(self._tail(lines))
+
     async def alogs(self, follow: bool = False, interval: float | None = None) -> AsyncIterator[str]:
         """The job's output line by line; with ``follow``, until the job ends (like ``tail -f``).
 

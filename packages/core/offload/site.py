@@ -203,6 +203,9 @@ class Site:
             if sub.spec.secrets:
                 # printf is a shell builtin: the values appear in no process list and no temp file.
                 lines.append(f'printf %s {shlex.quote(secrets_file(dict(sub.spec.secrets)))} > "$d/secrets.env"')
+            for file_name, data in sub.spec.files.items():
+                encoded = base64.b64encode(data).decode()
+                lines.append(f'printf %s {encoded} | base64 -d > "$d/{file_name}" || exit 92')
             lines += [
                 f"out=$({self._scheduler.submit_line(chr(34) + '$d/job.sh' + chr(34))} 2>&1); rc=$?",
                 '[ "$rc" = 0 ] && printf "%s\\n" "$out" > "$d/jobid"',
@@ -287,7 +290,9 @@ class Site:
         """Cancel many jobs in one scheduler call."""
         _loop.run(self._cancel([job.ref for job in jobs]))
 
-    async def _job(self, job_id: str) -> Job:
+    async def _job(self, job_id: str, jobdir: str | None = None, index: int | None = None) -> Job:
+        if jobdir is not None:  # the caller knows where the job lives (e.g. a trigger on another machine)
+            return Job(self, JobRef(job_id, jobdir, index))
         record = self._records.get(self.name, job_id)
         if record is not None:
             ref = JobRef(job_id, record.jobdir, record.task_index)
@@ -302,12 +307,29 @@ class Site:
         self._poller.known(ref, status)
         return Job(self, ref)
 
-    def job(self, job_id: str) -> Job:
-        """Reattach to a job by id (from this machine's records, or the scheduler's queue)."""
-        return _loop.run(self._job(str(job_id)))
+    def job(self, job_id: str, *, jobdir: str | None = None, index: int | None = None) -> Job:
+        """Reattach to a job by id: from this machine's records, the scheduler's queue, or, when given, the
+        job's directory (``Job.ref.jobdir``) and array index, which any machine can use."""
+        return _loop.run(self._job(str(job_id), jobdir, index))
 
-    async def ajob(self, job_id: str) -> Job:
-        return await _loop.bridge(self._job(str(job_id)))
+    async def ajob(self, job_id: str, *, jobdir: str | None = None, index: int | None = None) -> Job:
+        return await _loop.bridge(self._job(str(job_id), jobdir, index))
+
+    async def _find(self, name: str) -> list[Job]:
+        find = getattr(self._scheduler, "find", None)
+        if find is not None:
+            refs = await find(self._transport, name)
+        else:
+            refs = [JobRef(r.job_id, r.jobdir, r.task_index) for r in self._records.find(self.name, name, 1000)]
+        return [Job(self, ref, name=name) for ref in refs]
+
+    def find(self, name: str) -> list[Job]:
+        """Jobs on the site with this name, newest first, from the scheduler (queued and recently ended), so
+        a process on any machine can find the job an earlier process submitted under a deterministic name."""
+        return _loop.run(self._find(name))
+
+    async def afind(self, name: str) -> list[Job]:
+        return await _loop.bridge(self._find(name))
 
     def records(self, name: str | None = None, limit: int = 50):
         """This machine's records of jobs on this site, newest first."""

@@ -7,6 +7,7 @@ knows it may send them as one job array.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -165,7 +166,8 @@ class JobSpec:
     """One piece of containerised work: a command, the image it runs in, and what it needs.
 
     ``env`` is written into the batch script; ``secrets`` never are: they travel in a 0600 file in the job's
-    0700 directory and reach only the payload's environment.
+    0700 directory and reach only the payload's environment. ``files`` are staged into the job's directory
+    (``$OFFLOAD_JOB_DIR/<name>`` inside the container) in the same round trip as the submission.
     """
 
     command: tuple[str, ...]
@@ -176,6 +178,7 @@ class JobSpec:
     mounts: tuple[Mount, ...] = ()
     workdir: str | None = None
     name: str | None = None
+    files: Mapping[str, bytes] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         command = self.command
@@ -202,6 +205,18 @@ class JobSpec:
         object.__setattr__(self, "mounts", mounts)
         if self.workdir is not None and not self.workdir.startswith("/"):
             raise ConfigError(f"JobSpec.workdir {self.workdir!r} must be an absolute path in the container")
+        files = dict(self.files)
+        for file_name, data in files.items():
+            if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", file_name) or file_name in _RESERVED_FILES:
+                raise ConfigError(f"JobSpec.files: {file_name!r} is not a plain file name (or is one of offload's own)")
+            if not isinstance(data, bytes):
+                raise ConfigError(f"JobSpec.files[{file_name!r}] must be bytes")
+        if sum(len(d) for d in files.values()) > MAX_FILES_BYTES:
+            raise ConfigError(
+                f"JobSpec.files hold more than {MAX_FILES_BYTES // 2**20} MiB; put large inputs on the site's "
+                "file system and mount them instead"
+            )
+        object.__setattr__(self, "files", _FrozenFiles(files))
         if self.name is not None and not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", self.name):
             raise ConfigError(
                 f"job name {self.name!r}: use letters, digits, '.', '_' and '-' (at most 64), starting with a "
@@ -209,7 +224,12 @@ class JobSpec:
             )
 
     def __hash__(self) -> int:
-        return hash((self.command, self.image, self.resources, tuple(sorted(self.env.items())), self.mounts))
+        files = tuple(sorted((k, hashlib.sha256(v).hexdigest()) for k, v in self.files.items()))
+        return hash((self.command, self.image, self.resources, tuple(sorted(self.env.items())), self.mounts, files))
+
+
+_RESERVED_FILES = {"job.sh", "secrets.env", "exitcode", "jobid", "cancelled", "output"}
+MAX_FILES_BYTES = 16 * 2**20  # files travel base64 in the submission's one round trip
 
 
 class _FrozenEnv(dict):
@@ -217,6 +237,15 @@ class _FrozenEnv(dict):
 
     def _readonly(self, *args: object, **kwargs: object) -> None:
         raise TypeError("a JobSpec's env and secrets are read-only; make a new JobSpec")
+
+    __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = _readonly  # type: ignore[assignment]
+
+
+class _FrozenFiles(dict):
+    """Read-only, like :class:`_FrozenEnv`."""
+
+    def _readonly(self, *args: object, **kwargs: object) -> None:
+        raise TypeError("a JobSpec's files are read-only; make a new JobSpec")
 
     __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = _readonly  # type: ignore[assignment]
 

@@ -177,6 +177,21 @@ class SlurmScheduler:
             statuses.update(await exit_code_files(transport, rest))
         return statuses
 
+    async def find(self, transport: Transport, name: str) -> list[JobRef]:
+        """Jobs of the site's user with this name that slurmctld still knows (queued or recently ended),
+        newest first. Their job directory is their working directory (offload submits with --chdir)."""
+        argv = ["squeue", "--noheader", "--array", "--states=all", "--me", f"--name={_value('job name', name)}",
+                "--Format=JobArrayID:|,JobID:|,WorkDir:|"]  # fmt: skip
+        result = (await transport.run(argv)).stdout
+        refs = []
+        for line in result.splitlines():
+            fields = [f.strip() for f in line.split("|")]
+            if len(fields) >= 3 and fields[0]:
+                array_id, raw_id, workdir = fields[:3]
+                index = int(array_id.split("_")[1]) if "_" in array_id else None
+                refs.append((int(raw_id) if raw_id.isdigit() else 0, JobRef(array_id, workdir, index)))
+        return [ref for _, ref in sorted(refs, key=lambda pair: pair[0], reverse=True)]
+
     async def cancel(self, transport: Transport, refs: Sequence[JobRef]) -> None:
         for start in range(0, len(refs), _CHUNK):
             chunk = refs[start : start + _CHUNK]

@@ -1,0 +1,101 @@
+"""``@task.offload``: run a Python callable inside the container on the site.
+
+The callable and its arguments travel pickled (by value, with cloudpickle) in the job's directory, staged in
+the same round trip as the submission; the return value comes back the same way and becomes the task's XCom;
+an exception fails the task with the remote traceback. The image needs Python and ``cloudpickle``.
+
+    @task.offload(site="leonardo", image="docker://me/analysis:1", gpus=1)
+    def analyse(chunk: int) -> float: ...
+"""
+
+from __future__ import annotations
+
+import pickle
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import cloudpickle
+
+import offload
+from airflow_offload.operators.offload import OffloadOperator
+from airflow_offload.version_compat import AirflowException, DecoratedOperator, task_decorator_factory
+
+RUNNER = """
+import os, pickle, sys, traceback
+d = os.environ["OFFLOAD_JOB_DIR"]
+with open(os.path.join(d, "input.pkl"), "rb") as f:
+    fn, args, kwargs = pickle.load(f)
+try:
+    result = fn(*args, **kwargs)
+except BaseException:
+    text = traceback.format_exc()
+    sys.stderr.write(text)
+    with open(os.path.join(d, "error.txt"), "w") as f:
+        f.write(text)
+    sys.exit(1)
+import cloudpickle
+with open(os.path.join(d, "output.pkl"), "wb") as f:
+    cloudpickle.dump(result, f)
+"""
+
+
+class OffloadDecoratedOperator(DecoratedOperator, OffloadOperator):
+    custom_operator_name = "@task.offload"
+    template_fields: Sequence[str] = (*DecoratedOperator.template_fields, "image", "env", "mounts")
+
+    def __init__(self, *, python_callable: Callable, op_args: Any = None, op_kwargs: Any = None,
+                 python: str | None = None, **kwargs: Any) -> None:  # fmt: skip
+        kwargs.pop("command", None)
+        super().__init__(python_callable=python_callable, op_args=op_args, op_kwargs=op_kwargs,
+                         command=["python3", "-c", RUNNER], **kwargs)  # fmt: skip
+        self.python = python
+
+    def build_spec(self, context: Any) -> offload.JobSpec:
+        config = self.hook.get_site().config
+        local = config.transport == "local" and config.runtime == "none"
+        # No container on this machine: the payload runs with this very interpreter, which has cloudpickle.
+        self.command = [self.python or (sys.executable if local else "python3"), "-c", RUNNER]
+        return super().build_spec(context)
+
+    def job_files(self, context: Any) -> dict[str, bytes]:
+        module = sys.modules.get(getattr(self.python_callable, "__module__", ""), None)
+        if module is not None and module.__name__ not in ("__main__", "builtins"):
+            # The DAG file is not importable in the container: ship the callable's module by value.
+            cloudpickle.register_pickle_by_value(module)
+        args = [_plain(a) for a in self.op_args]
+        kwargs = {k: _plain(v) for k, v in self.op_kwargs.items()}
+        payload = cloudpickle.dumps((self.python_callable, args, kwargs))
+        return {"input.pkl": payload}
+
+    def result(self, job: offload.Job, last_line: str) -> Any:
+        data = job.get("output.pkl")
+        if not data:
+            raise AirflowException(f"job {job.id} completed but left no return value in {job.ref.jobdir}")
+        return pickle.loads(data)
+
+    def _finish(self, context: Any, job: offload.Job, status: offload.JobStatus, last_line: str) -> Any:
+        if status.state is not offload.JobState.COMPLETED:
+            remote = job.get("error.txt").decode(errors="replace")
+            if remote:
+                context["ti"].xcom_push(key="state", value=status.state.value)
+                context["ti"].xcom_push(key="exit_code", value=status.exit_code)
+                raise AirflowException(f"the function raised on the site (job {job.id}):\n{remote}")
+        return super()._finish(context, job, status, last_line)
+
+
+def _plain(value: Any) -> Any:
+    """Lazy XCom sequences (from mapped upstream tasks) hold a connection to Airflow: send their values."""
+    if isinstance(value, Sequence) and not isinstance(value, str | bytes | list | tuple):
+        return list(value)
+    return value
+
+
+def offload_task(python_callable: Callable | None = None, multiple_outputs: bool | None = None, **kwargs: Any):
+    """``@task.offload(site=..., image=..., gpus=..., ...)``: any :class:`OffloadOperator` argument."""
+    return task_decorator_factory(
+        python_callable=python_callable,
+        multiple_outputs=multiple_outputs,
+        decorated_operator_class=OffloadDecoratedOperator,
+        **kwargs,
+    )

@@ -1,0 +1,29 @@
+"""The one place that knows Airflow versions: everything the provider imports from Airflow comes from here.
+
+Only Airflow 3's public Task SDK (``airflow.sdk``) is used where it has the name; triggers still live in
+``airflow.triggers.base`` in 3.3.
+"""
+
+from __future__ import annotations
+
+from airflow import __version__ as AIRFLOW_VERSION
+from airflow.sdk import BaseHook, BaseOperator
+from airflow.sdk.bases.decorator import DecoratedOperator, task_decorator_factory
+from airflow.sdk.exceptions import AirflowException
+from airflow.triggers.base import BaseTrigger, TriggerEvent
+from packaging.version import Version
+
+AIRFLOW_V_3_3_PLUS = Version(Version(AIRFLOW_VERSION).base_version) >= Version("3.3.0")
+if not Version(AIRFLOW_VERSION).major >= 3:  # pragma: no cover
+    raise ImportError(f"airflow_offload needs Airflow 3 (found {AIRFLOW_VERSION}): pip install 'offload[airflow]'")
+
+__all__ = [
+    "AIRFLOW_V_3_3_PLUS",
+    "AirflowException",
+    "BaseHook",
+    "BaseOperator",
+    "BaseTrigger",
+    "DecoratedOperator",
+    "TriggerEvent",
+    "task_decorator_factory",
+]
