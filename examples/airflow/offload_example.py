@@ -24,7 +24,11 @@ def offload_example():
     prepare = OffloadOperator(
         task_id="prepare",
         site=SITE,
-        command=["python3", "-c", "import platform; print('prepared with Python', platform.python_version()); print(10)"],
+        command=[
+            "python3",
+            "-c",
+            "import platform; print('prepared with Python', platform.python_version()); print(10)",
+        ],
     )
     train = OffloadOperator(
         task_id="train",
@@ -32,7 +36,11 @@ def offload_example():
         gpus=2,
         walltime="00:10:00",
         deferrable=True,
-        command=["python3", "-c", "import os; print('training on GPUs', os.environ.get('CUDA_VISIBLE_DEVICES', 'none'))"],
+        command=[
+            "python3",
+            "-c",
+            "import os; print('training on GPUs', os.environ.get('CUDA_VISIBLE_DEVICES', 'none'))",
+        ],
     )
 
     @task.offload(site=SITE)

@@ -1,0 +1,81 @@
+"""DAGs end to end on the test site: real Airflow 3.3, real SLURM over real SSH, real containers."""
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from .conftest import HERE, REPO, run_dag
+
+pytestmark = pytest.mark.integration
+EXAMPLE = REPO / "examples" / "airflow" / "offload_example.py"
+
+
+def site_jobs(name_prefix: str, states: str = "all") -> list[str]:
+    out = subprocess.run(["squeue", "--noheader", "--array", f"--states={states}", "--format=%i %j"],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    return [line.split()[0] for line in out.splitlines() if line.split()[1].startswith(name_prefix)]
+
+
+def test_example_dag_runs_end_to_end(testsite_env):
+    results, output = run_dag(testsite_env, EXAMPLE, "2026-02-01T00:00:00+00:00")
+    assert results["state"] == "success", output[-5000:]
+    x = results["xcoms"]
+    assert str(x["prepare[-1]"]["return_value"]) == "10"  # the last line of its output
+    assert x["train[-1]"]["return_value"] == "training on GPUs 0,1"  # the deferrable one, with SLURM's GPUs
+    assert x["train[-1]"]["state"] == "COMPLETED" and x["train[-1]"]["exit_code"] == 0
+    assert sorted(x[f"square[{i}]"]["return_value"] for i in range(10)) == sorted(i * i for i in range(10))
+    assert x["total[-1]"]["return_value"] == 285
+    assert all(x[key]["job_id"] for key in x)
+    assert "prepared with Python 3.11" in output  # the job's output is in the task log
+    assert "training on GPUs 0,1" in output
+
+
+def test_failures_fail_their_tasks_with_the_jobs_log_tail(testsite_env):
+    results, output = run_dag(testsite_env, HERE / "dags" / "offload_failures.py")
+    assert results["tasks"]["exits_3[-1]"] == "failed"
+    assert results["tasks"]["raises[-1]"] == "failed"
+    assert results["xcoms"]["exits_3[-1]"]["exit_code"] == 3
+    assert "ended FAILED (NonZeroExitCode), exit code 3. Last lines of its log:" in output
+    assert "the error is here" in output
+    assert "ValueError: bad input on the site" in output  # the remote traceback
+
+
+@pytest.mark.parametrize("deferrable", ["0", "1"])
+def test_killing_the_task_cancels_the_job(testsite_env, deferrable):
+    env = {**testsite_env, "LONG_JOB": "sleep 300", "LONG_DEFERRABLE": deferrable,
+           "AIRFLOW__CORE__DAGS_FOLDER": str(HERE / "dags")}  # fmt: skip
+    when = f"2026-03-0{1 + int(deferrable)}T00:00:00+00:00"
+    proc = subprocess.Popen([sys.executable, str(HERE / "harness.py"), str(HERE / "dags" / "offload_long.py"), when],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    deadline = time.time() + 120
+    while not site_jobs("long_job-", "RUNNING"):
+        assert time.time() < deadline and proc.poll() is None, proc.stdout.read()[-4000:] if proc.poll() else ""
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)  # how Airflow stops a task it kills
+    proc.wait(timeout=120)
+    deadline = time.time() + 60
+    while site_jobs("long_job-", "PENDING,RUNNING,COMPLETING"):
+        assert time.time() < deadline, "the job outlived its killed task"
+        time.sleep(0.5)
+
+
+def test_a_retry_after_a_worker_crash_reattaches_instead_of_resubmitting(testsite_env):
+    env = {**testsite_env, "LONG_JOB": "sleep 6; echo finished once", "AIRFLOW__CORE__DAGS_FOLDER": str(HERE / "dags")}
+    when = "2026-04-01T00:00:00+00:00"
+    before = set(site_jobs("long_job-"))
+    proc = subprocess.Popen([sys.executable, str(HERE / "harness.py"), str(HERE / "dags" / "offload_long.py"), when],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 120
+    while not (set(site_jobs("long_job-", "RUNNING")) - before):
+        assert time.time() < deadline
+        time.sleep(0.3)
+    proc.kill()  # the worker dies: no on_kill, the job keeps running on the site
+    proc.wait()
+    results, output = run_dag(env, HERE / "dags" / "offload_long.py", when)  # Airflow runs the task again
+    assert results["state"] == "success", output[-4000:]
+    assert "Reattaching to job" in output
+    assert results["xcoms"]["long_job[-1]"]["return_value"] == "finished once"
+    assert len(set(site_jobs("long_job-")) - before) == 1, "the work was submitted twice"
