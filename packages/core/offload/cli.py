@@ -265,6 +265,85 @@ def _exit_code(job: Job, status: JobStatus) -> int:
     return 128 + status.signal if status.signal else 1
 
 
+# -- jupyter -------------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--site", "site_name", help="Site profile.")
+@click.option("--gpus", type=int, default=0, show_default=True)
+@click.option("--cpus", type=int)
+@click.option("--memory")
+@click.option("--time", "walltime", help="Walltime, HH:MM:SS.")
+@click.option("--image", help="Container image with JupyterLab (default: the site's).")
+@click.option("--root", help="Directory JupyterLab serves, as seen inside the container (default: the job's).")
+@click.option("--no-browser", is_flag=True, help="Print the URL, do not open a browser.")
+@click.option("--detach", is_flag=True, help="Leave the server running when this command ends.")
+@click.option("--attach", "attach_job", metavar="JOB", help="Reconnect to a server started with --detach.")
+def jupyter(
+    site_name: str | None,
+    gpus: int,
+    cpus: int | None,
+    memory: str | None,
+    walltime: str | None,
+    image: str | None,
+    root: str | None,
+    no_browser: bool,
+    detach: bool,
+    attach_job: str | None,
+) -> None:
+    """JupyterLab on a compute node, in the site's container, reached through a local port forward."""
+    from offload import jupyter as jl
+
+    def progress(text: str) -> None:
+        click.echo(f"offload: {text}", err=True)
+
+    with _user_errors():
+        if attach_job:
+            job = _resolve(attach_job, site_name)
+            token = jl.saved_token(job.site, job.id)
+        else:
+            job, token = jl.start(load_site(site_name), gpus=gpus, image=image, walltime=walltime, cpus=cpus,
+                                  memory=memory, root=root)  # fmt: skip
+            click.echo(f"offload: submitted JupyterLab as job {job.id} to '{job.site.name}'", err=True)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    session = None
+    try:
+        with _user_errors():
+            session = jl.connect(job, token, progress)
+        click.echo(session.url)
+        click.echo(f"offload: JupyterLab is up (job {job.id}). Ctrl-C ends it"
+                   + (" (it keeps running: --detach)" if detach else ""), err=True)  # fmt: skip
+        if not no_browser:
+            import webbrowser
+
+            webbrowser.open(session.url)
+        with _user_errors():
+            status = job.wait()
+        click.echo(f"offload: the Jupyter job ended {status.describe()}", err=True)
+    except KeyboardInterrupt:
+        if session is not None:
+            session.close(cancel=not detach)
+        elif not detach:
+            job.cancel()
+        click.echo(f"\noffload: {'left job ' + job.id + ' running' if detach else 'cancelled job ' + job.id}",
+                   err=True)  # fmt: skip
+        sys.exit(0 if detach else 130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@main.command()
+@click.argument("job_id", metavar="JOB")
+@click.option("--site", "site_name")
+@click.argument("command", nargs=-1)
+def shell(job_id: str, site_name: str | None, command: tuple[str, ...]) -> None:
+    """An interactive shell (or COMMAND) inside a running job's container, on its node."""
+    with _user_errors():
+        job = _resolve(job_id, site_name)
+        code = job.site.shell(job, list(command) or ["bash", "-l"])
+    sys.exit(code)
+
+
 # -- status, logs, cancel ------------------------------------------------------------------------------
 
 

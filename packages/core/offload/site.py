@@ -335,6 +335,26 @@ class Site:
         """This machine's records of jobs on this site, newest first."""
         return self._records.find(self.name, name, limit)
 
+    # -- an interactive shell inside a running job ------------------------------------------------------
+
+    async def _shell(self, job: Job, argv: list[str]) -> int:
+        record = self._records.get(self.name, job.id)
+        image = (record.image if record else None) or self.config.image
+        ctx = ContainerContext(image=image, jobdir=job.ref.jobdir or None)
+        inner = self._runtime.command(argv, ctx)
+        prelude = self._runtime.prelude(ctx)
+        command = ["bash", "-c", "; ".join([*self.config.setup, *prelude, "exec " + shlex.join(inner)])]
+        step = await self._scheduler.interactive(self._transport, job.ref, command)
+        return await self._transport.interactive(step)
+
+    def shell(self, job: Job, argv: Sequence[str] = ("bash", "-l")) -> int:
+        """Run ``argv`` (default: a login shell) inside ``job``'s container on its node, attached to this
+        terminal; returns its exit code. On SLURM this is a step of the job (``srun --overlap --pty``)."""
+        status = job.status()
+        if status.state is not JobState.RUNNING:
+            raise ConfigError(f"job {job.id} is {status.describe()}: a shell needs a running job")
+        return _loop.run(self._shell(job, list(argv)))
+
     # -- reaching services on the site -----------------------------------------------------------------
 
     async def aforward(self, remote_host: str, remote_port: int, local_port: int = 0) -> Forward:

@@ -34,3 +34,12 @@ class Scheduler(Protocol):
     async def cancel(self, transport: Transport, refs: Sequence[JobRef]) -> None:
         """Cancel all ``refs`` in one call."""
         ...
+
+    async def interactive(self, transport: Transport, ref: JobRef, argv: list[str]) -> list[str]:
+        """The argv that runs ``argv`` attached to a terminal inside the running job ``ref``."""
+        ...
+
+    async def find(self, transport: Transport, name: str) -> list[JobRef]:
+        """Jobs of this user with this name still known to the scheduler, newest first (optional: without
+        it, offload looks in this machine's job records)."""
+        ...

@@ -62,6 +62,9 @@ class LocalScheduler:
                 statuses[ref.id] = JobStatus(JobState.CANCELLED, "cancelled by the user")
         return statuses
 
+    async def interactive(self, transport: Transport, ref: JobRef, argv: list[str]) -> list[str]:
+        return argv  # local jobs run on this machine: the shell can simply start here
+
     async def cancel(self, transport: Transport, refs: Sequence[JobRef]) -> None:
         script = (
             'while [ "$#" -gt 0 ]; do pid=$1; dir=$2; shift 2; '

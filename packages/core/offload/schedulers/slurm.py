@@ -177,6 +177,14 @@ class SlurmScheduler:
             statuses.update(await exit_code_files(transport, rest))
         return statuses
 
+    async def interactive(self, transport: Transport, ref: JobRef, argv: list[str]) -> list[str]:
+        """A step in the running job, sharing its resources, with a terminal."""
+        job_id = ref.id
+        if "_" in job_id:  # srun wants the array task's own job id
+            out = await transport.run(["squeue", "--noheader", f"--jobs={job_id}", "--Format=JobID"])
+            job_id = out.stdout.strip() or job_id
+        return ["srun", f"--jobid={job_id}", "--overlap", "--pty", *argv]
+
     async def find(self, transport: Transport, name: str) -> list[JobRef]:
         """Jobs of the site's user with this name that slurmctld still knows (queued or recently ended),
         newest first. Their job directory is their working directory (offload submits with --chdir)."""

@@ -41,6 +41,10 @@ class PortForward(Protocol):
     @property
     def local_port(self) -> int: ...
 
+    async def interactive(self, argv: Sequence[str]) -> int:
+        """Run ``argv`` attached to this process's terminal (a PTY on the far side); return its exit code."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -77,6 +81,10 @@ class Transport(Protocol):
 
     async def forward_local_port(self, remote_host: str, remote_port: int, local_port: int = 0) -> PortForward:
         """Listen on 127.0.0.1:``local_port`` (0: any free port) and forward to the site's host:port."""
+        ...
+
+    async def interactive(self, argv: Sequence[str]) -> int:
+        """Run ``argv`` attached to this process's terminal (a PTY on the far side); return its exit code."""
         ...
 
     async def close(self) -> None: ...

@@ -22,6 +22,10 @@ class _NoForward:
     def local_port(self) -> int:
         return self._port
 
+    async def interactive(self, argv: Sequence[str]) -> int:
+        process = await asyncio.create_subprocess_exec(*argv)  # inherits this terminal
+        return await process.wait()
+
     async def close(self) -> None:
         return None
 
@@ -85,6 +89,10 @@ class LocalTransport:
 
     async def forward_local_port(self, remote_host: str, remote_port: int, local_port: int = 0) -> _NoForward:
         return _NoForward(remote_port)
+
+    async def interactive(self, argv: Sequence[str]) -> int:
+        process = await asyncio.create_subprocess_exec(*argv)  # inherits this terminal
+        return await process.wait()
 
     async def close(self) -> None:
         return None

@@ -237,6 +237,31 @@ class SSHTransport:
         if self._conn is conn:
             conn.abort()
 
+    async def interactive(self, argv: Sequence[str]) -> int:
+        import os
+        import shutil
+        import sys
+        import termios
+        import tty
+
+        conn = await self._connection()
+        tty_in = sys.stdin.isatty()
+        size = shutil.get_terminal_size()
+        process = await conn.create_process(
+            shlex.join(argv), term_type=os.environ.get("TERM", "xterm") if tty_in else None,
+            term_size=(size.columns, size.lines) if tty_in else None, encoding=None,
+            stdin=os.dup(sys.stdin.fileno()), stdout=os.dup(sys.stdout.fileno()), stderr=os.dup(sys.stderr.fileno()),
+        )  # fmt: skip
+        saved = termios.tcgetattr(sys.stdin.fileno()) if tty_in else None
+        try:
+            if tty_in:
+                tty.setraw(sys.stdin.fileno())
+            await process.wait_closed()
+        finally:
+            if saved is not None:
+                termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, saved)
+        return process.exit_status if process.exit_status is not None else 255
+
     # -- files ------------------------------------------------------------------------------------------
 
     async def _sftp_client(self) -> asyncssh.SFTPClient:

@@ -1,0 +1,156 @@
+"""JupyterLab as a job: ``offload jupyter``.
+
+The server runs inside the container on a compute node; you reach it through a 127.0.0.1 port forward on the
+site's SSH connection. What today's tools get wrong, and this does not:
+
+* the token is made here and travels as a secret, never in a script, a log or a command line;
+* the port is picked free on the node, not a fixed 8888 that collides on shared GPU nodes, and the job
+  reports it in its directory, so nothing guesses;
+* the forward opens once the server answers, not after a fixed sleep;
+* Jupyter gets a job-private runtime dir (an inherited ``XDG_RUNTIME_DIR`` breaks it inside containers);
+* ending the session cancels the job; ``--detach`` keeps it and ``--attach JOB`` reconnects with the same token.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from offload.errors import JobFailedError, OffloadError
+from offload.jobs import Job, JobState
+from offload.records import default_path
+from offload.site import Forward, Site
+from offload.spec import JobSpec, Resources
+
+LAUNCHER = r"""
+import json, os, socket, sys
+d = os.environ["OFFLOAD_JOB_DIR"]
+for var, sub in (("JUPYTER_RUNTIME_DIR", "runtime"), ("JUPYTER_DATA_DIR", "data"), ("IPYTHONDIR", "ipython"),
+                 ("JUPYTER_CONFIG_DIR", "config"), ("JUPYTERLAB_WORKSPACES_DIR", "workspaces"),
+                 ("JUPYTERLAB_SETTINGS_DIR", "settings")):
+    path = os.path.join(d, "jupyter", sub)
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    os.environ[var] = path
+os.environ.pop("XDG_RUNTIME_DIR", None)  # the login session's: wrong here, and fatal inside containers
+if not os.access(os.environ.get("HOME", "/nonexistent"), os.W_OK):
+    os.environ["HOME"] = d  # a container without the home directory: kernels still need a writable one
+probe = socket.socket()
+probe.bind(("", 0))
+port = probe.getsockname()[1]
+probe.close()
+host = socket.gethostname()
+try:
+    ip = socket.gethostbyname(host)
+except OSError:
+    ip = host
+with open(os.path.join(d, "jupyter.json.tmp"), "w") as f:
+    json.dump({"host": host, "ip": ip, "port": port}, f)
+os.rename(os.path.join(d, "jupyter.json.tmp"), os.path.join(d, "jupyter.json"))
+root = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] else None
+if root is None:  # the home directory if the container has it, else a fresh one: never the job's own
+    home = os.environ.get("HOME", "")
+    root = home if home != d and os.access(home, os.W_OK) else os.path.join(d, "notebooks")
+    os.makedirs(root, exist_ok=True)
+print(f"JupyterLab on {host}:{port}, serving {root}", flush=True)
+argv = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=0.0.0.0", f"--port={port}",
+        "--ServerApp.port_retries=0", f"--ServerApp.root_dir={root}", "--ServerApp.allow_remote_access=True",
+        "--LabApp.news_url=None"]
+if os.getuid() == 0:
+    argv.append("--allow-root")  # a laptop's local site run as root (containers run as the user)
+os.execvp(sys.executable, argv)
+"""
+
+NAME = "jupyter"
+
+
+@dataclass
+class Session:
+    job: Job
+    token: str
+    forward: Forward
+    url: str
+
+    def close(self, cancel: bool) -> None:
+        self.forward.close()
+        if cancel:
+            self.job.cancel()
+
+
+def _token_file(site: Site, job_id: str) -> Path:
+    return default_path().parent / "jupyter" / f"{site.name}-{job_id}.token"
+
+
+def start(site: Site, *, gpus: int = 0, image: str | None = None, walltime: str | None = None,
+          cpus: int | None = None, memory: str | None = None, root: str | None = None) -> tuple[Job, str]:  # fmt: skip
+    """Submit JupyterLab as a job; returns the job and its token (also kept, 0600, for ``--attach``)."""
+    token = secrets.token_urlsafe(32)
+    local = site.config.transport == "local" and site.config.runtime == "none"
+    spec = JobSpec(
+        [sys.executable if local else "python3", "-c", LAUNCHER, root or ""], image=image,
+        resources=Resources(gpus=gpus, cpus=cpus, memory=memory, walltime=walltime),
+        secrets={"JUPYTER_TOKEN": token}, name=NAME,
+    )  # fmt: skip
+    site.validate(spec)
+    job = site.submit(spec)
+    path = _token_file(site, job.id)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token)
+    return job, token
+
+
+def saved_token(site: Site, job_id: str) -> str:
+    path = _token_file(site, job_id)
+    if not path.exists():
+        raise OffloadError(f"no saved token for job {job_id} on {site.name}: was it started with 'offload jupyter' "
+                           "from this machine?")  # fmt: skip
+    return path.read_text().strip()
+
+
+def connect(job: Job, token: str, progress: Callable[[str], None] = lambda text: None,
+            timeout: float = 3600) -> Session:  # fmt: skip
+    """Wait for the job to report its port, forward it, and wait until the server answers."""
+    deadline = time.monotonic() + timeout
+    shown = ""
+    info = None
+    while info is None:
+        status = job.status()
+        if status.state.is_terminal:
+            raise JobFailedError(f"the Jupyter job {job.id} ended {status.describe()}:\n{job.tail()}",
+                                 job_id=job.id, state=status.state.value, exit_code=status.exit_code,
+                                 log_tail=job.tail())  # fmt: skip
+        if status.describe() != shown:
+            shown = status.describe()
+            progress(f"job {job.id} {shown}" + (f" on {status.node}" if status.node else ""))
+        raw = job.get("jupyter.json") if status.state is JobState.RUNNING else b""
+        if raw:
+            info = json.loads(raw)
+            break
+        if time.monotonic() > deadline:
+            raise OffloadError(f"the Jupyter job {job.id} did not start within {timeout:.0f} s")
+        time.sleep(min(1.0, job.site.config.poll_interval))
+    progress(f"JupyterLab starting on {info['host']}:{info['port']}")
+    forward = job.site.forward(info["ip"], int(info["port"]))
+    base = f"http://127.0.0.1:{forward.local_port}"
+    while True:
+        try:
+            with urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=5) as response:
+                if response.status == 200:
+                    break
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        status = job.status(refresh=False)
+        if status.state.is_terminal or time.monotonic() > deadline:
+            forward.close()
+            raise OffloadError(f"JupyterLab in job {job.id} never answered ({status.describe()}):\n{job.tail()}")
+        time.sleep(0.3)
+    return Session(job, token, forward, f"{base}/lab?token={token}")
