@@ -49,6 +49,18 @@ def _env_pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
     return pairs
 
 
+def _local_files(items: tuple[str, ...]) -> dict[str, bytes]:
+    staged = {}
+    for item in items:
+        path, _, name = item.partition(":")
+        source = os.path.expanduser(path)
+        if not os.path.isfile(source):
+            raise ConfigError(f"--file {path!r}: no such file here")
+        with open(source, "rb") as f:
+            staged[name or os.path.basename(source)] = f.read()
+    return staged
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="offload")
 def main() -> None:
@@ -152,7 +164,14 @@ def doctor(site_name: str | None) -> None:
 @click.option("--env", "env", multiple=True, metavar="K=V", help="Environment for the payload (repeatable).")
 @click.option("--secret", "secret", multiple=True, metavar="K=V", help="Secret env var, never written to scripts.")
 @click.option("--mount", "mounts", multiple=True, metavar="SRC[:DST[:ro]]", help="Bind a site path (repeatable).")
-@click.option("--workdir", help="Working directory inside the container.")
+@click.option("--workdir", help="Working directory inside the container (default: the job's directory).")
+@click.option(
+    "--file",
+    "files",
+    multiple=True,
+    metavar="PATH[:NAME]",
+    help="Stage a local file into the job's directory (repeatable), e.g. --file train.py",
+)
 @click.option("--name", help="Job name.")
 @click.option("--detach", is_flag=True, help="Submit, print the job id and return; the job keeps running.")
 @click.argument("command", nargs=-1, required=True)
@@ -171,6 +190,7 @@ def run(
     secret: tuple[str, ...],
     mounts: tuple[str, ...],
     workdir: str | None,
+    files: tuple[str, ...],
     name: str | None,
     detach: bool,
     command: tuple[str, ...],
@@ -198,6 +218,7 @@ def run(
             mounts=tuple(Mount.parse(m) for m in mounts),
             workdir=workdir,
             name=name,
+            files=_local_files(files),
         )
         site = load_site(site_name)
         site.validate(spec)

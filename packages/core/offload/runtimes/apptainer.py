@@ -37,6 +37,6 @@ class ApptainerRuntime:
         for mount in ctx.mounts:
             spec = f"{mount.source}:{mount.destination}"
             args += ["--bind", spec + (":ro" if mount.read_only else "")]
-        if ctx.workdir:
-            args += ["--pwd", ctx.workdir]
+        if ctx.workdir or ctx.jobdir:
+            args += ["--pwd", ctx.workdir or ctx.jobdir]
         return [*args, *options, image, *argv]

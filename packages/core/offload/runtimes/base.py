@@ -7,8 +7,9 @@ must see, working directory, GPU count, the site's runtime options) and returns
   ``APPTAINERENV_*`` exports, so values never appear on a command line), and
 * ``command(argv, ctx)``: the argv that runs the payload in the container.
 
-The job's own directory (``ctx.jobdir``) is visible inside the container at ``$OFFLOAD_JOB_DIR``: payloads
-write results there and offload stages inputs there (``Job.put``/``Job.get``).
+The job's own directory (``ctx.jobdir``) is visible inside the container at ``$OFFLOAD_JOB_DIR``, and is the
+payload's working directory unless ``ctx.workdir`` says otherwise: payloads find their staged files
+(``JobSpec.files``) by relative path and write results there (``Job.get``).
 
 Every runtime must: run the payload with exactly the given argv; pass every name of ``ctx.env_names`` and the
 scheduler's GPU variables (``CUDA_VISIBLE_DEVICES`` and friends) into the container; bind the mounts; start in

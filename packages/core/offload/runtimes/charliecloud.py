@@ -44,6 +44,6 @@ class CharliecloudRuntime:
             args += ["-b", f"{ctx.jobdir}:{JOB_DIR}", f"--set-env=OFFLOAD_JOB_DIR={JOB_DIR}"]
         for mount in ctx.mounts:
             args += ["-b", f"{mount.source}:{mount.destination}"]
-        if ctx.workdir:
-            args += ["-c", ctx.workdir]
+        if ctx.workdir or ctx.jobdir:
+            args += ["-c", ctx.workdir or JOB_DIR]
         return [*args, *self.options, *ctx.options, require_image(self.name, ctx), "--", *argv]

@@ -29,8 +29,8 @@ class PodmanRuntime:
             args += ["-v", f"{ctx.jobdir}:{ctx.jobdir}"]
         for mount in ctx.mounts:
             args += ["-v", f"{mount.source}:{mount.destination}" + (":ro" if mount.read_only else "")]
-        if ctx.workdir:
-            args += ["-w", ctx.workdir]
+        if ctx.workdir or ctx.jobdir:
+            args += ["-w", ctx.workdir or ctx.jobdir]
         for name in (*ctx.env_names, *PASSTHROUGH):
             args += ["-e", name]  # a bare name copies the value from the job's environment, if set
         return [*args, *self.options, *ctx.options, require_image(self.name, ctx), *argv]

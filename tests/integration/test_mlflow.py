@@ -1,0 +1,99 @@
+"""User story 1: training tracked in a real MLflow server (SQLite backend, artifacts served by the server),
+run on the test site with 2 GPUs through offload, then read back with MLflow's own client."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+mlflow = pytest.importorskip("mlflow")
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+EXAMPLE = Path(__file__).parents[2] / "examples" / "mlflow_training"
+
+
+@pytest.fixture(scope="module")
+def tracking_uri(tmp_path_factory):
+    home = tmp_path_factory.mktemp("mlflow")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = (home / "server.log").open("w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{home}/mlflow.db", "--serve-artifacts",
+         "--artifacts-destination", str(home / "artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=log,
+    )  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=2)
+            break
+        except OSError:
+            assert time.time() < deadline and server.poll() is None, (home / "server.log").read_text()[-3000:]
+            time.sleep(0.5)
+    yield uri
+    server.terminate()
+    server.wait(30)
+    log.close()
+
+
+def check_run(uri: str, run_id: str, gpus: str) -> None:
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["epochs"] == "12" and run.data.params["gpus"] == gpus
+    history = client.get_metric_history(run_id, "val_accuracy")
+    assert [m.step for m in history] == list(range(12))  # one point per epoch
+    assert history[-1].value > 0.8
+    artifacts = {a.path for a in client.list_artifacts(run_id, "model")}
+    assert {"model/weights.npz", "model/model.json"} <= artifacts
+    local = client.download_artifacts(run_id, "model/model.json")
+    assert '"logistic-regression"' in Path(local).read_text()
+
+
+def test_submit_example_on_two_gpus_of_the_test_site(testsite_config, tracking_uri):
+    result = subprocess.run([sys.executable, str(EXAMPLE / "submit.py"), "--site", "testsite", "--gpus", "2",
+                             "--tracking-uri", tracking_uri, "--epochs", "12"],
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr + result.stdout
+    run_id = result.stderr.split("run ")[1].split(":")[0]
+    check_run(tracking_uri, run_id, gpus="0,1")
+    assert f"runs/{run_id}" in result.stdout  # the UI link
+    script = subprocess.run([sys.executable, "-m", "offload.cli", "status", "--name", "mlflow-train", "--limit", "1"],
+                            capture_output=True, text=True).stdout  # fmt: skip
+    assert "COMPLETED" in script
+
+
+def test_offload_run_with_the_tracking_uri_as_a_secret(testsite_config, tracking_uri):
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("cli") or client.get_experiment(client.create_experiment("cli"))
+    run = client.create_run(experiment.experiment_id)
+    result = subprocess.run(
+        [sys.executable, "-m", "offload.cli", "run", "--site", "testsite", "--gpus", "2",
+         "--file", str(EXAMPLE / "train.py"), "--secret", f"MLFLOW_TRACKING_URI={tracking_uri}",
+         "--env", f"MLFLOW_RUN_ID={run.info.run_id}", "--name", "mlflow-cli", "--",
+         "python3", "train.py", "--epochs", "12"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert "epoch  11" in result.stdout
+    check_run(tracking_uri, run.info.run_id, gpus="0,1")
+    ours = [line for line in result.stderr.splitlines() if line.startswith("offload:")]
+    assert ours and not any(tracking_uri in line for line in ours)  # offload never echoes a secret
+
+
+def test_submit_example_on_the_local_site(tracking_uri, tmp_path):
+    env = {**os.environ, "OFFLOAD_CONFIG": str(tmp_path / "none.toml"), "OFFLOAD_SITE": "local"}
+    (tmp_path / "none.toml").write_text("")
+    result = subprocess.run([sys.executable, str(EXAMPLE / "submit.py"), "--tracking-uri", tracking_uri,
+                             "--epochs", "12"], capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert result.returncode == 0, result.stderr + result.stdout
+    check_run(tracking_uri, result.stderr.split("run ")[1].split(":")[0], gpus="none")
