@@ -1,9 +1,9 @@
 """``OffloadOperator``: run a container as a SLURM job on an HPC site, sync or deferrable.
 
-A task instance's job has a deterministic name (dag, task, run, map index), so a worker that crashed or a
-retry finds it on the site and **reattaches** instead of submitting the work twice: a queued or running job
-is followed again, a completed one gives its result, a failed one is submitted anew. Because the name is on
-the site itself, this needs no state written between submitting and polling (the gap Airflow's
+A task instance's job has a deterministic name (dag, task, run, map index), so when a worker dies while its
+job queues or runs, the retry finds that job on the site and **reattaches** instead of submitting the work
+twice. A job that already ended is not reused: a retry or a cleared task runs the work again. Because the
+name is on the site itself, this needs no state written between submitting and polling (the gap Airflow's
 ``ResumableJobMixin`` documents) and works from any worker.
 """
 
@@ -149,15 +149,13 @@ class OffloadOperator(BaseOperator):
         return self._finish(context, job, job.status(), last)
 
     def _reattach_or_submit(self, site: offload.Site, spec: offload.JobSpec) -> offload.Job:
+        # Only a job still queued or running is taken over: one that ended (even successfully) is not reused,
+        # so a retry or a cleared task does the work again, as Airflow users expect.
         for job in site.find(spec.name or ""):
             status = job.status()
             if not status.state.is_terminal:
                 self.log.info("Reattaching to job %s (%s), left by an earlier try", job.id, status.describe())
                 return job
-            if status.state is offload.JobState.COMPLETED:
-                self.log.info("Job %s of an earlier try already completed; using its result", job.id)
-                return job
-            break  # the newest failed: a real retry, submit again
         job = site.submit(spec)
         self.log.info("Submitted job %s to site %s (directory %s)", job.id, site.name, job.ref.jobdir)
         return job

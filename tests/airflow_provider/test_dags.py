@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from .conftest import HERE, REPO, run_dag
+from .conftest import HERE, REPO, run_dag, unique_date
 
 pytestmark = pytest.mark.integration
 EXAMPLE = REPO / "examples" / "airflow" / "offload_example.py"
@@ -20,7 +20,7 @@ def site_jobs(name_prefix: str, states: str = "all") -> list[str]:
 
 
 def test_example_dag_runs_end_to_end(testsite_env):
-    results, output = run_dag(testsite_env, EXAMPLE, "2026-02-01T00:00:00+00:00")
+    results, output = run_dag(testsite_env, EXAMPLE)
     assert results["state"] == "success", output[-5000:]
     x = results["xcoms"]
     assert str(x["prepare[-1]"]["return_value"]) == "10"  # the last line of its output
@@ -47,7 +47,7 @@ def test_failures_fail_their_tasks_with_the_jobs_log_tail(testsite_env):
 def test_killing_the_task_cancels_the_job(testsite_env, deferrable):
     env = {**testsite_env, "LONG_JOB": "sleep 300", "LONG_DEFERRABLE": deferrable,
            "AIRFLOW__CORE__DAGS_FOLDER": str(HERE / "dags")}  # fmt: skip
-    when = f"2026-03-0{1 + int(deferrable)}T00:00:00+00:00"
+    when = unique_date()
     proc = subprocess.Popen([sys.executable, str(HERE / "harness.py"), str(HERE / "dags" / "offload_long.py"), when],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     deadline = time.time() + 120
@@ -64,14 +64,17 @@ def test_killing_the_task_cancels_the_job(testsite_env, deferrable):
 
 def test_a_retry_after_a_worker_crash_reattaches_instead_of_resubmitting(testsite_env):
     env = {**testsite_env, "LONG_JOB": "sleep 6; echo finished once", "AIRFLOW__CORE__DAGS_FOLDER": str(HERE / "dags")}
-    when = "2026-04-01T00:00:00+00:00"
+    when = unique_date()
     before = set(site_jobs("long_job-"))
-    proc = subprocess.Popen([sys.executable, str(HERE / "harness.py"), str(HERE / "dags" / "offload_long.py"), when],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 120
-    while not (set(site_jobs("long_job-", "RUNNING")) - before):
-        assert time.time() < deadline
-        time.sleep(0.3)
+    log = HERE.parent.parent / "test-artifacts" / "crashed-worker.log"
+    log.parent.mkdir(exist_ok=True)
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, str(HERE / "harness.py"), str(HERE / "dags" / "offload_long.py"),
+                                 when], env=env, stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+        deadline = time.time() + 120
+        while not (set(site_jobs("long_job-", "RUNNING")) - before):
+            assert time.time() < deadline and proc.poll() is None, log.read_text()[-4000:]
+            time.sleep(0.3)
     proc.kill()  # the worker dies: no on_kill, the job keeps running on the site
     proc.wait()
     results, output = run_dag(env, HERE / "dags" / "offload_long.py", when)  # Airflow runs the task again

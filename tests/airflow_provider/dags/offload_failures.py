@@ -1,4 +1,4 @@
-"""Tasks that fail on the site, for tests/airflow: a non-zero exit, and an exception in @task.offload."""
+"""Tasks that fail on the site, for tests/airflow_provider: a non-zero exit, and an exception in @task.offload."""
 
 from airflow.sdk import dag, task
 

@@ -1,5 +1,5 @@
 """The Airflow tests: a real Airflow 3.3 with its SQLite metadata DB in a temporary AIRFLOW_HOME; DAGs run
-with ``dag.test()`` in a subprocess (tests/airflow/harness.py), so each run is a fresh Airflow process."""
+with ``dag.test()`` in a subprocess (tests/airflow_provider/harness.py), so each run is a fresh Airflow process."""
 
 from __future__ import annotations
 
@@ -46,8 +46,16 @@ def testsite_env(airflow_env) -> dict[str, str]:
     return {**airflow_env, "OFFLOAD_CONFIG": str(config), "OFFLOAD_SITE": "testsite"}
 
 
-def run_dag(env: dict[str, str], dag_file: Path, when: str = "2026-01-01T00:00:00+00:00", **popen):
+def unique_date() -> str:
+    """A logical date (hence run id, hence job names) no earlier test run on this site has used."""
+    import datetime
+
+    return datetime.datetime.now(datetime.UTC).isoformat()
+
+
+def run_dag(env: dict[str, str], dag_file: Path, when: str | None = None):
     """Run a DAG file to the end; return (results, combined output)."""
+    when = when or unique_date()
     env = {**env, "AIRFLOW__CORE__DAGS_FOLDER": str(dag_file.parent)}
     proc = subprocess.run([sys.executable, str(HERE / "harness.py"), str(dag_file), when], env=env,
                           capture_output=True, text=True, timeout=900)  # fmt: skip

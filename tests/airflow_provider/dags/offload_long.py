@@ -1,4 +1,4 @@
-"""A task whose job runs for a while, for the kill and reattach tests in tests/airflow."""
+"""A task whose job runs for a while, for the kill and reattach tests in tests/airflow_provider."""
 
 import os
 
