@@ -41,12 +41,16 @@ def site_config(port: int | None = None, known_hosts: str | None = None):
     return config.with_overrides(**changes) if changes else config
 
 
+NAMES = ("bench", "bench-loop", "bench-conn")  # every job the benchmark submits carries one of these
+
+
 def cancel_all() -> None:
-    user = site_config().user
-    subprocess.run(["scancel", f"--user={user}"], check=False)
-    subprocess.run(["scancel", "--user=root"], check=False)
+    """Cancel what the benchmark submitted (by name: other users of the site are left alone)."""
+    for name in NAMES:
+        subprocess.run(["scancel", f"--name={name}"], check=False)
     for _ in range(300):
-        if not subprocess.run(["squeue", "--noheader"], capture_output=True, text=True).stdout.strip():
+        out = subprocess.run(["squeue", "--noheader", "--format=%j"], capture_output=True, text=True).stdout
+        if not set(out.split()) & set(NAMES):
             return
         time.sleep(0.1)
 
@@ -54,11 +58,12 @@ def cancel_all() -> None:
 def offload_rate(identical: bool, config=None) -> float:
     site = offload.Site(config or site_config())
     try:
-        site.submit(offload.JobSpec(["true"], resources=offload.Resources(extra=HOLD)))  # connect, resolve workdir
+        held = offload.Resources(extra=HOLD)
+        site.submit(offload.JobSpec(["true"], resources=held, name="bench"))  # connect, resolve the workdir
         if identical:
-            specs = [offload.JobSpec(["true"], resources=offload.Resources(extra=HOLD))] * JOBS
+            specs = [offload.JobSpec(["true"], resources=held, name="bench")] * JOBS
         else:
-            specs = [offload.JobSpec(["true", str(i)], resources=offload.Resources(extra=HOLD)) for i in range(JOBS)]
+            specs = [offload.JobSpec(["true", str(i)], resources=held, name="bench") for i in range(JOBS)]
         start = time.perf_counter()
         jobs = site.submit_many(specs)
         elapsed = time.perf_counter() - start
@@ -71,7 +76,7 @@ def offload_rate(identical: bool, config=None) -> float:
 
 def sbatch_loop_rate() -> float:
     script = Path(tempfile.mkdtemp()) / "job.sh"
-    script.write_text("#!/bin/bash\n#SBATCH --output=/dev/null\ntrue\n")
+    script.write_text("#!/bin/bash\n#SBATCH --output=/dev/null\n#SBATCH --job-name=bench-loop\ntrue\n")
     loop = f"for i in $(seq {JOBS}); do sbatch --parsable --hold {script} >/dev/null || exit 1; done"
     start = time.perf_counter()
     subprocess.run(["bash", "-c", loop], check=True)
@@ -87,7 +92,8 @@ def per_connection_rate(config=None) -> float:
         async with asyncssh.connect(config.host, port=config.port, username=config.user,
                                     client_keys=list(config.identity_files),
                                     known_hosts=config.known_hosts) as conn:  # fmt: skip
-            result = await conn.run("sbatch --parsable --hold --output=/dev/null --wrap true", check=True)
+            result = await conn.run("sbatch --parsable --hold --job-name=bench-conn --output=/dev/null --wrap true",
+                                    check=True)  # fmt: skip
             assert result.stdout.strip().isdigit()
 
     async def run() -> float:
@@ -190,8 +196,8 @@ def polling_rows(window: float = 10.0) -> list[Comparison]:
     """Scheduler calls per minute while 200 jobs are watched, offload's poller vs one query per job."""
     site = offload.Site(site_config())
     try:
-        jobs = site.submit_many([offload.JobSpec(["true", str(i)], resources=offload.Resources(extra=HOLD))
-                                 for i in range(JOBS)])  # fmt: skip
+        jobs = site.submit_many([offload.JobSpec(["true", str(i)], resources=offload.Resources(extra=HOLD),
+                                                 name="bench") for i in range(JOBS)])  # fmt: skip
         before = site.transport.stats["run:squeue"]
 
         async def watch() -> None:

@@ -97,3 +97,27 @@ def test_submit_example_on_the_local_site(tracking_uri, tmp_path):
                              "--epochs", "12"], capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
     assert result.returncode == 0, result.stderr + result.stdout
     check_run(tracking_uri, result.stderr.split("run ")[1].split(":")[0], gpus="none")
+
+
+def test_dask_workers_log_to_mlflow_with_the_uri_as_a_secret(testsite_config, tracking_uri, site_user):
+    from distributed import Client
+
+    from dask_offload import OffloadCluster
+
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("dask") or client.get_experiment(client.create_experiment("dask"))
+    run = client.create_run(experiment.experiment_id)
+
+    def score(shard: int, run_id: str) -> int:
+        import mlflow  # the image's mlflow-skinny; the URI comes from the worker's environment (a secret)
+
+        mlflow.tracking.MlflowClient().log_metric(run_id, "shard_score", shard * 0.5, step=shard)
+        return shard
+
+    with OffloadCluster(site="testsite", gpus=2, secrets={"MLFLOW_TRACKING_URI": tracking_uri}) as cluster:
+        assert tracking_uri not in cluster.job_script()
+        with Client(cluster) as dask_client:
+            futures = dask_client.map(score, range(4), run_id=run.info.run_id, resources={"GPU": 1})
+            assert sorted(dask_client.gather(futures)) == [0, 1, 2, 3]
+    history = client.get_metric_history(run.info.run_id, "shard_score")
+    assert sorted(m.step for m in history) == [0, 1, 2, 3]

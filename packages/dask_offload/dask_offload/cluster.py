@@ -22,13 +22,13 @@ import json
 import logging
 import math
 import platform
-import secrets
 import signal
 import sys
 import threading
 import time
 import weakref
 from pathlib import Path
+from secrets import token_hex
 from typing import Any
 
 import dask.config
@@ -97,9 +97,10 @@ class _Shared:
         return self.options.get("python") or (sys.executable if local else "python3")
 
     def secrets(self) -> dict[str, str]:
+        given = dict(self.options.get("secrets") or {})
         if self.security is None or not self.security.require_encryption:
-            return {}
-        return {
+            return given
+        return given | {
             "OFFLOAD_DASK_TLS_CA": self.security.tls_ca_file,
             "OFFLOAD_DASK_TLS_CERT": self.security.tls_worker_cert,
             "OFFLOAD_DASK_TLS_KEY": self.security.tls_worker_key,
@@ -346,6 +347,8 @@ class OffloadCluster(SpecCluster):
     cores, memory: threads and memory of each worker
     processes: CPU workers per job (GPU clusters pack the site's ``gpus_per_node`` instead)
     walltime, image, partition, account, qos, job_extra, env: what every job gets
+    secrets: environment every job gets as secrets (e.g. ``MLFLOW_TRACKING_URI`` and its credentials): never
+        written into a script or a log
     scheduler: ``"site"`` (a job on the site, reached by SSH port forward) or ``"local"`` (in this process)
     tls: per-cluster temporary TLS certificates (default True); or pass ``security=Security(...)``
     name: the cluster's name, which tags its jobs (``offload status --name``, ``offload cancel --name``)
@@ -367,6 +370,7 @@ class OffloadCluster(SpecCluster):
         security: Security | None = None,
         name: str | None = None,
         env: dict[str, str] | None = None,
+        secrets: dict[str, str] | None = None,
         partition: str | None = None,
         account: str | None = None,
         qos: str | None = None,
@@ -396,7 +400,7 @@ class OffloadCluster(SpecCluster):
             options["scheduler"] = "local" if self._site.name == "local" else "site"
         if options["scheduler"] not in ("site", "local"):
             raise offload.ConfigError(f"scheduler must be 'site' or 'local', got {options['scheduler']!r}")
-        name = options["name"] or f"dask-{secrets.token_hex(3)}"
+        name = options["name"] or f"dask-{token_hex(3)}"
         if security is None:
             security = Security.temporary() if options["tls"] else None
         self._shared = _Shared(self._site, name, options, security)
