@@ -69,3 +69,9 @@ def test_dask_example_runs_locally(tmp_path):
                             env=env, timeout=180)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "40 chunks analysed" in result.stdout
+
+
+def test_missing_airflow_extra_says_what_to_install():
+    code = "import sys; sys.modules['airflow'] = None; import airflow_offload"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert "pip install 'offload[airflow]'" in result.stderr
