@@ -36,6 +36,13 @@ def main() -> None:
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
         rows += measure()
     report = "\n".join([
+        "# Benchmarks",
+        "",
+        "offload side by side with a peer, in one process, on the same test site, alternating, medians over",
+        "the runs. Ratios are offload/peer: for times below 1 favours offload, for rates (jobs/s) above 1 does.",
+        "Rerun: `tox -e bench` (or `python bench/run.py --runs 3 --out docs/benchmarks.md` with the test site",
+        "up); each file in `bench/` says what it measures and how the peer is set up.",
+        "",
         f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))} on {machine()},",
         f"{args.runs} alternating runs per row, in {time.time() - started:.0f} s.",
         "",

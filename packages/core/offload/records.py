@@ -65,11 +65,13 @@ class JobRecords:
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, timeout=30, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # safe with WAL; one fsync per checkpoint, not per job
         self._db.executescript(_SCHEMA)
 
     def add(self, rows: list[tuple[str, str, str | None, str, int | None, list[str], str | None]]) -> None:
         now = time.time()
-        with self._lock:
+        with self._lock, self._db:  # one transaction for the whole batch
+            self._db.execute("BEGIN")
             self._db.executemany(
                 "INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'PENDING', '', NULL, ?)",
                 [(s, j, n, d, i, json.dumps(c), img, now, now) for s, j, n, d, i, c, img in rows],

@@ -35,6 +35,7 @@ from offload.transports.base import PortForward
 log = logging.getLogger("offload")
 
 _MARK = "OFFLOAD_SUBMIT"
+PARALLEL_SUBMISSIONS = 4  # channels a large batch of distinct jobs is spread over
 
 
 class _Submission:
@@ -186,46 +187,39 @@ class Site:
         return [job for job in jobs if job is not None]
 
     async def _send(self, submissions: list[_Submission], jobs_dir: str) -> None:
-        """One program, one round trip: make each job's 0700 dir, write job.sh and secrets.env, submit."""
-        eof = f"OFFLOAD_EOF_{_secrets.token_hex(8)}"
-        lines = ["umask 077", f"mkdir -p {shlex.quote(jobs_dir)} || exit 90"]
-        for number, sub in enumerate(submissions):
-            if eof in sub.script:
-                raise SubmissionError("the job script contains offload's end marker; submit again")
-            d = shlex.quote(sub.jobdir)
-            lines += [
-                f"d={d}",
-                'mkdir -m 700 "$d" || exit 91',
-                f"cat > \"$d/job.sh\" <<'{eof}'",
-                sub.script.rstrip("\n"),
-                eof,
-            ]
-            if sub.spec.secrets:
-                # printf is a shell builtin: the values appear in no process list and no temp file.
-                lines.append(f'printf %s {shlex.quote(secrets_file(dict(sub.spec.secrets)))} > "$d/secrets.env"')
-            for file_name, data in sub.spec.files.items():
-                encoded = base64.b64encode(data).decode()
-                lines.append(f'printf %s {encoded} | base64 -d > "$d/{file_name}" || exit 92')
-            lines += [
-                f"out=$({self._scheduler.submit_line(chr(34) + '$d/job.sh' + chr(34))} 2>&1); rc=$?",
-                '[ "$rc" = 0 ] && printf "%s\\n" "$out" > "$d/jobid"',
-                f'printf "{_MARK} {number} %s %s\\n" "$rc" "$(printf "%s" "$out" | base64 | tr -d "\\n")"',
-            ]
-        program = "\n".join(lines) + "\n"
+        """Make each job's 0700 dir, write job.sh and secrets.env, submit: in one round trip.
+
+        The program forks nothing but the scheduler's own command per job (shell builtins write the files and
+        report). Large batches are split over a few channels of the one connection that run at once, so
+        slurmctld serves them in parallel, where a local loop of ``sbatch`` waits for each in turn.
+        """
+        lanes = max(1, min(PARALLEL_SUBMISSIONS, self.config.max_sessions, len(submissions) // 25))
+        numbered = list(enumerate(submissions))
         try:
-            result = await self._transport.run(["bash", "-s"], input=program, check=False)
+            results = await asyncio.gather(*(
+                self._transport.run(["bash", "-s"], input=self._program(numbered[lane::lanes], jobs_dir), check=False)
+                for lane in range(lanes)
+            ))  # fmt: skip
         except TransportError:
             await self._cancel_orphans(submissions)
             raise
         outcome: dict[int, tuple[int, str]] = {}
-        for line in result.stdout.splitlines():
-            if line.startswith(_MARK + " "):
-                parts = line.split(" ")
-                text = base64.b64decode(parts[3]).decode("utf-8", "replace") if len(parts) > 3 else ""
-                outcome[int(parts[1])] = (int(parts[2]), text)
+        for result in results:
+            failing: int | None = None
+            for line in result.stdout.splitlines():
+                if line.startswith(_MARK + " "):
+                    number, rc, *rest = line.split(" ", 3)[1:]
+                    outcome[int(number)] = (int(rc), rest[0] if rest else "")
+                    failing = int(number) if rc != "0" else None
+                elif line.startswith(f"{_MARK}_END "):
+                    failing = None
+                elif failing is not None:
+                    rc, text = outcome[failing]
+                    outcome[failing] = (rc, f"{text}\n{line}".strip())
+        stopped = "\n".join(r.stderr.strip() for r in results if r.stderr.strip()) or "the submission stopped early"
         failures: list[str] = []
         for number, sub in enumerate(submissions):
-            rc, text = outcome.get(number, (-1, result.stderr.strip() or "the submission program stopped early"))
+            rc, text = outcome.get(number, (-1, stopped))
             if rc == 0:
                 try:
                     sub.ids = self._scheduler.job_ids(text, sub.array_size)
@@ -244,6 +238,30 @@ class Site:
                 f"{self.name}' lists partitions); nothing was left queued.",
                 scheduler_message=message,
             )
+
+    def _program(self, numbered: list[tuple[int, _Submission]], jobs_dir: str) -> str:
+        """The shell program that submits ``numbered`` and reports ``OFFLOAD_SUBMIT <n> <rc> <output>``."""
+        lines = ["umask 077", f"mkdir -p {shlex.quote(jobs_dir)} || exit 90"]
+        dirs = [shlex.quote(sub.jobdir) for _, sub in numbered]
+        for start in range(0, len(dirs), 200):
+            lines.append(f"mkdir -m 700 {' '.join(dirs[start : start + 200])} || exit 91")
+        for (number, sub), quoted in zip(numbered, dirs, strict=True):
+            lines += [f"d={quoted}", f'printf %s {shlex.quote(sub.script)} > "$d/job.sh"']
+            if sub.spec.secrets:
+                # printf is a shell builtin: the values appear in no process list and no temp file.
+                lines.append(f'printf %s {shlex.quote(secrets_file(dict(sub.spec.secrets)))} > "$d/secrets.env"')
+            for file_name, data in sub.spec.files.items():
+                encoded = base64.b64encode(data).decode()
+                lines.append(f'printf %s {encoded} | base64 -d > "$d/{file_name}" || exit 92')
+            submit = self._scheduler.submit_line('"$d/job.sh"')
+            mark = f"{_MARK} {number}"
+            lines += [
+                f'{{ {submit}; }} > "$d/jobid" 2> "$d/submit.err"',
+                f'rc=$?; if [ "$rc" = 0 ]; then IFS= read -r out < "$d/jobid"; printf "{mark} 0 %s\\n" "$out"; '
+                f'else printf "{mark} %s\\n" "$rc"; cat "$d/submit.err" "$d/jobid"; '
+                f'printf "\\n{_MARK}_END {number}\\n"; fi',
+            ]
+        return "\n".join(lines) + "\n"
 
     async def _cancel_orphans(self, submissions: list[_Submission]) -> None:
         """After a connection failure mid-submission, cancel whatever did get submitted (its id is on disk)."""
