@@ -23,7 +23,7 @@ from offload.errors import (
 from offload.jobs import Job, JobState, JobStatus
 from offload.plugins import RuntimePlugin, SchedulerPlugin, TransportPlugin, hookimpl
 from offload.script import BatchScript
-from offload.site import Site, load_site
+from offload.site import Forward, Site, load_site
 from offload.spec import JobSpec, Mount, Resources
 
 __version__ = "0.1.0"
@@ -31,6 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BatchScript",
     "ConfigError",
+    "Forward",
     "HostKeyError",
     "Job",
     "JobFailedError",

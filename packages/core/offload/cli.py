@@ -368,6 +368,13 @@ def shell(job_id: str, site_name: str | None, command: tuple[str, ...]) -> None:
 # -- status, logs, cancel ------------------------------------------------------------------------------
 
 
+async def _statuses(jobs: list[Job]) -> list[JobStatus]:
+    """Asked together, so one scheduler query serves all of them."""
+    import asyncio
+
+    return list(await asyncio.gather(*(job.astatus() for job in jobs)))
+
+
 def _resolve(job_id: str, site_name: str | None) -> Job:
     if site_name is None:
         found = JobRecords().sites_of(job_id)
@@ -400,8 +407,8 @@ def status(job_id: str | None, site_name: str | None, name: str | None, limit: i
             if live:
                 s: Site = load_site(site)
                 jobs = [s.job(r.job_id) for r in live]
-                for job in jobs:  # one scheduler query serves all of them
-                    states[(site, job.id)] = job.status()
+                for job, st in zip(jobs, _loop.run(_statuses(jobs)), strict=True):
+                    states[(site, job.id)] = st
         click.echo(f"{'JOB':<12} {'SITE':<12} {'NAME':<20} {'STATE':<28} {'SUBMITTED':<19}")
         for r in records:
             st = states.get((r.site, r.job_id))
