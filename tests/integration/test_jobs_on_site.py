@@ -162,6 +162,14 @@ def test_trust_records_the_host_key_then_connections_work(tmp_path, testsite_con
     assert trusted.returncode == 0, trusted.stderr
     assert "SHA256:" in trusted.stdout and known.read_text().startswith("[127.0.0.1]:2222 ssh-ed25519 ")
     assert run_cli(["run", "--site", "testsite", "--", "true"], config).returncode == 0
+    # a different key already on record is never silently added to: the user must say --replace
+    known.write_text("[127.0.0.1]:2222 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOtherKeyOtherKeyOtherKeyOtherKeyOtherKe\n")
+    changed = run_cli(["sites", "trust", "testsite", "--yes"], config)
+    assert changed.returncode == 2 and "different key" in changed.stderr
+    assert run_cli(["run", "--site", "testsite", "--", "true"], config).returncode == 2
+    assert run_cli(["sites", "trust", "testsite", "--yes", "--replace"], config).returncode == 0
+    assert len(known.read_text().splitlines()) == 1
+    assert run_cli(["run", "--site", "testsite", "--", "true"], config).returncode == 0
 
 
 def test_doctor_passes_on_the_test_site(testsite_config):

@@ -101,7 +101,8 @@ def sites_show(name: str | None) -> None:
 @sites.command("trust")
 @click.argument("name")
 @click.option("--yes", is_flag=True, help="Record the key without asking (only after checking the fingerprint).")
-def sites_trust(name: str, yes: bool) -> None:
+@click.option("--replace", is_flag=True, help="Replace a different key already recorded for this host.")
+def sites_trust(name: str, yes: bool, replace: bool) -> None:
     """Show a site's SSH host key fingerprint and record it in known_hosts."""
     from offload.transports.ssh import fetch_host_key, known_hosts_line, known_hosts_path
 
@@ -113,17 +114,25 @@ def sites_trust(name: str, yes: bool) -> None:
         line = known_hosts_line(config, key)
         path = known_hosts_path(config)
         click.echo(f"{config.host} presents a {key.get_algorithm()} key: {key.get_fingerprint('sha256')}")
-        existing = path.read_text() if path.exists() else ""
-        if line.strip() in existing.splitlines():
+        existing = path.read_text().splitlines() if path.exists() else []
+        if line.strip() in existing:
             click.echo(f"already trusted in {path}")
             return
+        pattern = line.split()[0]
+        others = [entry for entry in existing if entry.split()[:1] == [pattern]]
+        if others and not replace:
+            _fail(
+                f"{path} already trusts a different key for {pattern}. If the site really changed its key "
+                "(ask its admins), run again with --replace; otherwise someone may be intercepting the connection"
+            )
         if not yes and not click.confirm("Compare it with the fingerprint your site publishes. Trust it?"):
             _fail("not trusted; nothing was written")
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with open(path, "a") as f:
-            f.write(line)
-        os.chmod(path, 0o600)
-        click.echo(f"recorded in {path}")
+        kept = [entry for entry in existing if entry not in others]
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("".join(f"{entry}\n" for entry in kept) + line)
+        click.echo(f"recorded in {path}" + (f" (replacing {len(others)} old key(s))" if others else ""))
 
 
 # -- doctor --------------------------------------------------------------------------------------------
