@@ -46,9 +46,8 @@ def main() -> int:
         if os.environ.get(name):
             secrets[name] = os.environ[name]
     site = offload.load_site(args.site)
-    local = site.config.transport == "local" and site.config.runtime == "none"
     spec = offload.JobSpec(
-        [sys.executable if local else "python3", "train.py", "--epochs", str(args.epochs)],
+        [site.python, "train.py", "--epochs", str(args.epochs)],
         image=args.image,
         resources=offload.Resources(gpus=args.gpus, walltime="00:30:00"),
         env={"MLFLOW_RUN_ID": run.info.run_id, "MLFLOW_EXPERIMENT_ID": experiment_id},

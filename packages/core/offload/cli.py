@@ -18,7 +18,7 @@ from offload import _loop
 from offload.config import load_profiles
 from offload.errors import ConfigError, OffloadError
 from offload.jobs import Job, JobState, JobStatus
-from offload.records import JobRecords
+from offload.records import JobRecords, write_private
 from offload.site import Site, load_site
 from offload.spec import JobSpec, Mount, Resources
 
@@ -127,11 +127,8 @@ def sites_trust(name: str, yes: bool, replace: bool) -> None:
             )
         if not yes and not click.confirm("Compare it with the fingerprint your site publishes. Trust it?"):
             _fail("not trusted; nothing was written")
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         kept = [entry for entry in existing if entry not in others]
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write("".join(f"{entry}\n" for entry in kept) + line)
+        write_private(path, "".join(f"{entry}\n" for entry in kept) + line)
         click.echo(f"recorded in {path}" + (f" (replacing {len(others)} old key(s))" if others else ""))
 
 

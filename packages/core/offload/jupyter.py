@@ -14,9 +14,7 @@ site's SSH connection. What today's tools get wrong, and this does not:
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -26,7 +24,7 @@ from pathlib import Path
 
 from offload.errors import JobFailedError, OffloadError
 from offload.jobs import Job, JobState
-from offload.records import default_path
+from offload.records import default_path, write_private
 from offload.site import Forward, Site
 from offload.spec import JobSpec, Resources
 
@@ -92,19 +90,14 @@ def start(site: Site, *, gpus: int = 0, image: str | None = None, walltime: str 
           cpus: int | None = None, memory: str | None = None, root: str | None = None) -> tuple[Job, str]:  # fmt: skip
     """Submit JupyterLab as a job; returns the job and its token (also kept, 0600, for ``--attach``)."""
     token = secrets.token_urlsafe(32)
-    local = site.config.transport == "local" and site.config.runtime == "none"
     spec = JobSpec(
-        [sys.executable if local else "python3", "-c", LAUNCHER, root or ""], image=image,
+        [site.python, "-c", LAUNCHER, root or ""], image=image,
         resources=Resources(gpus=gpus, cpus=cpus, memory=memory, walltime=walltime),
         secrets={"JUPYTER_TOKEN": token}, name=NAME,
     )  # fmt: skip
     site.validate(spec)
     job = site.submit(spec)
-    path = _token_file(site, job.id)
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token)
+    write_private(_token_file(site, job.id), token)
     return job, token
 
 

@@ -51,6 +51,15 @@ class JobRecord:
     updated_at: float
 
 
+def write_private(path: Path, text: str) -> None:
+    """Create or replace ``path`` readable by this user only (0600, in a 0700 directory if it makes one)."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o600)
+
+
 def default_path() -> Path:
     base = os.environ.get("OFFLOAD_STATE_DIR") or platformdirs.user_state_dir("offload")
     return Path(base) / "jobs.sqlite"

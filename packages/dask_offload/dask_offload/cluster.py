@@ -23,7 +23,6 @@ import logging
 import math
 import platform
 import signal
-import sys
 import threading
 import time
 import weakref
@@ -93,8 +92,7 @@ class _Shared:
 
     @property
     def python(self) -> str:
-        local = self.site.config.transport == "local" and self.site.config.runtime == "none"
-        return self.options.get("python") or (sys.executable if local else "python3")
+        return self.options.get("python") or self.site.python
 
     def secrets(self) -> dict[str, str]:
         given = dict(self.options.get("secrets") or {})

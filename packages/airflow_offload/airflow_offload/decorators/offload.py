@@ -52,10 +52,8 @@ class OffloadDecoratedOperator(DecoratedOperator, OffloadOperator):
         self.python = python
 
     def build_spec(self, context: Any) -> offload.JobSpec:
-        config = self.hook.get_site().config
-        local = config.transport == "local" and config.runtime == "none"
-        # No container on this machine: the payload runs with this very interpreter, which has cloudpickle.
-        self.command = [self.python or (sys.executable if local else "python3"), "-c", RUNNER]
+        # Without a container on this machine the payload runs with this very interpreter (it has cloudpickle).
+        self.command = [self.python or self.hook.get_site().python, "-c", RUNNER]
         return super().build_spec(context)
 
     def job_files(self, context: Any) -> dict[str, bytes]:

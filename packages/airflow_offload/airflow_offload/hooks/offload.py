@@ -11,6 +11,7 @@ from typing import Any
 import offload
 from airflow_offload.version_compat import BaseHook
 from offload.config import load_profiles, profile_from_table
+from offload.records import write_private
 
 # Connection fields that are not site profile keys.
 _KEY_FIELDS = ("private_key", "key_file", "host_key", "site")
@@ -64,7 +65,7 @@ def site_config(conn_id: str, connection: Any) -> offload.SiteConfig:
     private = _private_dir(conn_id)
     if fields.get("private_key"):
         key = private / "id"
-        _write_private(key, fields["private_key"].strip() + "\n")
+        write_private(key, fields["private_key"].strip() + "\n")
         table["identity_files"] = [str(key)]
     elif fields.get("key_file"):
         table["identity_files"] = [fields["key_file"]]
@@ -73,7 +74,7 @@ def site_config(conn_id: str, connection: Any) -> offload.SiteConfig:
         port = table.get("port") or (base.port if base else None)
         pattern = f"[{host}]:{port}" if port and port != 22 else host
         known = private / "known_hosts"
-        _write_private(known, f"{pattern} {fields['host_key'].strip()}\n")
+        write_private(known, f"{pattern} {fields['host_key'].strip()}\n")
         table["known_hosts"] = str(known)
     return profile_from_table(base.name if base else f"airflow-{conn_id}", table, f"Airflow connection {conn_id!r}",
                               base)  # fmt: skip
@@ -85,12 +86,6 @@ def _private_dir(conn_id: str) -> Path:
     os.chmod(path.parent, 0o700)
     os.chmod(path, 0o700)
     return path
-
-
-def _write_private(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
 
 
 def _cached(config: offload.SiteConfig) -> offload.Site:
