@@ -17,6 +17,7 @@ import contextlib
 import logging
 import secrets as _secrets
 import shlex
+import sys
 import time
 from collections.abc import Sequence
 
@@ -26,11 +27,11 @@ from offload.errors import ConfigError, JobNotFoundError, OffloadError, Submissi
 from offload.jobs import Job, JobRef, JobState, JobStatus
 from offload.plugins import Plugins, plugins
 from offload.poller import Poller
-from offload.records import JobRecords
+from offload.records import JobRecord, JobRecords
 from offload.runtimes.base import ContainerContext
 from offload.script import BatchScript, secrets_file
 from offload.spec import JobSpec
-from offload.transports.base import PortForward
+from offload.transports.base import PortForward, Transport
 
 log = logging.getLogger("offload")
 
@@ -69,7 +70,14 @@ class Site:
         return f"<Site {self.name} {self._transport.description} {self.config.scheduler}/{self.config.runtime}>"
 
     @property
-    def transport(self):
+    def python(self) -> str:
+        """The Python a payload should call: this very interpreter when jobs run on this machine without a
+        container (the local site), else ``python3`` from the job's image."""
+        local = self.config.transport == "local" and self.config.runtime == "none"
+        return sys.executable if local else "python3"
+
+    @property
+    def transport(self) -> Transport:
         """The site's connection (commands, files, port forwards), shared by everything in this process."""
         return self._transport
 
@@ -349,7 +357,7 @@ class Site:
     async def afind(self, name: str) -> list[Job]:
         return await _loop.bridge(self._find(name))
 
-    def records(self, name: str | None = None, limit: int = 50):
+    def records(self, name: str | None = None, limit: int = 50) -> list[JobRecord]:
         """This machine's records of jobs on this site, newest first."""
         return self._records.find(self.name, name, limit)
 
