@@ -6,9 +6,7 @@
 Each run executes a DAG of a warm-up task, then one sync and one deferrable task, with ``dag.test()`` in a
 fresh Airflow process, alternating their order.
 
-Worker slots are not measured here but follow from Airflow's model: a sync task holds its worker slot for its
-job's whole queue wait and run, so 10 queued jobs hold 10 slots; a deferred task instance holds none while
-its trigger waits in the triggerer (10 triggers share one SSH connection and one squeue per interval).
+Worker slots held while 10 jobs wait are counted by bench/airflow_slots.py in a real ``airflow standalone``.
 
 Needs Airflow: run it in the ``bench-airflow`` tox env (``tox -e bench,bench-airflow``).
 """
@@ -115,7 +113,16 @@ if __name__ == "__main__":
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    report = "\n".join(["## Airflow", "", f"On {machine()}, {args.runs} runs.", "", table(measure(args.runs)), ""])
+    import airflow_slots
+
+    rows = measure(args.runs) + airflow_slots.measure()
+    report = "\n".join([
+        "## Airflow", "",
+        f"On {machine()}: overheads over {args.runs} dag.test() runs; worker slots counted in a real",
+        "`airflow standalone` (LocalExecutor, triggerer) while the gpu partition is down and 10 jobs wait.",
+        "Rerun: `tox -e bench-airflow` (as root, with the test site up).", "",
+        table(rows), "",
+    ])  # fmt: skip
     print(report)
     if args.out:
         Path(args.out).write_text(report)
