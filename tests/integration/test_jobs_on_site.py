@@ -205,3 +205,18 @@ def test_sleeping_job_shows_running_with_its_node(site):
     assert status.node == "node1"
     job.cancel()
     assert job.wait(timeout=30).state is JobState.CANCELLED
+
+
+def test_a_site_can_name_an_alias_of_the_users_ssh_config(tmp_path, testsite_config):
+    ssh_config = tmp_path / "ssh_config"
+    ssh_config.write_text(
+        f"Host hpc-alias\n  HostName 127.0.0.1\n  Port 2222\n  User hpcuser\n  IdentityFile {STATE / 'id_ed25519'}\n"
+    )
+    config = tmp_path / "sites.toml"
+    config.write_text(
+        "[sites.aliased]\nhost = 'hpc-alias'\nscheduler = 'slurm'\nruntime = 'none'\n"
+        f"ssh_config = ['{ssh_config}']\nknown_hosts = '{STATE / 'known_hosts'}'\n"
+    )
+    result = run_cli(["run", "--site", "aliased", "--", "sh", "-c", "echo $SLURM_JOB_ID on $(whoami)"], config)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("on hpcuser")

@@ -141,3 +141,25 @@ def test_the_jupyter_example_script(testsite_config, site_user):
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=60)
     assert queued_jobs(site_user, "jupyter") == []
+
+
+def test_the_jupyter_example_on_the_local_site(tmp_path):
+    pytest.importorskip("jupyterlab")
+    script = Path(__file__).parents[2] / "examples" / "jupyter_session.sh"
+    (tmp_path / "sites.toml").write_text("")
+    env = {
+        **os.environ,
+        "NO_BROWSER": "1",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "OFFLOAD_CONFIG": str(tmp_path / "sites.toml"),
+        "OFFLOAD__LOCAL__WORKDIR": str(tmp_path / "work"),
+    }
+    proc = subprocess.Popen([str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    url = proc.stdout.readline().strip()
+    assert "/lab?token=" in url, proc.stderr.read() if proc.poll() is not None else url
+    base, token = url.split("/lab?token=")
+    with urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=30) as response:
+        assert response.status == 200
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert "cancelled job" in err
