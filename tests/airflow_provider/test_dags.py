@@ -63,7 +63,7 @@ def test_killing_the_task_cancels_the_job(testsite_env, deferrable):
 
 
 def test_a_retry_after_a_worker_crash_reattaches_instead_of_resubmitting(testsite_env):
-    env = {**testsite_env, "LONG_JOB": "sleep 6; echo finished once", "AIRFLOW__CORE__DAGS_FOLDER": str(HERE / "dags")}
+    env = {**testsite_env, "LONG_JOB": "sleep 25; echo finished once", "AIRFLOW__CORE__DAGS_FOLDER": str(HERE / "dags")}
     when = unique_date()
     before = set(site_jobs("long_job-"))
     log = HERE.parent.parent / "test-artifacts" / "crashed-worker.log"
@@ -75,7 +75,7 @@ def test_a_retry_after_a_worker_crash_reattaches_instead_of_resubmitting(testsit
         while not (set(site_jobs("long_job-", "RUNNING")) - before):
             assert time.time() < deadline and proc.poll() is None, log.read_text()[-4000:]
             time.sleep(0.3)
-    proc.kill()  # the worker dies: no on_kill, the job keeps running on the site
+    proc.kill()  # the worker dies: no on_kill, the job keeps running on the site (for ~25 s: time to rerun)
     proc.wait()
     results, output = run_dag(env, HERE / "dags" / "offload_long.py", when)  # Airflow runs the task again
     assert results["state"] == "success", output[-4000:]
