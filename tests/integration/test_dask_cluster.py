@@ -193,21 +193,37 @@ time.sleep(600)
 """
 
 
+def cancel_leftovers(name: str) -> None:
+    """Whatever a failed test left must not hold GPUs for the tests after it."""
+    subprocess.run([sys.executable, "-m", "offload.cli", "cancel", "--name", name], capture_output=True, timeout=120)
+
+
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGINT"])
-def test_killing_the_client_cancels_every_job(site_user, how):
+def test_killing_the_client_cancels_every_job(site_user, how, tmp_path):
     name = unique(how.lower())
-    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(CLIENT), name], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "ready"
-    assert len(queued_jobs(site_user, name)) == 2
-    proc.send_signal(getattr(signal, how))
-    proc.wait(timeout=60)
-    assert queued_jobs(site_user, name) == []
+    errors = (tmp_path / "client.err").open("w")
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(CLIENT), name], stdout=subprocess.PIPE,
+                            stderr=errors, text=True)  # fmt: skip
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        assert len(queued_jobs(site_user, name)) == 2
+        proc.send_signal(getattr(signal, how))
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail(f"the client did not exit on {how}:\n{(tmp_path / 'client.err').read_text()[-4000:]}")
+        assert queued_jobs(site_user, name) == [], (tmp_path / "client.err").read_text()[-4000:]
+    finally:
+        proc.kill()
+        errors.close()
+        cancel_leftovers(name)
 
 
 def test_offload_cancel_cleans_up_after_a_crashed_client(site_user):
     name = unique("crash")
     proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(CLIENT), name], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "ready"
+    assert proc.stdout.readline().strip() == "ready", cancel_leftovers(name)
     proc.kill()  # SIGKILL: no handler runs
     proc.wait(timeout=30)
     assert len(queued_jobs(site_user, name)) == 2

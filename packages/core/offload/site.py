@@ -308,13 +308,13 @@ class Site:
         except TimeoutError:
             log.warning("cancelled %d job(s) on %s, but they have not ended after %s s", len(refs), self.name, timeout)
 
-    async def acancel(self, jobs: Sequence[Job]) -> None:
+    async def acancel(self, jobs: Sequence[Job], timeout: float = 60) -> None:
         """Cancel many jobs in one scheduler call (async)."""
-        await _loop.bridge(self._cancel([job.ref for job in jobs]))
+        await _loop.bridge(self._cancel([job.ref for job in jobs], timeout))
 
-    def cancel(self, jobs: Sequence[Job]) -> None:
-        """Cancel many jobs in one scheduler call."""
-        _loop.run(self._cancel([job.ref for job in jobs]))
+    def cancel(self, jobs: Sequence[Job], timeout: float = 60) -> None:
+        """Cancel many jobs in one scheduler call; return once they ended (waiting at most ``timeout`` s)."""
+        _loop.run(self._cancel([job.ref for job in jobs], timeout))
 
     async def _job(self, job_id: str, jobdir: str | None = None, index: int | None = None) -> Job:
         if jobdir is not None:  # the caller knows where the job lives (e.g. a trigger on another machine)

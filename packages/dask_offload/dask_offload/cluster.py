@@ -87,6 +87,7 @@ class _Shared:
         self._quick_failures = 0
         self.initial_workers: list[tuple[str, list[str]]] = []  # (job name, worker names) started with the cluster
         self.presubmitted: dict[str, offload.Job] = {}
+        self.shutting_down = False
 
     # -- what runs --------------------------------------------------------------------------------------
 
@@ -141,6 +142,8 @@ class _Shared:
 
     async def submit_worker_job(self, address: str, names: list[str]) -> offload.Job:
         """Submit one worker job; calls made together go in one round trip, as one job array."""
+        if self.shutting_down:
+            raise RuntimeError(f"cluster {self.name} is shutting down: no new worker jobs")
         future: asyncio.Future[offload.Job] = asyncio.get_running_loop().create_future()
         self._pending.append((address, names, future))
         if self._flush is None:
@@ -193,10 +196,11 @@ class _Shared:
 
     def cancel_all_now(self) -> None:
         """Cancel every job still live, synchronously (interpreter exit, signals)."""
+        self.shutting_down = True  # the cancelled jobs are not losses to replace
         jobs, self.jobs = list(self.jobs), set()
         if jobs:
             try:
-                self.site.cancel(jobs)
+                self.site.cancel(jobs, timeout=5)  # the scancel is what matters; do not hold up the exit
             except offload.OffloadError as exc:
                 ids = " ".join(j.id for j in jobs)
                 log.error("could not cancel the jobs of %s (%s); run: offload cancel --name %s  [%s]",
@@ -301,8 +305,8 @@ class WorkerJob(ProcessInterface):
     async def _watch(self) -> None:
         assert self.job is not None
         status = await self.job.finished()
-        if self.status != Status.running:
-            return  # we are closing it
+        if self.status != Status.running or self.shared.shutting_down:
+            return  # we are closing it, or the whole cluster at exit
         self.shared.jobs.discard(self.job)
         cluster = self._cluster() if getattr(self, "_cluster", None) else None
         if cluster is None or cluster.status != Status.running:
