@@ -16,13 +16,11 @@ from typing import TYPE_CHECKING
 
 from offload import _loop
 from offload.errors import ConfigError, JobFailedError
+from offload.spec import RESERVED_FILES
 
 if TYPE_CHECKING:
     from offload.site import Site
     from offload.spec import JobSpec
-
-
-_RESERVED = {"job.sh", "secrets.env", "exitcode", "jobid", "cancelled"}
 
 
 class JobState(enum.Enum):
@@ -239,7 +237,7 @@ class Job:
     # -- files in the job's directory -------------------------------------------------------------------
 
     def _path(self, name: str) -> str:
-        if not name or "/" in name or name in (".", "..") or name in _RESERVED:
+        if not name or "/" in name or name in (".", "..") or name in RESERVED_FILES:
             raise ConfigError(f"{name!r} is not a plain file name of the job's directory (or is offload's own)")
         return f"{self.ref.jobdir}/{name}"
 

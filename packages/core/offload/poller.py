@@ -41,9 +41,6 @@ class Poller:
         self._refs.setdefault(ref.id, ref)
         self._status.setdefault(ref.id, status)
 
-    def cached(self, job_id: str) -> JobStatus | None:
-        return self._status.get(job_id)
-
     async def status(self, ref: JobRef, refresh: bool = True) -> JobStatus:
         current = self._status.get(ref.id)
         if current is not None and (current.state.is_terminal or not refresh):

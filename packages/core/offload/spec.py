@@ -207,7 +207,7 @@ class JobSpec:
             raise ConfigError(f"JobSpec.workdir {self.workdir!r} must be an absolute path in the container")
         files = dict(self.files)
         for file_name, data in files.items():
-            if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", file_name) or file_name in _RESERVED_FILES:
+            if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", file_name) or file_name in RESERVED_FILES:
                 raise ConfigError(f"JobSpec.files: {file_name!r} is not a plain file name (or is one of offload's own)")
             if not isinstance(data, bytes):
                 raise ConfigError(f"JobSpec.files[{file_name!r}] must be bytes")
@@ -228,7 +228,8 @@ class JobSpec:
         return hash((self.command, self.image, self.resources, tuple(sorted(self.env.items())), self.mounts, files))
 
 
-_RESERVED_FILES = {"job.sh", "secrets.env", "exitcode", "jobid", "cancelled", "output"}
+# offload's own files in a job's directory: never staged over, never read as a user's file.
+RESERVED_FILES = frozenset({"job.sh", "secrets.env", "exitcode", "jobid", "cancelled", "output", "submit.err"})
 MAX_FILES_BYTES = 16 * 2**20  # files travel base64 in the submission's one round trip
 
 

@@ -28,7 +28,7 @@ class ApptainerRuntime:
 
     def command(self, argv: Sequence[str], ctx: ContainerContext) -> list[str]:
         image = require_image(self.name, ctx)
-        options = [*self.options, *ctx.options]
+        options = list(self.options)
         args = [self.binary, "exec", "--cleanenv"]
         if ctx.gpus and not {"--nv", "--rocm", "--nvccli"} & set(options):
             args.append("--nv")

@@ -49,7 +49,6 @@ class ContainerContext:
     env_names: tuple[str, ...] = ()
     workdir: str | None = None
     gpus: int = 0
-    options: tuple[str, ...] = ()
     jobdir: str | None = None  # the job's directory on the site, to be visible at $OFFLOAD_JOB_DIR inside
 
 

@@ -46,4 +46,4 @@ class CharliecloudRuntime:
             args += ["-b", f"{mount.source}:{mount.destination}"]
         if ctx.workdir or ctx.jobdir:
             args += ["-c", ctx.workdir or JOB_DIR]
-        return [*args, *self.options, *ctx.options, require_image(self.name, ctx), "--", *argv]
+        return [*args, *self.options, require_image(self.name, ctx), "--", *argv]

@@ -33,4 +33,4 @@ class PodmanRuntime:
             args += ["-w", ctx.workdir or ctx.jobdir]
         for name in (*ctx.env_names, *PASSTHROUGH):
             args += ["-e", name]  # a bare name copies the value from the job's environment, if set
-        return [*args, *self.options, *ctx.options, require_image(self.name, ctx), *argv]
+        return [*args, *self.options, require_image(self.name, ctx), *argv]
