@@ -3,7 +3,7 @@
 Only the line that makes the cluster knows about the site:
 
     python examples/dask_gpu.py                          # this machine (the local site)
-    python examples/dask_gpu.py --site testsite          # 4 GPU workers as a SLURM job in a container
+    python examples/dask_gpu.py --site testsite          # 4 GPU workers: SLURM jobs on 2 nodes, in containers
     python examples/dask_gpu.py --site leonardo --image docker://ghcr.io/me/analysis:1.2
 """
 
@@ -36,8 +36,8 @@ def main() -> None:
         print(f"{args.gpus} GPU workers ready; dashboard: {cluster.dashboard_link}")
         futures = client.map(analyse, range(40), resources={"GPU": 1})
         results = client.gather(futures)
-        by_gpu = Counter(gpu for _, gpu, _ in results)
-        print(f"40 chunks analysed; chunks per GPU: {dict(sorted(by_gpu.items()))}")
+        by_gpu = Counter(f"{host}/{gpu}" for host, gpu, _ in results)
+        print(f"40 chunks analysed; chunks per node/GPU: {dict(sorted(by_gpu.items()))}")
 
 
 if __name__ == "__main__":

@@ -79,9 +79,10 @@ def test_detach_then_status_logs_and_cancel(site_user):
 
 
 def test_pending_jobs_show_slurms_reason(site_user):
-    # Hold the whole GPU partition, then ask for one more GPU: SLURM says why it waits.
+    # Hold every GPU of the GPU partition (2 nodes x 2), then ask for one more GPU: SLURM says why it waits.
     hog = f"hog-{uuid.uuid4().hex[:8]}"
-    held = offload("run", "--site", "testsite", "--detach", "--gpus", "4", "--name", hog, "--", "sleep", "120")
+    held = offload("run", "--site", "testsite", "--detach", "--nodes", "2", "--gpus-per-node", "2", "--name", hog,
+                   "--", "sleep", "120")  # fmt: skip
     assert held.returncode == 0, held.stderr
     try:
         proc = subprocess.Popen(

@@ -6,6 +6,7 @@ job script contents, security on), written for OffloadCluster, plus what jobqueu
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -38,7 +39,7 @@ def tasks():
 
     def gpu_of_task(i):
         time.sleep(0.2)
-        return os.environ["CUDA_VISIBLE_DEVICES"]
+        return socket.gethostname(), os.environ["CUDA_VISIBLE_DEVICES"]
 
     def slow(x):
         time.sleep(0.5)
@@ -48,20 +49,22 @@ def tasks():
 
 
 def test_four_gpu_workers_each_pinned_to_its_own_gpu(site_user):
+    # 4 GPUs on a site with 2 per node: two worker jobs of two workers, on the two GPU nodes, each worker pinned
+    # to its own GPU, all reaching the scheduler job wherever it runs.
     name = unique("gpus")
     with OffloadCluster(site="testsite", gpus=4, name=name) as cluster, Client(cluster) as client:
         client.wait_for_workers(4, timeout=120)
-        assert len(queued_jobs(site_user, name)) == 2  # the scheduler's job and ONE job with four workers
-        seen = client.run(lambda: os.environ["CUDA_VISIBLE_DEVICES"])
-        assert sorted(seen.values()) == ["0", "1", "2", "3"]
+        assert len(queued_jobs(site_user, name)) == 3  # the scheduler's job and two jobs of two workers
+        seen = client.run(lambda: (socket.gethostname(), os.environ["CUDA_VISIBLE_DEVICES"]))
+        assert sorted(seen.values()) == [("node1", "0"), ("node1", "1"), ("node2", "0"), ("node2", "1")]
         info = client.scheduler_info(n_workers=-1)["workers"].values()
-        assert sorted(w["name"] for w in info) == [f"{name}-0-{i}" for i in range(4)]
+        assert sorted(w["name"] for w in info) == [f"{name}-{j}-{i}" for j in range(2) for i in range(2)]
         assert all(w["resources"] == {"GPU": 1} for w in info)
         gpu_of_task, _ = tasks()
         futures = [client.submit(gpu_of_task, i, resources={"GPU": 1}, pure=False) for i in range(40)]
         counts = Counter(client.gather(futures))
         assert sum(counts.values()) == 40
-        assert set(counts) == {"0", "1", "2", "3"}, counts
+        assert set(counts) == {("node1", "0"), ("node1", "1"), ("node2", "0"), ("node2", "1")}, counts
         assert cluster.scheduler_address.startswith("tls://127.0.0.1:")
     assert queued_jobs(site_user, name) == []
 

@@ -20,4 +20,5 @@ def test_dask_example_on_the_test_site(testsite_config):
                             capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "4 GPU workers ready" in result.stdout
-    assert "chunks per GPU: {'0': " in result.stdout and "'3': " in result.stdout
+    # 2 GPUs per node on the test site: the four workers span both GPU nodes
+    assert "chunks per node/GPU: {'node1/0': " in result.stdout and "'node2/1': " in result.stdout

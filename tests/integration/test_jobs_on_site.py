@@ -97,7 +97,7 @@ def test_a_refused_job_carries_slurms_message_and_leaves_nothing(site, site_user
 
 def test_bad_input_is_refused_before_submission(site, site_user):
     before = queued_jobs(site_user)
-    with pytest.raises(ConfigError, match="nodes=2"):
+    with pytest.raises(ConfigError, match="--nodes 3"):
         site.submit(JobSpec(["true"], resources=Resources(gpus=5)))
     with pytest.raises(ConfigError, match="ch-convert"):
         site.submit(JobSpec(["true"], image="docker://python:3.11"))

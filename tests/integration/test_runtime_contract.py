@@ -24,14 +24,14 @@ def run(site, spec):
 
 def test_payload_runs_in_the_image_with_argv_env_gpus_and_workdir(site):
     spec = JobSpec(["python3", "-c", PROBE, "one", "two words"], env={"MODE": "fast"}, secrets={"TOKEN": "t0k"},
-                   resources=Resources(gpus=3), mounts=[Mount("/tmp", "/scratch")], workdir="/scratch")  # fmt: skip
+                   resources=Resources(gpus=2), mounts=[Mount("/tmp", "/scratch")], workdir="/scratch")  # fmt: skip
     job, status, log = run(site, spec)
     assert status.state is JobState.COMPLETED, log
     seen = json.loads(log[-1])
     assert seen["argv"] == ["one", "two words"]
     assert seen["cwd"] == "/scratch"
     assert seen["env"]["MODE"] == "fast" and seen["env"]["TOKEN"] == "t0k"
-    assert seen["env"]["CUDA_VISIBLE_DEVICES"] == "0,1,2"
+    assert seen["env"]["CUDA_VISIBLE_DEVICES"] == "0,1"
     assert seen["env"]["SLURM_JOB_ID"] == job.id
     assert seen["jobdir_visible"]  # $OFFLOAD_JOB_DIR is the job's directory, seen from inside
     assert seen["os"] == 'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"'

@@ -22,6 +22,7 @@ from offload.errors import (
 )
 from offload.jobs import Job, JobState, JobStatus
 from offload.plugins import RuntimePlugin, SchedulerPlugin, TransportPlugin, hookimpl
+from offload.schedulers.base import NodeResources
 from offload.script import BatchScript
 from offload.site import Forward, Site, load_site
 from offload.spec import JobSpec, Mount, Resources
@@ -40,6 +41,7 @@ __all__ = [
     "JobState",
     "JobStatus",
     "Mount",
+    "NodeResources",
     "OffloadError",
     "PluginError",
     "RemoteCommandError",

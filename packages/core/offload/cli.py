@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import click
 
@@ -19,6 +20,7 @@ from offload.config import load_profiles
 from offload.errors import ConfigError, OffloadError
 from offload.jobs import Job, JobState, JobStatus
 from offload.records import JobRecords, write_private
+from offload.schedulers.base import NodeResources
 from offload.site import Site, load_site
 from offload.spec import JobSpec, Mount, Resources
 
@@ -98,6 +100,47 @@ def sites_show(name: str | None) -> None:
         click.echo(f"{key:<18} = {value!r}")
 
 
+@sites.command("gpus")
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: partitions and nodes with free/total counts.")
+def sites_gpus(name: str | None, as_json: bool) -> None:
+    """Free and total GPUs per partition and per node, from one scheduler call."""
+    with _user_errors():
+        site = load_site(name)
+        nodes = site.nodes()
+    report = gpu_report(nodes)
+    if as_json:
+        import json
+
+        click.echo(json.dumps({"site": site.name, **report}, indent=2))
+        return
+    click.echo(f"{'PARTITION':<16} {'NODES':>5} {'GPUS FREE/TOTAL':>16} {'CPUS FREE/TOTAL':>16}")
+    for part, row in report["partitions"].items():
+        click.echo(f"{part:<16} {len(row['nodes']):>5} {row['gpus_free']:>7}/{row['gpus']:<8} "
+                   f"{row['cpus_free']:>7}/{row['cpus']:<8}")  # fmt: skip
+    click.echo("")
+    click.echo(f"{'NODE':<16} {'STATE':<8} {'GPUS FREE/TOTAL':>16} {'CPUS FREE/TOTAL':>16}  PARTITIONS")
+    for node in report["nodes"]:
+        click.echo(f"{node['name']:<16} {node['state']:<8} {node['gpus_free']:>7}/{node['gpus']:<8} "
+                   f"{node['cpus_free']:>7}/{node['cpus']:<8}  {','.join(node['partitions'])}")  # fmt: skip
+
+
+def gpu_report(nodes: list[NodeResources]) -> dict[str, Any]:
+    """Free/total GPUs and CPUs per partition and per node (what ``sites gpus`` and ``doctor`` show)."""
+    partitions: dict[str, dict[str, Any]] = {}
+    for node in nodes:
+        for part in node.partitions:
+            row = partitions.setdefault(part, {"nodes": [], "gpus": 0, "gpus_free": 0, "cpus": 0, "cpus_free": 0})
+            row["nodes"].append(node.name)
+            row["gpus"] += node.gpus
+            row["gpus_free"] += node.gpus_free
+            row["cpus"] += node.cpus
+            row["cpus_free"] += node.cpus_free
+    rows = [{"name": n.name, "state": n.state, "partitions": list(n.partitions), "gpus": n.gpus,
+             "gpus_free": n.gpus_free, "cpus": n.cpus, "cpus_free": n.cpus_free} for n in nodes]  # fmt: skip
+    return {"partitions": partitions, "nodes": rows}
+
+
 @sites.command("trust")
 @click.argument("name")
 @click.option("--yes", is_flag=True, help="Record the key without asking (only after checking the fingerprint).")
@@ -158,10 +201,12 @@ def doctor(site_name: str | None) -> None:
 
 @main.command(context_settings={"ignore_unknown_options": False})
 @click.option("--site", "site_name", help="Site profile (default: $OFFLOAD_SITE, the config's default, 'local').")
-@click.option("--gpus", type=int, default=0, show_default=True, help="GPUs for the job.")
-@click.option("--cpus", type=int, help="CPU cores for the job.")
-@click.option("--memory", help="Memory, e.g. 16G.")
-@click.option("--nodes", type=int, default=1, show_default=True)
+@click.option("--gpus", type=int, default=0, show_default=True, help="GPUs for the whole job.")
+@click.option("--cpus", type=int, help="CPU cores for each copy of the payload.")
+@click.option("--memory", help="Memory per node, e.g. 16G.")
+@click.option("--nodes", type=int, default=1, show_default=True, help="Nodes; the payload runs once on each.")
+@click.option("--gpus-per-node", type=int, help="GPUs on each node (instead of --gpus).")
+@click.option("--tasks-per-node", type=int, help="Copies of the payload on each node (default 1).")
 @click.option("--time", "walltime", help="Walltime, HH:MM:SS or D-HH:MM:SS.")
 @click.option("--partition", help="Partition (default: the site's; its GPU partition when --gpus).")
 @click.option("--account")
@@ -187,6 +232,8 @@ def run(
     cpus: int | None,
     memory: str | None,
     nodes: int,
+    gpus_per_node: int | None,
+    tasks_per_node: int | None,
     walltime: str | None,
     partition: str | None,
     account: str | None,
@@ -211,6 +258,8 @@ def run(
             image=image,
             resources=Resources(
                 nodes=nodes,
+                gpus_per_node=gpus_per_node,
+                tasks_per_node=tasks_per_node,
                 cpus=cpus,
                 memory=memory,
                 gpus=gpus,

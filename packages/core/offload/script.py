@@ -13,6 +13,10 @@ The body is the same for every scheduler and runtime, so what runs on a node is 
     apptainer exec ... image argv    <- the payload, every word quoted
     echo $? > exitcode               <- the payload's exit code, exactly, whatever accounting the site has
 
+A job on several nodes (or with several tasks per node) starts the payload once per task with the scheduler's
+launcher (``srun``), each copy in its own container and told ``RANK``, ``NODE_RANK``, ``LOCAL_RANK``,
+``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``; its output lines carry ``[node:rank]``.
+
 Plugins may change a :class:`BatchScript` through the ``offload_job_script`` hook before it is rendered.
 """
 
@@ -33,6 +37,11 @@ class BatchScript:
     prelude: list[str] = field(default_factory=list)
     command: list[str] = field(default_factory=list)
     comment: str = ""
+    # Several copies (multi-node jobs): the scheduler's argv that starts one copy per task, the variables each
+    # copy is told (shell expressions), and the expression naming the first node (MASTER_ADDR).
+    launcher: list[str] = field(default_factory=list)
+    copy_env: dict[str, str] = field(default_factory=dict)
+    first_node: str = ""
 
     def render(self) -> str:
         lines = ["#!/bin/bash", *self.directives]
@@ -47,14 +56,50 @@ class BatchScript:
             *self.setup,
             *(f"export {name}={shlex.quote(value)}" for name, value in self.env.items()),
             'if [ -f "$OFFLOAD_JOB_DIR/secrets.env" ]; then . "$OFFLOAD_JOB_DIR/secrets.env"; fi',
-            *self.prelude,
-            shlex.join(self.command),
-            "offload_status=$?",
+        ]
+        lines += self._copies() if self.launcher else [*self.prelude, shlex.join(self.command), "offload_status=$?"]
+        lines += [
             "printf '%s\\n' \"$offload_status\" \\",
             '    > "$OFFLOAD_JOB_DIR/exitcode${offload_array_index:+.$offload_array_index}"',
             'exit "$offload_status"',
         ]
         return "\n".join(lines) + "\n"
+
+    def _copies(self) -> list[str]:
+        """One copy per task, each in its own container, its output prefixed ``[node:rank]``; the job ends with
+        the exit code of the copy that failed first (the others were stopped because of it)."""
+        task = "\n".join([
+            *(f'export {name}="{expression}"' for name, expression in self.copy_env.items()),
+            *self.prelude,
+            "set -o pipefail",
+            f'{shlex.join(self.command)} 2>&1 | sed -u "s/^/[$(hostname -s):$RANK] /"',
+            "rc=$?",
+            'printf "%s %s %s %s\\n" "$rc" "$(hostname -s)" "$(date +%s.%N)" "$RANK" > "$offload_copies/$RANK"',
+            'exit "$rc"',
+        ])  # fmt: skip
+        return [
+            'offload_copies="$OFFLOAD_JOB_DIR/copies${offload_array_index:+.$offload_array_index}"',
+            'mkdir -p "$offload_copies" || exit 97',
+            "export offload_copies",
+            f"offload_first={self.first_node}",
+            'export MASTER_ADDR="${MASTER_ADDR:-$(getent ahostsv4 "$offload_first" | awk \'NR == 1 {print $1}\')}"',
+            'export MASTER_ADDR="${MASTER_ADDR:-$offload_first}"',
+            # A port free on this (the first) node, picked without python: the first one /proc/net lists unused.
+            "offload_port=$((20000 + ${SLURM_JOB_ID:-$$} % 20000))",
+            'while grep -qi ":$(printf %04X "$offload_port") " /proc/net/tcp /proc/net/tcp6 2>/dev/null; do '
+            "offload_port=$((offload_port + 1)); done",
+            'export MASTER_PORT="${MASTER_PORT:-$offload_port}"',
+            f"{shlex.join(self.launcher)} bash -c {shlex.quote(task)}",
+            "offload_status=$?",
+            'if [ "$offload_status" != 0 ]; then',
+            "    offload_failed=$(cat \"$offload_copies\"/* 2>/dev/null | awk '$1 != 0' | sort -g -k3 | head -n 1)",
+            '    if [ -n "$offload_failed" ]; then',
+            '        read -r offload_status offload_node offload_time offload_rank <<< "$offload_failed"',
+            "        printf 'offload: copy %s on %s failed first, with exit code %s; the other copies were stopped\\n' "
+            '"$offload_rank" "$offload_node" "$offload_status"',
+            "    fi",
+            "fi",
+        ]
 
 
 def secrets_file(secrets: dict[str, str]) -> str:

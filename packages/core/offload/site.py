@@ -29,6 +29,7 @@ from offload.plugins import Plugins, plugins
 from offload.poller import Poller
 from offload.records import JobRecord, JobRecords
 from offload.runtimes.base import ContainerContext
+from offload.schedulers.base import NodeResources
 from offload.script import BatchScript, secrets_file
 from offload.spec import JobSpec
 from offload.transports.base import PortForward, Transport
@@ -90,7 +91,7 @@ class Site:
             mounts=spec.mounts,
             env_names=env_names,
             workdir=spec.workdir,
-            gpus=spec.resources.gpus,
+            gpus=spec.resources.total_gpus,
             jobdir=jobdir,
         )
 
@@ -102,6 +103,8 @@ class Site:
     def _script(self, spec: JobSpec, jobdir: str, array_size: int | None, index: int | None = None) -> str:
         ctx = self._context(spec, jobdir)
         self._runtime.validate(ctx)
+        res = spec.resources
+        several = res.nodes > 1 or (res.tasks_per_node or 1) > 1
         script = BatchScript(
             directives=self._scheduler.directives(spec, jobdir, array_size),
             jobdir=jobdir,
@@ -112,6 +115,9 @@ class Site:
             prelude=self._runtime.prelude(ctx),
             command=self._runtime.command(spec.command, ctx),
             comment=f"offload job on site {self.name}",
+            launcher=self._scheduler.launcher(res) if several else [],
+            copy_env=dict(self._scheduler.copy_env) if several else {},
+            first_node=self._scheduler.first_node if several else "",
         )
         self._hook.offload_job_script(script=script, spec=spec, site=self.config)
         return script.render()
@@ -356,6 +362,14 @@ class Site:
 
     async def afind(self, name: str) -> list[Job]:
         return await _loop.bridge(self._find(name))
+
+    async def anodes(self) -> list[NodeResources]:
+        """The site's nodes with their GPUs, CPUs and memory, total and in use (one scheduler call)."""
+        return await _loop.bridge(self._scheduler.nodes(self._transport))
+
+    def nodes(self) -> list[NodeResources]:
+        """Sync form of :meth:`anodes`: what is free where, e.g. before asking for 8 GPUs."""
+        return _loop.run(self._scheduler.nodes(self._transport))
 
     def records(self, name: str | None = None, limit: int = 50) -> list[JobRecord]:
         """This machine's records of jobs on this site, newest first."""

@@ -87,7 +87,14 @@ def parse_memory(value: str | int | None) -> int | None:
 
 @dataclass(frozen=True)
 class Resources:
-    """What a job asks the scheduler for. ``None`` means: the site's default."""
+    """What a job asks the scheduler for. ``None`` means: the site's default.
+
+    ``gpus`` counts the whole job's GPUs; ``gpus_per_node`` asks for that many on each of the ``nodes``
+    instead (give one or the other, or both when they agree). ``cpus`` and ``memory`` are per copy and per
+    node. With ``nodes`` above 1 (or ``tasks_per_node`` above 1) the payload runs once per node (per task),
+    each copy in its own container, told its place by ``RANK``, ``NODE_RANK``, ``LOCAL_RANK``,
+    ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``.
+    """
 
     nodes: int = 1
     cpus: int | None = None
@@ -98,11 +105,13 @@ class Resources:
     account: str | None = None
     qos: str | None = None
     extra: tuple[str, ...] = ()
+    gpus_per_node: int | None = None
+    tasks_per_node: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("nodes", "cpus", "gpus"):
+        for name in ("nodes", "cpus", "gpus", "gpus_per_node", "tasks_per_node"):
             value = getattr(self, name)
-            if value is None and name == "cpus":
+            if value is None and name in ("cpus", "gpus_per_node", "tasks_per_node"):
                 continue
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ConfigError(f"Resources.{name} must be a whole number, got {value!r}")
@@ -112,6 +121,16 @@ class Resources:
             raise ConfigError(f"Resources.cpus must be at least 1, got {self.cpus}")
         if self.gpus < 0:
             raise ConfigError(f"Resources.gpus cannot be negative, got {self.gpus}: use 0 for a CPU-only job")
+        if self.gpus_per_node is not None and self.gpus_per_node < 0:
+            raise ConfigError(f"Resources.gpus_per_node cannot be negative, got {self.gpus_per_node}")
+        if self.tasks_per_node is not None and self.tasks_per_node < 1:
+            raise ConfigError(f"Resources.tasks_per_node must be at least 1, got {self.tasks_per_node}")
+        if self.gpus_per_node is not None and self.gpus and self.gpus != self.gpus_per_node * self.nodes:
+            raise ConfigError(
+                f"Resources(gpus={self.gpus}, gpus_per_node={self.gpus_per_node}, nodes={self.nodes}) disagree: "
+                f"{self.gpus_per_node} per node on {self.nodes} node(s) is {self.gpus_per_node * self.nodes} GPUs. "
+                "Give gpus (for the whole job) or gpus_per_node, not both"
+            )
         parse_walltime(self.walltime)
         parse_memory(self.memory)
         if isinstance(self.extra, str):
@@ -120,6 +139,16 @@ class Resources:
         for option in self.extra:
             if not isinstance(option, str) or not option.startswith("-"):
                 raise ConfigError(f"Resources.extra holds scheduler options like '--exclusive', got {option!r}")
+
+    @property
+    def total_gpus(self) -> int:
+        """The job's GPUs over all its nodes."""
+        return self.gpus_per_node * self.nodes if self.gpus_per_node is not None else self.gpus
+
+    @property
+    def copies(self) -> int:
+        """How many copies of the payload run: one per task on every node (1: the batch script runs it)."""
+        return self.nodes * (self.tasks_per_node or 1)
 
     @property
     def walltime_seconds(self) -> int | None:

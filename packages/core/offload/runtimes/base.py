@@ -37,8 +37,22 @@ PASSTHROUGH = (
     "SLURM_JOB_NODELIST",
     "SLURM_CPUS_PER_TASK",
     "SLURM_MEM_PER_NODE",
+    "SLURM_PROCID",
+    "SLURM_NODEID",
+    "SLURM_LOCALID",
+    "SLURM_NTASKS",
+    "SLURM_NNODES",
+    "SLURMD_NODENAME",
     "OFFLOAD_JOB_DIR",
     "OFFLOAD_TASK_INDEX",
+    # what each copy of a multi-node job is told (torchrun, torch.distributed, jax and friends read these)
+    "RANK",
+    "NODE_RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
 )
 
 

@@ -3,11 +3,40 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from offload.jobs import JobRef, JobStatus
-from offload.spec import JobSpec
+from offload.spec import JobSpec, Resources
 from offload.transports.base import Transport
+
+
+@dataclass(frozen=True)
+class NodeResources:
+    """One node as the scheduler sees it now: what it has, what is in use, and where it can be asked for."""
+
+    name: str
+    partitions: tuple[str, ...]
+    state: str  # the scheduler's own word: idle, mix, alloc, down, drain, ...
+    gpus: int
+    gpus_used: int
+    cpus: int
+    cpus_used: int
+    memory_mb: int
+    memory_used_mb: int
+
+    @property
+    def available(self) -> bool:
+        """The node takes new jobs (not down, drained or failing)."""
+        return self.state.rstrip("*~#!%$@^-") in ("idle", "mix", "mixed", "alloc", "allocated", "completing")
+
+    @property
+    def gpus_free(self) -> int:
+        return max(0, self.gpus - self.gpus_used) if self.available else 0
+
+    @property
+    def cpus_free(self) -> int:
+        return max(0, self.cpus - self.cpus_used) if self.available else 0
 
 
 class Scheduler(Protocol):
@@ -17,6 +46,13 @@ class Scheduler(Protocol):
 
     def directives(self, spec: JobSpec, jobdir: str, array_size: int | None) -> list[str]:
         """Header lines of the batch script (e.g. ``#SBATCH --gpus=2``). Raise ConfigError for bad values."""
+        ...
+
+    copy_env: dict[str, str]  # for multi-node jobs: variable -> shell expression each copy evaluates (RANK...)
+    first_node: str  # shell expression naming the job's first node (MASTER_ADDR), in the batch script
+
+    def launcher(self, res: Resources) -> list[str]:
+        """The argv prefix that starts one copy of the payload per task of the job's allocation (``srun``)."""
         ...
 
     def submit_line(self, script_path: str) -> str:
@@ -37,6 +73,10 @@ class Scheduler(Protocol):
 
     async def interactive(self, transport: Transport, ref: JobRef, argv: list[str]) -> list[str]:
         """The argv that runs ``argv`` attached to a terminal inside the running job ``ref``."""
+        ...
+
+    async def nodes(self, transport: Transport) -> list[NodeResources]:
+        """Every node with its GPUs, CPUs and memory, total and in use, in one scheduler call."""
         ...
 
     async def find(self, transport: Transport, name: str) -> list[JobRef]:

@@ -9,9 +9,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from offload.config import SiteConfig
+from offload.errors import ConfigError
 from offload.jobs import JobRef, JobState, JobStatus
+from offload.schedulers.base import NodeResources
 from offload.schedulers.slurm import exit_code_files
-from offload.spec import JobSpec
+from offload.spec import JobSpec, Resources
 from offload.transports.base import Transport
 
 
@@ -23,8 +25,21 @@ class LocalScheduler:
     def __init__(self, config: SiteConfig) -> None:
         self.config = config
 
+    # One machine, one copy: multi-node jobs are refused before they are submitted.
+    copy_env: dict[str, str] = {}
+    first_node = ""
+
     def directives(self, spec: JobSpec, jobdir: str, array_size: int | None) -> list[str]:
+        res = spec.resources
+        if res.nodes > 1 or (res.tasks_per_node or 1) > 1:
+            raise ConfigError(
+                f"the local site runs jobs on this one machine, once each: nodes={res.nodes} and "
+                f"tasks_per_node={res.tasks_per_node} need an HPC site (--site NAME)"
+            )
         return []
+
+    def launcher(self, res: Resources) -> list[str]:
+        raise ConfigError("the local site cannot start copies of a job on several nodes")
 
     def submit_line(self, script_path: str) -> str:
         # set -m: the job gets a process group of its own, so cancel can stop the whole tree.
@@ -61,6 +76,11 @@ class LocalScheduler:
             elif seen.get(ref.id) == "cancelled":
                 statuses[ref.id] = JobStatus(JobState.CANCELLED, "cancelled by the user")
         return statuses
+
+    async def nodes(self, transport: Transport) -> list[NodeResources]:
+        import os
+
+        return [NodeResources("localhost", ("local",), "idle", 0, 0, os.cpu_count() or 1, 0, 0, 0)]
 
     async def interactive(self, transport: Transport, ref: JobRef, argv: list[str]) -> list[str]:
         return argv  # local jobs run on this machine: the shell can simply start here

@@ -7,6 +7,7 @@ directory; the exit code is the payload's own in every case.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections.abc import Sequence
@@ -14,7 +15,8 @@ from collections.abc import Sequence
 from offload.config import SiteConfig
 from offload.errors import ConfigError, RemoteCommandError
 from offload.jobs import JobRef, JobState, JobStatus
-from offload.spec import JobSpec, format_walltime, parse_walltime
+from offload.schedulers.base import NodeResources
+from offload.spec import JobSpec, Resources, format_walltime, parse_walltime
 from offload.transports.base import Transport
 
 log = logging.getLogger("offload.slurm")
@@ -78,25 +80,18 @@ class SlurmScheduler:
         if array_size:
             opts.append(f"--array=0-{array_size - 1}")
         opts.append(f"--nodes={res.nodes}")
+        if res.tasks_per_node:
+            opts.append(f"--ntasks-per-node={res.tasks_per_node}")
         if res.cpus:
             opts.append(f"--cpus-per-task={res.cpus}")
         if res.memory_mb:
             opts.append(f"--mem={res.memory_mb}M")
-        partition = res.partition or (site.gpu_partition if res.gpus and site.gpu_partition else site.partition)
+        gpus = res.total_gpus
+        partition = res.partition or (site.gpu_partition if gpus and site.gpu_partition else site.partition)
         if partition:
             opts.append(f"--partition={_value('partition', partition)}")
-        if res.gpus:
-            if site.gpus_per_node is not None and res.gpus > site.gpus_per_node * res.nodes:
-                raise ConfigError(
-                    f"{res.gpus} GPUs asked on {res.nodes} node(s), but site '{site.name}' has "
-                    f"{site.gpus_per_node} per node: ask for nodes={-(-res.gpus // site.gpus_per_node)}"
-                )
-            if site.gpu_request == "--gres":
-                opts.append(f"--gres=gpu:{res.gpus // res.nodes if res.nodes > 1 else res.gpus}")
-            elif site.gpu_request == "--gpus-per-node":
-                opts.append(f"--gpus-per-node={-(-res.gpus // res.nodes)}")
-            else:
-                opts.append(f"--gpus={res.gpus}")
+        if gpus:
+            opts.append(self._gpu_request(res))
         walltime = res.walltime_seconds or parse_walltime(site.walltime)
         if walltime:
             opts.append(f"--time={format_walltime(walltime)}")
@@ -109,6 +104,49 @@ class SlurmScheduler:
                 raise ConfigError(f"scheduler option {option!r} contains a newline")
             opts.append(option)
         return [f"#SBATCH {o}" for o in opts]
+
+    def _gpu_request(self, res: Resources) -> str:
+        """Exactly the GPUs asked for, in the site's syntax, or a ConfigError saying why it cannot be said."""
+        site, gpus, nodes = self.config, res.total_gpus, res.nodes
+        per_node = res.gpus_per_node if res.gpus_per_node is not None else (gpus if nodes == 1 else None)
+        capacity = site.gpus_per_node
+        if capacity is not None and (per_node or -(-gpus // nodes)) > capacity:
+            raise ConfigError(
+                f"{gpus} GPUs asked on {nodes} node(s), but site '{site.name}' has {capacity} per node: "
+                + _more_nodes(gpus, capacity, site.gpu_request)
+            )
+        if per_node is None and site.gpu_request != "--gpus":
+            if gpus % nodes:
+                raise ConfigError(
+                    f"{gpus} GPUs cannot be split evenly over {nodes} nodes, and site '{site.name}' asks for GPUs "
+                    f"per node (gpu_request = {site.gpu_request!r}): ask for gpus_per_node instead (CLI: "
+                    "--gpus-per-node), or a multiple of the node count"
+                )
+            per_node = gpus // nodes
+        if site.gpu_request == "--gres":
+            return f"--gres=gpu:{per_node}"
+        if site.gpu_request == "--gpus-per-node" or (res.gpus_per_node is not None and nodes > 1):
+            return f"--gpus-per-node={per_node}"
+        return f"--gpus={gpus}"
+
+    def launcher(self, res: Resources) -> list[str]:
+        """The argv prefix that starts one copy of the payload per task of the allocation, inside the job.
+
+        A copy that fails makes srun stop the others, so a distributed run does not hang on a dead peer."""
+        argv = ["srun", "--kill-on-bad-exit=1", f"--nodes={res.nodes}", f"--ntasks-per-node={res.tasks_per_node or 1}"]
+        if res.cpus:
+            argv.append(f"--cpus-per-task={res.cpus}")  # srun of 22.05 does not inherit it from the job
+        return argv
+
+    # What each copy is told: shell expressions evaluated in the copy (SLURM sets these per task).
+    copy_env = {
+        "RANK": "$SLURM_PROCID",
+        "NODE_RANK": "$SLURM_NODEID",
+        "LOCAL_RANK": "$SLURM_LOCALID",
+        "WORLD_SIZE": "$SLURM_NTASKS",
+        "LOCAL_WORLD_SIZE": "${SLURM_NTASKS_PER_NODE%%(*}",
+    }
+    first_node = '$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)'
 
     def submit_line(self, script_path: str) -> str:
         return f"sbatch --parsable < {script_path}"
@@ -177,6 +215,30 @@ class SlurmScheduler:
             statuses.update(await exit_code_files(transport, rest))
         return statuses
 
+    async def nodes(self, transport: Transport) -> list[NodeResources]:
+        """One ``sinfo`` for every node and partition: GRES and GRES in use, CPUs, memory."""
+        argv = ["sinfo", "--noheader", "--Node", "--Format=NodeList:|,Partition:|,StateCompact:|,Gres:|,GresUsed:|,"
+                "CPUsState:|,Memory:|,AllocMem:|"]  # fmt: skip
+        result = await transport.run(argv)
+        found: dict[str, NodeResources] = {}
+        for line in result.stdout.splitlines():
+            fields = [f.strip() for f in line.split("|")]
+            if len(fields) < 8 or not fields[0]:
+                continue
+            name, partition, state, gres, used, cpus, memory, alloc_mem = fields[:8]
+            partition = partition.rstrip("*")
+            if name in found:
+                node = found[name]
+                found[name] = dataclasses.replace(node, partitions=(*node.partitions, partition))
+                continue
+            allocated, _idle, _other, total = (int(x) if x.isdigit() else 0 for x in (cpus.split("/") + ["0"] * 4)[:4])
+            found[name] = NodeResources(
+                name=name, partitions=(partition,), state=state, gpus=_gpu_count(gres), gpus_used=_gpu_count(used),
+                cpus=total, cpus_used=allocated, memory_mb=int(memory) if memory.isdigit() else 0,
+                memory_used_mb=int(alloc_mem) if alloc_mem.isdigit() else 0,
+            )  # fmt: skip
+        return list(found.values())
+
     async def interactive(self, transport: Transport, ref: JobRef, argv: list[str]) -> list[str]:
         """A step in the running job, sharing its resources, with a terminal."""
         job_id = ref.id
@@ -214,6 +276,29 @@ class SlurmScheduler:
                         exit_status=result.exit_status,
                         stderr=result.stderr,
                     )
+
+
+def _gpu_count(gres: str) -> int:
+    """GPUs in a GRES string: ``gpu:2``, ``gpu:a100:4(S:0-1)``, ``gpu:1(IDX:0),shard:0`` -> 2, 4, 1."""
+    total = 0
+    for item in re.split(r",(?![^(]*\))", gres):
+        parts = item.split("(")[0].split(":")
+        if parts[0] == "gpu" and len(parts) >= 2 and parts[-1].isdigit():
+            total += int(parts[-1])
+    return total
+
+
+def _more_nodes(gpus: int, capacity: int, gpu_request: str) -> str:
+    nodes = -(-gpus // capacity)
+    if gpus % nodes == 0:
+        each = gpus // nodes
+        return (f"ask for {nodes} nodes with {each} GPUs each (Resources(nodes={nodes}, gpus_per_node={each}); "
+                f"CLI: --nodes {nodes} --gpus-per-node {each})")  # fmt: skip
+    if gpu_request == "--gpus":
+        return f"ask for {nodes} nodes (Resources(nodes={nodes}, gpus={gpus}); CLI: --nodes {nodes} --gpus {gpus})"
+    each = -(-gpus // nodes)
+    return (f"ask for {nodes} nodes with {each} GPUs each, {nodes * each} in all (Resources(nodes={nodes}, "
+            f"gpus_per_node={each}); CLI: --nodes {nodes} --gpus-per-node {each})")  # fmt: skip
 
 
 def _status(state: str, reason: str, exit_code: int | None, signal: int | None, node: str) -> JobStatus:
