@@ -1,13 +1,17 @@
 """User story 1: "track the training, send it to a central service, read it from a CLI or a browser".
 
 Creates the MLflow run here, before the job starts (so its id is known at once, as ncsa/mlflow-slurm does),
-then runs train.py on the site with the tracking URI and credentials passed as secrets: they never reach a
-batch script, a log or a file anyone else can read.
+then runs train.py on the site. Compute nodes usually cannot reach your MLflow server, so the job *reaches* it
+through offload's connection: inside the job ``MLFLOW_TRACKING_URI`` points at a relay on the node's loopback,
+and the traffic leaves from this machine (your network, VPN and DNS). Credentials travel as secrets: they never
+reach a batch script, a log or a file anyone else can read.
 
     python examples/mlflow_training/submit.py --tracking-uri http://mlflow.example.org:5000
     python examples/mlflow_training/submit.py --site testsite --gpus 2 --tracking-uri http://127.0.0.1:5000
 
 Then open the run in MLflow's UI (the URL printed at the end), or read it with ``mlflow runs describe``.
+Needs ``mlflow-skinny`` here (``pip install 'offload[mlflow]'``) and ``numpy`` + ``mlflow-skinny`` where the
+job runs (the image; or this Python on the local site).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ def main() -> int:
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(args.experiment)
     run = client.create_run(experiment_id, run_name=f"offload-{args.site or 'local'}")
 
-    secrets = {"MLFLOW_TRACKING_URI": args.tracking_uri}
+    secrets = {}
     for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
         if os.environ.get(name):
             secrets[name] = os.environ[name]
@@ -50,8 +54,9 @@ def main() -> int:
         [site.python, "train.py", "--epochs", str(args.epochs)],
         image=args.image,
         resources=offload.Resources(gpus=args.gpus, walltime="00:30:00"),
-        env={"MLFLOW_RUN_ID": run.info.run_id, "MLFLOW_EXPERIMENT_ID": experiment_id},
+        env={"MLFLOW_RUN_ID": run.info.run_id, "MLFLOW_EXPERIMENT_ID": experiment_id, "GIT_PYTHON_REFRESH": "quiet"},
         secrets=secrets,
+        reach={"MLFLOW_TRACKING_URI": args.tracking_uri},
         files={"train.py": (HERE / "train.py").read_bytes()},
         name="mlflow-train",
     )
@@ -61,6 +66,8 @@ def main() -> int:
         print(line)
     status = job.wait()
     print(f"job {job.id}: {status.describe()}", file=sys.stderr)
+    if status.state is not offload.JobState.COMPLETED and client.get_run(run.info.run_id).info.status == "RUNNING":
+        client.set_terminated(run.info.run_id, "FAILED")  # the job never ended the run: say it failed
     print(f"MLflow UI: {args.tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run.info.run_id}")
     return status.exit_code or 0
 

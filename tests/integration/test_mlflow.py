@@ -1,5 +1,8 @@
 """User story 1: training tracked in a real MLflow server (SQLite backend, artifacts served by the server),
-run on the test site with 2 GPUs through offload, then read back with MLflow's own client."""
+run on the test site with 2 GPUs through offload, then read back with MLflow's own client.
+
+The server runs on the user's side (this machine's loopback), which the test site's compute nodes cannot reach
+(asserted below), exactly as on a real site: the jobs reach it through offload's relay (``reach``)."""
 
 import os
 import socket
@@ -10,6 +13,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+import offload
 
 mlflow = pytest.importorskip("mlflow")
 from mlflow.tracking import MlflowClient  # noqa: E402
@@ -59,6 +64,15 @@ def check_run(uri: str, run_id: str, gpus: str) -> None:
     assert '"logistic-regression"' in Path(local).read_text()
 
 
+def test_the_server_is_out_of_the_nodes_reach(site, tracking_uri):
+    probe = ("import sys, urllib.request\n"
+             "try:\n    urllib.request.urlopen(sys.argv[1] + '/health', timeout=5)\nexcept OSError as e:\n"
+             "    print('unreachable', e)\nelse:\n    print('reachable')\n")  # fmt: skip
+    job = site.submit(offload.JobSpec(["python3", "-c", probe, tracking_uri]))
+    job.wait(timeout=120)
+    assert "unreachable" in job.tail()
+
+
 def test_submit_example_on_two_gpus_of_the_test_site(testsite_config, tracking_uri):
     result = subprocess.run([sys.executable, str(EXAMPLE / "submit.py"), "--site", "testsite", "--gpus", "2",
                              "--tracking-uri", tracking_uri, "--epochs", "12"],
@@ -72,13 +86,13 @@ def test_submit_example_on_two_gpus_of_the_test_site(testsite_config, tracking_u
     assert "COMPLETED" in script
 
 
-def test_offload_run_with_the_tracking_uri_as_a_secret(testsite_config, tracking_uri):
+def test_offload_run_reaching_the_tracking_server(testsite_config, tracking_uri):
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name("cli") or client.get_experiment(client.create_experiment("cli"))
     run = client.create_run(experiment.experiment_id)
     result = subprocess.run(
         [sys.executable, "-m", "offload.cli", "run", "--site", "testsite", "--gpus", "2",
-         "--file", str(EXAMPLE / "train.py"), "--secret", f"MLFLOW_TRACKING_URI={tracking_uri}",
+         "--file", str(EXAMPLE / "train.py"), "--reach", f"MLFLOW_TRACKING_URI={tracking_uri}",
          "--env", f"MLFLOW_RUN_ID={run.info.run_id}", "--name", "mlflow-cli", "--",
          "python3", "train.py", "--epochs", "12"],
         capture_output=True, text=True, timeout=300,
@@ -87,7 +101,7 @@ def test_offload_run_with_the_tracking_uri_as_a_secret(testsite_config, tracking
     assert "epoch  11" in result.stdout
     check_run(tracking_uri, run.info.run_id, gpus="0,1")
     ours = [line for line in result.stderr.splitlines() if line.startswith("offload:")]
-    assert ours and not any(tracking_uri in line for line in ours)  # offload never echoes a secret
+    assert ours and not any(tracking_uri in line for line in ours)  # offload never echoes what reach relays
 
 
 def test_submit_example_on_the_local_site(tracking_uri, tmp_path):
@@ -99,7 +113,7 @@ def test_submit_example_on_the_local_site(tracking_uri, tmp_path):
     check_run(tracking_uri, result.stderr.split("run ")[1].split(":")[0], gpus="none")
 
 
-def test_dask_workers_log_to_mlflow_with_the_uri_as_a_secret(testsite_config, tracking_uri, site_user):
+def test_dask_workers_log_to_mlflow_through_reach(testsite_config, tracking_uri, site_user):
     from distributed import Client
 
     from dask_offload import OffloadCluster
@@ -109,12 +123,12 @@ def test_dask_workers_log_to_mlflow_with_the_uri_as_a_secret(testsite_config, tr
     run = client.create_run(experiment.experiment_id)
 
     def score(shard: int, run_id: str) -> int:
-        import mlflow  # the image's mlflow-skinny; the URI comes from the worker's environment (a secret)
+        import mlflow  # the image's mlflow-skinny; the URI (the node's relay) is in the worker's environment
 
         mlflow.tracking.MlflowClient().log_metric(run_id, "shard_score", shard * 0.5, step=shard)
         return shard
 
-    with OffloadCluster(site="testsite", gpus=2, secrets={"MLFLOW_TRACKING_URI": tracking_uri}) as cluster:
+    with OffloadCluster(site="testsite", gpus=2, reach={"MLFLOW_TRACKING_URI": tracking_uri}) as cluster:
         assert tracking_uri not in cluster.job_script()
         with Client(cluster) as dask_client:
             futures = dask_client.map(score, range(4), run_id=run.info.run_id, resources={"GPU": 1})

@@ -39,14 +39,15 @@ def _user_errors() -> Iterator[None]:
 
 
 def _env_pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
+    """NAME=VALUE pairs; a bare NAME takes this machine's value of $NAME (like ``docker run -e NAME``), so a
+    secret need never sit on a command line, in ``ps`` or in the shell's history."""
     pairs = {}
     for item in values:
         name, sep, value = item.partition("=")
         if not sep:
-            if option == "--env" and name in os.environ:
-                value = os.environ[name]  # --env NAME copies the local value, like docker run -e
-            else:
-                raise ConfigError(f"{option} {item!r} is not NAME=VALUE")
+            if name not in os.environ:
+                raise ConfigError(f"{option} {name}: give NAME=VALUE, or set ${name} here to pass its value")
+            value = os.environ[name]
         pairs[name] = value
     return pairs
 
@@ -213,7 +214,21 @@ def doctor(site_name: str | None) -> None:
 @click.option("--qos")
 @click.option("--image", help="Container image (default: the site's).")
 @click.option("--env", "env", multiple=True, metavar="K=V", help="Environment for the payload (repeatable).")
-@click.option("--secret", "secret", multiple=True, metavar="K=V", help="Secret env var, never written to scripts.")
+@click.option(
+    "--secret",
+    "secret",
+    multiple=True,
+    metavar="K[=V]",
+    help="Secret env var, never written to scripts; a bare K takes $K from here (repeatable).",
+)
+@click.option(
+    "--reach",
+    "reach",
+    multiple=True,
+    metavar="K[=URL]",
+    help="A service on your side the job reaches as $K through offload's connection, e.g. "
+    "--reach MLFLOW_TRACKING_URI=http://127.0.0.1:5000; a bare K takes $K from here (repeatable).",
+)
 @click.option("--mount", "mounts", multiple=True, metavar="SRC[:DST[:ro]]", help="Bind a site path (repeatable).")
 @click.option("--workdir", help="Working directory inside the container (default: the job's directory).")
 @click.option(
@@ -241,6 +256,7 @@ def run(
     image: str | None,
     env: tuple[str, ...],
     secret: tuple[str, ...],
+    reach: tuple[str, ...],
     mounts: tuple[str, ...],
     workdir: str | None,
     files: tuple[str, ...],
@@ -270,6 +286,7 @@ def run(
             ),
             env=_env_pairs(env, "--env"),
             secrets=_env_pairs(secret, "--secret"),
+            reach=_env_pairs(reach, "--reach"),
             mounts=tuple(Mount.parse(m) for m in mounts),
             workdir=workdir,
             name=name,
@@ -280,6 +297,9 @@ def run(
         job = site.submit(spec)
     click.echo(f"offload: submitted job {job.id} to site '{site.name}'", err=True)
     if detach:
+        if spec.reach:
+            click.echo(f"offload: the job reaches {', '.join(spec.reach)} only while a client serves its relay: "
+                       f"run 'offload relay {job.id}' (it ends with the job)", err=True)  # fmt: skip
         click.echo(job.id)
         return
     sys.exit(_follow(job, cancel_on_interrupt=True))
@@ -406,6 +426,21 @@ def jupyter(
         sys.exit(0 if detach else 130)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@main.command()
+@click.argument("job_id", metavar="JOB")
+@click.option("--site", "site_name")
+def relay(job_id: str, site_name: str | None) -> None:
+    """Serve a job's reach relay from here until the job ends (for jobs started with --detach)."""
+    with _user_errors():
+        job = _resolve(job_id, site_name)
+        click.echo(f"offload: relaying job {job.id}'s connections until it ends (Ctrl-C stops)", err=True)
+        try:
+            status = job.site.relay(job)
+        except KeyboardInterrupt:
+            sys.exit(130)
+    click.echo(f"offload: job {job.id} ended {status.describe()}", err=True)
 
 
 @main.command()

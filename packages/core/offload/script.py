@@ -42,6 +42,10 @@ class BatchScript:
     launcher: list[str] = field(default_factory=list)
     copy_env: dict[str, str] = field(default_factory=dict)
     first_node: str = ""
+    # reach: the relay program, its socket name, and how to run Python in the container if the node has none
+    reach_source: str = ""
+    reach_key: str = ""
+    reach_container_python: list[str] = field(default_factory=list)
 
     def render(self) -> str:
         lines = ["#!/bin/bash", *self.directives]
@@ -57,6 +61,8 @@ class BatchScript:
             *(f"export {name}={shlex.quote(value)}" for name, value in self.env.items()),
             'if [ -f "$OFFLOAD_JOB_DIR/secrets.env" ]; then . "$OFFLOAD_JOB_DIR/secrets.env"; fi',
         ]
+        if self.reach_source:
+            lines += self._reach()
         lines += self._copies() if self.launcher else [*self.prelude, shlex.join(self.command), "offload_status=$?"]
         lines += [
             "printf '%s\\n' \"$offload_status\" \\",
@@ -64,6 +70,29 @@ class BatchScript:
             'exit "$offload_status"',
         ]
         return "\n".join(lines) + "\n"
+
+    def _reach(self) -> list[str]:
+        """Start the reach relay on this node (its targets come in the secrets as OFFLOAD_REACH) and take the
+        variables it gives the payload; the relay ends with this script."""
+        fallback = shlex.join(self.reach_container_python) if self.reach_container_python else "false"
+        key = shlex.quote(self.reach_key) + "${offload_array_index:+-$offload_array_index}"
+        return [
+            f"offload_reach_source={shlex.quote(self.reach_source)}",
+            'offload_reach_python() { if command -v python3 >/dev/null 2>&1; then python3 "$@"; '
+            f'else {fallback} "$@"; fi; }}',
+            "coproc OFFLOAD_RELAY { printf '%s\\n' \"$OFFLOAD_REACH\" | "
+            f'offload_reach_python -c "$offload_reach_source" serve {key} "$$"; }}',
+            "offload_reach_ready=",
+            'while IFS= read -r -u "${OFFLOAD_RELAY[0]}" offload_line; do',
+            '    if [ "$offload_line" = offload-reach-ready ]; then offload_reach_ready=1; break; fi',
+            '    eval "$offload_line"',
+            "done",
+            "unset OFFLOAD_REACH offload_reach_source",
+            'if [ -z "$offload_reach_ready" ]; then',
+            "    echo 'offload: the reach relay did not start: it needs python3 on the node or in the image' >&2",
+            "    exit 96",
+            "fi",
+        ]
 
     def _copies(self) -> list[str]:
         """One copy per task, each in its own container, its output prefixed ``[node:rank]``; the job ends with

@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
+import json
 import logging
 import secrets as _secrets
 import shlex
@@ -22,6 +24,7 @@ import time
 from collections.abc import Sequence
 
 from offload import _loop
+from offload import reach as reach_mod
 from offload.config import SiteConfig, load_profiles
 from offload.errors import ConfigError, JobNotFoundError, OffloadError, SubmissionError, TransportError
 from offload.jobs import Job, JobRef, JobState, JobStatus
@@ -64,6 +67,9 @@ class Site:
         self._runtime = registry.runtime(config.runtime).factory(config.runtime_options)
         self._poller = Poller(self._poll, config.poll_interval, self._ended)
         self._records = records or JobRecords()
+        self._relays = reach_mod.Relays(self)
+        # Jobs on another machine reach this one's services through a relay; local jobs reach them directly.
+        self._relays_needed = not getattr(self._scheduler, "runs_on_client", False)
         self._workdir: str | None = None
         self._secret_dirs: dict[str, set[str]] = {}
 
@@ -85,7 +91,8 @@ class Site:
     # -- building scripts -------------------------------------------------------------------------------
 
     def _context(self, spec: JobSpec, jobdir: str | None = None) -> ContainerContext:
-        env_names = tuple(dict.fromkeys([*self.config.env, *spec.env, *spec.secrets]))
+        reach = [*spec.reach, *reach_mod.PROXY_NAMES] if spec.reach else []
+        env_names = tuple(dict.fromkeys([*self.config.env, *spec.env, *spec.secrets, *reach]))
         return ContainerContext(
             image=spec.image or self.config.image,
             mounts=spec.mounts,
@@ -105,6 +112,7 @@ class Site:
         self._runtime.validate(ctx)
         res = spec.resources
         several = res.nodes > 1 or (res.tasks_per_node or 1) > 1
+        relay = bool(spec.reach) and self._relays_needed
         script = BatchScript(
             directives=self._scheduler.directives(spec, jobdir, array_size),
             jobdir=jobdir,
@@ -118,6 +126,9 @@ class Site:
             launcher=self._scheduler.launcher(res) if several else [],
             copy_env=dict(self._scheduler.copy_env) if several else {},
             first_node=self._scheduler.first_node if several else "",
+            reach_source=reach_mod.SOURCE if relay else "",
+            reach_key=reach_mod.base_key(jobdir) if relay else "",
+            reach_container_python=self._runtime.command(["python3"], ctx) if relay else [],
         )
         self._hook.offload_job_script(script=script, spec=spec, site=self.config)
         return script.render()
@@ -167,6 +178,7 @@ class Site:
             if not isinstance(spec, JobSpec):
                 raise ConfigError(f"submit takes offload.JobSpec objects, got {type(spec).__name__}")
             self.validate(spec)  # every spec, before anything reaches the site
+        specs = [self._with_reach(spec) if spec.reach else spec for spec in specs]
         groups: dict[JobSpec, list[int]] = {}
         for index, spec in enumerate(specs):
             groups.setdefault(spec, []).append(index)
@@ -197,8 +209,52 @@ class Site:
                              list(submission.spec.command), submission.spec.image or self.config.image))  # fmt: skip
             if submission.spec.secrets:
                 self._secret_dirs[submission.jobdir] = set(submission.ids)
+            if submission.spec.reach and self._relays_needed:
+                targets = [(t.host, t.port) for t in reach_mod.targets_of(dict(submission.spec.reach))]
+                for index in indices:
+                    job = jobs[index]
+                    assert job is not None
+                    self._relays.serve(job.ref, targets)
         self._records.add(rows)
         return [job for job in jobs if job is not None]
+
+    def _with_reach(self, spec: JobSpec) -> JobSpec:
+        """What is sent for a spec with ``reach``: the targets travel as a secret (URLs may hold credentials),
+        the host:port list any client needs to serve the relay as ``reach.json``. On a site whose jobs run on
+        this machine the payload simply gets the values."""
+        if not self._relays_needed:
+            return dataclasses.replace(spec, secrets={**spec.secrets, **spec.reach}, reach={})
+        targets = reach_mod.targets_of(dict(spec.reach))
+        return dataclasses.replace(spec, secrets={**spec.secrets, "OFFLOAD_REACH": reach_mod.node_targets(targets)})
+
+    def _relay_step_argv(self, ref: JobRef) -> list[str]:
+        """The carrier: the relay program in ``carry`` mode, with the node's python3 or else the image's."""
+        carrier = ["python3", "-c", reach_mod.SOURCE, "carry", reach_mod.relay_key(ref)]
+        record = self._records.get(self.name, ref.id)
+        ctx = ContainerContext(image=(record.image if record else None) or self.config.image, jobdir=ref.jobdir)
+        inner = self._runtime.command(carrier, ctx)
+        script = (f"if command -v python3 >/dev/null 2>&1; then exec {shlex.join(carrier)}; "
+                  f"else exec {shlex.join(inner)}; fi")  # fmt: skip
+        return ["bash", "-c", script]
+
+    async def _relay_step(self, ref: JobRef, node: str) -> list[str] | None:
+        return await self._scheduler.step(self._transport, ref, node, self._relay_step_argv(ref))
+
+    async def _relay(self, job: Job) -> JobStatus:
+        raw = await self._transport.read_file(f"{job.ref.jobdir}/reach.json")
+        if not raw:
+            raise ConfigError(f"job {job.id} on {self.name} has no reach targets (no reach.json in its directory)")
+        targets = [(t["host"], int(t["port"])) for t in json.loads(raw)]
+        self._relays.serve(job.ref, targets)
+        return await self._poller.wait(job.ref)
+
+    def relay(self, job: Job) -> JobStatus:
+        """Serve ``job``'s reach relay from this process until the job ends (for a job another process
+        submitted, e.g. with ``offload run --detach``); returns its final status."""
+        return _loop.run(self._relay(job))
+
+    async def arelay(self, job: Job) -> JobStatus:
+        return await _loop.bridge(self._relay(job))
 
     async def _send(self, submissions: list[_Submission], jobs_dir: str) -> None:
         """Make each job's 0700 dir, write job.sh and secrets.env, submit: in one round trip.
@@ -264,6 +320,9 @@ class Site:
             if sub.spec.secrets:
                 # printf is a shell builtin: the values appear in no process list and no temp file.
                 lines.append(f'printf %s {shlex.quote(secrets_file(dict(sub.spec.secrets)))} > "$d/secrets.env"')
+            if sub.spec.reach:
+                targets = reach_mod.client_targets(reach_mod.targets_of(dict(sub.spec.reach)))
+                lines.append(f'printf %s {shlex.quote(targets.decode())} > "$d/reach.json"')
             for file_name, data in sub.spec.files.items():
                 encoded = base64.b64encode(data).decode()
                 lines.append(f'printf %s {encoded} | base64 -d > "$d/{file_name}" || exit 92')
@@ -408,13 +467,17 @@ class Site:
 
     # -- lifetime ---------------------------------------------------------------------------------------
 
+    async def _close(self) -> None:
+        await self._relays.close()
+        await self._transport.close()
+
     async def aclose(self) -> None:
-        await _loop.bridge(self._transport.close())
+        await _loop.bridge(self._close())
         _forget(self)
 
     def close(self) -> None:
-        """Close the site's connection (jobs keep running on the site)."""
-        _loop.run(self._transport.close())
+        """Close the site's connection (jobs keep running on the site; their reach relays stop)."""
+        _loop.run(self._close())
         _forget(self)
 
 
@@ -444,7 +507,7 @@ _sites: dict[str, Site] = {}
 
 async def _close_all() -> None:
     for site in list(_sites.values()):
-        await site._transport.close()
+        await site._close()
 
 
 _loop.at_exit(_close_all)

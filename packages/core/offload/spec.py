@@ -196,7 +196,10 @@ class JobSpec:
 
     ``env`` is written into the batch script; ``secrets`` never are: they travel in a 0600 file in the job's
     0700 directory and reach only the payload's environment. ``files`` are staged into the job's directory
-    (``$OFFLOAD_JOB_DIR/<name>`` inside the container) in the same round trip as the submission.
+    (``$OFFLOAD_JOB_DIR/<name>`` inside the container) in the same round trip as the submission. ``reach``
+    names services on the user's side (``{"MLFLOW_TRACKING_URI": "https://mlflow.example.org"}``): the payload
+    gets the variable pointing at a relay on its node's loopback, which offload carries back over its own
+    connection, so the job reaches them although compute nodes have no outbound network.
     """
 
     command: tuple[str, ...]
@@ -208,6 +211,7 @@ class JobSpec:
     workdir: str | None = None
     name: str | None = None
     files: Mapping[str, bytes] = field(default_factory=dict, repr=False)
+    reach: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         command = self.command
@@ -225,9 +229,21 @@ class JobSpec:
         for label, mapping in (("env", self.env), ("secrets", self.secrets)):
             frozen = _frozen_env(label, mapping)
             object.__setattr__(self, label, frozen)
-        overlap = set(self.env) & set(self.secrets)
-        if overlap:
-            raise ConfigError(f"{sorted(overlap)} given both as env and as secrets: keep each name in one place")
+        reach = _frozen_env("reach", self.reach)
+        object.__setattr__(self, "reach", reach)
+        for one, other in (("env", "secrets"), ("env", "reach"), ("secrets", "reach")):
+            overlap = set(getattr(self, one)) & set(getattr(self, other))
+            if overlap:
+                raise ConfigError(f"{sorted(overlap)} given both as {one} and as {other}: keep each name in one place")
+        if reach:
+            from offload.reach import targets_of
+
+            targets_of(dict(reach))  # a bad URL fails here, before anything is submitted
+            if self.resources.copies > 1:
+                raise ConfigError(
+                    "reach serves jobs on one node for now; a job on several nodes (or with several tasks per "
+                    "node) cannot have it yet: run the service's client on the first copy only, or ask on one node"
+                )
         mounts = tuple(Mount.parse(m) if isinstance(m, str) else m for m in self.mounts)
         if not all(isinstance(m, Mount) for m in mounts):
             raise ConfigError("JobSpec.mounts holds 'SRC[:DST[:ro]]' strings or offload.Mount objects")
@@ -254,11 +270,14 @@ class JobSpec:
 
     def __hash__(self) -> int:
         files = tuple(sorted((k, hashlib.sha256(v).hexdigest()) for k, v in self.files.items()))
-        return hash((self.command, self.image, self.resources, tuple(sorted(self.env.items())), self.mounts, files))
+        return hash((self.command, self.image, self.resources, tuple(sorted(self.env.items())), self.mounts, files,
+                     tuple(sorted(self.reach.items()))))  # fmt: skip
 
 
 # offload's own files in a job's directory: never staged over, never read as a user's file.
-RESERVED_FILES = frozenset({"job.sh", "secrets.env", "exitcode", "jobid", "cancelled", "output", "submit.err"})
+RESERVED_FILES = frozenset(
+    {"job.sh", "secrets.env", "exitcode", "jobid", "cancelled", "output", "submit.err", "reach.json", "copies"}
+)
 MAX_FILES_BYTES = 16 * 2**20  # files travel base64 in the submission's one round trip
 
 

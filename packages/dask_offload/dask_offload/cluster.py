@@ -114,9 +114,10 @@ class _Shared:
 
     def spec(self, args: list[str], resources: offload.Resources) -> offload.JobSpec:
         command = [self.python, "-c", LAUNCHER, args[0], json.dumps(expected_versions()), *args[1:]]
+        reach = dict(self.options.get("reach") or {}) if args[0] == "worker" else {}
         return offload.JobSpec(
             command, image=self.options["image"], resources=resources, env=dict(self.options["env"]),
-            secrets=self.secrets(), name=self.name,
+            secrets=self.secrets(), name=self.name, reach=reach,
         )  # fmt: skip
 
     def scheduler_spec(self) -> offload.JobSpec:
@@ -349,8 +350,10 @@ class OffloadCluster(SpecCluster):
     cores, memory: threads and memory of each worker
     processes: CPU workers per job (GPU clusters pack the site's ``gpus_per_node`` instead)
     walltime, image, partition, account, qos, job_extra, env: what every job gets
-    secrets: environment every job gets as secrets (e.g. ``MLFLOW_TRACKING_URI`` and its credentials): never
-        written into a script or a log
+    secrets: environment every job gets as secrets (e.g. MLflow's credentials): never written into a script or
+        a log
+    reach: services on this machine's side the workers reach through offload's connection (compute nodes
+        usually have no outbound network), e.g. ``{"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"}``
     scheduler: ``"site"`` (a job on the site, reached by SSH port forward) or ``"local"`` (in this process)
     tls: per-cluster temporary TLS certificates (default True); or pass ``security=Security(...)``
     name: the cluster's name, which tags its jobs (``offload status --name``, ``offload cancel --name``)
@@ -373,6 +376,7 @@ class OffloadCluster(SpecCluster):
         name: str | None = None,
         env: dict[str, str] | None = None,
         secrets: dict[str, str] | None = None,
+        reach: dict[str, str] | None = None,
         partition: str | None = None,
         account: str | None = None,
         qos: str | None = None,

@@ -79,6 +79,15 @@ class Scheduler(Protocol):
         """Every node with its GPUs, CPUs and memory, total and in use, in one scheduler call."""
         ...
 
+    async def step(self, transport: Transport, ref: JobRef, node: str, argv: list[str]) -> list[str] | None:
+        """The argv that runs ``argv`` as a step of the running job ``ref`` on ``node``, its stdin and stdout
+        streamed (a reach relay's carrier). None: the job runs on the client's machine (reach goes direct)."""
+        ...
+
+    def first_host(self, nodelist: str) -> str:
+        """The first host of the scheduler's node list of a job (where its batch script runs)."""
+        ...
+
     async def find(self, transport: Transport, name: str) -> list[JobRef]:
         """Jobs of this user with this name still known to the scheduler, newest first (optional: without
         it, offload looks in this machine's job records)."""

@@ -19,6 +19,7 @@ from offload.transports.base import Transport
 
 class LocalScheduler:
     name = "local"
+    runs_on_client = True  # jobs are processes of this machine: they reach its services directly
     supports_arrays = False
     task_index = ""
 
@@ -81,6 +82,13 @@ class LocalScheduler:
         import os
 
         return [NodeResources("localhost", ("local",), "idle", 0, 0, os.cpu_count() or 1, 0, 0, 0)]
+
+    async def step(self, transport: Transport, ref: JobRef, node: str, argv: list[str]) -> list[str] | None:
+        return None  # the job runs on this machine: it reaches this machine's services directly
+
+    @staticmethod
+    def first_host(nodelist: str) -> str:
+        return nodelist
 
     async def interactive(self, transport: Transport, ref: JobRef, argv: list[str]) -> list[str]:
         return argv  # local jobs run on this machine: the shell can simply start here

@@ -239,13 +239,32 @@ class SlurmScheduler:
             )  # fmt: skip
         return list(found.values())
 
+    async def _step_job_id(self, transport: Transport, ref: JobRef) -> str:
+        if "_" not in ref.id:
+            return ref.id
+        # srun wants the array task's own job id
+        out = await transport.run(["squeue", "--noheader", f"--jobs={ref.id}", "--Format=JobID"])
+        return out.stdout.strip() or ref.id
+
     async def interactive(self, transport: Transport, ref: JobRef, argv: list[str]) -> list[str]:
         """A step in the running job, sharing its resources, with a terminal."""
-        job_id = ref.id
-        if "_" in job_id:  # srun wants the array task's own job id
-            out = await transport.run(["squeue", "--noheader", f"--jobs={job_id}", "--Format=JobID"])
-            job_id = out.stdout.strip() or job_id
-        return ["srun", f"--jobid={job_id}", "--overlap", "--pty", *argv]
+        return ["srun", f"--jobid={await self._step_job_id(transport, ref)}", "--overlap", "--pty", *argv]
+
+    async def step(self, transport: Transport, ref: JobRef, node: str, argv: list[str]) -> list[str] | None:
+        """A step of the running job on ``node`` whose stdin/stdout stream through srun, unbuffered (a relay's
+        carrier). It overlaps the job's own steps and takes none of their resources."""
+        job_id = await self._step_job_id(transport, ref)
+        return ["srun", f"--jobid={job_id}", "--overlap", "--nodes=1", "--ntasks=1", f"--nodelist={node}",
+                "--unbuffered", "--quiet", "--mem=0", *argv]  # fmt: skip
+
+    @staticmethod
+    def first_host(nodelist: str) -> str:
+        """The first host of a Slurm node list: ``node[3-5,7],gpu1`` -> ``node3``."""
+        first = re.split(r",(?![^\[]*\])", nodelist.strip())[0]
+        if "[" not in first:
+            return first
+        prefix, _, rest = first.partition("[")
+        return prefix + re.split(r"[-,\]]", rest)[0]
 
     async def find(self, transport: Transport, name: str) -> list[JobRef]:
         """Jobs of the site's user with this name that slurmctld still knows (queued or recently ended),

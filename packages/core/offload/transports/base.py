@@ -5,7 +5,7 @@ from __future__ import annotations
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from offload.errors import RemoteCommandError
 
@@ -48,6 +48,20 @@ class PortForward(Protocol):
     async def close(self) -> None: ...
 
 
+class Process(Protocol):
+    """A command on the site that keeps running while bytes stream both ways (e.g. a relay's carrier).
+
+    ``stdin`` has ``write(bytes)`` and ``async drain()``; ``stdout`` has ``async read(n)`` and
+    ``async readexactly(n)`` (asyncio's stream interface, which asyncssh's streams share)."""
+
+    stdin: Any
+    stdout: Any
+
+    async def wait(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
 @runtime_checkable
 class Transport(Protocol):
     """Runs commands and moves files on one site. Implementations are async and safe to share.
@@ -66,6 +80,10 @@ class Transport(Protocol):
         check: bool = True,
         timeout: float | None = None,
     ) -> CommandResult: ...
+
+    async def start(self, argv: Sequence[str]) -> Process:
+        """Start ``argv`` with binary stdin/stdout streams (stderr is logged), without waiting for it."""
+        ...
 
     async def home(self) -> str:
         """The remote user's home directory (absolute), to resolve ``~`` in profile paths."""

@@ -30,6 +30,20 @@ class _NoForward:
         return None
 
 
+class _LocalProcess:
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self._process = process
+        self.stdin = process.stdin
+        self.stdout = process.stdout
+
+    async def wait(self) -> int:
+        return await self._process.wait()
+
+    def close(self) -> None:
+        if self._process.returncode is None:
+            self._process.kill()
+
+
 class LocalTransport:
     """Runs commands as subprocesses of this process (argv, no shell) and touches local files."""
 
@@ -69,6 +83,15 @@ class LocalTransport:
             stderr.decode("utf-8", "replace"),
         )
         return result.check() if check else result
+
+    async def start(self, argv: Sequence[str]) -> _LocalProcess:
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
+            )
+        except FileNotFoundError:
+            raise TransportError(f"{argv[0]!r} is not installed on this machine") from None
+        return _LocalProcess(process)
 
     async def home(self) -> str:
         return str(Path.home())

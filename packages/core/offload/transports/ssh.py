@@ -99,6 +99,29 @@ class _Forward:
                 await listener.wait_closed()
 
 
+class _SSHProcess:
+    """A streaming command on one channel of the connection; stderr goes to the debug log."""
+
+    def __init__(self, process: asyncssh.SSHClientProcess) -> None:
+        self._process = process
+        self.stdin = process.stdin
+        self.stdout = process.stdout
+        self._stderr = asyncio.ensure_future(self._log_stderr())
+
+    async def _log_stderr(self) -> None:
+        with contextlib.suppress(Exception):
+            async for line in self._process.stderr:
+                log.debug("remote stderr: %s", line.decode("utf-8", "replace").rstrip())
+
+    async def wait(self) -> int:
+        await self._process.wait_closed()
+        return self._process.exit_status if self._process.exit_status is not None else 255
+
+    def close(self) -> None:
+        self._process.close()
+        self._stderr.cancel()
+
+
 class SSHTransport:
     """Commands, files and port forwards on a site over one asyncssh connection."""
 
@@ -232,6 +255,15 @@ class SSHTransport:
             )
             return result.check() if check else result
         raise AssertionError("unreachable")
+
+    async def start(self, argv: Sequence[str]) -> _SSHProcess:
+        conn = await self._connection()
+        self.stats[f"start:{argv[0]}"] += 1
+        try:
+            process = await conn.create_process(shlex.join(argv), encoding=None)
+        except (asyncssh.Error, ConnectionError) as exc:
+            raise TransportError(f"cannot start {argv[0]!r} on {self.description}: {exc}") from None
+        return _SSHProcess(process)
 
     def _drop(self, conn: asyncssh.SSHClientConnection) -> None:
         if self._conn is conn:

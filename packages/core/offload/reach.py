@@ -1,0 +1,234 @@
+"""``reach``: a job uses services on the user's side (MLflow, a hub API, a database) through offload's connection.
+
+Compute nodes usually have no outbound network, so ``JobSpec(reach={"MLFLOW_TRACKING_URI": url})`` gives the
+payload ``MLFLOW_TRACKING_URI`` pointing at the node's loopback, and offload carries that traffic back to the
+original address **from this machine**: its network, VPN and DNS apply, and nothing listens here.
+
+How the bytes travel (see :mod:`offload.reach_node` for the node side)::
+
+    payload -> 127.0.0.1:P on the node -> relay (serve) -> carrier step (srun --overlap, stdio)
+            -> srun on the login node -> the SSH channel -> this process -> the service
+
+``https://`` targets go through a CONNECT proxy on the node (``https_proxy``), so TLS is end to end with the
+real host name; ``http://`` and plain ``host:port`` targets get a loopback port of their own. The process that
+submitted the job serves its relay while it runs (``Site.relay(job)`` serves it from any other process, e.g.
+``offload relay JOB``); a lost connection is re-established and the carrier restarted, while the job sees
+refused connections meanwhile, never a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import inspect
+import json
+import logging
+import re
+import struct
+import urllib.parse
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from offload import reach_node
+from offload.errors import ConfigError, OffloadError, TransportError
+from offload.jobs import JobRef, JobState
+
+if TYPE_CHECKING:
+    from offload.site import Site
+
+log = logging.getLogger("offload.reach")
+
+SOURCE = inspect.getsource(reach_node)
+DEFAULT_PORTS = {"http": 80, "https": 443}
+# Environment the relay sets for the payload beside the targets' own names (the CONNECT proxy for https).
+PROXY_NAMES = ("https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY")
+_HOSTPORT = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(?P<port>\d{1,5})$")
+
+
+@dataclass(frozen=True)
+class ReachTarget:
+    """One service a job reaches: the variable the payload reads, the value given, and where it points."""
+
+    name: str
+    value: str
+    scheme: str
+    host: str
+    port: int
+
+    @property
+    def hostport(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def template(self) -> str:
+        """The value on the node, with the relay's loopback port still to fill in (https stays as it is)."""
+        if self.scheme == "https":
+            return self.value
+        if self.scheme == "tcp":
+            return f"127.0.0.1:{reach_node.PORT_MARK}"
+        parts = urllib.parse.urlsplit(self.value)
+        userinfo = parts.netloc.rpartition("@")[0]
+        netloc = (userinfo + "@" if userinfo else "") + f"127.0.0.1:{reach_node.PORT_MARK}"
+        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+    def for_node(self) -> dict[str, object]:
+        return {"name": self.name, "value": self.value, "scheme": self.scheme, "hostport": self.hostport,
+                "template": self.template()}  # fmt: skip
+
+
+def parse_target(name: str, value: str) -> ReachTarget:
+    """A target from ``NAME`` and a URL (``http[s]://host[:port]/...``, ``scheme://host:port``) or ``host:port``."""
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"reach[{name!r}] must be a URL or host:port, got {value!r}")
+    value = value.strip()
+    match = _HOSTPORT.match(value)
+    if match:
+        return ReachTarget(name, value, "tcp", match["host"].strip("[]"), _port(name, match["port"]))
+    parts = urllib.parse.urlsplit(value)
+    if not parts.scheme or not parts.netloc:
+        raise ConfigError(
+            f"reach[{name!r}] = {value!r} is neither a URL (http://host:port/...) nor host:port: offload needs to "
+            "know where to relay the job's connections"
+        )
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:
+        raise ConfigError(f"reach[{name!r}] = {value!r}: the port is not a number") from None
+    port = port or DEFAULT_PORTS.get(scheme)
+    if port is None:
+        raise ConfigError(f"reach[{name!r}] = {value!r}: give the port (e.g. {scheme}://host:5432)")
+    if not parts.hostname:
+        raise ConfigError(f"reach[{name!r}] = {value!r} has no host name")
+    return ReachTarget(name, value, "https" if scheme == "https" else ("http" if scheme == "http" else "url"),
+                       parts.hostname, port)  # fmt: skip
+
+
+def _port(name: str, text: str) -> int:
+    port = int(text)
+    if not 0 < port < 65536:
+        raise ConfigError(f"reach[{name!r}]: {port} is not a TCP port")
+    return port
+
+
+def targets_of(reach: dict[str, str]) -> list[ReachTarget]:
+    return [parse_target(name, value) for name, value in reach.items()]
+
+
+def base_key(jobdir: str) -> str:
+    """The job's relay socket name on its node, less the array index the batch script appends."""
+    return hashlib.sha256(jobdir.encode()).hexdigest()[:24]
+
+
+def relay_key(ref: JobRef) -> str:
+    base = base_key(ref.jobdir)
+    return base if ref.index is None else f"{base}-{ref.index}"
+
+
+def node_targets(targets: list[ReachTarget]) -> str:
+    """What the job's relay is told (travels as a secret: URLs may carry credentials)."""
+    return json.dumps([t.for_node() for t in targets], separators=(",", ":"))
+
+
+def client_targets(targets: list[ReachTarget]) -> bytes:
+    """What any client needs to serve the relay later (``reach.json`` in the job's directory): no credentials."""
+    return json.dumps([{"name": t.name, "host": t.host, "port": t.port} for t in targets]).encode()
+
+
+# -- serving a relay from this process -------------------------------------------------------------------
+
+
+class _ClientMux(reach_node.Mux):
+    """The client's end of a carrier: each OPEN is a connection from this machine to the target."""
+
+    def __init__(self, writer, targets: list[tuple[str, int]], stats: dict[str, int]) -> None:
+        super().__init__(writer)
+        self.targets = targets
+        self.stats = stats
+
+    async def on_open(self, sid: int, payload: bytes) -> None:
+        (index,) = struct.unpack("!H", payload[:2])
+        if index >= len(self.targets):
+            self.send(reach_node.frame(reach_node.CLOSE, sid, b"no such target"))
+            return
+        host, port = self.targets[index]
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 15)
+        except (OSError, TimeoutError) as exc:
+            reason = f"{host}:{port} is not reachable from the client: {getattr(exc, 'strerror', None) or exc!r}"
+            log.warning("reach: %s", reason)
+            self.send(reach_node.frame(reach_node.CLOSE, sid, reason.encode()))
+            return
+        stream = self.streams[sid] = reach_node.Stream(self, sid, reader, writer)
+        self.stats["connections"] = self.stats.get("connections", 0) + 1
+        self.send(reach_node.frame(reach_node.OPENED, sid))
+        stream.start()
+
+
+class Relays:
+    """The relays this process serves, one task per job: start the carrier once the job runs, restart it
+    after a lost connection, stop when the job ends."""
+
+    def __init__(self, site: Site) -> None:
+        self._site = site
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.stats: dict[str, int] = {}
+
+    def serve(self, ref: JobRef, targets: list[tuple[str, int]]) -> asyncio.Task[None]:
+        """Serve ``ref``'s relay (idempotent); runs on offload's private loop."""
+        task = self._tasks.get(ref.id)
+        if task is None or task.done():
+            task = self._tasks[ref.id] = asyncio.get_running_loop().create_task(self._serve(ref, targets))
+            task.add_done_callback(lambda t: None if t.cancelled() else t.exception())
+        return task
+
+    def stop(self, job_id: str) -> None:
+        task = self._tasks.pop(job_id, None)
+        if task is not None:
+            task.cancel()
+
+    async def close(self) -> None:
+        tasks, self._tasks = list(self._tasks.values()), {}
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _serve(self, ref: JobRef, targets: list[tuple[str, int]]) -> None:
+        site, delay = self._site, 1.0
+        while True:
+            status = await site._poller.status(ref, refresh=False)
+            while status.state in (JobState.PENDING, JobState.UNKNOWN):
+                await site._poller.next_poll(ref)
+                status = await site._poller.status(ref, refresh=False)
+            if status.state.is_terminal:
+                return
+            node = site._scheduler.first_host(status.node)
+            argv = await site._relay_step(ref, node)
+            if argv is None:
+                return  # the job runs here: it reaches the services directly
+            started = asyncio.get_running_loop().time()
+            try:
+                await self._carry(argv, targets, ref)
+            except (OffloadError, OSError, asyncio.IncompleteReadError) as exc:
+                log.info("reach: the carrier of job %s stopped (%s)", ref.id, exc)
+            if asyncio.get_running_loop().time() - started > 60:
+                delay = 1.0
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+    async def _carry(self, argv: list[str], targets: list[tuple[str, int]], ref: JobRef) -> None:
+        process = await self._site.transport.start(argv)
+        try:
+            kind, _, payload = await asyncio.wait_for(reach_node.read_frame(process.stdout), 120)
+            if kind != reach_node.HELLO:
+                raise TransportError(f"the relay of job {ref.id} answered frame {kind} instead of HELLO")
+            log.info("reach: relay of job %s on %s attached", ref.id, json.loads(payload).get("node"))
+            self.stats["carriers"] = self.stats.get("carriers", 0) + 1
+            mux = _ClientMux(process.stdin, targets, self.stats)
+            await mux.run(process.stdout)
+        finally:
+            with contextlib.suppress(Exception):
+                process.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(process.wait(), 5)
