@@ -165,14 +165,16 @@ def test_an_image_without_matching_distributed_is_reported_before_any_worker(sit
     assert queued_jobs(site_user, name) == []
 
 
-def test_scheduler_in_the_client_process(site_user):
+def test_a_scheduler_in_the_client_process_unreachable_from_the_nodes_is_said_at_once(site_user, caplog):
+    # The test site's nodes cannot reach this machine (as on most sites): workers say so instead of hanging.
     name = unique("localsched")
-    with OffloadCluster(site="testsite", scheduler="local", n_workers=2, memory="1GiB", name=name) as cluster:
-        with Client(cluster) as client:
-            client.wait_for_workers(2, timeout=120)
-            assert client.submit(lambda: 41 + 1).result() == 42
-            assert len(queued_jobs(site_user, name)) == 2  # workers only: the scheduler is here
-    assert queued_jobs(site_user, name) == []
+    with caplog.at_level(logging.WARNING, logger="dask_offload"):
+        with OffloadCluster(site="testsite", scheduler="local", n_workers=2, memory="1GiB", name=name) as cluster:
+            wait_until(lambda: "cannot reach the scheduler" in caplog.text, timeout=120, what="the warning")
+            assert cluster.scheduler_address.split("://")[1].split(":")[0] not in ("127.0.0.1", "")
+    messages = [r.getMessage() for r in caplog.records if "cannot reach the scheduler" in r.getMessage()]
+    assert len(messages) == 1 and "scheduler='site'" in messages[0]
+    wait_until(lambda: queued_jobs(site_user, name) == [], timeout=60, what="no job left")
 
 
 async def test_asynchronous_cluster(site_user):

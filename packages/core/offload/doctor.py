@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from offload import _loop
 from offload.config import SiteConfig
 from offload.errors import HostKeyError, OffloadError
+from offload.schedulers.base import NodeResources
 from offload.site import Site
 
 _RUNTIME_BINARY = {"apptainer": "apptainer", "singularity": "singularity", "charliecloud": "ch-run", "podman": "podman"}
@@ -100,16 +101,35 @@ async def _checks(site: Site) -> list[Check]:
     except OffloadError as exc:
         results.append(Check("workdir", "fail", str(exc), "set 'workdir' to a writable directory"))
 
-    if config.scheduler == "slurm":
-        partition = config.gpu_partition or config.partition
-        if config.gpus_per_node and partition:
-            rc, out = await shell(f"sinfo --noheader --partition={shlex.quote(partition)} --format=%G")
-            gres = {g for g in out.split() if g.startswith("gpu")}
-            results.append(
-                Check("gpus", "ok", f"partition {partition}: {' '.join(sorted(gres))}")
-                if rc == 0 and gres
-                else Check("gpus", "fail", f"no GPU GRES in partition {partition}: {out}", "fix 'gpu_partition'")
-            )
+    try:
+        nodes = await site._scheduler.nodes(transport)
+    except OffloadError as exc:
+        results.append(Check("partitions", "fail", str(exc), "check that the scheduler's commands answer"))
+        nodes = []
+    partitions: dict[str, list[NodeResources]] = {}
+    for node in nodes:
+        for name in node.partitions:
+            partitions.setdefault(name, []).append(node)
+    if partitions:
+        summary = "; ".join(
+            f"{name}: {len(members)} node(s), GPUs {sum(n.gpus_free for n in members)}/{sum(n.gpus for n in members)}"
+            f" free" for name, members in sorted(partitions.items()))  # fmt: skip
+        results.append(Check("partitions", "ok", summary))
+    gpu_partition = config.gpu_partition or config.partition
+    if config.gpus_per_node and gpu_partition and partitions:
+        members = partitions.get(gpu_partition, [])
+        if not members:
+            results.append(Check("gpus", "fail", f"no partition {gpu_partition!r} on the site",
+                                 f"set 'gpu_partition' to one of: {', '.join(sorted(partitions))}"))  # fmt: skip
+        elif not any(n.gpus for n in members):
+            results.append(Check("gpus", "fail", f"partition {gpu_partition!r} has no GPUs", "fix 'gpu_partition'"))
         else:
-            results.append(Check("gpus", "skip", "no gpus_per_node/gpu_partition in the profile"))
+            most = max(n.gpus for n in members)
+            if most >= config.gpus_per_node:
+                results.append(Check("gpus", "ok", f"partition {gpu_partition}: up to {most} GPUs per node"))
+            else:
+                detail = f"gpus_per_node = {config.gpus_per_node}, but nodes of {gpu_partition} have at most {most}"
+                results.append(Check("gpus", "fail", detail, f"set gpus_per_node = {most}"))
+    elif not config.gpus_per_node:
+        results.append(Check("gpus", "skip", "no gpus_per_node/gpu_partition in the profile"))
     return results

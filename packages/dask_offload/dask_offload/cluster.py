@@ -316,6 +316,21 @@ class WorkerJob(ProcessInterface):
         if "OFFLOAD_DASK_MISMATCH" in tail:
             self.shared.tell_once("mismatch", f"worker job {self.job.id} refused to start: {tail}")
             return
+        if f"{launcher.MARK}_UNREACHABLE " in tail:
+            info = json.loads(tail.split(f"{launcher.MARK}_UNREACHABLE ", 1)[1].splitlines()[0])
+            local = self.shared.options["scheduler"] == "local"
+            hint = (" Compute nodes of this site cannot reach this machine: keep the scheduler on the site "
+                    "(scheduler='site', the default on remote sites)." if local else "")  # fmt: skip
+            self.shared.tell_once(
+                "unreachable",
+                f"worker job {self.job.id} on {info['node']} cannot reach the scheduler at {info['address']} "
+                f"({info['error']}); not starting more workers.{hint}",
+            )
+            if cluster.workers.get(self.name) is self:
+                del cluster.workers[self.name]
+                self.status = Status.closed
+                cluster.worker_spec.pop(self.name, None)
+            return
         replace = self.shared.allow_replacement(time.monotonic() - self._started)
         what = "replacing it" if replace else "not replacing it: jobs keep failing as they start"
         self.shared.tell_once(

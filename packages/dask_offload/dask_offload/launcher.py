@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import signal
+import socket
 import sys
 
 MARK = "OFFLOAD_DASK"
@@ -40,6 +41,39 @@ def check_versions(expect):
         sys.exit(3)
 
 
+def node_address():
+    """The address other nodes reach this one at: its hostname's, else the interface of the default route.
+
+    distributed's own guess asks for a route to 8.8.8.8, which compute nodes without outbound network lack."""
+    host = socket.gethostname()
+    try:
+        for info in socket.getaddrinfo(host, None, socket.AF_INET):
+            if not info[4][0].startswith("127."):
+                return info[4][0]
+    except OSError:
+        pass
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect(("8.8.8.8", 80))
+        return probe.getsockname()[0]
+    except OSError:
+        return host
+    finally:
+        probe.close()
+
+
+def check_reachable(address):
+    """Fail fast, and say why, when this node cannot open a connection to the scheduler."""
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=20).close()
+    except OSError as exc:
+        info = {"address": address, "node": socket.gethostname(), "error": str(exc)}
+        print(f"{MARK}_UNREACHABLE {json.dumps(info)}", flush=True)
+        sys.exit(5)
+
+
 def security():
     ca = os.environ.get("OFFLOAD_DASK_TLS_CA")
     if not ca:
@@ -57,7 +91,8 @@ async def run_scheduler():
 
     sec = security()
     protocol = "tls://" if sec else "tcp://"
-    async with Scheduler(protocol=protocol, port=0, security=sec, dashboard_address=":0") as scheduler:
+    async with Scheduler(protocol=protocol, host=node_address(), port=0, security=sec,
+                         dashboard_address=":0") as scheduler:  # fmt: skip
         dashboard = scheduler.services.get("dashboard")
         info = {"address": scheduler.address, "dashboard": dashboard.port if dashboard else None, **versions()}
         print(f"{MARK}_SCHEDULER {json.dumps(info)}", flush=True)
@@ -71,7 +106,7 @@ async def run_worker(address, name, nthreads, memory_limit, resources):
     from distributed import Worker
 
     async with Worker(address, name=name, nthreads=nthreads, memory_limit=memory_limit, resources=resources,
-                      security=security()) as worker:  # fmt: skip
+                      security=security(), host=node_address()) as worker:  # fmt: skip
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(worker.close()))
@@ -106,6 +141,7 @@ def run_workers(address, groups, nthreads, memory_limit, resources):
     import distributed  # noqa: F401  (imported once here, shared by every forked worker)
 
     address = scheduler_address(address)
+    check_reachable(address)
 
     children = {}
     for i, name in enumerate(names):
