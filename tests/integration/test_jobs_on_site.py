@@ -10,7 +10,7 @@ import pytest
 
 import offload
 from offload import ConfigError, JobSpec, JobState, Mount, Resources
-from offload.site import PARALLEL_SUBMISSIONS
+from offload.submit import PARALLEL_SUBMISSIONS
 
 from .conftest import STATE, queued_jobs
 

@@ -34,7 +34,7 @@ def test_typo_names_file_site_key_and_suggests(tmp_path):
         """,
     )
     with pytest.raises(ConfigError) as err:
-        load_profiles(path)
+        load_profiles(path).get("hpc")
     message = str(err.value)
     assert str(path) in message and "[sites.hpc]" in message and "'partiton'" in message
     assert "did you mean 'partition'" in message
@@ -55,12 +55,17 @@ def test_malformed_toml_names_the_file(tmp_path):
         ("walltime = '1h'", "walltime"),
         ("setup = [1, 2]", "list of strings"),
         ("poll_interval = 0", "positive"),
+        ("env = {'A=1;touch /tmp/x;B' = '1'}", "not an environment variable name"),
+        ("env = {OFFLOAD_JOB_DIR = '/x'}", "offload's own"),
+        ("runtime = 'apptainr'", "did you mean 'apptainer'"),
+        ("scheduler = 'pbs'", "Known: local, slurm"),
+        ("shebang = 'bash'", "starting with '#!'"),
     ],
 )
 def test_values_are_type_checked(tmp_path, line, match):
     path = write(tmp_path, f"[sites.hpc]\nhost = 'h'\n{line}\n")
     with pytest.raises(ConfigError, match=match):
-        load_profiles(path)
+        load_profiles(path).get("hpc")
 
 
 def test_unknown_site_suggests_the_nearest(tmp_path):
@@ -72,7 +77,19 @@ def test_unknown_site_suggests_the_nearest(tmp_path):
 def test_site_needs_a_host(tmp_path):
     path = write(tmp_path, "[sites.hpc]\nscheduler = 'slurm'\n")
     with pytest.raises(ConfigError, match="no 'host'"):
-        load_profiles(path)
+        load_profiles(path).get("hpc")
+
+
+def test_a_mistake_in_one_site_leaves_the_others_working(tmp_path, monkeypatch):
+    path = write(tmp_path, "[sites.broken]\nhost = 'h'\npartiton = 'x'\n[sites.good]\nhost = 'g'\n")
+    profiles = load_profiles(path)
+    assert profiles.get("good").host == "g" and profiles.get("local").name == "local"
+    with pytest.raises(ConfigError, match="partiton"):
+        profiles.get("broken")
+    monkeypatch.setenv("OFFLOAD__GOOD__PARTITON", "gpu")
+    with pytest.raises(ConfigError, match="environment variable OFFLOAD__GOOD__PARTITON") as err:
+        load_profiles(path).get("good")
+    assert str(path) not in str(err.value)  # the mistake is in the environment, not the file
 
 
 def test_default_site_and_environment_overrides(tmp_path, monkeypatch):

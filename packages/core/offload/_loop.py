@@ -84,6 +84,17 @@ def spawn(coro: Coroutine[Any, Any, Any]) -> concurrent.futures.Future[Any]:
     return asyncio.run_coroutine_threadsafe(coro, loop())
 
 
+_kept: set[asyncio.Task[Any]] = set()
+
+
+def keep(coro: Coroutine[Any, Any, Any]) -> None:
+    """Run ``coro`` on the private loop to its end, even if its starter goes away: exit waits for it (e.g. the
+    cancellation of jobs whose submission was interrupted)."""
+    task = asyncio.get_running_loop().create_task(coro)
+    _kept.add(task)
+    task.add_done_callback(_kept.discard)
+
+
 _cleanups: list[Callable[[], Coroutine[Any, Any, Any]]] = []
 
 
@@ -93,6 +104,9 @@ def at_exit(cleanup: Callable[[], Coroutine[Any, Any, Any]]) -> None:
 
 
 async def _run_cleanups() -> None:
+    if _kept:
+        with contextlib.suppress(Exception):
+            await asyncio.wait(list(_kept), timeout=30)
     for cleanup in reversed(_cleanups):
         # Exiting anyway: one failed cleanup must not skip the others.
         with contextlib.suppress(Exception):

@@ -155,7 +155,7 @@ def sites_trust(name: str, yes: bool, replace: bool) -> None:
         if config.transport != "ssh":
             raise ConfigError(f"site '{name}' is not reached over SSH: nothing to trust")
         key = _loop.run(fetch_host_key(config))
-        line = known_hosts_line(config, key)
+        line = _loop.run(known_hosts_line(config, key))
         path = known_hosts_path(config)
         click.echo(f"{config.host} presents a {key.get_algorithm()} key: {key.get_fingerprint('sha256')}")
         existing = path.read_text().splitlines() if path.exists() else []

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ from offload.errors import ConfigError
 from offload.spec import parse_memory, parse_walltime
 
 LOCAL_SITE = "local"
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,7 @@ class SiteConfig:
     runtime_options: tuple[str, ...] = ()
     image: str | None = None
     # the job's surroundings
+    shebang: str = "#!/bin/bash"  # e.g. "#!/bin/bash -l" where `module` needs a login shell
     workdir: str = "~/offload"
     setup: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
@@ -114,13 +117,17 @@ class SiteProfiles:
     path: Path
     sites: dict[str, SiteConfig]
     default_site: str | None
+    # Sites whose section has a mistake: reported when that site is used, so the others keep working.
+    errors: dict[str, ConfigError] = field(default_factory=dict)
 
     def get(self, name: str | None) -> SiteConfig:
         """The profile called ``name``; None picks ``$OFFLOAD_SITE``, the file's default, else ``local``."""
         chosen = name or os.environ.get("OFFLOAD_SITE") or self.default_site or LOCAL_SITE
         if chosen in self.sites:
             return self.sites[chosen]
-        known = sorted(self.sites)
+        if chosen in self.errors:
+            raise self.errors[chosen]
+        known = sorted([*self.sites, *self.errors])
         hint = _nearest(chosen, known)
         where = str(self.path) if self.path.exists() else f"{self.path} (which does not exist yet)"
         raise ConfigError(
@@ -153,23 +160,31 @@ def load_profiles(path: str | os.PathLike[str] | None = None) -> SiteProfiles:
     raw_sites = data.get("sites", {})
     if not isinstance(raw_sites, dict):
         raise ConfigError(f"{file}: 'sites' must be a table of [sites.NAME] tables")
+    errors: dict[str, ConfigError] = {}
     for name, table in raw_sites.items():
-        if not isinstance(table, dict):
-            raise ConfigError(f"{file}: [sites.{name}] must be a table of keys")
-        base = local_site_config() if name == LOCAL_SITE else SiteConfig(name=name)
-        table = {**table, **_env_overrides(name)}
-        sites[name] = _validate_site(file, name, table, base)
+        try:
+            if not isinstance(table, dict):
+                raise ConfigError(f"{file}: [sites.{name}] must be a table of keys")
+            base = local_site_config() if name == LOCAL_SITE else SiteConfig(name=name)
+            sites[name] = _validate_site(file, name, table, base, _env_overrides(name))
+        except ConfigError as exc:
+            sites.pop(name, None)
+            errors[name] = exc
     for name in set(_env_sites()) - set(raw_sites):
         if name == LOCAL_SITE:
-            sites[name] = _validate_site(file, name, _env_overrides(name), local_site_config())
+            try:
+                sites[name] = _validate_site(file, name, {}, local_site_config(), _env_overrides(name))
+            except ConfigError as exc:
+                sites.pop(name, None)
+                errors[name] = exc
 
     default = data.get("default_site")
-    if default is not None and default not in sites:
+    if default is not None and default not in sites and default not in errors:
         raise ConfigError(
             f"{file}: default_site = {default!r} names no site{_nearest(default, list(sites))}. "
             f"Sites: {', '.join(sorted(sites))}."
         )
-    return SiteProfiles(path=file, sites=sites, default_site=default)
+    return SiteProfiles(path=file, sites=sites, default_site=default, errors=errors)
 
 
 def profile_from_table(name: str, table: dict[str, Any], source: str, base: SiteConfig | None = None) -> SiteConfig:
@@ -183,12 +198,13 @@ def _env_sites() -> list[str]:
     return sorted({k.split("__")[1].lower() for k in os.environ if k.startswith("OFFLOAD__") and k.count("__") >= 2})
 
 
-def _env_overrides(site: str) -> dict[str, Any]:
+def _env_overrides(site: str) -> dict[str, tuple[str, Any]]:
+    """``key -> (variable, value)`` from ``OFFLOAD__<SITE>__<KEY>`` variables (the variable, for messages)."""
     prefix = f"OFFLOAD__{site.upper().replace('-', '_')}__"
-    overrides: dict[str, Any] = {}
+    overrides: dict[str, tuple[str, Any]] = {}
     for key, value in os.environ.items():
         if key.startswith(prefix):
-            overrides[key[len(prefix) :].lower()] = _parse_env_value(value)
+            overrides[key[len(prefix) :].lower()] = (key, _parse_env_value(value))
     return overrides
 
 
@@ -204,15 +220,19 @@ def _nearest(word: str, candidates: list[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _validate_site(file: Path, name: str, table: dict[str, Any], base: SiteConfig) -> SiteConfig:
+def _validate_site(
+    file: Path, name: str, table: dict[str, Any], base: SiteConfig, overrides: dict[str, tuple[str, Any]] | None = None
+) -> SiteConfig:
     where = f"{file}: [sites.{name}]"
     values: dict[str, Any] = {}
-    for key, value in table.items():
+    given = [(key, value, where) for key, value in table.items()]
+    for key, (var, value) in (overrides or {}).items():
+        given.append((key, value, f"environment variable {var} (site {name!r})"))
+    for key, value, origin in given:
         if key not in _FIELDS:
-            raise ConfigError(
-                f"{where}: unknown key {key!r}{_nearest(key, list(_FIELDS))}. Valid keys: {', '.join(sorted(_FIELDS))}."
-            )
-        values[key] = _coerce(where, key, value)
+            valid = ", ".join(sorted(_FIELDS))
+            raise ConfigError(f"{origin}: unknown key {key!r}{_nearest(key, list(_FIELDS))}. Valid keys: {valid}.")
+        values[key] = _coerce(origin, key, value)
     if "transport" not in values and values.get("host") is None and base.host is None and name != LOCAL_SITE:
         raise ConfigError(f"{where}: no 'host'. Give the login node's name or an alias of ~/.ssh/config.")
     config = dataclasses.replace(base, source=str(file), **values)
@@ -230,7 +250,27 @@ def _validate_site(file: Path, name: str, table: dict[str, Any], base: SiteConfi
         parse_walltime(config.walltime)
     except ConfigError as exc:
         raise ConfigError(f"{where}: key 'walltime': {exc}") from None
+    if not config.shebang.startswith("#!") or "\n" in config.shebang:
+        raise ConfigError(
+            f"{where}: shebang {config.shebang!r} must be one line starting with '#!', e.g. '#!/bin/bash -l'"
+        )
+    _check_plugins(where, config)
     return config
+
+
+def _check_plugins(where: str, config: SiteConfig) -> None:
+    """An unknown scheduler, runtime or transport is a profile mistake: say which key and what is known."""
+    from offload.plugins import plugins
+
+    registry = plugins()
+    for key, known in (("scheduler", registry.schedulers), ("runtime", registry.runtimes),
+                       ("transport", registry.transports)):  # fmt: skip
+        value = getattr(config, key)
+        if value not in known:
+            raise ConfigError(
+                f"{where}: {key} = {value!r} is not one offload knows{_nearest(value, list(known))}. "
+                f"Known: {', '.join(sorted(known))} (a plugin package adds others)."
+            )
 
 
 def _coerce(where: str, key: str, value: Any) -> Any:
@@ -248,6 +288,11 @@ def _coerce(where: str, key: str, value: Any) -> Any:
     if annotation.startswith("dict"):
         if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
             raise ConfigError(f"{label} must be a table of string values, got {value!r}")
+        for env_name in value:
+            if not _ENV_NAME.match(env_name):
+                raise ConfigError(f"{label}: {env_name!r} is not an environment variable name")
+            if env_name.upper().startswith("OFFLOAD_"):
+                raise ConfigError(f"{label}: {env_name!r}: names starting with OFFLOAD_ are offload's own")
         return dict(value)
     if annotation.startswith("bool"):
         if not isinstance(value, bool):

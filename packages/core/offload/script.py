@@ -6,9 +6,9 @@ The body is the same for every scheduler and runtime, so what runs on a node is 
     #SBATCH ...                      <- the scheduler's directives
     export OFFLOAD_JOB_DIR=...       <- the job's 0700 directory on the site
     cd "$OFFLOAD_JOB_DIR"
+    . "$OFFLOAD_JOB_DIR/secrets.env" <- secrets, from a 0600 file written over SSH stdin, removed once read
     module load apptainer            <- the site's setup lines
     export NAME='value'              <- env (never secrets)
-    . "$OFFLOAD_JOB_DIR/secrets.env" <- secrets, from a 0600 file written over SSH stdin
     export APPTAINERENV_NAME=...     <- the runtime's prelude
     apptainer exec ... image argv    <- the payload, every word quoted
     echo $? > exitcode               <- the payload's exit code, exactly, whatever accounting the site has
@@ -28,10 +28,13 @@ from dataclasses import dataclass, field
 
 @dataclass
 class BatchScript:
+    shebang: str = "#!/bin/bash"
     directives: list[str] = field(default_factory=list)
     jobdir: str = ""
     task_index: str = ""  # shell expression of the array task index, '' when the scheduler has no arrays
     index_value: str | None = None  # OFFLOAD_TASK_INDEX for schedulers without arrays (one job per task)
+    index_offset: int = 0  # added to the array index (an array that continues another: MaxArraySize)
+    secrets: bool = False  # the job has a secrets file to read (and remove) before anything else runs
     setup: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     prelude: list[str] = field(default_factory=list)
@@ -48,18 +51,26 @@ class BatchScript:
     reach_container_python: list[str] = field(default_factory=list)
 
     def render(self) -> str:
-        lines = ["#!/bin/bash", *self.directives]
+        lines = [self.shebang, *self.directives]
         if self.comment:
             lines.append(f"# {self.comment}")
+        if self.index_value is not None:
+            task_index = shlex.quote(self.index_value)
+        elif self.index_offset:
+            task_index = f'"$((${{offload_array_index:-0}} + {self.index_offset}))"'
+        else:
+            task_index = '"$offload_array_index"'
         lines += [
             f"export OFFLOAD_JOB_DIR={shlex.quote(self.jobdir)}",
             f'offload_array_index="{self.task_index}"',
-            "export OFFLOAD_TASK_INDEX="
-            + (shlex.quote(self.index_value) if self.index_value is not None else '"$offload_array_index"'),
+            f"export OFFLOAD_TASK_INDEX={task_index}",
             'cd "$OFFLOAD_JOB_DIR" || exit 97',
+        ]
+        if self.secrets:
+            lines += self._secrets()
+        lines += [
             *self.setup,
             *(f"export {name}={shlex.quote(value)}" for name, value in self.env.items()),
-            'if [ -f "$OFFLOAD_JOB_DIR/secrets.env" ]; then . "$OFFLOAD_JOB_DIR/secrets.env"; fi',
         ]
         if self.reach_source:
             lines += self._reach()
@@ -70,6 +81,26 @@ class BatchScript:
             'exit "$offload_status"',
         ]
         return "\n".join(lines) + "\n"
+
+    def _secrets(self) -> list[str]:
+        """Read the job's own secrets file, then remove it: after this line the secrets live only in this
+        job's processes. A missing or incomplete file (a full disk when it was written) stops the job here."""
+        return [
+            'offload_secrets="$OFFLOAD_JOB_DIR/secrets.env${offload_array_index:+.$offload_array_index}"',
+            'if [ ! -f "$offload_secrets" ]; then',
+            "    echo \"offload: this job's secrets file $offload_secrets is missing (removed after a first start?):"
+            ' not running the payload" >&2',
+            "    exit 95",
+            "fi",
+            '. "$offload_secrets"',
+            'rm -f "$offload_secrets"',
+            'if [ "${offload_secrets_complete:-}" != 1 ]; then',
+            "    echo 'offload: the secrets file was incomplete (a full disk when it was written?): not running the"
+            " payload' >&2",
+            "    exit 95",
+            "fi",
+            "unset offload_secrets offload_secrets_complete",
+        ]
 
     def _reach(self) -> list[str]:
         """Start the reach relay on this node (its targets come in the secrets as OFFLOAD_REACH) and take the
@@ -132,5 +163,7 @@ class BatchScript:
 
 
 def secrets_file(secrets: dict[str, str]) -> str:
-    """The body of ``secrets.env``: quoted exports, sourced by the batch script."""
-    return "".join(f"export {name}={shlex.quote(value)}\n" for name, value in secrets.items())
+    """The body of ``secrets.env``: quoted exports, sourced by the batch script, and a last line that says the
+    file is whole (a write cut short by a full disk misses it, and the job refuses to run)."""
+    exports = "".join(f"export {name}={shlex.quote(value)}\n" for name, value in secrets.items())
+    return exports + "offload_secrets_complete=1\n"

@@ -12,46 +12,32 @@ identical specs become one job array.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import dataclasses
 import json
 import logging
 import secrets as _secrets
 import shlex
+import sqlite3
 import sys
 import time
 from collections.abc import Sequence
 
-from offload import _loop
+from offload import _loop, submit
 from offload import reach as reach_mod
 from offload.config import SiteConfig, load_profiles
-from offload.errors import ConfigError, JobNotFoundError, OffloadError, SubmissionError, TransportError
+from offload.errors import ConfigError, JobNotFoundError
 from offload.jobs import Job, JobRef, JobState, JobStatus
 from offload.plugins import Plugins, plugins
 from offload.poller import Poller
 from offload.records import JobRecord, JobRecords
 from offload.runtimes.base import ContainerContext
 from offload.schedulers.base import NodeResources
-from offload.script import BatchScript, secrets_file
+from offload.script import BatchScript
 from offload.spec import JobSpec
+from offload.submit import Submission
 from offload.transports.base import PortForward, Transport
 
 log = logging.getLogger("offload")
-
-_MARK = "OFFLOAD_SUBMIT"
-PARALLEL_SUBMISSIONS = 4  # channels a large batch of distinct jobs is spread over
-
-
-class _Submission:
-    """One sbatch call: a spec, its job directory, and how many array tasks (None: not an array)."""
-
-    def __init__(self, spec: JobSpec, jobdir: str, script: str, array_size: int | None) -> None:
-        self.spec = spec
-        self.jobdir = jobdir
-        self.script = script
-        self.array_size = array_size
-        self.ids: list[str] = []
 
 
 class Site:
@@ -68,6 +54,7 @@ class Site:
         self._poller = Poller(self._poll, config.poll_interval, self._ended)
         self._records = records or JobRecords()
         self._relays = reach_mod.Relays(self)
+        self._site_limits: dict[str, int] | None = None
         # Jobs on another machine reach this one's services through a relay; local jobs reach them directly.
         self._relays_needed = not getattr(self._scheduler, "runs_on_client", False)
         self._workdir: str | None = None
@@ -107,17 +94,21 @@ class Site:
         self._runtime.validate(self._context(spec, f"{self.config.workdir}/jobs/check"))
         self._scheduler.directives(spec, f"{self.config.workdir}/jobs/check", None)
 
-    def _script(self, spec: JobSpec, jobdir: str, array_size: int | None, index: int | None = None) -> str:
+    def _script(self, spec: JobSpec, jobdir: str, array_size: int | None, index: int | None = None, *,
+                secrets: bool | None = None, index_offset: int = 0, parallelism: int | None = None) -> str:  # fmt: skip
         ctx = self._context(spec, jobdir)
         self._runtime.validate(ctx)
         res = spec.resources
         several = res.nodes > 1 or (res.tasks_per_node or 1) > 1
         relay = bool(spec.reach) and self._relays_needed
         script = BatchScript(
-            directives=self._scheduler.directives(spec, jobdir, array_size),
+            shebang=self.config.shebang,
+            directives=self._scheduler.directives(spec, jobdir, array_size, parallelism),
             jobdir=jobdir,
             task_index=self._scheduler.task_index,
             index_value=None if index is None else str(index),
+            index_offset=index_offset,
+            secrets=bool(spec.secrets or spec.reach) if secrets is None else secrets,
             setup=list(self.config.setup),
             env={**self.config.env, **spec.env},
             prelude=self._runtime.prelude(ctx),
@@ -157,75 +148,138 @@ class Site:
         """Submit one job and return its handle."""
         return _loop.run(self._submit_many([spec]))[0]
 
-    async def asubmit_many(self, specs: Sequence[JobSpec], *, arrays: bool = True) -> list[Job]:
+    async def asubmit_many(
+        self, specs: Sequence[JobSpec], *, arrays: bool = True, array_parallelism: int | None = None
+    ) -> list[Job]:
         """Submit many jobs in one round trip; identical specs go as one job array (async)."""
-        return await _loop.bridge(self._submit_many(list(specs), arrays))
+        return await _loop.bridge(self._submit_many(list(specs), arrays, array_parallelism))
 
-    def submit_many(self, specs: Sequence[JobSpec], *, arrays: bool = True) -> list[Job]:
+    def submit_many(
+        self, specs: Sequence[JobSpec], *, arrays: bool = True, array_parallelism: int | None = None
+    ) -> list[Job]:
         """Submit many jobs in one round trip; identical specs go as one job array.
 
-        Each job learns its position among identical specs from ``$OFFLOAD_TASK_INDEX``. ``arrays=False``
-        sends identical specs as separate jobs: SLURM tries a single job for scheduling the moment it is
-        submitted, but an array only at its next scheduling pass (up to ``batch_sched_delay``, 3 s by
-        default), so a handful of jobs that must start *now* start sooner without an array.
-        """
-        return _loop.run(self._submit_many(list(specs), arrays))
+        Each job learns its position among identical specs from ``$OFFLOAD_TASK_INDEX``. More identical specs
+        than the site's ``MaxArraySize`` go as several arrays. ``array_parallelism`` caps how many tasks of an
+        array run at once (SLURM's ``--array=...%N``). ``arrays=False`` sends identical specs as separate jobs:
+        SLURM tries a single job for scheduling the moment it is submitted, but an array only at its next
+        scheduling pass (up to ``batch_sched_delay``, 3 s by default), so a handful of jobs that must start
+        *now* start sooner without an array.
 
-    async def _submit_many(self, specs: list[JobSpec], arrays: bool = True) -> list[Job]:
+        All or nothing: if the site refuses one job (a limit, a full disk), the others that got in are
+        cancelled and :class:`SubmissionError` says why. Interrupting it (Ctrl-C, task cancellation) never
+        leaves a job running that nobody knows about: jobs that got in are cancelled.
+        """
+        return _loop.run(self._submit_many(list(specs), arrays, array_parallelism))
+
+    async def _submit_many(
+        self, specs: list[JobSpec], arrays: bool = True, array_parallelism: int | None = None
+    ) -> list[Job]:
         if not specs:
             return []
         for spec in specs:
             if not isinstance(spec, JobSpec):
                 raise ConfigError(f"submit takes offload.JobSpec objects, got {type(spec).__name__}")
             self.validate(spec)  # every spec, before anything reaches the site
-        specs = [self._with_reach(spec) if spec.reach else spec for spec in specs]
+        if array_parallelism is not None and (not isinstance(array_parallelism, int) or array_parallelism < 1):
+            raise ConfigError(f"array_parallelism must be a whole number of at least 1, got {array_parallelism!r}")
+        # The send and the record go together, whatever happens to the caller meanwhile: a cancelled caller's
+        # jobs are cancelled once they are known, never left running unrecorded.
+        task = asyncio.ensure_future(self._send_and_record(specs, arrays, array_parallelism))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            _loop.keep(self._cancel_when_done(task))
+            raise
+
+    async def _cancel_when_done(self, task: asyncio.Future[list[Job]]) -> None:
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            jobs = await task
+            log.warning("submission interrupted: cancelling the %d job(s) it had submitted", len(jobs))
+            await self._cancel([job.ref for job in jobs], timeout=30)
+
+    async def _plan(
+        self, specs: list[JobSpec], arrays: bool, parallelism: int | None
+    ) -> list[tuple[Submission, list[int]]]:
+        jobs_dir = await self._jobs_dir()
         groups: dict[JobSpec, list[int]] = {}
         for index, spec in enumerate(specs):
             groups.setdefault(spec, []).append(index)
-        jobs_dir = await self._jobs_dir()
-        submissions: list[tuple[_Submission, list[int]]] = []
+        if arrays and self._scheduler.supports_arrays and any(len(i) > 1 for i in groups.values()):
+            max_array = (await self._limits()).get("max_array_size") or 1001
+        planned: list[tuple[Submission, list[int]]] = []
         for spec, indices in groups.items():
             if arrays and self._scheduler.supports_arrays and len(indices) > 1:
-                jobdir = f"{jobs_dir}/{_job_key(spec)}"
-                script = self._script(spec, jobdir, len(indices))
-                submissions.append((_Submission(spec, jobdir, script, len(indices)), indices))
+                for start in range(0, len(indices), max_array):  # several arrays beyond MaxArraySize
+                    chunk = indices[start : start + max_array]
+                    planned.append((self._submission(spec, f"{jobs_dir}/{_job_key(spec)}", len(chunk), None,
+                                                     start, parallelism), chunk))  # fmt: skip
                 continue
             for position, index in enumerate(indices):
                 # No arrays here: one job per task, each told its index like an array task would be.
-                jobdir = f"{jobs_dir}/{_job_key(spec)}"
-                script = self._script(spec, jobdir, None, position if len(indices) > 1 else None)
-                submissions.append((_Submission(spec, jobdir, script, None), [index]))
-        await self._send([s for s, _ in submissions], jobs_dir)
+                planned.append((self._submission(spec, f"{jobs_dir}/{_job_key(spec)}", None,
+                                                 position if len(indices) > 1 else None), [index]))  # fmt: skip
+        return planned
 
+    def _submission(self, spec: JobSpec, jobdir: str, array_size: int | None, index: int | None,
+                    index_offset: int = 0, parallelism: int | None = None) -> Submission:  # fmt: skip
+        secrets, files = dict(spec.secrets), {}
+        if spec.reach and self._relays_needed:
+            targets = reach_mod.targets_of(dict(spec.reach))
+            secrets["OFFLOAD_REACH"] = reach_mod.node_targets(targets)  # URLs may hold credentials
+            files["reach.json"] = reach_mod.client_targets(targets)  # what any client needs to serve the relay
+        elif spec.reach:
+            secrets.update(spec.reach)  # the job runs here: it reaches the services directly
+        files.update(spec.files)
+        script = self._script(spec, jobdir, array_size, index, secrets=bool(secrets), index_offset=index_offset,
+                              parallelism=parallelism)  # fmt: skip
+        return Submission(spec, jobdir, script, array_size, secrets=secrets, files=files)
+
+    async def _limits(self) -> dict[str, int]:
+        if self._site_limits is None:
+            self._site_limits = await self._scheduler.limits(self._transport)
+        return self._site_limits
+
+    async def _send_and_record(self, specs: list[JobSpec], arrays: bool, parallelism: int | None) -> list[Job]:
+        planned = await self._plan(specs, arrays, parallelism)
+        jobs_dir = await self._jobs_dir()
+        submissions = [sub for sub, _ in planned]
+        await submit.send(self._transport, self._scheduler, self.name, submissions, jobs_dir,
+                          self.config.max_sessions)  # fmt: skip
         jobs: list[Job | None] = [None] * len(specs)
         rows = []
-        for submission, indices in submissions:
-            for task, (index, job_id) in enumerate(zip(indices, submission.ids, strict=True)):
-                ref = JobRef(job_id, submission.jobdir, task if submission.array_size else None)
-                job = Job(self, ref, name=submission.spec.name, spec=submission.spec)
+        for sub, indices in planned:
+            for task, (index, job_id) in enumerate(zip(indices, sub.ids, strict=True)):
+                ref = JobRef(job_id, sub.jobdir, task if sub.array_size else None)
+                job = Job(self, ref, name=sub.spec.name, spec=sub.spec)
                 self._poller.known(ref, JobStatus(JobState.PENDING, "submitted"))
                 jobs[index] = job
-                rows.append((self.name, job_id, submission.spec.name, submission.jobdir, ref.index,
-                             list(submission.spec.command), submission.spec.image or self.config.image))  # fmt: skip
-            if submission.spec.secrets:
-                self._secret_dirs[submission.jobdir] = set(submission.ids)
-            if submission.spec.reach and self._relays_needed:
-                targets = [(t.host, t.port) for t in reach_mod.targets_of(dict(submission.spec.reach))]
+                rows.append((self.name, job_id, sub.spec.name, sub.jobdir, ref.index, list(sub.spec.command),
+                             sub.spec.image or self.config.image))  # fmt: skip
+            if sub.secrets:
+                self._secret_dirs[sub.jobdir] = set(sub.ids)
+            if sub.spec.reach and self._relays_needed:
+                targets = [(t.host, t.port) for t in reach_mod.targets_of(dict(sub.spec.reach))]
                 for index in indices:
                     job = jobs[index]
                     assert job is not None
                     self._relays.serve(job.ref, targets)
-        self._records.add(rows)
+        await self._record(rows)
         return [job for job in jobs if job is not None]
 
-    def _with_reach(self, spec: JobSpec) -> JobSpec:
-        """What is sent for a spec with ``reach``: the targets travel as a secret (URLs may hold credentials),
-        the host:port list any client needs to serve the relay as ``reach.json``. On a site whose jobs run on
-        this machine the payload simply gets the values."""
-        if not self._relays_needed:
-            return dataclasses.replace(spec, secrets={**spec.secrets, **spec.reach}, reach={})
-        targets = reach_mod.targets_of(dict(spec.reach))
-        return dataclasses.replace(spec, secrets={**spec.secrets, "OFFLOAD_REACH": reach_mod.node_targets(targets)})
+    async def _record(self, rows: list) -> None:
+        """Record submitted jobs; a locked or broken database delays that, but never loses the jobs."""
+        for attempt in range(5):
+            try:
+                self._records.add(rows)
+                return
+            except sqlite3.Error as exc:
+                if attempt == 4:
+                    ids = " ".join(row[1] for row in rows)
+                    log.error("could not record %d submitted job(s) in %s (%s); they run on %s: %s", len(rows),
+                              self._records.path, exc, self.name, ids)  # fmt: skip
+                    return
+                await asyncio.sleep(0.2 * 2**attempt)
 
     def _relay_step_argv(self, ref: JobRef) -> list[str]:
         """The carrier: the relay program in ``carry`` mode, with the node's python3 or else the image's."""
@@ -256,111 +310,27 @@ class Site:
     async def arelay(self, job: Job) -> JobStatus:
         return await _loop.bridge(self._relay(job))
 
-    async def _send(self, submissions: list[_Submission], jobs_dir: str) -> None:
-        """Make each job's 0700 dir, write job.sh and secrets.env, submit: in one round trip.
-
-        The program forks nothing but the scheduler's own command per job (shell builtins write the files and
-        report). Large batches are split over a few channels of the one connection that run at once, so
-        slurmctld serves them in parallel, where a local loop of ``sbatch`` waits for each in turn.
-        """
-        lanes = max(1, min(PARALLEL_SUBMISSIONS, self.config.max_sessions, len(submissions) // 25))
-        numbered = list(enumerate(submissions))
-        try:
-            results = await asyncio.gather(*(
-                self._transport.run(["bash", "-s"], input=self._program(numbered[lane::lanes], jobs_dir), check=False)
-                for lane in range(lanes)
-            ))  # fmt: skip
-        except TransportError:
-            await self._cancel_orphans(submissions)
-            raise
-        outcome: dict[int, tuple[int, str]] = {}
-        for result in results:
-            failing: int | None = None
-            for line in result.stdout.splitlines():
-                if line.startswith(_MARK + " "):
-                    number, rc, *rest = line.split(" ", 3)[1:]
-                    outcome[int(number)] = (int(rc), rest[0] if rest else "")
-                    failing = int(number) if rc != "0" else None
-                elif line.startswith(f"{_MARK}_END "):
-                    failing = None
-                elif failing is not None:
-                    rc, text = outcome[failing]
-                    outcome[failing] = (rc, f"{text}\n{line}".strip())
-        stopped = "\n".join(r.stderr.strip() for r in results if r.stderr.strip()) or "the submission stopped early"
-        failures: list[str] = []
-        for number, sub in enumerate(submissions):
-            rc, text = outcome.get(number, (-1, stopped))
-            if rc == 0:
-                try:
-                    sub.ids = self._scheduler.job_ids(text, sub.array_size)
-                except ValueError as exc:
-                    failures.append(f"{sub.spec.name or 'job'}: {exc}")
-            else:
-                failures.append(text.strip())
-        if failures:
-            submitted = [JobRef(i, s.jobdir) for s in submissions for i in s.ids]
-            if submitted:  # all or nothing: no orphan is left behind by a half-failed batch
-                await self._scheduler.cancel(self._transport, submitted)
-            message = failures[0] if len(set(failures)) == 1 else "\n".join(sorted(set(failures)))
-            raise SubmissionError(
-                f"site '{self.name}' refused the job: {message}\n"
-                "Check the resources against the site's limits ('offload doctor "
-                f"{self.name}' lists partitions); nothing was left queued.",
-                scheduler_message=message,
-            )
-
-    def _program(self, numbered: list[tuple[int, _Submission]], jobs_dir: str) -> str:
-        """The shell program that submits ``numbered`` and reports ``OFFLOAD_SUBMIT <n> <rc> <output>``."""
-        lines = ["umask 077", f"mkdir -p {shlex.quote(jobs_dir)} || exit 90"]
-        dirs = [shlex.quote(sub.jobdir) for _, sub in numbered]
-        for start in range(0, len(dirs), 200):
-            lines.append(f"mkdir -m 700 {' '.join(dirs[start : start + 200])} || exit 91")
-        for (number, sub), quoted in zip(numbered, dirs, strict=True):
-            lines += [f"d={quoted}", f'printf %s {shlex.quote(sub.script)} > "$d/job.sh"']
-            if sub.spec.secrets:
-                # printf is a shell builtin: the values appear in no process list and no temp file.
-                lines.append(f'printf %s {shlex.quote(secrets_file(dict(sub.spec.secrets)))} > "$d/secrets.env"')
-            if sub.spec.reach:
-                targets = reach_mod.client_targets(reach_mod.targets_of(dict(sub.spec.reach)))
-                lines.append(f'printf %s {shlex.quote(targets.decode())} > "$d/reach.json"')
-            for file_name, data in sub.spec.files.items():
-                encoded = base64.b64encode(data).decode()
-                lines.append(f'printf %s {encoded} | base64 -d > "$d/{file_name}" || exit 92')
-            submit = self._scheduler.submit_line('"$d/job.sh"')
-            mark = f"{_MARK} {number}"
-            lines += [
-                f'{{ {submit}; }} > "$d/jobid" 2> "$d/submit.err"',
-                f'rc=$?; if [ "$rc" = 0 ]; then IFS= read -r out < "$d/jobid"; printf "{mark} 0 %s\\n" "$out"; '
-                f'else printf "{mark} %s\\n" "$rc"; cat "$d/submit.err" "$d/jobid"; '
-                f'printf "\\n{_MARK}_END {number}\\n"; fi',
-            ]
-        return "\n".join(lines) + "\n"
-
-    async def _cancel_orphans(self, submissions: list[_Submission]) -> None:
-        """After a connection failure mid-submission, cancel whatever did get submitted (its id is on disk)."""
-        with contextlib.suppress(OffloadError):
-            paths = [f"{s.jobdir}/jobid" for s in submissions]
-            result = await self._transport.run(["sh", "-c", 'cat "$@" 2>/dev/null; true', "sh", *paths])
-            ids = [line.split(";")[0] for line in result.stdout.split() if line.split(";")[0].isdigit()]
-            if ids:
-                log.warning("connection failed during submission; cancelling the %d job(s) that got in", len(ids))
-                await self._scheduler.cancel(self._transport, [JobRef(i, "") for i in ids])
-
     # -- following jobs ---------------------------------------------------------------------------------
 
     async def _poll(self, refs: list[JobRef]) -> dict[str, JobStatus]:
         return await self._scheduler.poll(self._transport, refs)
 
     def _ended(self, ref: JobRef, status: JobStatus) -> None:
-        self._records.update(self.name, ref.id, status.state.value, status.reason, status.exit_code)
+        with contextlib.suppress(sqlite3.Error):  # a record that cannot be written must not stop the poller
+            self._records.update(self.name, ref.id, status.state.value, status.reason, status.exit_code)
+        self._relays.stop(ref.id)
         ids = self._secret_dirs.get(ref.jobdir)
         if ids is not None:
             ids.discard(ref.id)
             if not ids:
+                # The second line of defence: the job removed its secrets when it started; a job that never
+                # started (cancelled while pending) did not, so the client that sees it end does.
                 del self._secret_dirs[ref.jobdir]
-                path = f"{ref.jobdir}/secrets.env"
-                task = asyncio.get_running_loop().create_task(self._transport.run(["rm", "-f", path], check=False))
-                task.add_done_callback(lambda t: t.exception())
+                script = 'rm -f "$1"/secrets.env "$1"/secrets.env.*'
+                task = asyncio.get_running_loop().create_task(
+                    self._transport.run(["sh", "-c", script, "sh", ref.jobdir], check=False, timeout=60)
+                )
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def _cancel(self, refs: list[JobRef], timeout: float = 60) -> None:
         """Cancel ``refs`` in one scheduler call, and return once the scheduler says they ended."""
@@ -499,7 +469,8 @@ class Forward:
 
 
 def _job_key(spec: JobSpec) -> str:
-    return f"{spec.name or 'job'}-{time.strftime('%Y%m%d-%H%M%S')}-{_secrets.token_hex(3)}"
+    # 64 random bits: thousands of job directories made in the same second never collide
+    return f"{spec.name or 'job'}-{time.strftime('%Y%m%d-%H%M%S')}-{_secrets.token_hex(8)}"
 
 
 _sites: dict[str, Site] = {}

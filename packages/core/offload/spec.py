@@ -278,6 +278,8 @@ class JobSpec:
 RESERVED_FILES = frozenset(
     {"job.sh", "secrets.env", "exitcode", "jobid", "cancelled", "output", "submit.err", "reach.json", "copies"}
 )
+# Variables the batch script itself sets; a spec may not give them (its own lower-case ``offload_*`` too).
+RESERVED_ENV = frozenset({"OFFLOAD_JOB_DIR", "OFFLOAD_TASK_INDEX", "OFFLOAD_REACH"})
 MAX_FILES_BYTES = 16 * 2**20  # files travel base64 in the submission's one round trip
 
 
@@ -304,6 +306,8 @@ def _frozen_env(label: str, mapping: Mapping[str, str] | Sequence[tuple[str, str
     for key, value in items.items():
         if not isinstance(key, str) or not _ENV_NAME.match(key):
             raise ConfigError(f"{label} name {key!r} is not a valid environment variable name")
+        if key in RESERVED_ENV or key.startswith("offload_"):
+            raise ConfigError(f"{label} name {key!r} is one offload sets itself in the batch script: use another")
         if not isinstance(value, str):
             raise ConfigError(f"{label}[{key!r}] must be a string, got {type(value).__name__}")
         if "\0" in value:

@@ -1,4 +1,5 @@
-"""The scheduler interface. Submission itself is shared (:mod:`offload.submit`); a scheduler says how."""
+"""The scheduler interface: a scheduler plugin owns its whole protocol (directives, the submit command and its
+answer, state queries, cancel, steps, limits); :mod:`offload.submit` and :class:`offload.Site` only drive it."""
 
 from __future__ import annotations
 
@@ -44,12 +45,15 @@ class Scheduler(Protocol):
     supports_arrays: bool
     task_index: str  # shell expression for the array task index inside the batch script
 
-    def directives(self, spec: JobSpec, jobdir: str, array_size: int | None) -> list[str]:
-        """Header lines of the batch script (e.g. ``#SBATCH --gpus=2``). Raise ConfigError for bad values."""
-        ...
-
     copy_env: dict[str, str]  # for multi-node jobs: variable -> shell expression each copy evaluates (RANK...)
     first_node: str  # shell expression naming the job's first node (MASTER_ADDR), in the batch script
+
+    def directives(
+        self, spec: JobSpec, jobdir: str, array_size: int | None, parallelism: int | None = None
+    ) -> list[str]:
+        """Header lines of the batch script (e.g. ``#SBATCH --gpus=2``); ``parallelism`` caps the array tasks
+        running at once. Raise ConfigError for bad values."""
+        ...
 
     def launcher(self, res: Resources) -> list[str]:
         """The argv prefix that starts one copy of the payload per task of the job's allocation (``srun``)."""
@@ -61,6 +65,23 @@ class Scheduler(Protocol):
 
     def job_ids(self, output: str, array_size: int | None) -> list[str]:
         """The ids of the submitted job (one per array task) from the submit line's output."""
+        ...
+
+    def ids_in(self, text: str) -> list[str]:
+        """Every job id in ``text`` made of submit-line answers (jobid files read back after a lost channel)."""
+        ...
+
+    def sweep_lines(self, jobs_dir: str) -> list[str]:
+        """Shell lines for the submission program that remove, in the background, the secrets files of jobs
+        that ended without ever starting (so without removing them themselves)."""
+        ...
+
+    def explain(self, message: str) -> str:
+        """What the user can do about a refusal whose words are ``message`` ('' if nothing to add)."""
+        ...
+
+    async def limits(self, transport: Transport) -> dict[str, int]:
+        """Limits submission plans with; ``max_array_size`` is the most tasks one array may have."""
         ...
 
     async def poll(self, transport: Transport, refs: Sequence[JobRef]) -> dict[str, JobStatus]:

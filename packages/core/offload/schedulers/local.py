@@ -30,7 +30,9 @@ class LocalScheduler:
     copy_env: dict[str, str] = {}
     first_node = ""
 
-    def directives(self, spec: JobSpec, jobdir: str, array_size: int | None) -> list[str]:
+    def directives(
+        self, spec: JobSpec, jobdir: str, array_size: int | None, parallelism: int | None = None
+    ) -> list[str]:
         res = spec.resources
         if res.nodes > 1 or (res.tasks_per_node or 1) > 1:
             raise ConfigError(
@@ -48,6 +50,18 @@ class LocalScheduler:
             f'set -m; bash {script_path} > "$(dirname {script_path})/output" 2>&1 < /dev/null & '
             'printf "%s\\n" "$!"; set +m'
         )
+
+    def sweep_lines(self, jobs_dir: str) -> list[str]:
+        return []  # jobs start at once: a secrets file never waits for a start that does not come
+
+    def ids_in(self, text: str) -> list[str]:
+        return [word for word in text.split() if word.isdigit()]
+
+    def explain(self, message: str) -> str:
+        return ""
+
+    async def limits(self, transport: Transport) -> dict[str, int]:
+        return {}
 
     def job_ids(self, output: str, array_size: int | None) -> list[str]:
         pid = output.strip().splitlines()[-1].strip() if output.strip() else ""

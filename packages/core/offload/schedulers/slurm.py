@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import shlex
 from collections.abc import Sequence
 
 from offload.config import SiteConfig
@@ -70,7 +71,9 @@ class SlurmScheduler:
 
     # -- rendering --------------------------------------------------------------------------------------
 
-    def directives(self, spec: JobSpec, jobdir: str, array_size: int | None) -> list[str]:
+    def directives(
+        self, spec: JobSpec, jobdir: str, array_size: int | None, parallelism: int | None = None
+    ) -> list[str]:
         site, res = self.config, spec.resources
         if "\n" in jobdir or " " in jobdir or "'" in jobdir or '"' in jobdir:
             raise ConfigError(f"the site's workdir {jobdir!r} has spaces or quotes, which #SBATCH lines cannot hold")
@@ -78,7 +81,10 @@ class SlurmScheduler:
         suffix = ".%a" if array_size else ""
         opts += [f"--output={jobdir}/output{suffix}", f"--chdir={jobdir}"]
         if array_size:
-            opts.append(f"--array=0-{array_size - 1}")
+            opts.append(f"--array=0-{array_size - 1}" + (f"%{parallelism}" if parallelism else ""))
+        if spec.secrets or spec.reach:
+            # The job removes its secrets once it has read them: a requeued run would start without them.
+            opts.append("--no-requeue")
         opts.append(f"--nodes={res.nodes}")
         if res.tasks_per_node:
             opts.append(f"--ntasks-per-node={res.tasks_per_node}")
@@ -150,6 +156,49 @@ class SlurmScheduler:
 
     def submit_line(self, script_path: str) -> str:
         return f"sbatch --parsable < {script_path}"
+
+    def sweep_lines(self, jobs_dir: str) -> list[str]:
+        """A background sweep in the submission program: the secrets files of jobs that left the queue
+        without starting (cancelled while pending, with no offload process watching) are removed. Only files
+        older than 2 minutes, and only if squeue answered, so a job being submitted is never touched."""
+        sweep = (
+            f"cd {shlex.quote(jobs_dir)} || exit 0\n"
+            'live=$(squeue --noheader --user="$(id -un)" --format=%F) || exit 0\n'
+            "find . -mindepth 2 -maxdepth 2 -name 'secrets.env*' -mmin +2 | while read -r f; do\n"
+            "    d=${f%/*}; id=\n"
+            '    [ -f "$d/jobid" ] && IFS=";" read -r id _ < "$d/jobid"\n'
+            '    case "$id" in ""|*[!0-9]*) continue ;; esac\n'
+            """    printf '%s\\n' "$live" | grep -qx "$id" || rm -f "$f"\n"""
+            "done\n"
+        )
+        return [f"(setsid sh -c {shlex.quote(sweep)} </dev/null >/dev/null 2>&1 &)"]
+
+    def ids_in(self, text: str) -> list[str]:
+        """Job ids in the answers of the submit command (e.g. jobid files read back after a lost channel)."""
+        return [line.split(";")[0].strip() for line in text.split() if line.split(";")[0].strip().isdigit()]
+
+    def explain(self, message: str) -> str:
+        """A line telling what to do about a refusal, when SLURM's words name a limit."""
+        lowered = message.lower()
+        if "maxsubmitjob" in lowered or "qosmaxsubmitjob" in lowered or "assocmaxsubmitjob" in lowered:
+            return ("That is the site's limit on how many jobs you may have queued at once (a QOS or association "
+                    "MaxSubmitJobs): wait for jobs to end, or submit fewer at a time.\n")  # fmt: skip
+        if "invalid partition" in lowered or "invalid account" in lowered or "invalid qos" in lowered:
+            return f"Check the partition, account and qos ('offload doctor {self.config.name}' lists partitions).\n"
+        if "maxarraysize" in lowered or "array size" in lowered:
+            return "The array is larger than the site allows (MaxArraySize).\n"
+        return (f"Check the resources against the site's limits ('offload doctor {self.config.name}' lists "
+                "partitions and their free GPUs).\n")  # fmt: skip
+
+    async def limits(self, transport: Transport) -> dict[str, int]:
+        """The site's limits offload plans with (``MaxArraySize``), read once per site."""
+        result = await transport.run(["scontrol", "show", "config"], check=False, timeout=60)
+        limits: dict[str, int] = {}
+        for line in result.stdout.splitlines():
+            key, _, value = line.partition("=")
+            if key.strip() == "MaxArraySize" and value.strip().isdigit():
+                limits["max_array_size"] = max(1, int(value.strip()) - 1)  # task ids go up to MaxArraySize-1
+        return limits
 
     def job_ids(self, output: str, array_size: int | None) -> list[str]:
         lines = [line for line in output.strip().splitlines() if line.strip()]
@@ -269,8 +318,9 @@ class SlurmScheduler:
     async def find(self, transport: Transport, name: str) -> list[JobRef]:
         """Jobs of the site's user with this name that slurmctld still knows (queued or recently ended),
         newest first. Their job directory is their working directory (offload submits with --chdir)."""
-        argv = ["squeue", "--noheader", "--array", "--states=all", "--me", f"--name={_value('job name', name)}",
-                "--Format=JobArrayID:|,JobID:|,WorkDir:|"]  # fmt: skip
+        # --user of whoever we are: `--me` needs SLURM 20.11 or newer
+        argv = ["sh", "-c", 'exec squeue --user="$(id -un)" "$@"', "squeue", "--noheader", "--array", "--states=all",
+                f"--name={_value('job name', name)}", "--Format=JobArrayID:|,JobID:|,WorkDir:|"]  # fmt: skip
         result = (await transport.run(argv)).stdout
         refs = []
         for line in result.splitlines():

@@ -60,11 +60,20 @@ def connect_options(config: SiteConfig, *, verify_host_key: bool = True) -> dict
         options["config"] = [str(Path(p).expanduser()) for p in config.ssh_config]
     if verify_host_key:
         path = known_hosts_path(config)
-        # A missing file trusts nobody (asyncssh reads an empty list); nothing is ever auto-accepted.
-        options["known_hosts"] = str(path) if path.exists() else b""
+        # A missing file trusts nobody. (An empty value would not do: asyncssh reads an empty one as "use
+        # ~/.ssh/known_hosts", so an empty known-hosts *object* stands for "nobody".) Nothing is auto-accepted.
+        options["known_hosts"] = str(path) if path.exists() else asyncssh.import_known_hosts("")
     else:
         options["known_hosts"] = None
     return options
+
+
+async def resolved_target(config: SiteConfig) -> tuple[str, int, str | None]:
+    """Where the profile really connects, as asyncssh resolves it with the user's ``~/.ssh/config``: the host
+    name, the port, and the ``HostKeyAlias`` (if any) the host key is looked up under."""
+    options = {k: v for k, v in connect_options(config, verify_host_key=False).items() if k != "known_hosts"}
+    resolved = await asyncssh.SSHClientConnectionOptions.construct(None, host=config.host or "", **options)
+    return resolved.host, resolved.port, resolved.host_key_alias
 
 
 class _Forward:
@@ -368,7 +377,10 @@ async def fetch_host_key(config: SiteConfig) -> asyncssh.SSHKey:
     return key
 
 
-def known_hosts_line(config: SiteConfig, key: asyncssh.SSHKey) -> str:
-    host = config.host or ""
-    pattern = f"[{host}]:{config.port}" if config.port and config.port != 22 else host
+async def known_hosts_line(config: SiteConfig, key: asyncssh.SSHKey) -> str:
+    """The known_hosts line that makes this profile connect: under the real ``HostName``/``Port`` of an
+    ``~/.ssh/config`` alias (or its ``HostKeyAlias``), as asyncssh looks the key up."""
+    host, port, alias = await resolved_target(config)
+    name = alias or host
+    pattern = f"[{name}]:{port}" if port and port != 22 else name
     return f"{pattern} {key.export_public_key('openssh').decode().strip()}\n"
