@@ -128,7 +128,7 @@ def run_cli(args, config):
     ("change", "expected"),
     [
         (lambda t: t.replace("port = 2222", "port = 2229"), "cannot reach"),
-        (lambda t: t + "\n[sites.extra]\nhost = 'x'\nprt = 1\n", "did you mean 'port'"),
+        (lambda t: t.replace("[sites.testsite]", "[sites.testsite]\nprt = 1"), "did you mean 'port'"),
         (lambda t: t + "\n[sites.broken\n", "not valid TOML"),
         (lambda t: t.replace("known_hosts = ", "known_hosts = '/dev/null' #"), "offload sites trust testsite"),
     ],
