@@ -38,8 +38,34 @@ def test_gres_syntax_and_array_outputs():
 
 
 def test_more_gpus_than_a_node_has_says_how_many_nodes():
-    with pytest.raises(ConfigError, match="nodes=2"):
+    with pytest.raises(ConfigError, match="--nodes 2 --gpus-per-node 4"):
         directives(JobSpec(["x"], resources=Resources(gpus=8)))
+
+
+@pytest.mark.parametrize(
+    ("syntax", "resources", "expected"),
+    [
+        ("--gpus", Resources(gpus=5, nodes=2), "--gpus=5"),  # SLURM spreads them: exactly what was meant
+        ("--gres", Resources(gpus=4, nodes=2), "--gres=gpu:2"),
+        ("--gres", Resources(gpus_per_node=3, nodes=2), "--gres=gpu:3"),
+        ("--gpus-per-node", Resources(gpus=4, nodes=2), "--gpus-per-node=2"),
+        ("--gpus", Resources(gpus_per_node=2, nodes=2), "--gpus-per-node=2"),
+    ],
+)
+def test_gpu_requests_are_exactly_what_was_asked(syntax, resources, expected):
+    assert expected in directives(JobSpec(["x"], resources=resources), SITE.with_overrides(gpu_request=syntax))
+
+
+def test_an_uneven_split_over_per_node_syntax_is_refused_not_rounded():
+    with pytest.raises(ConfigError, match="cannot be split evenly over 2 nodes"):
+        directives(JobSpec(["x"], resources=Resources(gpus=5, nodes=2)), SITE.with_overrides(gpu_request="--gres"))
+    with pytest.raises(ConfigError, match="disagree"):
+        Resources(gpus=5, gpus_per_node=2, nodes=2)
+
+
+def test_secrets_mean_no_requeue_and_arrays_can_be_capped():
+    d = SlurmScheduler(SITE).directives(JobSpec(["x"], secrets={"A": "1"}), "/w/jobs/j1", 10, 3)
+    assert "#SBATCH --no-requeue" in d and "#SBATCH --array=0-9%3" in d
 
 
 def test_values_that_would_break_a_directive_are_refused():
@@ -50,7 +76,7 @@ def test_values_that_would_break_a_directive_are_refused():
 def test_job_ids_from_parsable_output():
     s = SlurmScheduler(SITE)
     assert s.job_ids("1234\n", None) == ["1234"]
-    assert s.job_ids("1234;cluster\n", None) == ["1234"]
+    assert s.job_ids("1234;cluster\n", None) == ["1234;cluster"]  # the cluster stays with the id
     assert s.job_ids("55\n", 3) == ["55_0", "55_1", "55_2"]
     with pytest.raises(ValueError, match="instead of a job id"):
         s.job_ids("sbatch: error: x\n", None)
@@ -95,8 +121,8 @@ async def test_one_squeue_call_maps_states_reasons_and_exact_exit_codes():
 async def test_jobs_gone_from_the_queue_are_read_from_sacct_then_exit_code_files():
     t = Replies(
         squeue=(1, "", "slurm_load_jobs error: Invalid job id specified"),
-        sacct=(0, "5|COMPLETED|0:0\n6|CANCELLED by 1000|0:15\n", ""),
-        sh=(0, "/d/exitcode|2\n", ""),
+        sacct=(0, "5|COMPLETED|0:0|n1\n6|CANCELLED by 1000|0:15|n1\n", ""),
+        sh=(0, "/d/exitcode|2\nnow|100\n", ""),
     )
     st = await SlurmScheduler(SITE).poll(t, [JobRef("5", "/d"), JobRef("6", "/d"), JobRef("4", "/d")])
     assert st["5"].state is JobState.COMPLETED
@@ -104,10 +130,54 @@ async def test_jobs_gone_from_the_queue_are_read_from_sacct_then_exit_code_files
     assert (st["4"].state, st["4"].exit_code) == (JobState.FAILED, 2)
 
 
-async def test_without_accounting_sacct_is_asked_once():
-    t = Replies(squeue=(0, "", ""), sacct=(1, "", "accounting storage is disabled"), sh=(0, "/d/exitcode|0\n", ""))
+async def test_gone_from_the_queue_without_a_trace_is_unknown_not_failed():
+    """A slow shared file system shows the exit code file late, and slurmdbd may be down: never guess."""
+    t = Replies(squeue=(0, "", ""), sacct=(1, "", "sacct: error: Problem talking to the database"),
+                sh=(0, "/d/exitcode||1000\nnow|5000\n", ""))  # fmt: skip
+    scheduler = SlurmScheduler(SITE)
+    for _ in range(2):
+        st = await scheduler.poll(t, [JobRef("5", "/d")])
+        assert st["5"].state is JobState.UNKNOWN
+    assert [c[0] for c in t.calls].count("sacct") == 2  # one failed sacct does not disable sacct
+
+
+async def test_without_accounting_sacct_is_asked_once_and_lost_jobs_end_after_a_while():
+    t = Replies(squeue=(0, "", ""), sacct=(1, "", "Slurm accounting storage is disabled"),
+                sh=(0, "/d/exitcode|0\n/e/exitcode||1000\nnow|1100\n", ""))  # fmt: skip
     scheduler = SlurmScheduler(SITE)
     for _ in range(3):
-        st = await scheduler.poll(t, [JobRef("5", "/d")])
+        st = await scheduler.poll(t, [JobRef("5", "/d"), JobRef("6", "/e")])
         assert st["5"].state is JobState.COMPLETED
+        assert st["6"].state is JobState.UNKNOWN  # gone 100 s: maybe the file system is slow
     assert [c[0] for c in t.calls].count("sacct") == 1
+    t.outputs["sh"] = (0, "/e/exitcode||1000\nnow|5000\n", "")
+    st = await scheduler.poll(t, [JobRef("6", "/e")])
+    assert st["6"].state is JobState.FAILED and "keeps no accounting" in st["6"].reason
+
+
+async def test_status_queries_are_chunked_below_the_command_line_limit():
+    t = Replies(squeue=(0, "", ""), sacct=(0, "", ""), sh=(0, "now|1\n", ""))
+    refs = [JobRef(str(100000 + i), f"/d/{i}") for i in range(2500)]
+    await SlurmScheduler(SITE).poll(t, refs)
+    assert all(len(" ".join(call)) < 64 * 1024 for call in t.calls)
+    assert [c[0] for c in t.calls].count("squeue") == 5
+
+
+async def test_jobs_of_another_cluster_are_asked_there():
+    t = Replies(
+        squeue=(0, "77|RUNNING|None|0|n1|\n", ""), sacct=(0, "", ""), sh=(0, "now|1\n", ""), scancel=(0, "", "")
+    )
+    scheduler = SlurmScheduler(SITE)
+    st = await scheduler.poll(t, [JobRef("77;c2", "/d"), JobRef("5", "/e")])
+    assert st["77;c2"].state is JobState.RUNNING
+    assert any("--clusters=c2" in call and "--jobs=77" in call for call in t.calls)
+    await scheduler.cancel(t, [JobRef("77;c2", "/d")])
+    assert t.calls[-1] == ["scancel", "--clusters=c2", "77"]
+
+
+def test_hostlists_and_gpu_counts():
+    from offload.schedulers.slurm import _gpu_count
+
+    assert SlurmScheduler.first_host("node[3-5,7],gpu1") == "node3"
+    assert SlurmScheduler.first_host("gpu[07-09]") == "gpu07"
+    assert [_gpu_count(g) for g in ("gpu:2", "gpu:a100:4(S:0-1)", "gpu:1(IDX:0),shard:0", "(null)")] == [2, 4, 1, 0]

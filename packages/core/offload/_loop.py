@@ -13,6 +13,7 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextlib
+import os
 import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
@@ -127,3 +128,23 @@ def _shutdown() -> None:
 
 
 atexit.register(_shutdown)
+
+_fork_hooks: list[Callable[[], None]] = []
+
+
+def at_fork(hook: Callable[[], None]) -> None:
+    """Call ``hook()`` in the child after ``os.fork()``, once offload's own state is reset there."""
+    _fork_hooks.append(hook)
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has no I/O thread: the parent's loop, its tasks and its connections are not ours. Start
+    over lazily (a fresh loop on first use), and exit without waiting on a loop that does not run here."""
+    global _loop, _thread, _lock
+    _loop, _thread, _lock = None, None, threading.Lock()
+    _kept.clear()
+    for hook in _fork_hooks:
+        hook()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -20,6 +20,7 @@ import shlex
 import sqlite3
 import sys
 import time
+import weakref
 from collections.abc import Sequence
 
 from offload import _loop, submit
@@ -48,17 +49,29 @@ class Site:
         self.config = config
         self.name = config.name
         self._hook = registry.manager.hook
-        self._transport = registry.transport(config.transport).factory(config)
+        self._new_transport = registry.transport(config.transport).factory
         self._scheduler = registry.scheduler(config.scheduler).factory(config)
         self._runtime = registry.runtime(config.runtime).factory(config.runtime_options)
-        self._poller = Poller(self._poll, config.poll_interval, self._ended)
         self._records = records or JobRecords()
-        self._relays = reach_mod.Relays(self)
-        self._site_limits: dict[str, int] | None = None
         # Jobs on another machine reach this one's services through a relay; local jobs reach them directly.
         self._relays_needed = not getattr(self._scheduler, "runs_on_client", False)
         self._workdir: str | None = None
+        self._start()
+        _every_site.add(self)
+
+    def _start(self) -> None:
+        """The per-process state: the connection, the poller, the relays (made again in a forked child)."""
+        self._transport = self._new_transport(self.config)
+        self._poller = Poller(self._poll, self.config.poll_interval, self._ended)
+        self._relays = reach_mod.Relays(self)
+        self._site_limits: dict[str, int] | None = None
         self._secret_dirs: dict[str, set[str]] = {}
+
+    def _after_fork(self) -> None:
+        # The parent's connection and loop are not ours: drop them (never close them: that would speak on the
+        # parent's socket), and the SQLite handle too (SQLite connections must not cross a fork).
+        self._records = JobRecords(self._records.path)
+        self._start()
 
     def __repr__(self) -> str:
         return f"<Site {self.name} {self._transport.description} {self.config.scheduler}/{self.config.runtime}>"
@@ -360,7 +373,7 @@ class Site:
             return Job(self, ref, name=record.name)
         ref = JobRef(job_id, "")
         status = (await self._scheduler.poll(self._transport, [ref])).get(job_id)
-        if status is None or (status.state is JobState.FAILED and "left the queue" in status.reason):
+        if status is None or status.state is JobState.UNKNOWN:
             raise JobNotFoundError(
                 f"no job {job_id!r} on site '{self.name}': it is neither in the scheduler's queue nor in this "
                 "machine's job records ('offload status' lists them)"
@@ -474,6 +487,15 @@ def _job_key(spec: JobSpec) -> str:
 
 
 _sites: dict[str, Site] = {}
+_every_site: weakref.WeakSet[Site] = weakref.WeakSet()
+
+
+def _reset_after_fork() -> None:
+    for site in list(_every_site):
+        site._after_fork()
+
+
+_loop.at_fork(_reset_after_fork)
 
 
 async def _close_all() -> None:

@@ -84,7 +84,11 @@ class LocalScheduler:
         statuses: dict[str, JobStatus] = {}
         finished = [ref for ref in refs if seen.get(ref.id) == "done"]
         if finished:
-            statuses.update(await exit_code_files(transport, finished))
+            for job_id, status in (await exit_code_files(transport, finished)).items():
+                if status.state is JobState.UNKNOWN and job_id in {r.id for r in finished if r.jobdir}:
+                    # the process of a job we know is gone for sure: it never got to the end
+                    status = JobStatus(JobState.FAILED, "the process ended without writing its exit code (killed?)")
+                statuses[job_id] = status
         for ref in refs:
             if seen.get(ref.id) == "running":
                 statuses[ref.id] = JobStatus(JobState.RUNNING, node="localhost")

@@ -50,7 +50,8 @@ STATES = {
 }
 
 _SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.,:@%+=/\[\]-]+$")
-_CHUNK = 500  # ids per squeue/scancel call, far below any command line limit
+_CHUNK = 500  # ids per squeue/sacct/scancel call, far below any command line limit
+LOST_AFTER = 600  # seconds a job may be gone from the queue without an exit code on a site with no accounting
 
 
 def _value(option: str, value: object) -> str:
@@ -67,7 +68,7 @@ class SlurmScheduler:
 
     def __init__(self, config: SiteConfig) -> None:
         self.config = config
-        self._has_sacct: bool | None = None
+        self._accounting: bool | None = None  # False only once sacct said the site keeps no accounting
 
     # -- rendering --------------------------------------------------------------------------------------
 
@@ -201,29 +202,38 @@ class SlurmScheduler:
         return limits
 
     def job_ids(self, output: str, array_size: int | None) -> list[str]:
+        """``--parsable`` prints ``id`` or, on a multi-cluster site, ``id;cluster``: the cluster stays in the id
+        (``123;c2``), so every later squeue, sacct and scancel asks that cluster (``--clusters``)."""
         lines = [line for line in output.strip().splitlines() if line.strip()]
         if not lines:
             raise ValueError("sbatch printed no job id")
-        first = lines[-1].split(";")[0].strip()  # --parsable prints "id" or "id;cluster"
+        first, _, cluster = lines[-1].strip().partition(";")
         if not first.isdigit():
             raise ValueError(f"sbatch printed {first!r} instead of a job id")
-        return [f"{first}_{i}" for i in range(array_size)] if array_size else [first]
+        suffix = f";{_value('cluster', cluster.strip())}" if cluster.strip() else ""
+        return [f"{first}_{i}{suffix}" for i in range(array_size)] if array_size else [first + suffix]
 
     # -- status -----------------------------------------------------------------------------------------
 
     async def poll(self, transport: Transport, refs: Sequence[JobRef]) -> dict[str, JobStatus]:
+        """A status for every ref, in as few calls as possible: squeue for what slurmctld remembers, then sacct,
+        then the job's own exit code file; UNKNOWN for a job none of them knows yet (never a guessed end)."""
         statuses: dict[str, JobStatus] = {}
-        for start in range(0, len(refs), _CHUNK):
-            statuses.update(await self._squeue(transport, refs[start : start + _CHUNK]))
-        missing = [ref for ref in refs if ref.id not in statuses]
-        if missing:
-            statuses.update(await self._finished_elsewhere(transport, missing))
+        for cluster, group in _by_cluster(refs).items():
+            for start in range(0, len(group), _CHUNK):
+                statuses.update(await self._squeue(transport, group[start : start + _CHUNK], cluster))
+            missing = [ref for ref in group if ref.id not in statuses]
+            for start in range(0, len(missing), _CHUNK):
+                statuses.update(await self._sacct(transport, missing[start : start + _CHUNK], cluster))
+        rest = [ref for ref in refs if ref.id not in statuses]
+        for start in range(0, len(rest), _CHUNK):
+            statuses.update(await exit_code_files(transport, rest[start : start + _CHUNK], self._accounting))
         return statuses
 
-    async def _squeue(self, transport: Transport, refs: Sequence[JobRef]) -> dict[str, JobStatus]:
+    async def _squeue(self, transport: Transport, refs: Sequence[JobRef], cluster: str | None) -> dict[str, JobStatus]:
         argv = [
-            "squeue", "--noheader", "--array", "--states=all",
-            "--jobs=" + ",".join(ref.id for ref in refs),
+            "squeue", "--noheader", "--array", "--states=all", *_clusters(cluster),
+            "--jobs=" + ",".join(_bare(ref.id) for ref in refs),
             "--Format=JobArrayID:|,State:|,Reason:|,exit_code:|,NodeList:|",
         ]  # fmt: skip
         result = await transport.run(argv, check=False)
@@ -231,7 +241,7 @@ class SlurmScheduler:
             if "Invalid job id" in result.stderr:
                 return {}  # none of them is in slurmctld's memory any more
             result.check()
-        wanted = {ref.id for ref in refs}
+        wanted = {_bare(ref.id): ref.id for ref in refs}
         statuses: dict[str, JobStatus] = {}
         for line in result.stdout.splitlines():
             fields = line.split("|")
@@ -243,25 +253,37 @@ class SlurmScheduler:
             exit_code = signal = None
             if raw_exit.isdigit():
                 exit_code, signal = int(raw_exit) >> 8, (int(raw_exit) & 0x7F) or None
-            statuses[job_id] = _status(state, reason, exit_code, signal, node)
+            statuses[wanted[job_id]] = _status(state, reason, exit_code, signal, node)
         return statuses
 
-    async def _finished_elsewhere(self, transport: Transport, refs: Sequence[JobRef]) -> dict[str, JobStatus]:
+    async def _sacct(self, transport: Transport, refs: Sequence[JobRef], cluster: str | None) -> dict[str, JobStatus]:
+        """Ended jobs slurmctld forgot (MinJobAge), from accounting. A failed sacct (slurmdbd down) is retried
+        at the next poll; only a site that keeps no accounting at all stops being asked."""
+        if self._accounting is False or not refs:
+            return {}
+        argv = ["sacct", "--noheader", "--parsable2", "--allocations", "--format=JobID,State,ExitCode,NodeList",
+                *_clusters(cluster), "--jobs=" + ",".join(_bare(r.id) for r in refs)]  # fmt: skip
+        result = await transport.run(argv, check=False)
+        if result.exit_status != 0:
+            if "accounting storage is disabled" in result.stderr.lower():
+                self._accounting = False
+                log.info(
+                    "site %s keeps no accounting: ended jobs are read from their exit code files", self.config.name
+                )
+            else:
+                log.warning("sacct failed (%s); asking again at the next poll", result.stderr.strip()[:200])
+            return {}
+        self._accounting = True
+        wanted = {_bare(ref.id): ref.id for ref in refs}
         statuses: dict[str, JobStatus] = {}
-        if self._has_sacct is not False:
-            argv = ["sacct", "--noheader", "--parsable2", "--allocations", "--format=JobID,State,ExitCode"]
-            result = await transport.run([*argv, "--jobs=" + ",".join(r.id for r in refs)], check=False)
-            self._has_sacct = result.exit_status == 0
-            if self._has_sacct:
-                for line in result.stdout.splitlines():
-                    fields = line.split("|")
-                    if len(fields) >= 3 and ":" in fields[2]:
-                        code, sig = fields[2].split(":", 1)
-                        state = fields[1].split()[0] if fields[1] else "UNKNOWN"
-                        statuses[fields[0]] = _status(state, "", int(code), int(sig) or None, "")
-        rest = [ref for ref in refs if ref.id not in statuses]
-        if rest:
-            statuses.update(await exit_code_files(transport, rest))
+        for line in result.stdout.splitlines():
+            fields = line.split("|")
+            if len(fields) >= 3 and ":" in fields[2] and fields[0] in wanted:
+                code, sig = fields[2].split(":", 1)
+                state = fields[1].split()[0] if fields[1] else "UNKNOWN"
+                status = _status(state, "", int(code), int(sig) or None, fields[3] if len(fields) > 3 else "")
+                if status.state is not JobState.UNKNOWN:
+                    statuses[wanted[fields[0]]] = status
         return statuses
 
     async def nodes(self, transport: Transport) -> list[NodeResources]:
@@ -289,6 +311,11 @@ class SlurmScheduler:
         return list(found.values())
 
     async def _step_job_id(self, transport: Transport, ref: JobRef) -> str:
+        if ";" in ref.id:
+            raise ConfigError(
+                f"job {ref.id} runs on another cluster of a multi-cluster site: srun cannot reach into it from "
+                "here (offload shell and reach need a job of the login node's own cluster)"
+            )
         if "_" not in ref.id:
             return ref.id
         # srun wants the array task's own job id
@@ -332,9 +359,14 @@ class SlurmScheduler:
         return [ref for _, ref in sorted(refs, key=lambda pair: pair[0], reverse=True)]
 
     async def cancel(self, transport: Transport, refs: Sequence[JobRef]) -> None:
+        for cluster, group in _by_cluster(refs).items():
+            await self._cancel(transport, group, cluster)
+
+    async def _cancel(self, transport: Transport, refs: Sequence[JobRef], cluster: str | None) -> None:
         for start in range(0, len(refs), _CHUNK):
             chunk = refs[start : start + _CHUNK]
-            result = await transport.run(["scancel", *(ref.id for ref in chunk)], check=False)
+            result = await transport.run(["scancel", *_clusters(cluster), *(_bare(ref.id) for ref in chunk)],
+                                         check=False)  # fmt: skip
             if result.exit_status != 0:
                 # scancel complains about jobs that already ended; only a job still alive is a failure.
                 alive = [s for s in (await self.poll(transport, chunk)).values() if not s.state.is_terminal]
@@ -384,24 +416,65 @@ def _status(state: str, reason: str, exit_code: int | None, signal: int | None, 
     return JobStatus(mapped, reason, exit_code, node, signal)
 
 
-async def exit_code_files(transport: Transport, refs: Sequence[JobRef]) -> dict[str, JobStatus]:
-    """Statuses from the exit code files the batch script writes, in one command for all ``refs``."""
-    script = 'for f in "$@"; do printf "%s|" "$f"; cat "$f" 2>/dev/null | head -n1; echo; done'
+async def exit_code_files(
+    transport: Transport, refs: Sequence[JobRef], accounting: bool | None = None
+) -> dict[str, JobStatus]:
+    """Statuses from the exit code files the batch script writes, in one command for all ``refs``.
+
+    A job with no file yet is UNKNOWN, not FAILED: shared file systems show the file late, and accounting may
+    answer at the next poll. Only on a site that keeps no accounting at all (``accounting is False``), a job
+    whose file is still missing well after it left the queue is reported FAILED, saying so."""
+    script = (
+        'for f in "$@"; do printf "%s|" "$f"; if [ -f "$f" ]; then head -n1 "$f"; echo; '
+        'else printf "|"; stat -c %Y "${f%/*}/job.sh" 2>/dev/null || echo; fi; done; printf "now|%s\\n" "$(date +%s)"'
+    )
     result = await transport.run(["sh", "-c", script, "sh", *(ref.exitcode_path for ref in refs)], check=False)
     by_path: dict[str, str] = {}
+    ages: dict[str, int] = {}
+    now = 0
     for line in result.stdout.splitlines():
-        path, _, code = line.rpartition("|")
-        if path:
-            by_path[path] = code.strip()
+        if line.startswith("now|"):
+            now = int(line[4:]) if line[4:].strip().isdigit() else 0
+            continue
+        path, _, rest = line.partition("|")
+        if not path:
+            continue
+        if rest.startswith("|"):  # no file: the job script's age instead
+            stamp = rest[1:].strip()
+            if stamp.isdigit():
+                ages[path] = int(stamp)
+        else:
+            by_path[path] = rest.strip()
     statuses: dict[str, JobStatus] = {}
     for ref in refs:
         code = by_path.get(ref.exitcode_path, "")
         if code.isdigit():
             state = JobState.COMPLETED if code == "0" else JobState.FAILED
             statuses[ref.id] = JobStatus(state, "" if code == "0" else "NonZeroExitCode", int(code))
-        else:
-            # Gone from the queue without reaching the end of its script: killed, timed out or lost.
+        elif accounting is False and now and ref.exitcode_path in ages and now - ages[ref.exitcode_path] > LOST_AFTER:
             statuses[ref.id] = JobStatus(
-                JobState.FAILED, "left the queue without an exit code (no accounting record on this site)"
+                JobState.FAILED,
+                f"left the queue without writing its exit code, and the site keeps no accounting to say why "
+                f"(killed, timed out or lost with its node; looked for {LOST_AFTER} s)",
+            )
+        else:
+            statuses[ref.id] = JobStatus(
+                JobState.UNKNOWN, "not in the queue; no accounting record or exit code file (yet)"
             )
     return statuses
+
+
+def _bare(job_id: str) -> str:
+    """``123_4;cluster`` -> ``123_4``: the id without the cluster of a multi-cluster site."""
+    return job_id.split(";", 1)[0]
+
+
+def _by_cluster(refs: Sequence[JobRef]) -> dict[str | None, list[JobRef]]:
+    groups: dict[str | None, list[JobRef]] = {}
+    for ref in refs:
+        groups.setdefault(ref.id.split(";", 1)[1] if ";" in ref.id else None, []).append(ref)
+    return groups
+
+
+def _clusters(cluster: str | None) -> list[str]:
+    return [f"--clusters={_value('cluster', cluster)}"] if cluster else []
