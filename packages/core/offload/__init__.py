@@ -17,6 +17,7 @@ from offload.errors import (
     OffloadError,
     PluginError,
     RemoteCommandError,
+    SiteNotAnswering,
     SubmissionError,
     TransportError,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "SchedulerPlugin",
     "Site",
     "SiteConfig",
+    "SiteNotAnswering",
     "SubmissionError",
     "TransportError",
     "TransportPlugin",

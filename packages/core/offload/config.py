@@ -57,6 +57,7 @@ class SiteConfig:
     keepalive: int = 30
     max_sessions: int = 8
     connect_timeout: float = 20.0
+    command_timeout: float = 45.0  # seconds any command on the site may take (status, cancel, ...)
     # the scheduler and its defaults
     scheduler: str = "slurm"
     partition: str | None = None
@@ -244,6 +245,8 @@ def _validate_site(
         raise ConfigError(f"{where}: port {config.port} is not a TCP port")
     if config.poll_interval <= 0:
         raise ConfigError(f"{where}: poll_interval must be positive (seconds)")
+    if config.command_timeout <= 0 or config.connect_timeout <= 0:
+        raise ConfigError(f"{where}: command_timeout and connect_timeout must be positive (seconds)")
     if config.max_sessions < 1:
         raise ConfigError(f"{where}: max_sessions must be at least 1")
     try:

@@ -24,6 +24,10 @@ class TransportError(OffloadError):
     """The site could not be reached, or the connection to it failed."""
 
 
+class SiteNotAnswering(TransportError):
+    """A command on the site did not finish within its timeout (a hung ``squeue``, a stuck file system)."""
+
+
 class HostKeyError(TransportError):
     """The site's SSH host key is unknown or does not match known_hosts."""
 

@@ -48,13 +48,13 @@ class JobStatus:
     signal: int | None = None
 
     def describe(self) -> str:
-        text = self.state.value
-        if self.reason and self.reason not in ("None", "(null)"):
-            text += f" ({self.reason})"
-        if self.state.is_terminal and self.exit_code is not None:
-            text += f", exit code {self.exit_code}"
+        """``PENDING (Resources)``, ``FAILED (NonZeroExitCode), exit code 3``, ``CANCELLED (signal 15)``."""
+        details = [self.reason] if self.reason and self.reason not in ("None", "(null)") else []
         if self.signal:
-            text += f", signal {self.signal}"
+            details.append(f"signal {self.signal}")
+        text = self.state.value + (f" ({', '.join(details)})" if details else "")
+        if self.state.is_terminal and self.exit_code is not None and not self.signal:
+            text += f", exit code {self.exit_code}"
         return text
 
 

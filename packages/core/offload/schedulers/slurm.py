@@ -409,10 +409,14 @@ def _status(state: str, reason: str, exit_code: int | None, signal: int | None, 
         log.warning("unknown SLURM state %r", state)
     if reason in ("None", "(null)"):
         reason = ""
-    if base in ("NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "PREEMPTED", "DEADLINE", "REVOKED") and not reason:
-        reason = base
+    if base in ("NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "PREEMPTED", "DEADLINE", "REVOKED"):
+        # SLURM's own word says more than the state offload maps it to: keep it in front of the reason
+        same = reason.lower().replace("_", "") == base.lower().replace("_", "")
+        reason = reason if same else (f"{base}: {reason}" if reason else base)
     if not mapped.is_terminal:
         exit_code = signal = None
+    elif exit_code == 0 and base != "COMPLETED":
+        exit_code = None  # a job killed (cancelled, timed out, its node lost) has no exit code of its own
     return JobStatus(mapped, reason, exit_code, node, signal)
 
 

@@ -8,7 +8,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from offload.errors import TransportError
+from offload.errors import SiteNotAnswering, TransportError
 from offload.transports.base import CommandResult
 
 
@@ -51,6 +51,7 @@ class LocalTransport:
 
     def __init__(self, config: object | None = None) -> None:
         self.stats: Counter[str] = Counter()
+        self._timeout = float(getattr(config, "command_timeout", 45.0))
 
     async def run(
         self,
@@ -71,11 +72,12 @@ class LocalTransport:
             )
         except FileNotFoundError:
             raise TransportError(f"{argv[0]!r} is not installed on this machine") from None
+        limit = timeout if timeout is not None else self._timeout
         try:
-            stdout, stderr = await asyncio.wait_for(process.communicate(data), timeout)
+            stdout, stderr = await asyncio.wait_for(process.communicate(data), limit)
         except TimeoutError:
             process.kill()
-            raise TransportError(f"{argv[0]!r} did not finish within {timeout} s") from None
+            raise SiteNotAnswering(f"{argv[0]!r} did not finish within {limit:g} s (command_timeout)") from None
         result = CommandResult(
             tuple(argv),
             process.returncode if process.returncode is not None else 255,

@@ -22,10 +22,13 @@ from pathlib import Path
 import asyncssh
 
 from offload.config import SiteConfig
-from offload.errors import HostKeyError, TransportError
+from offload.errors import HostKeyError, SiteNotAnswering, TransportError
 from offload.transports.base import CommandResult
 
 log = logging.getLogger("offload.ssh")
+if logging.getLogger("asyncssh").level == logging.NOTSET:
+    # asyncssh says five INFO lines per command; unless the user chose otherwise, only its warnings show.
+    logging.getLogger("asyncssh").setLevel(logging.WARNING)
 
 _RECONNECT_DELAYS = (0.5, 1, 2, 4, 8, 15, 30)
 
@@ -184,6 +187,10 @@ class SSHTransport:
 
     async def _connect(self) -> asyncssh.SSHClientConnection:
         config = self.config
+        # Say what we wait for, when it takes a while (a host that takes TCP but never speaks SSH, a slow VPN).
+        slow = asyncio.get_running_loop().call_later(
+            1.0, lambda: log.info("connecting to %s (%s)...", config.name, self.description)
+        )
         try:
             return await asyncssh.connect(config.host, **connect_options(config))
         except asyncssh.HostKeyNotVerifiable as exc:
@@ -196,7 +203,13 @@ class SSHTransport:
                 f"{self.description} refused our keys. Check 'user' and 'identity_files' in the profile of "
                 f"'{config.name}' ({config.source}), or load the key into your ssh-agent."
             ) from None
-        except (TimeoutError, socket.gaierror, ConnectionRefusedError, OSError) as exc:
+        except TimeoutError:
+            raise TransportError(
+                f"no SSH answer from {self.description} within {config.connect_timeout:g} s (connect_timeout in "
+                f"the profile of '{config.name}'). Check its host and port, and that your network (VPN, jump "
+                "host) lets you through."
+            ) from None
+        except (socket.gaierror, ConnectionRefusedError, OSError) as exc:
             reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
             raise TransportError(
                 f"cannot reach {self.description}: {reason}. Check the host and port of site "
@@ -204,6 +217,8 @@ class SSHTransport:
             ) from None
         except asyncssh.Error as exc:
             raise TransportError(f"SSH to {self.description} failed: {exc.reason}") from None
+        finally:
+            slow.cancel()
 
     async def _watch(self, conn: asyncssh.SSHClientConnection) -> None:
         """Bring port forwards back after a drop, without waiting for the next command."""
@@ -242,12 +257,17 @@ class SSHTransport:
                         self._drop(conn)
                         continue
                     raise TransportError(f"cannot open a channel on {self.description}: {exc}") from None
+                limit = timeout if timeout is not None else self.config.command_timeout
                 try:
-                    stdout, stderr = await asyncio.wait_for(process.communicate(data), timeout)
+                    stdout, stderr = await asyncio.wait_for(process.communicate(data), limit)
                 except TimeoutError:
-                    process.kill()
-                    raise TransportError(
-                        f"command on {self.description} did not finish within {timeout} s: {command[:200]}"
+                    with contextlib.suppress(Exception):
+                        process.kill()  # a signal for the command, if sshd passes it on
+                    process.close()  # and the channel goes, so nothing waits on it
+                    raise SiteNotAnswering(
+                        f"the site is not answering: {argv[0]!r} on {self.description} did not finish within "
+                        f"{limit:g} s (command_timeout in the profile of '{self.config.name}'); offload asks again "
+                        "later, and the jobs keep running there"
                     ) from None
                 except (asyncssh.Error, ConnectionError) as exc:
                     self._drop(conn)
