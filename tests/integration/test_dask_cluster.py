@@ -11,9 +11,11 @@ import subprocess
 import sys
 import textwrap
 import time
+import urllib.request
 import uuid
 from collections import Counter
 
+import dask
 import pytest
 from distributed import Client
 
@@ -135,10 +137,12 @@ def test_job_script_and_security(site_user):
             with pytest.raises(OSError):  # without the cluster's certificates the scheduler refuses us
                 Client(cluster.scheduler_address.replace("tls://", "tcp://"), timeout="3s")
             jobdir = cluster.jobs[0].ref.jobdir
-        modes = subprocess.run(["stat", "-c", "%a", jobdir, f"{jobdir}/secrets.env"], capture_output=True,
-                               text=True).stdout.split()  # fmt: skip
-        assert modes == ["700", "600"]
-    wait_until(lambda: not os.path.exists(f"{jobdir}/secrets.env"), what="secrets removed after close")
+            # The certificates were read by the job, which removed its secrets file at once: not on disk.
+            assert subprocess.run(["stat", "-c", "%a", jobdir], capture_output=True, text=True).stdout.strip() == "700"
+            assert not os.path.exists(f"{jobdir}/secrets.env")
+            # The dashboard listens on the node's loopback only; the client reaches it through the job's relay.
+            page = urllib.request.urlopen(cluster.dashboard_link, timeout=60).read()
+            assert b"Dask" in page or b"bokeh" in page.lower()
 
 
 def test_a_lost_worker_job_is_replaced_and_the_user_told_once(site_user, caplog):
@@ -239,3 +243,36 @@ def test_offload_cancel_cleans_up_after_a_crashed_client(site_user):
                             text=True, timeout=60)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert queued_jobs(site_user, name) == []
+
+
+def test_a_crashed_clients_jobs_end_by_themselves(site_user):
+    """Nobody runs 'offload cancel': the scheduler job ends once no client talked to it for its idle timeout,
+    and its workers once their scheduler is gone for their death timeout."""
+    name = unique("abandoned")
+    env = {**os.environ, "DASK_OFFLOAD__SCHEDULER_IDLE_TIMEOUT": "15", "DASK_OFFLOAD__DEATH_TIMEOUT": "10"}
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(CLIENT), name], stdout=subprocess.PIPE, text=True,
+                            env=env)  # fmt: skip
+    assert proc.stdout.readline().strip() == "ready", cancel_leftovers(name)
+    proc.kill()
+    proc.wait(timeout=30)
+    try:
+        wait_until(lambda: queued_jobs(site_user, name) == [], timeout=150, what="the abandoned jobs to end")
+    finally:
+        cancel_leftovers(name)
+
+
+def test_a_scheduler_job_that_dies_is_reported_at_once(site_user, caplog):
+    name = unique("schedkill")
+    with caplog.at_level(logging.ERROR, logger="dask_offload"), dask.config.set({"offload.death_timeout": 10}):
+        with OffloadCluster(site="testsite", n_workers=1, memory="1GiB", name=name) as cluster:
+            with Client(cluster) as client:
+                client.wait_for_workers(1, timeout=120)
+                dashboard = client.scheduler_info()["services"]["dashboard"]
+                node_address = cluster.scheduler.contact_address.split("://")[1].rsplit(":", 1)[0]
+                with pytest.raises(OSError):  # the dashboard is not on the node's address, only its loopback
+                    socket.create_connection((node_address, dashboard), timeout=5).close()
+                subprocess.run(["scancel", cluster.scheduler.job.id], check=True)
+                wait_until(lambda: "scheduler's job" in caplog.text, timeout=60, what="the report")
+                # its worker notices and ends too, instead of waiting for its walltime
+                wait_until(lambda: queued_jobs(site_user, name) == [], timeout=120, what="the worker job to end")
+    assert "cannot work any more" in caplog.text

@@ -12,7 +12,7 @@ import asyncio
 import enum
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from offload import _loop
 from offload.errors import ConfigError, JobFailedError
@@ -77,6 +77,25 @@ class JobRef:
         return f"{self.jobdir}/exitcode{suffix}"
 
 
+class JobHost(Protocol):
+    """All a :class:`Job` needs from the site it runs on: the poller's answers, cancel, and the job's files.
+    Coroutines run on offload's private loop; a :class:`~offload.Site` hands one out as ``Site.job_host``."""
+
+    interval: float  # how often a log follower looks for new output
+
+    async def status(self, ref: JobRef, refresh: bool) -> JobStatus: ...
+
+    async def finished(self, ref: JobRef) -> JobStatus: ...
+
+    async def cancel(self, refs: list[JobRef]) -> None: ...
+
+    async def read(self, path: str, offset: int = 0) -> bytes:
+        """The bytes of ``path`` from ``offset`` (negative: that many from the end); empty if it is missing."""
+        ...
+
+    async def write(self, path: str, data: bytes, mode: int) -> None: ...
+
+
 class Job:
     """A job on a site. Get one from :meth:`Site.submit` or :meth:`Site.job` (reattach by id)."""
 
@@ -85,6 +104,7 @@ class Job:
         self.ref = ref
         self.name = name
         self.spec = spec
+        self._host: JobHost = site.job_host
 
     @property
     def id(self) -> str:
@@ -103,10 +123,10 @@ class Job:
 
     async def astatus(self, refresh: bool = True) -> JobStatus:
         """The job's status; with ``refresh``, as of a scheduler query made now (shared with other callers)."""
-        return await _loop.bridge(self.site._poller.status(self.ref, refresh=refresh))
+        return await _loop.bridge(self._host.status(self.ref, refresh))
 
     def status(self, refresh: bool = True) -> JobStatus:
-        return _loop.run(self.site._poller.status(self.ref, refresh=refresh))
+        return _loop.run(self._host.status(self.ref, refresh))
 
     @property
     def state(self) -> JobState:
@@ -129,7 +149,7 @@ class Job:
 
     async def _finished(self, timeout: float | None, check: bool) -> JobStatus:
         try:
-            status = await asyncio.wait_for(self.site._poller.wait(self.ref), timeout)
+            status = await asyncio.wait_for(self._host.finished(self.ref), timeout)
         except TimeoutError:
             raise TimeoutError(f"job {self.id} on {self.site.name} did not end within {timeout} s") from None
         if check and status.state is not JobState.COMPLETED:
@@ -146,8 +166,17 @@ class Job:
     # -- logs -------------------------------------------------------------------------------------------
 
     async def _tail(self, lines: int = 20) -> str:
-        data = await self.site._transport.read_file(self.ref.output_path)
-        return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
+        """Read from the end only as much as the lines need (a log may be gigabytes)."""
+        size = 64 * 1024
+        while True:
+            data = await self._host.read(self.ref.output_path, -size)
+            if len(data) < size or data.count(b"\n") > lines or size >= 16 * 2**20:
+                break
+            size *= 4
+        text = data.decode("utf-8", "replace").splitlines()
+        if len(data) == size and len(text) > lines:
+            text = text[1:]  # the first line read may be cut
+        return "\n".join(text[-lines:])
 
     async def atail(self, lines: int = 20) -> str:
         """The last ``lines`` lines of the job's output (stdout and stderr together)."""
@@ -211,13 +240,12 @@ class Job:
     async def _read_lines(self, follow: bool, interval: float | None = None) -> AsyncIterator[str]:
         offset = 0
         pending = b""
-        transport = self.site._transport
-        poller = self.site._poller
-        watcher = asyncio.ensure_future(poller.wait(self.ref)) if follow else None
+        host = self._host
+        watcher = asyncio.ensure_future(host.finished(self.ref)) if follow else None
         try:
             while True:
                 ended = watcher is None or watcher.done()
-                chunk = await transport.read_file(self.ref.output_path, offset)
+                chunk = await host.read(self.ref.output_path, offset)
                 offset += len(chunk)
                 pending += chunk
                 *complete, pending = pending.split(b"\n")
@@ -227,7 +255,7 @@ class Job:
                     break
                 if not chunk:
                     assert watcher is not None
-                    await asyncio.wait({watcher}, timeout=interval or poller.interval)
+                    await asyncio.wait({watcher}, timeout=interval or host.interval)
         finally:
             if watcher is not None:
                 watcher.cancel()
@@ -243,25 +271,25 @@ class Job:
 
     async def aput(self, name: str, data: bytes, mode: int = 0o600) -> None:
         """Write ``data`` to the file ``name`` in the job's directory (``$OFFLOAD_JOB_DIR/name`` inside)."""
-        await _loop.bridge(self.site._transport.write_file(self._path(name), data, mode=mode))
+        await _loop.bridge(self._host.write(self._path(name), data, mode))
 
     def put(self, name: str, data: bytes, mode: int = 0o600) -> None:
         """Sync form of :meth:`aput`."""
-        _loop.run(self.site._transport.write_file(self._path(name), data, mode=mode))
+        _loop.run(self._host.write(self._path(name), data, mode))
 
     async def aget(self, name: str) -> bytes:
         """The bytes of the file ``name`` in the job's directory (empty if it does not exist)."""
-        return await _loop.bridge(self.site._transport.read_file(self._path(name)))
+        return await _loop.bridge(self._host.read(self._path(name)))
 
     def get(self, name: str) -> bytes:
         """Sync form of :meth:`aget`."""
-        return _loop.run(self.site._transport.read_file(self._path(name)))
+        return _loop.run(self._host.read(self._path(name)))
 
     # -- cancel -----------------------------------------------------------------------------------------
 
     async def acancel(self) -> None:
-        await _loop.bridge(self.site._cancel([self.ref]))
+        await _loop.bridge(self._host.cancel([self.ref]))
 
     def cancel(self) -> None:
         """Cancel the job (a no-op for a job that already ended)."""
-        _loop.run(self.site._cancel([self.ref]))
+        _loop.run(self._host.cancel([self.ref]))

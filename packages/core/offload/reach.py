@@ -143,7 +143,7 @@ class _ClientMux(reach_node.Mux):
     """The client's end of a carrier: each OPEN is a connection from this machine to the target."""
 
     def __init__(self, writer, targets: list[tuple[str, int]], stats: dict[str, int]) -> None:
-        super().__init__(writer)
+        super().__init__(writer, 2)
         self.targets = targets
         self.stats = stats
 
@@ -166,6 +166,22 @@ class _ClientMux(reach_node.Mux):
         stream.start()
 
 
+class JobForward:
+    """A local port reaching a port on a job's node loopback (through the job's relay)."""
+
+    def __init__(self, server: asyncio.AbstractServer) -> None:
+        self._server = server
+
+    @property
+    def local_port(self) -> int:
+        return self._server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        self._server.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._server.wait_closed(), 5)
+
+
 class Relays:
     """The relays this process serves, one task per job: start the carrier once the job runs, restart it
     after a lost connection, stop when the job ends."""
@@ -173,6 +189,8 @@ class Relays:
     def __init__(self, site: Site) -> None:
         self._site = site
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._muxes: dict[str, _ClientMux] = {}
+        self._attached: dict[str, asyncio.Event] = {}
         self.stats: dict[str, int] = {}
 
     def serve(self, ref: JobRef, targets: list[tuple[str, int]]) -> asyncio.Task[None]:
@@ -187,6 +205,31 @@ class Relays:
         task = self._tasks.pop(job_id, None)
         if task is not None:
             task.cancel()
+
+    async def mux(self, ref: JobRef, timeout: float) -> _ClientMux:
+        """The job's attached carrier, once it is (the job must run and its relay be served)."""
+        attached = self._attached.setdefault(ref.id, asyncio.Event())
+        await asyncio.wait_for(attached.wait(), timeout)
+        return self._muxes[ref.id]
+
+    async def forward(self, ref: JobRef, remote_port: int, local_port: int = 0) -> JobForward:
+        """Listen on 127.0.0.1:``local_port``; each connection reaches the job node's 127.0.0.1:``remote_port``
+        through the job's carrier (the service may listen on the node's loopback only)."""
+
+        async def connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                mux = await self.mux(ref, timeout=30)
+            except TimeoutError:
+                writer.close()
+                return
+            stream = await mux.open(reach_node.loopback(remote_port), reader, writer)
+            if stream is None:
+                writer.close()
+                return
+            stream.start()
+
+        server = await asyncio.start_server(connected, "127.0.0.1", local_port)
+        return JobForward(server)
 
     async def close(self) -> None:
         tasks, self._tasks = list(self._tasks.values()), {}
@@ -225,8 +268,15 @@ class Relays:
                 raise TransportError(f"the relay of job {ref.id} answered frame {kind} instead of HELLO")
             log.info("reach: relay of job %s on %s attached", ref.id, json.loads(payload).get("node"))
             self.stats["carriers"] = self.stats.get("carriers", 0) + 1
-            mux = _ClientMux(process.stdin, targets, self.stats)
-            await mux.run(process.stdout)
+            mux = self._muxes[ref.id] = _ClientMux(process.stdin, targets, self.stats)
+            attached = self._attached.setdefault(ref.id, asyncio.Event())
+            attached.set()
+            try:
+                await mux.run(process.stdout)
+            finally:
+                attached.clear()
+                if self._muxes.get(ref.id) is mux:
+                    del self._muxes[ref.id]
         finally:
             with contextlib.suppress(Exception):
                 process.close()

@@ -24,6 +24,8 @@ loopback connection is matched to its owner's uid in ``/proc/net/tcp``.
 Frames, both ways: ``type (1 byte) | stream (4) | length (4) | payload``. The node OPENs a stream for a
 target; the client answers OPENED, or CLOSE with the reason; DATA flows both ways with per-stream credit (an
 ACK once the bytes were written on), EOF half-closes, CLOSE ends a stream. HELLO starts a carrier session.
+The client may OPEN too, but only a port on the node's own loopback (``Site.forward_job``): so a service of
+the job can listen on 127.0.0.1 alone, out of reach of everyone else on a shared node.
 """
 
 import asyncio
@@ -128,12 +130,23 @@ class Stream:
 
 
 class Mux:
-    """Many streams over one carrier. Subclasses say what an OPEN means on their side."""
+    """Many streams over one carrier. Either side may open streams (the node: odd ids, the client: even ids);
+    subclasses say what an OPEN from the other side means here."""
 
-    def __init__(self, writer):
+    def __init__(self, writer, first_sid):
         self.writer = writer
         self.streams = {}
         self.opening = set()
+        self.next_sid = first_sid
+
+    async def open(self, payload, reader, writer):
+        """Open a stream to what ``payload`` names on the other side; the stream once it is open, else None."""
+        sid = self.next_sid
+        self.next_sid += 2
+        stream = self.streams[sid] = Stream(self, sid, reader, writer)
+        self.send(frame(OPEN, sid, payload))
+        await stream.opened.wait()
+        return None if stream.closed else stream
 
     def send(self, data):
         with contextlib.suppress(Exception):
@@ -202,13 +215,39 @@ def owner_uid(local_port, peer_port):
     return None
 
 
+class NodeMux(Mux):
+    """The node's end of a carrier: the client may open streams to ports on this node's loopback (a service
+    of the job that listens only there, e.g. a Dask dashboard), and to nothing else."""
+
+    def __init__(self, writer):
+        super().__init__(writer, 1)
+
+    async def on_open(self, sid, payload):
+        if len(payload) != 3 or payload[:1] != b"L":
+            self.send(frame(CLOSE, sid, b"the node opens only loopback ports"))
+            return
+        port = struct.unpack("!H", payload[1:])[0]
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 15)
+        except (TimeoutError, OSError) as exc:
+            self.send(frame(CLOSE, sid, f"nothing answers on the node's 127.0.0.1:{port}: {exc}".encode()))
+            return
+        stream = self.streams[sid] = Stream(self, sid, reader, writer)
+        self.send(frame(OPENED, sid))
+        stream.start()
+
+
+def loopback(port):
+    """What a client's OPEN asks the node for: its own 127.0.0.1:``port``."""
+    return b"L" + struct.pack("!H", port)
+
+
 class NodeRelay:
     def __init__(self, targets):
         self.targets = targets
         self.mux = None
         self.servers = []
         self.carrier_ready = asyncio.Event()
-        self.next_sid = 1
         self.uid = os.getuid()
 
     async def on_carrier(self, reader, writer):
@@ -224,7 +263,7 @@ class NodeRelay:
         if self.mux is not None:  # a new carrier replaces the old one (the client reconnected)
             self.mux.writer.close()
             self.mux.close_all("replaced by a new carrier")
-        mux = self.mux = Mux(writer)
+        mux = self.mux = NodeMux(writer)
         mux.send(frame(HELLO, 0, json.dumps({"node": socket.gethostname(), "version": 1}).encode()))
         self.carrier_ready.set()
         try:
@@ -249,12 +288,7 @@ class NodeRelay:
         mux = self.mux
         if mux is None:
             return None
-        sid = self.next_sid
-        self.next_sid += 1
-        stream = mux.streams[sid] = Stream(mux, sid, reader, writer)
-        mux.send(frame(OPEN, sid, struct.pack("!H", index)))
-        await stream.opened.wait()
-        return None if stream.closed else stream
+        return await mux.open(struct.pack("!H", index), reader, writer)
 
     async def on_direct(self, index, reader, writer):
         if not self.allowed(writer):

@@ -56,6 +56,7 @@ class Site:
         # Jobs on another machine reach this one's services through a relay; local jobs reach them directly.
         self._relays_needed = not getattr(self._scheduler, "runs_on_client", False)
         self._workdir: str | None = None
+        self._job_host = _JobHost(self)
         self._start()
         _every_site.add(self)
 
@@ -82,6 +83,11 @@ class Site:
         container (the local site), else ``python3`` from the job's image."""
         local = self.config.transport == "local" and self.config.runtime == "none"
         return sys.executable if local else "python3"
+
+    @property
+    def job_host(self) -> _JobHost:
+        """The narrow interface this site's :class:`Job` handles use (status, wait, cancel, files)."""
+        return self._job_host
 
     @property
     def transport(self) -> Transport:
@@ -113,7 +119,7 @@ class Site:
         self._runtime.validate(ctx)
         res = spec.resources
         several = res.nodes > 1 or (res.tasks_per_node or 1) > 1
-        relay = bool(spec.reach) and self._relays_needed
+        relay = bool(spec.reach or spec.relay) and self._relays_needed
         script = BatchScript(
             shebang=self.config.shebang,
             directives=self._scheduler.directives(spec, jobdir, array_size, parallelism),
@@ -121,7 +127,7 @@ class Site:
             task_index=self._scheduler.task_index,
             index_value=None if index is None else str(index),
             index_offset=index_offset,
-            secrets=bool(spec.secrets or spec.reach) if secrets is None else secrets,
+            secrets=bool(spec.secrets or spec.reach or relay) if secrets is None else secrets,
             setup=list(self.config.setup),
             env={**self.config.env, **spec.env},
             prelude=self._runtime.prelude(ctx),
@@ -237,7 +243,7 @@ class Site:
     def _submission(self, spec: JobSpec, jobdir: str, array_size: int | None, index: int | None,
                     index_offset: int = 0, parallelism: int | None = None) -> Submission:  # fmt: skip
         secrets, files = dict(spec.secrets), {}
-        if spec.reach and self._relays_needed:
+        if (spec.reach or spec.relay) and self._relays_needed:
             targets = reach_mod.targets_of(dict(spec.reach))
             secrets["OFFLOAD_REACH"] = reach_mod.node_targets(targets)  # URLs may hold credentials
             files["reach.json"] = reach_mod.client_targets(targets)  # what any client needs to serve the relay
@@ -271,7 +277,7 @@ class Site:
                              sub.spec.image or self.config.image))  # fmt: skip
             if sub.secrets:
                 self._secret_dirs[sub.jobdir] = set(sub.ids)
-            if sub.spec.reach and self._relays_needed:
+            if (sub.spec.reach or sub.spec.relay) and self._relays_needed:
                 targets = [(t.host, t.port) for t in reach_mod.targets_of(dict(sub.spec.reach))]
                 for index in indices:
                     job = jobs[index]
@@ -307,12 +313,14 @@ class Site:
     async def _relay_step(self, ref: JobRef, node: str) -> list[str] | None:
         return await self._scheduler.step(self._transport, ref, node, self._relay_step_argv(ref))
 
-    async def _relay(self, job: Job) -> JobStatus:
+    async def _serve_relay(self, job: Job) -> None:
         raw = await self._transport.read_file(f"{job.ref.jobdir}/reach.json")
         if not raw:
-            raise ConfigError(f"job {job.id} on {self.name} has no reach targets (no reach.json in its directory)")
-        targets = [(t["host"], int(t["port"])) for t in json.loads(raw)]
-        self._relays.serve(job.ref, targets)
+            raise ConfigError(f"job {job.id} on {self.name} runs no relay (it was submitted without reach or relay)")
+        self._relays.serve(job.ref, [(t["host"], int(t["port"])) for t in json.loads(raw)])
+
+    async def _relay(self, job: Job) -> JobStatus:
+        await self._serve_relay(job)
         return await self._poller.wait(job.ref)
 
     def relay(self, job: Job) -> JobStatus:
@@ -448,6 +456,22 @@ class Site:
         """Sync form of :meth:`aforward`."""
         return Forward(_loop.run(self._transport.forward_local_port(remote_host, remote_port, local_port)))
 
+    async def _forward_job(self, job: Job, remote_port: int, local_port: int) -> PortForward:
+        if not self._relays_needed:  # the job runs here: its loopback is ours
+            return await self._transport.forward_local_port("127.0.0.1", remote_port, local_port)
+        if job.id not in self._relays._tasks:
+            await self._serve_relay(job)
+        return await self._relays.forward(job.ref, remote_port, local_port)
+
+    async def aforward_job(self, job: Job, remote_port: int, local_port: int = 0) -> Forward:
+        """Forward 127.0.0.1:``local_port`` to ``remote_port`` on the loopback of ``job``'s node, through the
+        job's relay (``JobSpec(relay=True)``): for a service that listens on the node's 127.0.0.1 only."""
+        return Forward(await _loop.bridge(self._forward_job(job, remote_port, local_port)))
+
+    def forward_job(self, job: Job, remote_port: int, local_port: int = 0) -> Forward:
+        """Sync form of :meth:`aforward_job`."""
+        return Forward(_loop.run(self._forward_job(job, remote_port, local_port)))
+
     # -- lifetime ---------------------------------------------------------------------------------------
 
     async def _close(self) -> None:
@@ -462,6 +486,32 @@ class Site:
         """Close the site's connection (jobs keep running on the site; their reach relays stop)."""
         _loop.run(self._close())
         _forget(self)
+
+
+class _JobHost:
+    """What a Job may ask of its site (:class:`offload.jobs.JobHost`), and nothing more."""
+
+    def __init__(self, site: Site) -> None:
+        self._site = site
+
+    @property
+    def interval(self) -> float:
+        return self._site.config.poll_interval
+
+    async def status(self, ref: JobRef, refresh: bool) -> JobStatus:
+        return await self._site._poller.status(ref, refresh=refresh)
+
+    async def finished(self, ref: JobRef) -> JobStatus:
+        return await self._site._poller.wait(ref)
+
+    async def cancel(self, refs: list[JobRef]) -> None:
+        await self._site._cancel(refs)
+
+    async def read(self, path: str, offset: int = 0) -> bytes:
+        return await self._site._transport.read_file(path, offset)
+
+    async def write(self, path: str, data: bytes, mode: int) -> None:
+        await self._site._transport.write_file(path, data, mode=mode)
 
 
 class Forward:

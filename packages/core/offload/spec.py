@@ -199,7 +199,9 @@ class JobSpec:
     (``$OFFLOAD_JOB_DIR/<name>`` inside the container) in the same round trip as the submission. ``reach``
     names services on the user's side (``{"MLFLOW_TRACKING_URI": "https://mlflow.example.org"}``): the payload
     gets the variable pointing at a relay on its node's loopback, which offload carries back over its own
-    connection, so the job reaches them although compute nodes have no outbound network.
+    connection, so the job reaches them although compute nodes have no outbound network. ``relay`` runs that
+    relay even without ``reach``, so the client can reach a service the job serves on its node's loopback only
+    (:meth:`Site.forward_job`), out of reach of other users of a shared node.
     """
 
     command: tuple[str, ...]
@@ -212,6 +214,7 @@ class JobSpec:
     name: str | None = None
     files: Mapping[str, bytes] = field(default_factory=dict, repr=False)
     reach: Mapping[str, str] = field(default_factory=dict)
+    relay: bool = False
 
     def __post_init__(self) -> None:
         command = self.command
@@ -239,11 +242,11 @@ class JobSpec:
             from offload.reach import targets_of
 
             targets_of(dict(reach))  # a bad URL fails here, before anything is submitted
-            if self.resources.copies > 1:
-                raise ConfigError(
-                    "reach serves jobs on one node for now; a job on several nodes (or with several tasks per "
-                    "node) cannot have it yet: run the service's client on the first copy only, or ask on one node"
-                )
+        if (reach or self.relay) and self.resources.copies > 1:
+            raise ConfigError(
+                "reach serves jobs on one node for now; a job on several nodes (or with several tasks per "
+                "node) cannot have it yet: run the service's client on the first copy only, or ask on one node"
+            )
         mounts = tuple(Mount.parse(m) if isinstance(m, str) else m for m in self.mounts)
         if not all(isinstance(m, Mount) for m in mounts):
             raise ConfigError("JobSpec.mounts holds 'SRC[:DST[:ro]]' strings or offload.Mount objects")
@@ -271,7 +274,7 @@ class JobSpec:
     def __hash__(self) -> int:
         files = tuple(sorted((k, hashlib.sha256(v).hexdigest()) for k, v in self.files.items()))
         return hash((self.command, self.image, self.resources, tuple(sorted(self.env.items())), self.mounts, files,
-                     tuple(sorted(self.reach.items()))))  # fmt: skip
+                     tuple(sorted(self.reach.items())), self.relay))  # fmt: skip
 
 
 # offload's own files in a job's directory: never staged over, never read as a user's file.

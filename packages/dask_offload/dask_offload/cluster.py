@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import dataclasses
 import inspect
 import json
 import logging
@@ -34,6 +35,7 @@ import dask.config
 import distributed
 import yaml
 from dask.utils import parse_bytes
+from distributed.comm.core import CommClosedError
 from distributed.core import Status
 from distributed.deploy.spec import ProcessInterface, SpecCluster
 from distributed.scheduler import Scheduler
@@ -123,7 +125,8 @@ class _Shared:
     def scheduler_spec(self) -> offload.JobSpec:
         o = self.options
         resources = self.resources(gpus=0, cpus=o["scheduler_cores"], memory_bytes=parse_bytes(o["scheduler_memory"]))
-        return self.spec(["scheduler"], resources)
+        spec = self.spec(["scheduler", str(o["scheduler_idle_timeout"])], resources)
+        return dataclasses.replace(spec, relay=True)  # the dashboard is reached through the job's relay
 
     def worker_spec(self, address: str, groups: list[list[str]]) -> offload.JobSpec:
         o = self.options
@@ -136,7 +139,7 @@ class _Shared:
         )
         worker_resources = {"GPU": 1} if o["gpu"] else {}
         args = ["worker", address, json.dumps(groups), str(o["cores"]), str(o["memory_bytes"]),
-                json.dumps(worker_resources)]  # fmt: skip
+                json.dumps(worker_resources), str(o["death_timeout"])]  # fmt: skip
         return self.spec(args, resources)
 
     # -- batching ---------------------------------------------------------------------------------------
@@ -230,6 +233,7 @@ class SiteScheduler(ProcessInterface):
         self.contact_address: str | None = None
         self.dashboard_port: int | None = None
         self._forwards: list[Any] = []
+        self._watcher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         shared = self.shared
@@ -252,11 +256,23 @@ class SiteScheduler(ProcessInterface):
         self.address = f"{protocol}://127.0.0.1:{forward.local_port}"
         self.contact_address = info["address"]  # what workers on the site connect to
         if info.get("dashboard"):
-            dashboard = await shared.site.aforward(host.strip("[]"), int(info["dashboard"]))
+            # The dashboard listens on the node's loopback only (it has no login): reached through the job's relay.
+            dashboard = await shared.site.aforward_job(self.job, int(info["dashboard"]))
             self._forwards.append(dashboard)
             self.dashboard_port = dashboard.local_port
         log.info("scheduler job %s runs at %s, reached at %s", self.job.id, self.contact_address, self.address)
+        self._watcher = asyncio.ensure_future(self._watch())
         await super().start()
+
+    async def _watch(self) -> None:
+        """Say at once when the scheduler's job ends while the cluster still needs it, not after a timeout."""
+        assert self.job is not None
+        status = await self.job.finished()
+        if self.status in (Status.closing, Status.closed) or self.shared.shutting_down:
+            return
+        tail = await self.job.atail(10)
+        message = "the Dask scheduler's job %s ended %s: cluster %s cannot work any more; close it and make a new one"
+        log.error(message + ". Last lines of its log:\n%s", self.job.id, status.describe(), self.shared.name, tail)
 
     async def _scheduler_info(self) -> dict[str, Any]:
         assert self.job is not None
@@ -275,6 +291,9 @@ class SiteScheduler(ProcessInterface):
         raise RuntimeError(f"the scheduler job {self.job.id} ended {status.describe()} before it started:\n{tail}")
 
     async def close(self) -> None:
+        self.status = Status.closing
+        if self._watcher is not None:
+            self._watcher.cancel()
         for forward in self._forwards:
             await forward.aclose()
         if self.job is not None:
@@ -299,12 +318,17 @@ class WorkerJob(ProcessInterface):
         self.job = self.shared.presubmitted.pop(self.name, None) or await self.shared.submit_worker_job(
             self.scheduler_address, self.worker_names
         )
-        self._started = time.monotonic()
         self._watcher = asyncio.ensure_future(self._watch())
         await super().start()
 
     async def _watch(self) -> None:
         assert self.job is not None
+        status = await self.job.astatus(refresh=False)
+        while status.state in (offload.JobState.PENDING, offload.JobState.UNKNOWN):
+            await asyncio.sleep(self.shared.site.config.poll_interval)
+            status = await self.job.astatus(refresh=False)
+        # "keeps failing as it starts" counts from its start, not its submission: a queue wait is not a failure
+        self._started = time.monotonic()
         status = await self.job.finished()
         if self.status != Status.running or self.shared.shutting_down:
             return  # we are closing it, or the whole cluster at exit
@@ -404,7 +428,8 @@ class OffloadCluster(SpecCluster):
         given = {k: v for k, v in locals().items() if k not in ("self", "kwargs", "asynchronous", "loop", "__class__")}
         options = {key: (given[key] if given.get(key) is not None else dask.config.get(f"offload.{key}", None))
                    for key in given}  # fmt: skip
-        for key in ("scheduler_cores", "scheduler_memory", "startup_timeout"):
+        for key in ("scheduler_cores", "scheduler_memory", "startup_timeout", "death_timeout",
+                    "scheduler_idle_timeout"):  # fmt: skip
             options[key] = dask.config.get(f"offload.{key}")
         if kwargs:
             raise TypeError(f"OffloadCluster got unexpected arguments {sorted(kwargs)}")
@@ -518,6 +543,9 @@ class OffloadCluster(SpecCluster):
     async def _close(self) -> None:
         try:
             await super()._close()
+        except (OSError, CommClosedError) as exc:
+            # The scheduler is gone already (its job ended): there is nobody to retire workers with.
+            log.info("closing %s without its scheduler (%s)", self._shared.name, exc)
         finally:
             await asyncio.sleep(0)
             if self._shared.jobs:

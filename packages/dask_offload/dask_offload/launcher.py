@@ -9,8 +9,8 @@ cost one import (dask-jobqueue's ``dask worker`` pays an import per worker, and 
 job each forked worker sees exactly one of the job's GPUs in ``CUDA_VISIBLE_DEVICES``. When any worker process
 exits, the others are stopped and the job ends, so the cluster sees the loss and replaces the job.
 
-    python3 -c SOURCE scheduler EXPECT_JSON
-    python3 -c SOURCE worker EXPECT_JSON ADDRESS GROUPS_JSON NTHREADS MEMORY_LIMIT RESOURCES_JSON
+    python3 -c SOURCE scheduler EXPECT_JSON IDLE_TIMEOUT
+    python3 -c SOURCE worker EXPECT_JSON ADDRESS GROUPS_JSON NTHREADS MEMORY_LIMIT RESOURCES_JSON DEATH_TIMEOUT
 """
 
 import asyncio
@@ -86,27 +86,47 @@ def security():
     return Security(tls_ca_file=ca, require_encryption=True, **roles)
 
 
-async def run_scheduler():
+async def run_scheduler(idle_timeout):
     from distributed import Scheduler
 
     sec = security()
     protocol = "tls://" if sec else "tcp://"
+    # The dashboard has no login: it listens on the node's loopback, which the client reaches through the job's
+    # relay; workers and the client reach the scheduler itself (TLS) on the node's address.
     async with Scheduler(protocol=protocol, host=node_address(), port=0, security=sec,
-                         dashboard_address=":0") as scheduler:  # fmt: skip
+                         dashboard_address="127.0.0.1:0") as scheduler:  # fmt: skip
         dashboard = scheduler.services.get("dashboard")
         info = {"address": scheduler.address, "dashboard": dashboard.port if dashboard else None, **versions()}
         print(f"{MARK}_SCHEDULER {json.dumps(info)}", flush=True)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(scheduler.close()))
+        watch = asyncio.ensure_future(close_when_abandoned(scheduler, idle_timeout))
         await scheduler.finished()
+        watch.cancel()
 
 
-async def run_worker(address, name, nthreads, memory_limit, resources):
+async def close_when_abandoned(scheduler, idle_timeout):
+    """A scheduler no client has talked to for ``idle_timeout`` seconds (its client crashed) ends its job."""
+    alone_since = None
+    while True:
+        await asyncio.sleep(min(5.0, idle_timeout / 4))
+        clients = [c for c in scheduler.clients if c != "fire-and-forget"]
+        if clients:
+            alone_since = None
+        elif alone_since is None:
+            alone_since = asyncio.get_running_loop().time()
+        elif asyncio.get_running_loop().time() - alone_since > idle_timeout:
+            print(f"{MARK}_ABANDONED no client for {idle_timeout:g} s: closing the scheduler", flush=True)
+            await scheduler.close()
+            return
+
+
+async def run_worker(address, name, nthreads, memory_limit, resources, death_timeout):
     from distributed import Worker
 
     async with Worker(address, name=name, nthreads=nthreads, memory_limit=memory_limit, resources=resources,
-                      security=security(), host=node_address()) as worker:  # fmt: skip
+                      security=security(), host=node_address(), death_timeout=death_timeout) as worker:  # fmt: skip
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(worker.close()))
@@ -129,7 +149,7 @@ def scheduler_address(address):
             time.sleep(0.05)
 
 
-def run_workers(address, groups, nthreads, memory_limit, resources):
+def run_workers(address, groups, nthreads, memory_limit, resources, death_timeout):
     index = int(os.environ.get("OFFLOAD_TASK_INDEX") or 0)
     names = groups[index]
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -151,7 +171,7 @@ def run_workers(address, groups, nthreads, memory_limit, resources):
                 os.environ["CUDA_VISIBLE_DEVICES"] = gpus[i]
             code = 0
             try:
-                asyncio.run(run_worker(address, name, nthreads, memory_limit, resources))
+                asyncio.run(run_worker(address, name, nthreads, memory_limit, resources, death_timeout))
             except BaseException as exc:  # report, then leave without running the parent's cleanup
                 print(f"{MARK}_WORKER_FAILED {name}: {exc!r}", flush=True)
                 code = 1
@@ -179,10 +199,11 @@ def main(argv):
     mode, expect = argv[0], json.loads(argv[1])
     check_versions(expect)
     if mode == "scheduler":
-        asyncio.run(run_scheduler())
+        asyncio.run(run_scheduler(float(argv[2])))
     elif mode == "worker":
-        address, groups, nthreads, memory_limit, resources = argv[2:7]
-        run_workers(address, json.loads(groups), int(nthreads), memory_limit, json.loads(resources))
+        address, groups, nthreads, memory_limit, resources, death_timeout = argv[2:8]
+        run_workers(address, json.loads(groups), int(nthreads), memory_limit, json.loads(resources),
+                    float(death_timeout))  # fmt: skip
     else:
         sys.exit(f"unknown mode {mode!r}")
 

@@ -94,7 +94,8 @@ class Transport(Protocol):
         ...
 
     async def read_file(self, path: str, offset: int = 0) -> bytes:
-        """The bytes of ``path`` from ``offset`` on; empty if the file does not exist yet."""
+        """The bytes of ``path`` from ``offset`` on (negative: the last ``-offset`` bytes); empty if the file does
+        not exist yet."""
         ...
 
     async def forward_local_port(self, remote_host: str, remote_port: int, local_port: int = 0) -> PortForward:

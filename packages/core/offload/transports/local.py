@@ -107,7 +107,10 @@ class LocalTransport:
     async def read_file(self, path: str, offset: int = 0) -> bytes:
         try:
             with open(path, "rb") as f:
-                f.seek(offset)
+                if offset < 0:  # the last -offset bytes
+                    f.seek(max(0, os.fstat(f.fileno()).st_size + offset))
+                else:
+                    f.seek(offset)
                 return f.read()
         except FileNotFoundError:
             return b""

@@ -355,7 +355,10 @@ class SSHTransport:
         self.stats["sftp:read"] += 1
         try:
             async with sftp.open(path, "rb") as f:
-                if offset:
+                if offset < 0:  # the last -offset bytes
+                    size = (await f.stat()).size or 0
+                    await f.seek(max(0, size + offset))
+                elif offset:
                     await f.seek(offset)
                 return await f.read()
         except asyncssh.SFTPNoSuchFile:
