@@ -153,12 +153,16 @@ def test_the_jupyter_example_on_the_local_site(tmp_path):
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
         "OFFLOAD_CONFIG": str(tmp_path / "sites.toml"),
         "OFFLOAD__LOCAL__WORKDIR": str(tmp_path / "work"),
+        # a proxy that answers nothing: the readiness probe must go straight to the server, never through it
+        "http_proxy": "http://127.0.0.1:9",
+        "HTTP_PROXY": "http://127.0.0.1:9",
     }
     proc = subprocess.Popen([str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     url = proc.stdout.readline().strip()
     assert "/lab?token=" in url, proc.stderr.read() if proc.poll() is not None else url
     base, token = url.split("/lab?token=")
-    with urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=30) as response:
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with direct.open(f"{base}/api/status?token={token}", timeout=30) as response:
         assert response.status == 200
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)

@@ -96,3 +96,49 @@ async def test_async_api_from_another_event_loop(site):
     status = await job.finished(timeout=30)
     assert status.state is JobState.COMPLETED
     assert [line async for line in job.alogs()] == ["async"]
+
+
+def test_a_reused_pid_is_not_taken_for_the_job(site):
+    """After the job's process is gone, the system may give its pid to another: that one is neither shown as
+    the job running nor killed by a cancel (offload checks the process's start time)."""
+    import os
+    import subprocess
+
+    stranger = subprocess.Popen(["sleep", "30"])
+    try:
+        job = site.submit(JobSpec(["sleep", "30"], name="reused"))
+        jobdir = Path(job.ref.jobdir)
+        os.kill(int(job.id), 9)  # the job's own process dies without a word...
+        deadline = time.time() + 10
+        while job.status().state is JobState.RUNNING:
+            assert time.time() < deadline
+            time.sleep(0.1)
+        # ...and its pid now "belongs" to the stranger: point the job's records at it
+        reused = offload.Site(site.config).job(str(stranger.pid), jobdir=str(jobdir))
+        assert reused.status().state is not JobState.RUNNING
+        reused.cancel()
+        assert stranger.poll() is None  # not killed
+    finally:
+        stranger.kill()
+
+
+def test_local_records_are_private(site):
+    records = site._records.path
+    assert oct(records.stat().st_mode & 0o777) == "0o600"
+    assert oct(records.parent.stat().st_mode & 0o777) == "0o700"
+
+
+def test_tail_reads_only_the_end_of_a_big_log(site, monkeypatch):
+    job = site.submit(JobSpec(["python3", "-c", "import sys\nfor i in range(400000): print('x' * 60, i)"]))
+    job.wait(timeout=60)
+    read = []
+    original = site.transport.read_file
+
+    async def spy(path, offset=0):
+        data = await original(path, offset)
+        read.append(len(data))
+        return data
+
+    monkeypatch.setattr(site.transport, "read_file", spy)
+    assert job.tail(2).splitlines()[-1].endswith(" 399999")
+    assert sum(read) < 1024 * 1024  # the log is 26 MB

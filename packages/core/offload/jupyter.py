@@ -134,9 +134,13 @@ def connect(job: Job, token: str, progress: Callable[[str], None] = lambda text:
     progress(f"JupyterLab starting on {info['host']}:{info['port']}")
     forward = job.site.forward(info["ip"], int(info["port"]))
     base = f"http://127.0.0.1:{forward.local_port}"
+    # The probe goes straight to the forward (never through the user's http_proxy) with the token in a header,
+    # so it is in no URL any proxy or log could keep.
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    probe = urllib.request.Request(f"{base}/api/status", headers={"Authorization": f"token {token}"})
     while True:
         try:
-            with urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=5) as response:
+            with direct.open(probe, timeout=5) as response:
                 if response.status == 200:
                     break
         except (urllib.error.URLError, ConnectionError, TimeoutError):

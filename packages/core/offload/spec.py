@@ -279,7 +279,18 @@ class JobSpec:
 
 # offload's own files in a job's directory: never staged over, never read as a user's file.
 RESERVED_FILES = frozenset(
-    {"job.sh", "secrets.env", "exitcode", "jobid", "cancelled", "output", "submit.err", "reach.json", "copies"}
+    {
+        "job.sh",
+        "secrets.env",
+        "exitcode",
+        "jobid",
+        "cancelled",
+        "output",
+        "submit.err",
+        "reach.json",
+        "copies",
+        "started",
+    }
 )
 # Variables the batch script itself sets; a spec may not give them (its own lower-case ``offload_*`` too).
 RESERVED_ENV = frozenset({"OFFLOAD_JOB_DIR", "OFFLOAD_TASK_INDEX", "OFFLOAD_REACH"})

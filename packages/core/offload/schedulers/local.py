@@ -16,6 +16,14 @@ from offload.schedulers.slurm import exit_code_files
 from offload.spec import JobSpec, Resources
 from offload.transports.base import Transport
 
+# When process $1 started: the kernel's clock ticks where /proc has them (Linux), else ps's start time.
+_STARTED = (
+    'started() { if [ -r "/proc/$1/stat" ]; then sed "s/.*) //" "/proc/$1/stat" | cut -d" " -f20; '
+    'else ps -o lstart= -p "$1"; fi; }; '
+)
+# Is process $1 still the job of directory $2? Same start time as recorded at submission (no record: trust it).
+_OURS = _STARTED + 'ours() { [ ! -s "$2/started" ] || [ "$(started "$1" 2>/dev/null)" = "$(cat "$2/started")" ]; }; '
+
 
 class LocalScheduler:
     name = "local"
@@ -45,10 +53,12 @@ class LocalScheduler:
         raise ConfigError("the local site cannot start copies of a job on several nodes")
 
     def submit_line(self, script_path: str) -> str:
-        # set -m: the job gets a process group of its own, so cancel can stop the whole tree.
+        # set -m: the job gets a process group of its own, so cancel can stop the whole tree. Its start time is
+        # kept beside it: a pid the system reuses later is never taken for the job (nor killed by a cancel).
         return (
-            f'set -m; bash {script_path} > "$(dirname {script_path})/output" 2>&1 < /dev/null & '
-            'printf "%s\\n" "$!"; set +m'
+            f'{_STARTED}set -m; bash {script_path} > "$(dirname {script_path})/output" 2>&1 < /dev/null & '
+            f'offload_pid=$!; started "$offload_pid" > "$(dirname {script_path})/started" 2>/dev/null; '
+            'printf "%s\\n" "$offload_pid"; set +m'
         )
 
     def sweep_lines(self, jobs_dir: str) -> list[str]:
@@ -74,10 +84,11 @@ class LocalScheduler:
             'while [ "$#" -gt 0 ]; do pid=$1; dir=$2; shift 2; '
             'if [ -f "$dir/exitcode" ]; then echo "$pid done"; '
             'elif [ -f "$dir/cancelled" ]; then echo "$pid cancelled"; '
-            'elif kill -0 "$pid" 2>/dev/null && [ "$(ps -o stat= -p "$pid" | cut -c1)" != Z ]; '
+            'elif kill -0 "$pid" 2>/dev/null && [ "$(ps -o stat= -p "$pid" | cut -c1)" != Z ] && ours "$pid" "$dir"; '
             'then echo "$pid running"; '
             'else echo "$pid done"; fi; done'
         )
+        script = _OURS + script
         args = [arg for ref in refs for arg in (ref.id, ref.jobdir)]
         result = await transport.run(["sh", "-c", script, "sh", *args])
         seen = dict(line.split(" ", 1) for line in result.stdout.splitlines() if " " in line)
@@ -114,8 +125,9 @@ class LocalScheduler:
     async def cancel(self, transport: Transport, refs: Sequence[JobRef]) -> None:
         script = (
             'while [ "$#" -gt 0 ]; do pid=$1; dir=$2; shift 2; '
-            'if [ ! -f "$dir/exitcode" ]; then : > "$dir/cancelled"; '
+            'if [ ! -f "$dir/exitcode" ] && ours "$pid" "$dir"; then : > "$dir/cancelled"; '
             'kill -TERM "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null; fi; done; true'
         )
+        script = _OURS + script
         args = [arg for ref in refs for arg in (ref.id, ref.jobdir)]
         await transport.run(["sh", "-c", script, "sh", *args])
