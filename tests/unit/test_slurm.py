@@ -181,3 +181,10 @@ def test_hostlists_and_gpu_counts():
     assert SlurmScheduler.first_host("node[3-5,7],gpu1") == "node3"
     assert SlurmScheduler.first_host("gpu[07-09]") == "gpu07"
     assert [_gpu_count(g) for g in ("gpu:2", "gpu:a100:4(S:0-1)", "gpu:1(IDX:0),shard:0", "(null)")] == [2, 4, 1, 0]
+
+
+def test_the_profile_shebang_starts_the_script():
+    import offload
+
+    site = offload.Site(SITE.with_overrides(shebang="#!/bin/bash -l", runtime="none"))
+    assert site.job_script(JobSpec(["true"])).startswith("#!/bin/bash -l\n#SBATCH ")

@@ -181,14 +181,16 @@ def sites_trust(name: str, yes: bool, replace: bool) -> None:
 
 @main.command()
 @click.argument("site_name", metavar="SITE", required=False)
-def doctor(site_name: str | None) -> None:
-    """Check a site end to end: connection, host key, scheduler, runtime, image, work dir, GPUs."""
+@click.option("--no-job", is_flag=True, help="Skip the checks that run a small job (the compute nodes' network).")
+def doctor(site_name: str | None, no_job: bool) -> None:
+    """Check a site end to end: connection, host key, scheduler, runtime, image, work dir, partitions and GPUs,
+    and (with a one-minute job) whether compute nodes have outbound network."""
     from offload.doctor import run_checks
 
     with _user_errors():
         config = load_profiles().get(site_name)
     failed = 0
-    for check in run_checks(config):
+    for check in run_checks(config, network=not no_job):
         mark = {"ok": "PASS", "fail": "FAIL", "skip": "SKIP"}[check.outcome]
         click.echo(f"{mark:<5} {check.name:<16} {check.detail}")
         if check.outcome == "fail":

@@ -6,6 +6,7 @@ unless the site cannot be reached at all.
 
 from __future__ import annotations
 
+import asyncio
 import shlex
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from offload.config import SiteConfig
 from offload.errors import HostKeyError, OffloadError
 from offload.schedulers.base import NodeResources
 from offload.site import Site
+from offload.spec import JobSpec, Resources
 
 _RUNTIME_BINARY = {"apptainer": "apptainer", "singularity": "singularity", "charliecloud": "ch-run", "podman": "podman"}
 _SCHEDULER_COMMANDS = {"slurm": ("sbatch", "squeue", "scancel")}
@@ -28,16 +30,16 @@ class Check:
     fix: str = ""
 
 
-def run_checks(config: SiteConfig) -> Iterator[Check]:
+def run_checks(config: SiteConfig, network: bool = True) -> Iterator[Check]:
     yield Check("profile", "ok", f"{config.name} from {config.source}")
     site = Site(config)
     try:
-        yield from _loop.run(_checks(site))
+        yield from _loop.run(_checks(site, network))
     finally:
         site.close()
 
 
-async def _checks(site: Site) -> list[Check]:
+async def _checks(site: Site, network: bool = True) -> list[Check]:
     config, transport = site.config, site.transport
     results: list[Check] = []
     try:
@@ -50,14 +52,17 @@ async def _checks(site: Site) -> list[Check]:
     if config.transport == "ssh":
         results.append(Check("host key", "ok", "verified against known_hosts"))
 
+    shell_argv = shlex.split(config.shebang[2:]) or ["/bin/bash"]
+
     async def shell(script: str) -> tuple[int, str]:
-        result = await transport.run(["sh", "-c", script], check=False)
+        """``script`` as a job's script runs it: the profile's shell (``#!/bin/bash -l``) after its setup lines."""
+        result = await transport.run([*shell_argv, "-c", "\n".join([*config.setup, script])], check=False)
         return result.exit_status, (result.stdout + result.stderr).strip()
 
     for command in _SCHEDULER_COMMANDS.get(config.scheduler, ()):
         rc, out = await shell(f"command -v {command}")
         if rc == 0:
-            results.append(Check(command, "ok", out))
+            results.append(Check(command, "ok", out.splitlines()[-1]))
         else:
             setup = "; ".join(config.setup) or "nothing"
             results.append(Check(command, "fail", "not on PATH", f"add a 'setup' line (now: {setup}) or PATH"))
@@ -71,7 +76,7 @@ async def _checks(site: Site) -> list[Check]:
 
     binary = _RUNTIME_BINARY.get(config.runtime)
     if binary:
-        rc, out = await shell(f"{' ; '.join([*config.setup, ''])} command -v {binary}")
+        rc, out = await shell(f"command -v {binary}")
         results.append(
             Check("runtime", "ok", f"{config.runtime}: {out.splitlines()[-1] if out else binary}")
             if rc == 0
@@ -132,4 +137,39 @@ async def _checks(site: Site) -> list[Check]:
                 results.append(Check("gpus", "fail", detail, f"set gpus_per_node = {most}"))
     elif not config.gpus_per_node:
         results.append(Check("gpus", "skip", "no gpus_per_node/gpu_partition in the profile"))
+    if network:
+        results.append(await _node_network(site))
     return results
+
+
+# Run on a compute node, outside any container: can it open a connection beyond the cluster?
+_NETWORK_PROBE = """
+import socket
+for host, port in (("pypi.org", 443), ("1.1.1.1", 443), ("8.8.8.8", 53)):
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+        print("offload-network open", host, port)
+        break
+    except OSError as exc:
+        print("offload-network closed", host, port, exc)
+"""
+
+
+async def _node_network(site: Site) -> Check:
+    """A one-minute job that tries to leave the cluster: tells whether jobs need ``reach`` for your services."""
+    if not site._relays_needed:
+        return Check("node network", "ok", "jobs run on this machine: they reach what it reaches")
+    spec = JobSpec(["sh", "-c", f"python3 -c {shlex.quote(_NETWORK_PROBE)} 2>&1 || echo offload-network unknown"],
+                   resources=Resources(walltime="00:02:00"), name="offload-doctor")  # fmt: skip
+    try:
+        job = await site._submit_many([spec])
+        status = await asyncio.wait_for(site._poller.wait(job[0].ref), 180)
+        log = await job[0]._tail(10)
+    except (OffloadError, TimeoutError) as exc:
+        return Check("node network", "skip", f"could not run a probe job ({exc}); try again when the queue is short")
+    if "offload-network open" in log:
+        return Check("node network", "ok", "compute nodes have outbound network")
+    if "offload-network closed" in log:
+        return Check("node network", "ok", "compute nodes have no outbound network: jobs reach your services "
+                     "(MLflow, a database, a hub) through --reach / JobSpec(reach=...)")  # fmt: skip
+    return Check("node network", "skip", f"the probe job ended {status.describe()} without an answer: {log[-200:]}")

@@ -32,7 +32,8 @@ log = logging.getLogger("offload.poller")
 PollFn = Callable[[list[JobRef]], Coroutine[Any, Any, dict[str, JobStatus]]]
 MAX_PENDING_INTERVAL = 60.0  # seconds between questions about a job long pending
 MAX_RUNNING_INTERVAL = 5.0  # ... and about one long running (its end is seen at most this late)
-BACKOFF_AFTER = 30.0  # seconds without a change before the interval grows
+BACKOFF_AFTER = 30.0  # seconds without a change before the interval grows...
+BACKOFF_SLOPE = 0.1  # ... to this share of the quiet time (10 min quiet: asked once a minute)
 REMEMBERED = 10_000  # final statuses kept for jobs nobody watches any more
 
 
@@ -148,7 +149,7 @@ class Poller:
             return self.interval
         status = self._status.get(job_id)
         cap = MAX_RUNNING_INTERVAL if status is not None and status.state is JobState.RUNNING else MAX_PENDING_INTERVAL
-        return max(self.interval, min(cap, quiet / 10))
+        return max(self.interval, min(cap, quiet * BACKOFF_SLOPE))
 
     async def _run(self) -> None:
         assert self._wake is not None

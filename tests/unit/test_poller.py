@@ -1,0 +1,64 @@
+"""The poller alone, with the scheduler query stubbed at its seam: one query per round for everything due,
+backoff for jobs that wait long, a hung query answered within one timeout, ended jobs dropped."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from offload import OffloadError
+from offload import poller as poller_mod
+from offload.jobs import JobRef, JobState, JobStatus
+from offload.poller import Poller
+
+
+class Scheduler:
+    def __init__(self) -> None:
+        self.states: dict[str, JobState] = {}
+        self.calls: list[list[str]] = []
+        self.hang: asyncio.Event | None = None
+
+    async def poll(self, refs):
+        self.calls.append([r.id for r in refs])
+        if self.hang is not None:
+            await self.hang.wait()
+            raise OffloadError("the site is not answering")
+        return {r.id: JobStatus(self.states.get(r.id, JobState.PENDING)) for r in refs}
+
+
+async def test_long_pending_jobs_are_asked_about_less_often(monkeypatch):
+    monkeypatch.setattr(poller_mod, "BACKOFF_AFTER", 0.2)
+    monkeypatch.setattr(poller_mod, "BACKOFF_SLOPE", 1.0)
+    monkeypatch.setattr(poller_mod, "MAX_PENDING_INTERVAL", 0.4)
+    scheduler = Scheduler()
+    poller = Poller(scheduler.poll, 0.02, lambda ref, status: None)
+    refs = [JobRef(str(i), "/d") for i in range(50)]
+    waiters = [asyncio.ensure_future(poller.wait(ref)) for ref in refs]
+    await asyncio.sleep(2.0)
+    assert all(len(call) == 50 for call in scheduler.calls)  # one query asks about every job that is due
+    without_backoff = 2.0 / 0.02
+    assert len(scheduler.calls) < without_backoff / 3
+    for ref in refs:
+        scheduler.states[ref.id] = JobState.COMPLETED
+    statuses = await asyncio.wait_for(asyncio.gather(*waiters), 5)
+    assert {s.state for s in statuses} == {JobState.COMPLETED}
+    assert poller._refs == {}  # ended and unwatched: off the watch list
+
+
+async def test_a_refresh_during_a_hung_query_gets_its_error():
+    scheduler = Scheduler()
+    poller = Poller(scheduler.poll, 0.05, lambda ref, status: None)
+    ref = JobRef("1", "/d")
+    assert (await poller.status(ref)).state is JobState.PENDING
+    scheduler.hang = asyncio.Event()
+    waiter = asyncio.ensure_future(poller.wait(ref))
+    await asyncio.sleep(0.2)  # a round is now stuck in the hung query
+    asking = asyncio.ensure_future(poller.status(ref, refresh=True))
+    await asyncio.sleep(0.1)
+    scheduler.hang.set()  # the query times out...
+    with pytest.raises(OffloadError, match="not answering"):
+        await asyncio.wait_for(asking, 2)  # ...and the caller hears it after that one query, not a second one
+    scheduler.hang = None
+    scheduler.states["1"] = JobState.FAILED
+    assert (await asyncio.wait_for(waiter, 5)).state is JobState.FAILED  # the waiter rode it out
