@@ -105,6 +105,7 @@ def test_a_reused_pid_is_not_taken_for_the_job(site):
     import subprocess
 
     stranger = subprocess.Popen(["sleep", "30"])
+    time.sleep(0.1)  # a real reuse comes long after: start times (in clock ticks) differ
     try:
         job = site.submit(JobSpec(["sleep", "30"], name="reused"))
         jobdir = Path(job.ref.jobdir)
