@@ -128,3 +128,15 @@ def test_the_node_program_runs_on_its_own(tmp_path):
     result = subprocess.run([sys.executable, "-I", "-c", SOURCE, "bogus", "k"], capture_output=True, text=True,
                             timeout=30, cwd=tmp_path)  # fmt: skip
     assert "unknown mode 'bogus'" in result.stderr
+
+
+def test_the_node_program_is_python_3_6():
+    """Nodes may run an old Python (RHEL 8's is 3.6): its grammar, and none of the newer asyncio names."""
+    import ast
+    import re
+
+    from offload.reach import SOURCE
+
+    ast.parse(SOURCE, feature_version=(3, 6))
+    assert "asyncio.run(" not in SOURCE and "get_running_loop" not in SOURCE
+    assert not re.search(r"except \(?TimeoutError", SOURCE)  # builtin TimeoutError is asyncio's only from 3.11

@@ -229,7 +229,7 @@ class NodeMux(Mux):
         port = struct.unpack("!H", payload[1:])[0]
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 15)
-        except (TimeoutError, OSError) as exc:
+        except (asyncio.TimeoutError, OSError) as exc:
             self.send(frame(CLOSE, sid, f"nothing answers on the node's 127.0.0.1:{port}: {exc}".encode()))
             return
         stream = self.streams[sid] = Stream(self, sid, reader, writer)
@@ -283,7 +283,7 @@ class NodeRelay:
         if self.mux is None:
             try:
                 await asyncio.wait_for(self.carrier_ready.wait(), CARRIER_WAIT)
-            except TimeoutError:
+            except asyncio.TimeoutError:
                 return None
         mux = self.mux
         if mux is None:
@@ -307,7 +307,7 @@ class NodeRelay:
             return
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
             writer.close()
             return
         words = head.split(b"\r\n", 1)[0].decode("latin-1").split()
