@@ -113,10 +113,10 @@ def test_accounting_records_the_jobs_offload_ran(site):
     job = site.submit(JobSpec(["true"], name="accounted"))
     assert job.wait(timeout=60).state is JobState.COMPLETED
     out = ""
-    for _ in range(60):  # slurmctld hands the record to slurmdbd asynchronously
+    for _ in range(60):  # slurmctld hands the record to slurmdbd asynchronously, and in parts
         out = subprocess.run(["sacct", "-n", "-P", "-X", "-j", job.id, "--format=JobID,JobName,State"],
                              capture_output=True, text=True).stdout  # fmt: skip
-        if "COMPLETED" in out:
+        if f"{job.id}|accounted|COMPLETED" in out:
             break
         time.sleep(0.5)
     assert f"{job.id}|accounted|COMPLETED" in out
