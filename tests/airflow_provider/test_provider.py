@@ -41,13 +41,18 @@ def test_trigger_serialisation_round_trips():
 
 def test_templated_fields_render():
     op = OffloadOperator(task_id="t", command=["echo", "{{ ds }}", "{{ params.n }}"], env={"DAY": "{{ ds }}"},
-                         image="docker://me/img:{{ params.n }}")  # fmt: skip
-    context = {"ds": "2026-01-01", "params": {"n": 7}}
+                         image="docker://me/img:{{ params.n }}", gpus="{{ params.n // 3 }}",
+                         walltime="{{ params.time }}", secrets={"KEY": "{{ params.key }}"})  # fmt: skip
+    context = {"ds": "2026-01-01", "params": {"n": 7, "time": "00:30:00", "key": "k3y"}}
     op.render_template_fields(context)
     assert op.command == ["echo", "2026-01-01", "7"]
     assert op.env == {"DAY": "2026-01-01"}
     assert op.image == "docker://me/img:7"
-    assert "secrets" not in op.template_fields
+    resources = op.job_resources()
+    assert (resources.gpus, resources.walltime) == (2, "00:30:00")
+    assert op.secrets == {"KEY": "k3y"}  # rendered, and hidden in Airflow's rendered view (a "secret" field)
+    with pytest.raises(Exception, match="not a whole number"):
+        OffloadOperator(task_id="u", command=["true"], gpus="{{ x }}").job_resources()
 
 
 def test_bad_resources_fail_when_the_dag_is_parsed():
@@ -57,20 +62,56 @@ def test_bad_resources_fail_when_the_dag_is_parsed():
         OffloadOperator(task_id="t", command=["true"], gpus=-1)
 
 
-def test_a_connection_becomes_a_site_profile_with_private_key_files(tmp_path):
+KEY = "-----BEGIN OPENSSH PRIVATE KEY-----\nx\n-----END OPENSSH PRIVATE KEY-----"
+
+
+def test_a_connection_becomes_a_site_profile_with_its_keys_in_memory(tmp_path):
     from airflow.sdk import Connection
 
     conn = Connection(conn_id="hpc", conn_type="offload", host="login.example.org", port=2222, login="jdoe",
-                      extra=json.dumps({"private_key": "-----BEGIN OPENSSH PRIVATE KEY-----\nx\n-----END "
-                                        "OPENSSH PRIVATE KEY-----", "host_key": "ssh-ed25519 AAAAC3Nz",
-                                        "partition": "gpu", "gpus_per_node": 4}))  # fmt: skip
+                      extra=json.dumps({"private_key": KEY, "host_key": "ssh-ed25519 AAAAC3Nz", "partition": "gpu",
+                                        "gpus_per_node": 4}))  # fmt: skip
     config = site_config("hpc", conn)
     assert (config.host, config.port, config.user, config.partition, config.gpus_per_node) == (
         "login.example.org", 2222, "jdoe", "gpu", 4)  # fmt: skip
-    key = Path(config.identity_files[0])
-    assert oct(key.stat().st_mode & 0o777) == "0o600" and oct(key.parent.stat().st_mode & 0o777) == "0o700"
-    assert Path(config.known_hosts).read_text() == "[login.example.org]:2222 ssh-ed25519 AAAAC3Nz\n"
+    assert config.private_key.startswith("-----BEGIN") and config.identity_files == ()
+    assert config.host_keys == "[login.example.org]:2222 ssh-ed25519 AAAAC3Nz\n"
+    assert config.known_hosts is None  # nothing on disk
+    assert KEY not in repr(config)
     bad = Connection(conn_id="bad", conn_type="offload", host="h", extra=json.dumps({"partiton": "gpu"}))
     with pytest.raises(Exception, match="did you mean 'partition'"):
         site_config("bad", bad)
     os.environ.pop("OFFLOAD_SITE", None)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"host_key": "x\nHost *\n ProxyCommand touch /tmp/pwned"}, "must be one line"),
+        ({"host_key": "ssh-ed25519 AAAA C3"}, "must be one line"),
+        ({"ssh_config": "/tmp/evil_config"}, "ProxyCommand"),
+        ({"known_hosts": "/tmp/kh"}, "host_key"),
+        ({"identity_files": ["/tmp/k"]}, "private_key"),
+        ({"transport": "local"}, "over SSH"),
+    ],
+)  # fmt: skip
+def test_a_connection_cannot_run_code_on_the_worker(extra, message):
+    from airflow.sdk import Connection
+
+    conn = Connection(conn_id="evil", conn_type="offload", host="h", extra=json.dumps(extra))
+    with pytest.raises(Exception, match=message):
+        site_config("evil", conn)
+    assert not Path("/tmp/pwned").exists()
+
+
+def test_airflows_ssh_connection_type_works_with_a_profile(tmp_path, monkeypatch):
+    from airflow.sdk import Connection
+
+    (tmp_path / "sites.toml").write_text("[sites.hpc]\nhost = 'other'\nscheduler = 'slurm'\npartition = 'cpu'\n")
+    monkeypatch.setenv("OFFLOAD_CONFIG", str(tmp_path / "sites.toml"))
+    conn = Connection(conn_id="ssh_hpc", conn_type="ssh", host="login.example.org", login="jdoe",
+                      extra=json.dumps({"private_key": KEY, "host_key": "ssh-ed25519 AAAAC3Nz", "timeout": 10,
+                                        "no_host_key_check": False}))  # fmt: skip
+    config = site_config("ssh_hpc", conn, site="hpc")
+    assert (config.name, config.host, config.user, config.partition) == ("hpc", "login.example.org", "jdoe", "cpu")
+    assert config.host_keys == "login.example.org ssh-ed25519 AAAAC3Nz\n"

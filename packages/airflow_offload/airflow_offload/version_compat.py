@@ -9,7 +9,9 @@ from __future__ import annotations
 from airflow import __version__ as AIRFLOW_VERSION
 from airflow.sdk import BaseHook, BaseOperator
 from airflow.sdk.bases.decorator import DecoratedOperator, task_decorator_factory
-from airflow.sdk.exceptions import AirflowException
+from airflow.sdk.bases.operator import TRIGGER_FAIL_REPR
+from airflow.sdk.exceptions import AirflowException, AirflowSkipException
+from airflow.sdk.log import mask_secret
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 from packaging.version import Version
 
@@ -19,11 +21,14 @@ if not Version(AIRFLOW_VERSION).major >= 3:  # pragma: no cover
 
 __all__ = [
     "AIRFLOW_V_3_3_PLUS",
+    "TRIGGER_FAIL_REPR",
     "AirflowException",
+    "AirflowSkipException",
     "BaseHook",
     "BaseOperator",
     "BaseTrigger",
     "DecoratedOperator",
     "TriggerEvent",
+    "mask_secret",
     "task_decorator_factory",
 ]

@@ -50,6 +50,10 @@ class SiteConfig:
     port: int | None = None
     user: str | None = None
     identity_files: tuple[str, ...] = ()
+    # Key material held in memory rather than in files (e.g. from an Airflow connection): an OpenSSH private
+    # key, and known_hosts lines for the site. Never shown (repr) nor written anywhere by offload.
+    private_key: str | None = field(default=None, repr=False)
+    host_keys: str | None = field(default=None, repr=False)
     agent: bool = True
     jump_host: str | None = None
     known_hosts: str | None = None

@@ -186,6 +186,15 @@ class Job:
         """Sync form of :meth:`atail`."""
         return _loop.run(self._tail(lines))
 
+    async def aoutput(self, offset: int = 0) -> bytes:
+        """The job's output (stdout and stderr) from byte ``offset`` on, as far as it is written now: for
+        followers that keep their own place, e.g. an Airflow trigger that resumes where the last one stopped."""
+        return await _loop.bridge(self._host.read(self.ref.output_path, offset))
+
+    def output(self, offset: int = 0) -> bytes:
+        """Sync form of :meth:`aoutput`."""
+        return _loop.run(self._host.read(self.ref.output_path, offset))
+
     async def alogs(self, follow: bool = False, interval: float | None = None) -> AsyncIterator[str]:
         """The job's output line by line; with ``follow``, until the job ends (like ``tail -f``).
 
@@ -214,15 +223,16 @@ class Job:
         finally:
             future.cancel()
 
-    def logs(self, follow: bool = False) -> Iterator[str]:
-        """The job's output line by line; with ``follow``, streams until the job ends."""
+    def logs(self, follow: bool = False, interval: float | None = None) -> Iterator[str]:
+        """The job's output line by line; with ``follow``, streams until the job ends (new output is looked
+        for every ``interval`` seconds, by default the site's poll interval)."""
         import queue as sync_queue
 
         lines: sync_queue.Queue[str | BaseException | None] = sync_queue.Queue()
 
         async def pump() -> None:
             try:
-                async for line in self._read_lines(follow):
+                async for line in self._read_lines(follow, interval):
                     lines.put(line)
                 lines.put(None)
             except BaseException as exc:

@@ -42,7 +42,10 @@ with open(os.path.join(d, "output.pkl"), "wb") as f:
 
 class OffloadDecoratedOperator(DecoratedOperator, OffloadOperator):
     custom_operator_name = "@task.offload"
-    template_fields: Sequence[str] = (*DecoratedOperator.template_fields, "image", "env", "mounts")
+    template_fields: Sequence[str] = (
+        *DecoratedOperator.template_fields,
+        *(f for f in OffloadOperator.template_fields if f not in ("command", "job_name")),
+    )
 
     def __init__(self, *, python_callable: Callable, op_args: Any = None, op_kwargs: Any = None,
                  python: str | None = None, **kwargs: Any) -> None:  # fmt: skip

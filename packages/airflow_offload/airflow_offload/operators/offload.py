@@ -5,19 +5,34 @@ job queues or runs, the retry finds that job on the site and **reattaches** inst
 twice. A job that already ended is not reused: a retry or a cleared task runs the work again. Because the
 name is on the site itself, this needs no state written between submitting and polling (the gap Airflow's
 ``ResumableJobMixin`` documents) and works from any worker.
+
+Deferred, the task waits in the triggerer: submitted by one process, watched by another (which brings the
+job's output into the task log as it comes), finished by a third, which logs only what was left.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
+from datetime import timedelta
 from typing import Any
 
 import offload
 from airflow_offload.hooks.offload import OffloadHook
 from airflow_offload.triggers.offload import OffloadJobTrigger
-from airflow_offload.version_compat import AirflowException, BaseOperator
+from airflow_offload.version_compat import (
+    TRIGGER_FAIL_REPR,
+    AirflowException,
+    AirflowSkipException,
+    BaseOperator,
+    mask_secret,
+)
+
+_RESOURCES = ("gpus", "gpus_per_node", "nodes", "tasks_per_node", "cpus", "memory", "walltime", "partition",
+              "account", "qos")  # fmt: skip
+_WHOLE = ("gpus", "gpus_per_node", "nodes", "tasks_per_node", "cpus")
 
 
 class OffloadOperator(BaseOperator):
@@ -25,21 +40,28 @@ class OffloadOperator(BaseOperator):
 
     :param command: the argv to run (templated), e.g. ``["python3", "train.py", "--date", "{{ ds }}"]``
     :param image: container image (templated; default: the site's)
-    :param gpus, cpus, memory, walltime, partition, account, qos: what the job asks for
+    :param gpus, gpus_per_node, nodes, tasks_per_node, cpus, memory, walltime, partition, account, qos: what the
+        job asks for (all templated: ``gpus="{{ params.gpus }}"`` works)
     :param env: environment for the payload (templated)
-    :param secrets: environment the payload gets as secrets: never templated, rendered, logged or written into
-        a script
+    :param secrets: environment the payload gets as secrets (templated, e.g. ``"{{ conn.wandb.password }}"``):
+        masked in the task log, never written into a script; Airflow's rendered view hides them
+    :param reach: services on the worker's side the job reaches through offload's connection, ``{NAME: URL}``
     :param mounts: ``"SRC[:DST[:ro]]"`` site paths to bind into the container (templated)
-    :param site: an offload site profile; or ``offload_conn_id``: an Airflow connection of type ``offload``
+    :param site: an offload site profile; ``offload_conn_id``: an Airflow connection of type ``offload`` or
+        ``ssh`` (with ``site``: that profile, with the connection's credentials)
     :param deferrable: wait in the triggerer, freeing the worker slot while the job queues and runs
-    :param poll_interval: seconds between status checks (default: the site's)
+    :param poll_interval: seconds between looks at the job's state and output (default: the site's)
+    :param skip_on_exit_code: exit code(s) that mark the task skipped instead of failed (like BashOperator's)
+    :param cancel_on_failure: when the task fails while its job lives (the site stops answering, the deferral
+        times out), cancel the job (default) or leave it running, saying so in the log
 
     XCom: the return value is the last line of the job's output (like BashOperator); ``job_id``, ``state``
     and ``exit_code`` are pushed under those keys. A job that does not complete fails the task with the tail
-    of its log.
+    of its log. A deferral times out with the task's ``execution_timeout``.
     """
 
-    template_fields: Sequence[str] = ("command", "image", "env", "mounts", "workdir", "job_name")
+    template_fields: Sequence[str] = ("command", "image", "env", "secrets", "mounts", "workdir", "job_name",
+                                      *_RESOURCES)  # fmt: skip
     template_fields_renderers = {"command": "py", "env": "json"}
     ui_color = "#c6e2ff"
 
@@ -48,8 +70,11 @@ class OffloadOperator(BaseOperator):
         *,
         command: Sequence[str],
         image: str | None = None,
-        gpus: int = 0,
-        cpus: int | None = None,
+        gpus: int | str = 0,
+        gpus_per_node: int | str | None = None,
+        nodes: int | str = 1,
+        tasks_per_node: int | str | None = None,
+        cpus: int | str | None = None,
         memory: str | None = None,
         walltime: str | None = None,
         partition: str | None = None,
@@ -57,6 +82,7 @@ class OffloadOperator(BaseOperator):
         qos: str | None = None,
         env: Mapping[str, str] | None = None,
         secrets: Mapping[str, str] | None = None,
+        reach: Mapping[str, str] | None = None,
         mounts: Sequence[str] | None = None,
         workdir: str | None = None,
         site: str | None = None,
@@ -65,15 +91,19 @@ class OffloadOperator(BaseOperator):
         deferrable: bool = False,
         poll_interval: float | None = None,
         log_tail_lines: int = 20,
+        skip_on_exit_code: int | Container[int] | None = None,
+        cancel_on_failure: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.command = command
         self.image = image
-        self.job_resources = offload.Resources(gpus=gpus, cpus=cpus, memory=memory, walltime=walltime,
-                                           partition=partition, account=account, qos=qos)  # fmt: skip
+        self.gpus, self.gpus_per_node, self.nodes, self.tasks_per_node = gpus, gpus_per_node, nodes, tasks_per_node
+        self.cpus, self.memory, self.walltime = cpus, memory, walltime
+        self.partition, self.account, self.qos = partition, account, qos
         self.env = dict(env or {})
         self.secrets = dict(secrets or {})
+        self.reach = dict(reach or {})
         self.mounts = list(mounts or [])
         self.workdir = workdir
         self.site = site
@@ -82,13 +112,31 @@ class OffloadOperator(BaseOperator):
         self.deferrable = deferrable
         self.poll_interval = poll_interval
         self.log_tail_lines = log_tail_lines
+        self.skip_on_exit_code = (
+            [skip_on_exit_code] if isinstance(skip_on_exit_code, int) else list(skip_on_exit_code or [])
+        )
+        self.cancel_on_failure = cancel_on_failure
         self._job: offload.Job | None = None
+        if not any(_templated(getattr(self, name)) for name in _RESOURCES):
+            self.job_resources()  # bad values fail when the DAG is parsed, not when the task runs
 
     # -- what to run ------------------------------------------------------------------------------------
 
     @property
     def hook(self) -> OffloadHook:
         return OffloadHook(offload_conn_id=self.offload_conn_id, site=self.site)
+
+    def job_resources(self) -> offload.Resources:
+        """What the job asks for, from the (rendered) fields; whole numbers may arrive as template strings."""
+        values: dict[str, Any] = {name: getattr(self, name) for name in _RESOURCES}
+        for name in _WHOLE:
+            value = values[name]
+            if isinstance(value, str):
+                try:
+                    values[name] = int(value.strip())
+                except ValueError:
+                    raise offload.ConfigError(f"{self.task_id}: {name}={value!r} is not a whole number") from None
+        return offload.Resources(**values)
 
     def job_files(self, context: Any) -> dict[str, bytes]:
         """Files staged into the job's directory with the submission (the TaskFlow decorator's input)."""
@@ -97,15 +145,17 @@ class OffloadOperator(BaseOperator):
     def build_spec(self, context: Any) -> offload.JobSpec:
         command = [self.command] if isinstance(self.command, str) else list(self.command)
         return offload.JobSpec(
-            command=[str(a) for a in command], image=self.image, resources=self.job_resources,
-            env={k: str(v) for k, v in self.env.items()}, secrets=self.secrets, mounts=self.mounts,
-            workdir=self.workdir, name=self.job_name or deterministic_name(context, self.task_id),
-            files=self.job_files(context),
+            command=[str(a) for a in command], image=self.image, resources=self.job_resources(),
+            env={k: str(v) for k, v in self.env.items()}, secrets={k: str(v) for k, v in self.secrets.items()},
+            reach=dict(self.reach), mounts=self.mounts, workdir=self.workdir,
+            name=self.job_name or deterministic_name(context, self.task_id), files=self.job_files(context),
         )  # fmt: skip
 
     # -- running ----------------------------------------------------------------------------------------
 
     def execute(self, context: Any) -> Any:
+        for value in self.secrets.values():
+            mask_secret(str(value))  # before anything could print them
         try:
             spec = self.build_spec(context)
             site = self.hook.get_site()
@@ -118,35 +168,70 @@ class OffloadOperator(BaseOperator):
         if self.deferrable:
             status = job.status()
             if not status.state.is_terminal:
+                self.log.info("Deferring: job %s is %s; submitted from pid %s", job.id, status.describe(), os.getpid())
                 self.defer(
                     trigger=OffloadJobTrigger(
-                        job_id=job.id,
-                        jobdir=job.ref.jobdir,
-                        index=job.ref.index,
-                        site=self.site,
-                        offload_conn_id=self.offload_conn_id,
-                        poll_interval=self.poll_interval,
+                        job_id=job.id, jobdir=job.ref.jobdir, index=job.ref.index, site=self.site,
+                        offload_conn_id=self.offload_conn_id, poll_interval=self.poll_interval,
+                        masks=[str(v) for v in self.secrets.values()], relay=bool(self.reach),
                     ),
                     method_name="execute_complete",
-                )
+                    timeout=self.execution_timeout if isinstance(self.execution_timeout, timedelta) else None,
+                )  # fmt: skip
         last = ""
-        for line in job.logs(follow=True):
+        for line in job.logs(follow=True, interval=self.poll_interval):
             self.log.info("%s", line)
             last = line or last
         return self._finish(context, job, job.wait(), last)
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
-        """Resume after the trigger saw the job end: fetch its log into the task log, then finish."""
-        if event.get("error"):
-            raise AirflowException(f"waiting for job {event.get('job_id')} failed: {event['error']}")
+        """Resume after the trigger: log what it had not shown yet, then finish."""
+        for value in self.secrets.values():
+            mask_secret(str(value))
         site = self.hook.get_site()
         job = site.job(event["job_id"], jobdir=event["jobdir"], index=event.get("index"))
         self._job = job
-        last = ""
-        for line in job.logs():
+        self.log.info("Resumed in pid %s after the triggerer watched job %s", os.getpid(), job.id)
+        if event.get("error"):
+            why = f"watching job {job.id} failed: {event['error']}"
+            self._stop(job, why)
+            raise AirflowException(why)
+        last = event.get("last_line") or ""
+        tail = job.output(int(event.get("log_offset") or 0)).decode("utf-8", "replace")
+        for line in tail.splitlines():
             self.log.info("%s", line)
             last = line or last
         return self._finish(context, job, job.status(), last)
+
+    def resume_execution(self, next_method: str, next_kwargs: dict[str, Any] | None, context: Any) -> Any:
+        if next_method == TRIGGER_FAIL_REPR:  # the deferral timed out, or the trigger itself failed
+            job = self._live_job(context)
+            if job is not None:
+                reason = (next_kwargs or {}).get("error", "the trigger failed")
+                self._stop(job, f"the deferred task ends ({reason}) while job {job.id} lives")
+        return super().resume_execution(next_method, next_kwargs, context)
+
+    def _stop(self, job: offload.Job, why: str) -> None:
+        """The task fails while its job lives: cancel the job, or leave it and say so."""
+        if self.cancel_on_failure:
+            self.log.error("%s: cancelling it (cancel_on_failure=True)", why)
+            try:
+                job.cancel()
+            except offload.OffloadError as exc:
+                self.log.error("could not cancel job %s (%s): run 'offload cancel %s'", job.id, exc, job.id)
+        else:
+            self.log.warning("%s: leaving it running (cancel_on_failure=False); 'offload cancel %s' ends it", why,
+                             job.id)  # fmt: skip
+
+    def _live_job(self, context: Any) -> offload.Job | None:
+        try:
+            site = self.hook.get_site()
+            for job in site.find(self.job_name or deterministic_name(context, self.task_id)):
+                if not job.status().state.is_terminal:
+                    return job
+        except offload.OffloadError as exc:
+            self.log.error("could not look for this task's job on the site: %s", exc)
+        return None
 
     def _reattach_or_submit(self, site: offload.Site, spec: offload.JobSpec) -> offload.Job:
         # Only a job still queued or running is taken over: one that ended (even successfully) is not reused,
@@ -164,6 +249,8 @@ class OffloadOperator(BaseOperator):
         ti = context["ti"]
         ti.xcom_push(key="state", value=status.state.value)
         ti.xcom_push(key="exit_code", value=status.exit_code)
+        if status.exit_code is not None and status.exit_code in self.skip_on_exit_code:
+            raise AirflowSkipException(f"job {job.id} exited with {status.exit_code}: skipping (skip_on_exit_code)")
         if status.state is not offload.JobState.COMPLETED:
             lines = job.tail(self.log_tail_lines)
             raise AirflowException(f"job {job.id} ended {status.describe()}. Last lines of its log:\n{lines}")
@@ -177,6 +264,10 @@ class OffloadOperator(BaseOperator):
         if self._job is not None:
             self.log.info("Task killed: cancelling job %s", self._job.id)
             self._job.cancel()
+
+
+def _templated(value: Any) -> bool:
+    return isinstance(value, str) and "{{" in value
 
 
 def deterministic_name(context: Any, task_id: str) -> str:

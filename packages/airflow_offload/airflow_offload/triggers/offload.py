@@ -1,18 +1,27 @@
 """``OffloadJobTrigger``: waits in the triggerer for an offload job to end, freeing the worker slot.
 
-It only watches: submission happens in the operator, never here, because a trigger may run more than once.
-All triggers of one triggerer process share one SSH connection per site and one ``squeue`` per interval.
-When a user kills the deferred task (Airflow 3.3+ calls ``on_kill``), the job is cancelled.
+It only watches, it never submits (a trigger may run more than once, in any triggerer). While it waits it
+brings the job's new output into the task's log every ``poll_interval`` (what the Kubernetes provider gets
+by re-deferring, without holding a worker slot at all), and it says how far it got, so the resumed task logs
+only what is left. All triggers of one triggerer share one SSH connection per site and one ``squeue`` per
+round. A site that stops answering is retried with backoff while the job may still live; only after that the
+task resumes with the error (and the operator cancels the job, or says why it did not). A secret the task was
+given is masked here too (trigger arguments are encrypted in Airflow's database). When a user kills the
+deferred task (Airflow 3.3+ calls ``on_kill``), the job is cancelled.
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
 import offload
 from airflow_offload.hooks.offload import OffloadHook
-from airflow_offload.version_compat import BaseTrigger, TriggerEvent
+from airflow_offload.version_compat import BaseTrigger, TriggerEvent, mask_secret
+
+RETRIES = 12  # failed reads in a row before giving up (backoff from 2 s to 60 s: about 9 minutes)
 
 
 class OffloadJobTrigger(BaseTrigger):
@@ -24,6 +33,9 @@ class OffloadJobTrigger(BaseTrigger):
         site: str | None = None,
         offload_conn_id: str | None = None,
         poll_interval: float | None = None,
+        log_offset: int = 0,
+        masks: list[str] | None = None,
+        relay: bool = False,
     ) -> None:
         super().__init__()
         self.job_id = job_id
@@ -32,6 +44,9 @@ class OffloadJobTrigger(BaseTrigger):
         self.site = site
         self.offload_conn_id = offload_conn_id
         self.poll_interval = poll_interval
+        self.log_offset = log_offset
+        self.masks = list(masks or [])
+        self.relay = relay
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -43,6 +58,9 @@ class OffloadJobTrigger(BaseTrigger):
                 "site": self.site,
                 "offload_conn_id": self.offload_conn_id,
                 "poll_interval": self.poll_interval,
+                "log_offset": self.log_offset,
+                "masks": self.masks,
+                "relay": self.relay,
             },
         )
 
@@ -51,13 +69,52 @@ class OffloadJobTrigger(BaseTrigger):
         return await site.ajob(self.job_id, jobdir=self.jobdir, index=self.index)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
+        for value in self.masks:
+            mask_secret(value)
         event: dict[str, Any] = {"job_id": self.job_id, "jobdir": self.jobdir, "index": self.index}
+        offset, last, pending, failures = self.log_offset, "", b"", 0
+        finished: asyncio.Future[offload.JobStatus] | None = None
+        relay: asyncio.Future[offload.JobStatus] | None = None
         try:
             job = await self._job()
-            status = await job.finished()
-            event.update(state=status.state.value, exit_code=status.exit_code, reason=status.reason)
+            self.log.info("watching job %s on %s from the triggerer (pid %s)", job.id, job.site.name, os.getpid())
+            interval = self.poll_interval or job.site.config.poll_interval
+            finished = asyncio.ensure_future(job.finished())
+            if self.relay:  # the job reaches services on the worker's side: serve its relay while it runs
+                relay = asyncio.ensure_future(job.site.arelay(job))
+            while True:
+                ended = finished.done()
+                try:
+                    chunk = await job.aoutput(offset)
+                    failures = 0
+                except offload.OffloadError as exc:
+                    failures += 1
+                    if failures > RETRIES:
+                        raise
+                    delay = min(60.0, 2.0 * 2 ** (failures - 1))
+                    self.log.warning("cannot read job %s's output (%s); trying again in %.0f s", job.id, exc, delay)
+                    await asyncio.sleep(delay)
+                    continue
+                offset += len(chunk)
+                *lines, pending = (pending + chunk).split(b"\n")
+                for raw in lines:
+                    line = raw.decode("utf-8", "replace")
+                    self.log.info("%s", line)
+                    last = line or last
+                if ended and not chunk:
+                    break
+                if not chunk:
+                    await asyncio.wait({finished}, timeout=interval)
+            status = finished.result()
+            offset -= len(pending)  # an unfinished last line is the resumed task's to log
+            event.update(state=status.state.value, exit_code=status.exit_code, reason=status.reason,
+                         log_offset=offset, last_line=last)  # fmt: skip
         except offload.OffloadError as exc:
-            event["error"] = str(exc)
+            event.update(error=str(exc), log_offset=offset, last_line=last)
+        finally:
+            for task in (finished, relay):
+                if task is not None:
+                    task.cancel()
         yield TriggerEvent(event)
 
     async def on_kill(self) -> None:

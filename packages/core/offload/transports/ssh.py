@@ -22,7 +22,7 @@ from pathlib import Path
 import asyncssh
 
 from offload.config import SiteConfig
-from offload.errors import HostKeyError, SiteNotAnswering, TransportError
+from offload.errors import ConfigError, HostKeyError, SiteNotAnswering, TransportError
 from offload.transports.base import CommandResult
 
 log = logging.getLogger("offload.ssh")
@@ -53,15 +53,23 @@ def connect_options(config: SiteConfig, *, verify_host_key: bool = True) -> dict
         options["port"] = config.port
     if config.user is not None:
         options["username"] = config.user
-    if config.identity_files:
-        options["client_keys"] = [str(Path(p).expanduser()) for p in config.identity_files]
+    keys: list[object] = [str(Path(p).expanduser()) for p in config.identity_files]
+    if config.private_key:
+        try:
+            keys.insert(0, asyncssh.import_private_key(config.private_key))
+        except (asyncssh.KeyImportError, ValueError) as exc:
+            raise ConfigError(f"site '{config.name}': the private key given is not one ({exc})") from None
+    if keys:
+        options["client_keys"] = keys
     if not config.agent:
         options["agent_path"] = None
     if config.jump_host:
         options["tunnel"] = config.jump_host
     if config.ssh_config:
         options["config"] = [str(Path(p).expanduser()) for p in config.ssh_config]
-    if verify_host_key:
+    if verify_host_key and config.host_keys:
+        options["known_hosts"] = asyncssh.import_known_hosts(config.host_keys)
+    elif verify_host_key:
         path = known_hosts_path(config)
         # A missing file trusts nobody. (An empty value would not do: asyncssh reads an empty one as "use
         # ~/.ssh/known_hosts", so an empty known-hosts *object* stands for "nobody".) Nothing is auto-accepted.
@@ -194,6 +202,11 @@ class SSHTransport:
         try:
             return await asyncssh.connect(config.host, **connect_options(config))
         except asyncssh.HostKeyNotVerifiable as exc:
+            if config.host_keys:
+                raise HostKeyError(
+                    f"{self.description} presented a host key other than the one given for site '{config.name}' "
+                    f"({config.source}; {exc.reason}): check the key with the site's admins"
+                ) from None
             raise HostKeyError(
                 f"the host key of {self.description} is not trusted by {known_hosts_path(config)} ({exc.reason}). "
                 f"If you expect this host, check its fingerprint and run: offload sites trust {config.name}"

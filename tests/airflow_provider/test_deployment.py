@@ -1,0 +1,146 @@
+"""The provider in a real Airflow 3.3 deployment (api-server, scheduler with LocalExecutor, dag-processor,
+triggerer), on the test site: deferrable tasks submit in one process, wait in the triggerer, finish in a third."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import time
+import uuid
+
+import pytest
+
+from .conftest import REPO, STATE
+from .deployment import Deployment
+
+pytestmark = pytest.mark.integration
+SECRET = f"s3cr3t-{uuid.uuid4().hex[:12]}"
+
+
+def site_jobs(name_prefix: str, states: str = "PENDING,RUNNING,COMPLETING") -> list[str]:
+    out = subprocess.run(["squeue", "--noheader", "--array", f"--states={states}", "--format=%i %j"],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    return [line.split()[0] for line in out.splitlines() if line.split()[1].startswith(name_prefix)]
+
+
+@pytest.fixture(scope="module")
+def deployment(testsite_env, tmp_path_factory):
+    home = tmp_path_factory.mktemp("airflow-deployment")
+    dags = home / "dags"
+    dags.mkdir()
+    shutil.copy(REPO / "examples" / "airflow" / "offload_example.py", dags)
+    shutil.copy(REPO / "tests" / "airflow_provider" / "deployed_dags" / "offload_deployed.py", dags)
+    host_key = " ".join((STATE / "ssh_host_ed25519_key.pub").read_text().split()[:2])
+    connection = {"conn_type": "ssh", "host": "127.0.0.1", "port": 2222, "login": "hpcuser",
+                  "extra": {"private_key": (STATE / "id_ed25519").read_text(), "host_key": host_key}}  # fmt: skip
+    env = {**testsite_env, "OFFLOAD_TEST_SECRET": SECRET, "AIRFLOW_CONN_HPC_SSH": json.dumps(connection),
+           "OFFLOAD_STATE_DIR": str(home / "offload-state")}  # fmt: skip
+    deployed = Deployment(home, dags, env)
+    deployed.start()
+    yield deployed
+    deployed.stop()
+
+
+def test_the_example_dag_across_worker_triggerer_and_resume(deployment):
+    run_id = deployment.trigger("offload_example")
+    assert deployment.wait_run("offload_example", run_id) == "success", deployment.task_states("offload_example",
+                                                                                                run_id)  # fmt: skip
+    x = deployment.xcoms("offload_example", run_id)
+    assert str(x["prepare[-1]"]["return_value"]) == "10"
+    assert x["train[-1]"]["return_value"] == "training on GPUs 0,1" and x["train[-1]"]["exit_code"] == 0
+    assert sorted(x[f"square[{i}]"]["return_value"] for i in range(10)) == sorted(i * i for i in range(10))
+    assert x["total[-1]"]["return_value"] == 285
+    log = deployment.task_log("offload_example", run_id, "train")
+    submitted = int(re.search(r"submitted from pid (\d+)", log).group(1))
+    watched = int(re.search(r"from the triggerer \(pid (\d+)\)", log).group(1))
+    resumed = int(re.search(r"Resumed in pid (\d+)", log).group(1))
+    assert watched not in (submitted, resumed) and submitted != resumed  # three processes
+    assert watched in deployment.pids_of("triggerer")
+    assert "training on GPUs 0,1" in log
+    assert "XCom not found" not in log
+    assert site_jobs("train-") == [] and site_jobs("square-") == []
+
+
+def test_the_log_of_a_deferred_task_grows_while_its_job_runs(deployment):
+    run_id = deployment.trigger("offload_live_logs")
+    deadline = time.time() + 180
+    while "tick 5" not in deployment.task_log("offload_live_logs", run_id, "ticks"):
+        assert time.time() < deadline, deployment.task_log("offload_live_logs", run_id, "ticks")
+        time.sleep(1)
+    assert deployment.task_state("offload_live_logs", run_id, "ticks") == "deferred"
+    assert site_jobs("ticks-", "RUNNING")  # the job still runs: the lines came while it did
+    assert deployment.wait_run("offload_live_logs", run_id) == "success"
+    log = deployment.task_log("offload_live_logs", run_id, "ticks")
+    for i in range(1, 31):
+        assert len(re.findall(rf"^tick {i}$", log, re.MULTILINE)) == 1, f"tick {i} shown {log.count(f'tick {i}')}x"
+    assert log.count("all done") == 1  # the resumed task logs only what the trigger had not
+
+
+def test_a_secret_shows_as_stars_in_the_task_log(deployment):
+    run_id = deployment.trigger("offload_secret")
+    assert deployment.wait_run("offload_secret", run_id) == "success"
+    for task in ("prints_sync", "prints_deferred"):
+        log = deployment.task_log("offload_secret", run_id, task)
+        assert "the key is ***" in log, log[-2000:]
+        assert SECRET not in log
+
+
+def test_resources_are_templated(deployment):
+    run_id = deployment.trigger("offload_templated", conf={"gpus": 1})
+    assert deployment.wait_run("offload_templated", run_id) == "success"
+    assert deployment.xcoms("offload_templated", run_id)["gpus[-1]"]["return_value"] == "GPUs 0"
+
+
+def test_an_exit_code_can_skip_the_task(deployment):
+    run_id = deployment.trigger("offload_skip")
+    deployment.wait_run("offload_skip", run_id)
+    assert deployment.task_state("offload_skip", run_id, "nothing_to_do") == "skipped"
+
+
+def test_a_deferral_that_times_out_cancels_its_job(deployment):
+    run_id = deployment.trigger("offload_timeout")
+    assert deployment.wait_run("offload_timeout", run_id) == "failed"
+    log = deployment.task_log("offload_timeout", run_id, "too_long")
+    assert "cancelling it (cancel_on_failure=True)" in log, log[-3000:]
+    deadline = time.time() + 60
+    while site_jobs("too_long-"):
+        assert time.time() < deadline, "the job outlived its timed-out task"
+        time.sleep(1)
+
+
+def test_an_airflow_ssh_connection_reaches_the_site(deployment):
+    run_id = deployment.trigger("offload_ssh_connection")
+    assert deployment.wait_run("offload_ssh_connection", run_id) == "success", deployment.task_log(
+        "offload_ssh_connection", run_id, "via_ssh")[-3000:]  # fmt: skip
+    value = deployment.xcoms("offload_ssh_connection", run_id)["via_ssh[-1]"]["return_value"]
+    assert value == "reached through an ssh connection as hpcuser"
+
+
+def accounted_jobs(name_prefix: str, since: str) -> list[str]:
+    """Jobs accounting saw with this name prefix since ``since`` (also those ended long ago)."""
+    out = subprocess.run(["sacct", "-X", "-n", "-P", "--allusers", f"--starttime={since}", "--format=JobID,JobName"],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    return [
+        line.split("|")[0] for line in out.splitlines() if "|" in line and line.split("|")[1].startswith(name_prefix)
+    ]
+
+
+def test_killing_the_triggerer_while_its_job_runs(deployment):
+    since = time.strftime("%Y-%m-%dT%H:%M:%S")
+    run_id = deployment.trigger("offload_survives_triggerer")
+    deadline = time.time() + 180
+    while deployment.task_state("offload_survives_triggerer", run_id, "long") != "deferred" or not site_jobs(
+        "long-", "RUNNING"
+    ):
+        assert time.time() < deadline
+        time.sleep(1)
+    deployment.kill_component("triggerer")  # SIGKILL: nothing is cleaned up
+    time.sleep(5)
+    deployment.start_component("triggerer")  # the trigger is picked up again by the new triggerer
+    assert deployment.wait_run("offload_survives_triggerer", run_id) == "success", deployment.log_of("triggerer")[
+        -3000:]  # fmt: skip
+    assert deployment.xcoms("offload_survives_triggerer", run_id)["long[-1]"]["return_value"] == "done once"
+    time.sleep(2)
+    assert len(accounted_jobs("long-", since)) == 1  # one job: the trigger watched, never submitted
