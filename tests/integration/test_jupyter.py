@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -86,24 +87,68 @@ def test_jupyterlab_on_two_gpus_in_a_real_browser(testsite_config, tmp_path, sit
     assert queued_jobs(site_user, "jupyter") == []
 
 
-def test_detach_then_attach_with_the_same_token(testsite_config, site_user):
-    first = subprocess.Popen([*OFFLOAD, "jupyter", "--site", "testsite", "--no-browser", "--detach"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    url = first.stdout.readline().strip()
-    first.send_signal(signal.SIGINT)
-    _, err = first.communicate(timeout=60)
-    job_id = err.split("left job ")[1].split()[0]
-    assert queued_jobs(site_user, "jupyter") == [job_id]  # still running
-    second = subprocess.Popen([*OFFLOAD, "jupyter", "--attach", job_id, "--no-browser"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    again = second.stdout.readline().strip()
-    assert again.split("token=")[1] == url.split("token=")[1]  # same token, new forward
-    base = again.split("/lab?")[0]
-    with urllib.request.urlopen(f"{base}/api/status?{again.split('?')[1]}", timeout=30) as response:
-        assert response.status == 200
-    second.send_signal(signal.SIGINT)
-    second.communicate(timeout=60)
+def test_detach_returns_at_once_and_attach_leaves_the_server_running(testsite_config, site_user):
+    detached = subprocess.run([*OFFLOAD, "jupyter", "--site", "testsite", "--no-browser", "--detach"],
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert detached.returncode == 0, detached.stderr
+    job_id = detached.stdout.strip()
+    assert f"offload jupyter --attach {job_id}" in detached.stderr
+    try:
+        urls = []
+        for _ in range(2):  # attach, disconnect, attach again: the same server, the same token
+            attached = subprocess.Popen([*OFFLOAD, "jupyter", "--attach", job_id, "--no-browser"],
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+            url = attached.stdout.readline().strip()
+            base, token = url.split("/lab?token=")
+            with urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=30) as response:
+                assert response.status == 200
+            attached.send_signal(signal.SIGINT)
+            _, err = attached.communicate(timeout=60)
+            assert attached.returncode == 0 and f"left job {job_id} running" in err
+            assert queued_jobs(site_user, "jupyter") == [job_id]
+            urls.append(url)
+        assert urls[0].split("token=")[1] == urls[1].split("token=")[1]
+    finally:
+        subprocess.run([*OFFLOAD, "cancel", job_id], capture_output=True, timeout=60)
     assert queued_jobs(site_user, "jupyter") == []
+
+
+def test_a_notebook_saved_in_one_session_is_there_in_the_next(testsite_config, site_user):
+    name = f"kept-{uuid.uuid4().hex[:8]}.ipynb"
+    notebook = {"type": "notebook", "content": {"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}}
+    for session in range(2):
+        proc = subprocess.Popen([*OFFLOAD, "jupyter", "--site", "testsite", "--no-browser"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        try:
+            base, token = proc.stdout.readline().strip().split("/lab?token=")
+            if session == 0:
+                request = urllib.request.Request(f"{base}/api/contents/{name}?token={token}", method="PUT",
+                                                 data=json.dumps(notebook).encode())  # fmt: skip
+                urllib.request.urlopen(request, timeout=30).close()
+            else:
+                with urllib.request.urlopen(f"{base}/api/contents?token={token}", timeout=30) as response:
+                    assert name in [item["name"] for item in json.loads(response.read())["content"]]
+        finally:
+            proc.send_signal(signal.SIGINT)  # each session ends its job
+            proc.communicate(timeout=60)
+        assert queued_jobs(site_user, "jupyter") == []
+
+
+def test_the_server_listens_on_its_nodes_loopback_only(site, site_user):
+    import offload
+    from offload import jupyter as jl
+
+    job, token = jl.start(site)
+    try:
+        session = jl.connect(job, token)
+        info = json.loads(job.get("jupyter.json"))
+        node_ip = "10.231.77.1" + info["host"].removeprefix("node")  # the test site's addressing
+        with pytest.raises(OSError):  # not on the node's address: other users of the node cannot reach it
+            socket.create_connection((node_ip, int(info["port"])), timeout=5).close()
+        session.close(cancel=True)
+    finally:
+        job.cancel()
+    assert job.status().state is offload.JobState.CANCELLED
 
 
 def test_shell_inside_a_running_jobs_container(site, site_user):
@@ -124,6 +169,28 @@ def test_shell_inside_a_running_jobs_container(site, site_user):
         os.close(secondary)
         assert result.returncode == 0, result.stderr.decode()
         assert b"SHELL 0,1 debian" in result.stdout
+    finally:
+        job.cancel()
+
+
+def test_shell_without_a_terminal(site):
+    import offload
+
+    job = site.submit(offload.JobSpec(["sleep", "120"], name="shellpipe"))
+    try:
+        while job.state is not offload.JobState.RUNNING:
+            pass
+        piped = subprocess.run([*OFFLOAD, "shell", job.id, "--", "sh", "-c", "cat; echo done"], input="from a pipe\n",
+                               capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert piped.returncode == 0, piped.stderr
+        assert piped.stdout.splitlines() == ["from a pipe", "done"]
+        with open(os.devnull) as devnull:  # cron, nohup: stdin is /dev/null
+            quiet = subprocess.run([*OFFLOAD, "shell", job.id, "--", "echo", "no terminal"], stdin=devnull,
+                                   capture_output=True, text=True, timeout=120)  # fmt: skip
+            assert quiet.returncode == 0 and quiet.stdout.strip() == "no terminal", quiet.stderr
+            idle = subprocess.run([*OFFLOAD, "shell", job.id], stdin=devnull, capture_output=True, text=True,
+                                  timeout=120)  # a login shell that reads end-of-file: it ends  # fmt: skip
+            assert idle.returncode == 0, idle.stderr
     finally:
         job.cancel()
 

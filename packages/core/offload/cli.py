@@ -5,6 +5,7 @@ User errors print one line of cause and remedy and exit 2; ``run`` exits with th
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -68,6 +69,14 @@ def _local_files(items: tuple[str, ...]) -> dict[str, bytes]:
 @click.version_option(package_name="offload")
 def main() -> None:
     """Run containerised work as jobs on remote HPC sites, over one SSH connection."""
+    # offload's own news (connecting..., a site that stops answering) on stderr, as the CLI's other lines
+    logger = logging.getLogger("offload")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("offload: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 # -- sites ---------------------------------------------------------------------------------------------
@@ -94,11 +103,42 @@ def sites_list() -> None:
 @sites.command("show")
 @click.argument("name", required=False)
 def sites_show(name: str | None) -> None:
-    """Every key of one site profile, defaults included."""
+    """Every key of one site profile as TOML you can paste into the config; defaults are marked."""
+    from offload.config import SiteConfig, local_site_config
+
     with _user_errors():
         config = load_profiles().get(name)
+    base = local_site_config() if config.name == "local" else SiteConfig(name=config.name)
+    click.echo(f"# {config.source}")
+    click.echo(f"[sites.{config.name}]")
     for key, value in vars(config).items():
-        click.echo(f"{key:<18} = {value!r}")
+        if key in ("name", "source"):
+            continue
+        if key in ("private_key", "host_keys") and value:
+            click.echo(f"# {key} = (given, not shown)")
+            continue
+        default = value == getattr(base, key)
+        if value is None:
+            click.echo(f"# {key} = (unset)")
+            continue
+        click.echo(f"{key} = {_toml(value)}" + ("  # default" if default else ""))
+
+
+def _toml(value: Any) -> str:
+    """A value as TOML writes it (strings quoted and escaped, lists, tables)."""
+    import json
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a TOML basic string
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml(v)}" for k, v in value.items()) + "}"
+    return json.dumps(str(value))
 
 
 @sites.command("gpus")
@@ -202,7 +242,21 @@ def doctor(site_name: str | None, no_job: bool) -> None:
 # -- run -----------------------------------------------------------------------------------------------
 
 
-@main.command(context_settings={"ignore_unknown_options": False})
+class _CommandAfterDashes(click.Command):
+    """A command whose last argument is a command line to run: an unknown option most often belongs to it."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.NoSuchOption as exc:
+            raise click.UsageError(
+                f"{exc.format_message()} If it belongs to the command to run, put that command after '--': "
+                f"offload {ctx.info_name} [OPTIONS] -- COMMAND {exc.option_name} ...",
+                ctx,
+            ) from None
+
+
+@main.command(cls=_CommandAfterDashes)
 @click.option("--site", "site_name", help="Site profile (default: $OFFLOAD_SITE, the config's default, 'local').")
 @click.option("--gpus", type=int, default=0, show_default=True, help="GPUs for the whole job.")
 @click.option("--cpus", type=int, help="CPU cores for each copy of the payload.")
@@ -307,6 +361,14 @@ def run(
     sys.exit(_follow(job, cancel_on_interrupt=True))
 
 
+class _Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM: the CLI then exits 128 + the signal's number, as shells report it."""
+
+    def __init__(self, signum: int = signal.SIGINT) -> None:
+        super().__init__()
+        self.signum = signum
+
+
 def _follow(job: Job, cancel_on_interrupt: bool) -> int:
     """Show the queue state, stream the output, return the exit code for the CLI."""
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -316,25 +378,28 @@ def _follow(job: Job, cancel_on_interrupt: bool) -> int:
             for line in job.logs(follow=True):
                 click.echo(line)
             status = job.wait()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        code = 128 + getattr(exc, "signum", signal.SIGINT)
         if not cancel_on_interrupt:
             click.echo(f"\noffload: stopped following; job {job.id} keeps running", err=True)
-            return 130
+            return code
         click.echo(f"\noffload: interrupted; cancelling job {job.id}", err=True)
         with _user_errors():
             job.cancel()
         click.echo(f"offload: job {job.id} cancelled", err=True)
-        return 130
+        return code
     finally:
         signal.signal(signal.SIGTERM, previous)
     return _exit_code(job, status)
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+    raise _Interrupted(signum)
 
 
 def _show_pending(job: Job) -> None:
+    """The live queue line while the job waits; one line when it starts (a job that already ended says
+    nothing here: its output comes first, then how it ended)."""
     tty = sys.stderr.isatty()
     start = time.monotonic()
     shown = ""
@@ -351,7 +416,9 @@ def _show_pending(job: Job) -> None:
         status = job.status()
     if tty and shown:
         click.echo("", err=True)
-    click.echo(f"offload: job {job.id} {status.describe()}" + (f" on {status.node}" if status.node else ""), err=True)
+    if not status.state.is_terminal:
+        click.echo(f"offload: job {job.id} {status.describe()}" + (f" on {status.node}" if status.node else ""),
+                   err=True)  # fmt: skip
 
 
 def _exit_code(job: Job, status: JobStatus) -> int:
@@ -373,10 +440,12 @@ def _exit_code(job: Job, status: JobStatus) -> int:
 @click.option("--memory")
 @click.option("--time", "walltime", help="Walltime, HH:MM:SS.")
 @click.option("--image", help="Container image with JupyterLab (default: the site's).")
-@click.option("--root", help="Directory JupyterLab serves, as seen inside the container (default: the job's).")
+@click.option("--root", help="Directory JupyterLab serves, as seen inside the container "
+              "(default: <workdir>/notebooks on the site, kept between sessions).")  # fmt: skip
+@click.option("--reach", "reach", multiple=True, metavar="K[=URL]", help="A service the notebooks reach (see run).")
 @click.option("--no-browser", is_flag=True, help="Print the URL, do not open a browser.")
-@click.option("--detach", is_flag=True, help="Leave the server running when this command ends.")
-@click.option("--attach", "attach_job", metavar="JOB", help="Reconnect to a server started with --detach.")
+@click.option("--detach", is_flag=True, help="Submit and return at once; the server runs until its walltime.")
+@click.option("--attach", "attach_job", metavar="JOB", help="Connect to a server started with --detach.")
 def jupyter(
     site_name: str | None,
     gpus: int,
@@ -385,11 +454,14 @@ def jupyter(
     walltime: str | None,
     image: str | None,
     root: str | None,
+    reach: tuple[str, ...],
     no_browser: bool,
     detach: bool,
     attach_job: str | None,
 ) -> None:
-    """JupyterLab on a compute node, in the site's container, reached through a local port forward."""
+    """JupyterLab on a compute node, in the site's container, reached through a local port forward.
+
+    Ctrl-C ends the session and cancels the job; ending an --attach session leaves the server running."""
     from offload import jupyter as jl
 
     def progress(text: str) -> None:
@@ -401,16 +473,21 @@ def jupyter(
             token = jl.saved_token(job.site, job.id)
         else:
             job, token = jl.start(load_site(site_name), gpus=gpus, image=image, walltime=walltime, cpus=cpus,
-                                  memory=memory, root=root)  # fmt: skip
+                                  memory=memory, root=root, reach=_env_pairs(reach, "--reach"))  # fmt: skip
             click.echo(f"offload: submitted JupyterLab as job {job.id} to '{job.site.name}'", err=True)
+    if detach:
+        click.echo(f"offload: it runs until its walltime: connect with 'offload jupyter --attach {job.id}', end it "
+                   f"with 'offload cancel {job.id}'", err=True)  # fmt: skip
+        click.echo(job.id)
+        return
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     session = None
     try:
         with _user_errors():
             session = jl.connect(job, token, progress)
         click.echo(session.url)
-        click.echo(f"offload: JupyterLab is up (job {job.id}). Ctrl-C ends it"
-                   + (" (it keeps running: --detach)" if detach else ""), err=True)  # fmt: skip
+        ending = "Ctrl-C disconnects (the server keeps running)" if attach_job else "Ctrl-C ends it"
+        click.echo(f"offload: JupyterLab is up (job {job.id}). {ending}", err=True)
         if not no_browser:
             import webbrowser
 
@@ -418,14 +495,15 @@ def jupyter(
         with _user_errors():
             status = job.wait()
         click.echo(f"offload: the Jupyter job ended {status.describe()}", err=True)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        keep = bool(attach_job)
         if session is not None:
-            session.close(cancel=not detach)
-        elif not detach:
+            session.close(cancel=not keep)
+        elif not keep:
             job.cancel()
-        click.echo(f"\noffload: {'left job ' + job.id + ' running' if detach else 'cancelled job ' + job.id}",
-                   err=True)  # fmt: skip
-        sys.exit(0 if detach else 130)
+        left = f"left job {job.id} running ('offload cancel {job.id}' ends it)" if keep else f"cancelled job {job.id}"
+        click.echo(f"\noffload: {left}", err=True)
+        sys.exit(0 if keep else 128 + getattr(exc, "signum", signal.SIGINT))
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -501,12 +579,20 @@ def status(job_id: str | None, site_name: str | None, name: str | None, limit: i
                 jobs = [s.job(r.job_id) for r in live]
                 for job, st in zip(jobs, _loop.run(_statuses(jobs)), strict=True):
                     states[(site, job.id)] = st
-        click.echo(f"{'JOB':<12} {'SITE':<12} {'NAME':<20} {'STATE':<28} {'SUBMITTED':<19}")
+        rows = []
         for r in records:
             st = states.get((r.site, r.job_id))
             state = st.describe() if st else JobStatus(JobState(r.state), r.reason, r.exit_code).describe()
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.submitted_at))
-            click.echo(f"{r.job_id:<12} {r.site:<12} {(r.name or '-'):<20} {state:<28} {when}")
+            rows.append((r.job_id, r.site, r.name or "-", state, when))
+        _table(("JOB", "SITE", "NAME", "STATE", "SUBMITTED"), rows)
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """Columns as wide as their widest value: a long state or name never runs into the next column."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
+    for row in (header, *rows):
+        click.echo("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
 @main.command()

@@ -5,10 +5,13 @@ site's SSH connection. What today's tools get wrong, and this does not:
 
 * the token is made here and travels as a secret, never in a script, a log or a command line;
 * the port is picked free on the node, not a fixed 8888 that collides on shared GPU nodes, and the job
-  reports it in its directory, so nothing guesses;
+  reports it in its directory, so nothing guesses; the server listens on the node's loopback only, reached
+  through the job's relay, so other users of a shared node cannot even reach its login page;
+* notebooks live in ``<workdir>/notebooks`` on the site (0700), bound into every session: they persist;
 * the forward opens once the server answers, not after a fixed sleep;
 * Jupyter gets a job-private runtime dir (an inherited ``XDG_RUNTIME_DIR`` breaks it inside containers);
-* ending the session cancels the job; ``--detach`` keeps it and ``--attach JOB`` reconnects with the same token.
+* ending the session cancels the job; ``--detach`` returns at once and leaves it running; ``--attach JOB``
+  reconnects with the same token, and ending an attached session leaves the server running.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from offload.errors import JobFailedError, OffloadError
 from offload.jobs import Job, JobState
 from offload.records import default_path, write_private
 from offload.site import Forward, Site
-from offload.spec import JobSpec, Resources
+from offload.spec import JobSpec, Mount, Resources
 
 LAUNCHER = r"""
 import json, os, socket, sys
@@ -41,26 +44,20 @@ os.environ.pop("XDG_RUNTIME_DIR", None)  # the login session's: wrong here, and 
 if not os.access(os.environ.get("HOME", "/nonexistent"), os.W_OK):
     os.environ["HOME"] = d  # a container without the home directory: kernels still need a writable one
 probe = socket.socket()
-probe.bind(("", 0))
+probe.bind(("127.0.0.1", 0))
 port = probe.getsockname()[1]
 probe.close()
 host = socket.gethostname()
-try:
-    ip = socket.gethostbyname(host)
-except OSError:
-    ip = host
 with open(os.path.join(d, "jupyter.json.tmp"), "w") as f:
-    json.dump({"host": host, "ip": ip, "port": port}, f)
+    json.dump({"host": host, "port": port}, f)
 os.rename(os.path.join(d, "jupyter.json.tmp"), os.path.join(d, "jupyter.json"))
-root = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] else None
-if root is None:  # the home directory if the container has it, else a fresh one: never the job's own
-    home = os.environ.get("HOME", "")
-    root = home if home != d and os.access(home, os.W_OK) else os.path.join(d, "notebooks")
-    os.makedirs(root, exist_ok=True)
-print(f"JupyterLab on {host}:{port}, serving {root}", flush=True)
-argv = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=0.0.0.0", f"--port={port}",
-        "--ServerApp.port_retries=0", f"--ServerApp.root_dir={root}", "--ServerApp.allow_remote_access=True",
-        "--LabApp.news_url=None"]
+root = sys.argv[1]
+os.makedirs(root, exist_ok=True)
+print(f"JupyterLab on {host}, 127.0.0.1:{port}, serving {root}", flush=True)
+# The node's loopback only: other users of a shared node cannot even knock; offload reaches it through the
+# job's relay.
+argv = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+        "--ServerApp.port_retries=0", f"--ServerApp.root_dir={root}", "--LabApp.news_url=None"]
 if os.getuid() == 0:
     argv.append("--allow-root")  # a laptop's local site run as root (containers run as the user)
 os.execvp(sys.executable, argv)
@@ -87,13 +84,24 @@ def _token_file(site: Site, job_id: str) -> Path:
 
 
 def start(site: Site, *, gpus: int = 0, image: str | None = None, walltime: str | None = None,
-          cpus: int | None = None, memory: str | None = None, root: str | None = None) -> tuple[Job, str]:  # fmt: skip
-    """Submit JupyterLab as a job; returns the job and its token (also kept, 0600, for ``--attach``)."""
+          cpus: int | None = None, memory: str | None = None, root: str | None = None,
+          reach: dict[str, str] | None = None) -> tuple[Job, str]:  # fmt: skip
+    """Submit JupyterLab as a job; returns the job and its token (also kept, 0600, for ``--attach``).
+
+    Without ``root`` (a directory as seen inside the container) it serves ``<workdir>/notebooks`` on the site,
+    made 0700 once and bound into the container, so notebooks saved in one session are there in the next."""
     token = secrets.token_urlsafe(32)
+    mounts: tuple[Mount, ...] = ()
+    if root is None:
+        notebooks = f"{site.workdir()}/notebooks"
+        site.transport_run(["mkdir", "-p", "-m", "700", notebooks])
+        root = site.bind_target(notebooks)
+        if root != notebooks or site.config.runtime != "none":
+            mounts = (Mount(notebooks, root),)
     spec = JobSpec(
-        [site.python, "-c", LAUNCHER, root or ""], image=image,
+        [site.python, "-c", LAUNCHER, root], image=image, mounts=mounts,
         resources=Resources(gpus=gpus, cpus=cpus, memory=memory, walltime=walltime),
-        secrets={"JUPYTER_TOKEN": token}, name=NAME,
+        secrets={"JUPYTER_TOKEN": token}, reach=dict(reach or {}), relay=True, name=NAME,
     )  # fmt: skip
     site.validate(spec)
     job = site.submit(spec)
@@ -131,8 +139,8 @@ def connect(job: Job, token: str, progress: Callable[[str], None] = lambda text:
         if time.monotonic() > deadline:
             raise OffloadError(f"the Jupyter job {job.id} did not start within {timeout:.0f} s")
         time.sleep(min(1.0, job.site.config.poll_interval))
-    progress(f"JupyterLab starting on {info['host']}:{info['port']}")
-    forward = job.site.forward(info["ip"], int(info["port"]))
+    progress(f"JupyterLab starting on {info['host']}")
+    forward = job.site.forward_job(job, int(info["port"]))
     base = f"http://127.0.0.1:{forward.local_port}"
     # The probe goes straight to the forward (never through the user's http_proxy) with the token in a header,
     # so it is in no URL any proxy or log could keep.

@@ -254,7 +254,7 @@ class Relays:
             try:
                 await self._carry(argv, targets, ref)
             except (OffloadError, OSError, asyncio.IncompleteReadError) as exc:
-                log.info("reach: the carrier of job %s stopped (%s)", ref.id, exc)
+                log.debug("reach: the carrier of job %s stopped (%s)", ref.id, exc)
             if asyncio.get_running_loop().time() - started > 60:
                 delay = 1.0
             await asyncio.sleep(delay)
@@ -266,7 +266,7 @@ class Relays:
             kind, _, payload = await asyncio.wait_for(reach_node.read_frame(process.stdout), 120)
             if kind != reach_node.HELLO:
                 raise TransportError(f"the relay of job {ref.id} answered frame {kind} instead of HELLO")
-            log.info("reach: relay of job %s on %s attached", ref.id, json.loads(payload).get("node"))
+            log.debug("reach: relay of job %s on %s attached", ref.id, json.loads(payload).get("node"))
             self.stats["carriers"] = self.stats.get("carriers", 0) + 1
             mux = self._muxes[ref.id] = _ClientMux(process.stdin, targets, self.stats)
             attached = self._attached.setdefault(ref.id, asyncio.Event())

@@ -157,6 +157,22 @@ class Site:
             self._workdir = workdir
         return f"{self._workdir}/jobs"
 
+    async def aworkdir(self) -> str:
+        """The site's work directory, absolute (``~`` resolved): job directories and offload's files live here."""
+        return (await _loop.bridge(self._jobs_dir())).removesuffix("/jobs")
+
+    def workdir(self) -> str:
+        """Sync form of :meth:`aworkdir`."""
+        return _loop.run(self._jobs_dir()).removesuffix("/jobs")
+
+    def transport_run(self, argv: Sequence[str]) -> str:
+        """Run one command on the site (the login node) and return its output; raises with its stderr."""
+        return _loop.run(self._transport.run(list(argv))).stdout
+
+    def bind_target(self, source: str) -> str:
+        """Where a directory of the site is bound in this site's containers when no place is asked for."""
+        return self._runtime.bind_target(source)
+
     # -- submitting -------------------------------------------------------------------------------------
 
     async def asubmit(self, spec: JobSpec) -> Job:
@@ -434,7 +450,7 @@ class Site:
         inner = self._runtime.command(argv, ctx)
         prelude = self._runtime.prelude(ctx)
         command = ["bash", "-c", "; ".join([*self.config.setup, *prelude, "exec " + shlex.join(inner)])]
-        step = await self._scheduler.interactive(self._transport, job.ref, command)
+        step = await self._scheduler.interactive(self._transport, job.ref, command, pty=sys.stdin.isatty())
         return await self._transport.interactive(step)
 
     def shell(self, job: Job, argv: Sequence[str] = ("bash", "-l")) -> int:

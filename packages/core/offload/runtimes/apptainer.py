@@ -20,6 +20,9 @@ class ApptainerRuntime:
         require_image(self.name, ctx)
         check_bind_paths(self.name, ctx, ":,")
 
+    def bind_target(self, source: str) -> str:
+        return source
+
     def prelude(self, ctx: ContainerContext) -> list[str]:
         # --cleanenv drops the host environment; <PREFIX>NAME puts NAME back inside, and keeps values off argv.
         lines = [f'export {self.env_prefix}{name}="${{{name}}}"' for name in ctx.env_names]

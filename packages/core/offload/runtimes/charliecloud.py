@@ -12,6 +12,7 @@ from offload.errors import ConfigError
 from offload.runtimes.base import ContainerContext, check_bind_paths, require_image
 
 JOB_DIR = "/mnt/9"
+BIND_SLOT = "/mnt/8"
 
 
 class CharliecloudRuntime:
@@ -34,6 +35,9 @@ class CharliecloudRuntime:
                     f"charliecloud binds are writable when the host path is; it has no read-only bind for "
                     f"{mount.source!r}. Drop ':ro', or make the directory read-only on the site."
                 )
+
+    def bind_target(self, source: str) -> str:
+        return BIND_SLOT  # ch-run binds only onto directories the image has: /mnt/8 is offload's spare one
 
     def prelude(self, ctx: ContainerContext) -> list[str]:
         return []  # ch-run passes the whole environment into the container

@@ -17,6 +17,9 @@ class PodmanRuntime:
         require_image(self.name, ctx)
         check_bind_paths(self.name, ctx, ":,")
 
+    def bind_target(self, source: str) -> str:
+        return source
+
     def prelude(self, ctx: ContainerContext) -> list[str]:
         return []
 

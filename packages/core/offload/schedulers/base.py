@@ -92,8 +92,8 @@ class Scheduler(Protocol):
         """Cancel all ``refs`` in one call."""
         ...
 
-    async def interactive(self, transport: Transport, ref: JobRef, argv: list[str]) -> list[str]:
-        """The argv that runs ``argv`` attached to a terminal inside the running job ``ref``."""
+    async def interactive(self, transport: Transport, ref: JobRef, argv: list[str], pty: bool = True) -> list[str]:
+        """The argv that runs ``argv`` inside the running job ``ref``, on a terminal if ``pty``."""
         ...
 
     async def nodes(self, transport: Transport) -> list[NodeResources]:

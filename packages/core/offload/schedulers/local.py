@@ -6,6 +6,7 @@ difference: examples run on a laptop first and move to a site by changing the si
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 from offload.config import SiteConfig
@@ -15,6 +16,8 @@ from offload.schedulers.base import NodeResources
 from offload.schedulers.slurm import exit_code_files
 from offload.spec import JobSpec, Resources
 from offload.transports.base import Transport
+
+log = logging.getLogger("offload.local")
 
 # When process $1 started: the kernel's clock ticks where /proc has them (Linux), else ps's start time.
 _STARTED = (
@@ -33,6 +36,7 @@ class LocalScheduler:
 
     def __init__(self, config: SiteConfig) -> None:
         self.config = config
+        self._told_gpus = False
 
     # One machine, one copy: multi-node jobs are refused before they are submitted.
     copy_env: dict[str, str] = {}
@@ -42,6 +46,10 @@ class LocalScheduler:
         self, spec: JobSpec, jobdir: str, array_size: int | None, parallelism: int | None = None
     ) -> list[str]:
         res = spec.resources
+        if res.total_gpus and not self._told_gpus:
+            self._told_gpus = True
+            log.warning("the local site has no GPUs to give: the job runs here without any (CUDA_VISIBLE_DEVICES "
+                        "is not set); name an HPC site to get %d", res.total_gpus)  # fmt: skip
         if res.nodes > 1 or (res.tasks_per_node or 1) > 1:
             raise ConfigError(
                 f"the local site runs jobs on this one machine, once each: nodes={res.nodes} and "
@@ -119,7 +127,7 @@ class LocalScheduler:
     def first_host(nodelist: str) -> str:
         return nodelist
 
-    async def interactive(self, transport: Transport, ref: JobRef, argv: list[str]) -> list[str]:
+    async def interactive(self, transport: Transport, ref: JobRef, argv: list[str], pty: bool = True) -> list[str]:
         return argv  # local jobs run on this machine: the shell can simply start here
 
     async def cancel(self, transport: Transport, refs: Sequence[JobRef]) -> None:

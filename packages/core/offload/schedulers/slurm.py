@@ -322,9 +322,10 @@ class SlurmScheduler:
         out = await transport.run(["squeue", "--noheader", f"--jobs={ref.id}", "--Format=JobID"])
         return out.stdout.strip() or ref.id
 
-    async def interactive(self, transport: Transport, ref: JobRef, argv: list[str]) -> list[str]:
-        """A step in the running job, sharing its resources, with a terminal."""
-        return ["srun", f"--jobid={await self._step_job_id(transport, ref)}", "--overlap", "--pty", *argv]
+    async def interactive(self, transport: Transport, ref: JobRef, argv: list[str], pty: bool = True) -> list[str]:
+        """A step in the running job, sharing its resources, with a terminal when this side has one."""
+        job_id = await self._step_job_id(transport, ref)
+        return ["srun", f"--jobid={job_id}", "--overlap", *(["--pty"] if pty else ["--quiet"]), *argv]
 
     async def step(self, transport: Transport, ref: JobRef, node: str, argv: list[str]) -> list[str] | None:
         """A step of the running job on ``node`` whose stdin/stdout stream through srun, unbuffered (a relay's

@@ -119,6 +119,25 @@ class _Forward:
                 await listener.wait_closed()
 
 
+def _redirect(stream: object, mode: str) -> object:
+    """What asyncssh should connect one of our standard streams to. Terminals, pipes and sockets are handed over
+    as they are; a regular file is read or written as a file (an event loop cannot watch one), and /dev/null or
+    a closed stream is nothing at all (cron, nohup, ``</dev/null``)."""
+    import os
+    import stat
+
+    try:
+        fd = stream.fileno()  # type: ignore[attr-defined]
+        kind = os.fstat(fd).st_mode
+    except (AttributeError, OSError, ValueError):
+        return asyncssh.DEVNULL
+    if stat.S_ISFIFO(kind) or stat.S_ISSOCK(kind) or os.isatty(fd):
+        return os.dup(fd)
+    if stat.S_ISREG(kind):
+        return os.fdopen(os.dup(fd), mode)
+    return asyncssh.DEVNULL
+
+
 class _SSHProcess:
     """A streaming command on one channel of the connection; stderr goes to the debug log."""
 
@@ -324,7 +343,7 @@ class SSHTransport:
         process = await conn.create_process(
             shlex.join(argv), term_type=os.environ.get("TERM", "xterm") if tty_in else None,
             term_size=(size.columns, size.lines) if tty_in else None, encoding=None,
-            stdin=os.dup(sys.stdin.fileno()), stdout=os.dup(sys.stdout.fileno()), stderr=os.dup(sys.stderr.fileno()),
+            stdin=_redirect(sys.stdin, "rb"), stdout=_redirect(sys.stdout, "wb"), stderr=_redirect(sys.stderr, "wb"),
         )  # fmt: skip
         saved = termios.tcgetattr(sys.stdin.fileno()) if tty_in else None
         try:
