@@ -59,7 +59,8 @@ def test_the_example_dag_across_worker_triggerer_and_resume(deployment):
     assert watched not in (submitted, resumed) and submitted != resumed  # three processes
     assert watched in deployment.pids_of("triggerer")
     assert "training on GPUs 0,1" in log
-    assert "XCom not found" not in log
+    for task, index in (("train", -1), ("total", -1), *(("square", i) for i in range(10))):
+        assert "XCom not found" not in deployment.task_log("offload_example", run_id, task, index), task
     assert site_jobs("train-") == [] and site_jobs("square-") == []
 
 

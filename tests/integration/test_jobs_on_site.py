@@ -116,6 +116,28 @@ def test_missing_image_is_a_clear_error(tmp_path, testsite_config):
     assert "Traceback" not in result.stderr
 
 
+def test_an_image_path_that_does_not_exist_is_found_before_the_queue(site, site_user):
+    before = queued_jobs(site_user)
+    with pytest.raises(offload.SubmissionError, match="does not exist on the site") as err:
+        site.submit(JobSpec(["true"], image="/no/such/image", name="noimage"))
+    assert "/no/such/image" in str(err.value)
+    assert queued_jobs(site_user) == before
+
+
+def test_an_image_missing_on_the_node_is_said_as_such(site):
+    """The login node saw it, the node does not (a file system the nodes lack, or one removed meanwhile)."""
+    import pathlib
+
+    image = pathlib.Path(f"/home/{site.config.user}/vanishing-image")
+    image.mkdir(exist_ok=True)
+    job = site.submit(JobSpec(["true"], image=str(image), resources=Resources(extra=("--hold",)), name="vanish"))
+    image.rmdir()
+    subprocess.run(["scontrol", "release", job.id], check=True)
+    status = job.wait(timeout=120)
+    assert (status.state, status.exit_code) == (JobState.FAILED, 94)
+    assert "cannot start the container: the image" in job.tail() and "is not on node" in job.tail()
+
+
 def run_cli(args, config):
     import os
 
@@ -223,3 +245,22 @@ def test_a_site_can_name_an_alias_of_the_users_ssh_config(tmp_path, testsite_con
     result = run_cli(["run", "--site", "aliased", "--", "sh", "-c", "echo $SLURM_JOB_ID on $(whoami)"], config)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("on hpcuser")
+
+
+def test_a_directory_of_a_thousand_files_goes_in_the_one_round_trip(site, tmp_path):
+    folder = tmp_path / "inputs"
+    (folder / "nested").mkdir(parents=True)
+    for i in range(1000):
+        (folder / f"part-{i:04d}.txt").write_text(f"{i}\n")
+    (folder / "nested" / "deep.txt").write_text("deep\n")
+    fresh = offload.Site(site.config)
+    try:
+        fresh.submit(JobSpec(["true"]))  # connect and learn the workdir first
+        before = fresh.transport.stats["run:bash"]
+        job = fresh.submit(JobSpec(["sh", "-c", "ls inputs | wc -l; cat inputs/nested/deep.txt inputs/part-0999.txt"],
+                                   files={"inputs/": offload.archive(folder)}))  # fmt: skip
+        assert fresh.transport.stats["run:bash"] - before == 1  # one submission program, files and all
+        assert job.wait(timeout=120).state is JobState.COMPLETED
+        assert job.tail().split() == ["1001", "deep", "999"]
+    finally:
+        fresh.close()

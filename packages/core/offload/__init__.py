@@ -26,7 +26,7 @@ from offload.plugins import RuntimePlugin, SchedulerPlugin, TransportPlugin, hoo
 from offload.schedulers.base import NodeResources
 from offload.script import BatchScript
 from offload.site import Forward, Site, load_site
-from offload.spec import JobSpec, Mount, Resources
+from offload.spec import JobSpec, Mount, Resources, archive
 
 __version__ = "0.1.0"
 
@@ -55,6 +55,7 @@ __all__ = [
     "SubmissionError",
     "TransportError",
     "TransportPlugin",
+    "archive",
     "hookimpl",
     "load_site",
 ]

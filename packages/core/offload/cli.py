@@ -54,14 +54,21 @@ def _env_pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
 
 
 def _local_files(items: tuple[str, ...]) -> dict[str, bytes]:
+    """--file PATH[:NAME]: a file, or a directory (sent as one archive, unpacked in the job's directory)."""
+    from offload.spec import archive
+
     staged = {}
     for item in items:
         path, _, name = item.partition(":")
         source = os.path.expanduser(path)
-        if not os.path.isfile(source):
-            raise ConfigError(f"--file {path!r}: no such file here")
-        with open(source, "rb") as f:
-            staged[name or os.path.basename(source)] = f.read()
+        target = name or os.path.basename(os.path.normpath(source))
+        if os.path.isdir(source):
+            staged[target.removesuffix("/") + "/"] = archive(source)
+        elif os.path.isfile(source):
+            with open(source, "rb") as f:
+                staged[target] = f.read()
+        else:
+            raise ConfigError(f"--file {path!r}: no such file or directory here")
     return staged
 
 
@@ -292,7 +299,7 @@ class _CommandAfterDashes(click.Command):
     "files",
     multiple=True,
     metavar="PATH[:NAME]",
-    help="Stage a local file into the job's directory (repeatable), e.g. --file train.py",
+    help="Stage a local file or directory into the job's directory (repeatable), e.g. --file train.py",
 )
 @click.option("--name", help="Job name.")
 @click.option("--detach", is_flag=True, help="Submit, print the job id and return; the job keeps running.")

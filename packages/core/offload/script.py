@@ -49,6 +49,7 @@ class BatchScript:
     reach_source: str = ""
     reach_key: str = ""
     reach_container_python: list[str] = field(default_factory=list)
+    image_path: str = ""  # the image, when it is a path on the site: checked on the node before the container
 
     def render(self) -> str:
         lines = [self.shebang, *self.directives]
@@ -72,6 +73,14 @@ class BatchScript:
             *self.setup,
             *(f"export {name}={shlex.quote(value)}" for name, value in self.env.items()),
         ]
+        if self.image_path:
+            image = shlex.quote(self.image_path)
+            lines += [
+                f"if [ ! -e {image} ]; then",
+                f'    echo "offload: cannot start the container: the image {image} is not on node $(hostname)" >&2',
+                "    exit 94",
+                "fi",
+            ]
         if self.reach_source:
             lines += self._reach()
         lines += self._copies() if self.launcher else [*self.prelude, shlex.join(self.command), "offload_status=$?"]

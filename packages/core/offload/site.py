@@ -139,6 +139,7 @@ class Site:
             reach_source=reach_mod.SOURCE if relay else "",
             reach_key=reach_mod.base_key(jobdir) if relay else "",
             reach_container_python=self._runtime.command(["python3"], ctx) if relay else [],
+            image_path=self._runtime.image_path(ctx) or "",
         )
         self._hook.offload_job_script(script=script, spec=spec, site=self.config)
         return script.render()
@@ -266,9 +267,11 @@ class Site:
         elif spec.reach:
             secrets.update(spec.reach)  # the job runs here: it reaches the services directly
         files.update(spec.files)
+        image = self._runtime.image_path(self._context(spec, jobdir))
         script = self._script(spec, jobdir, array_size, index, secrets=bool(secrets), index_offset=index_offset,
                               parallelism=parallelism)  # fmt: skip
-        return Submission(spec, jobdir, script, array_size, secrets=secrets, files=files)
+        return Submission(spec, jobdir, script, array_size, secrets=secrets, files=files,
+                          paths=[image] if image else [])  # fmt: skip
 
     async def _limits(self) -> dict[str, int]:
         if self._site_limits is None:

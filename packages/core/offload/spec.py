@@ -8,6 +8,7 @@ knows it may send them as one job array.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -196,7 +197,8 @@ class JobSpec:
 
     ``env`` is written into the batch script; ``secrets`` never are: they travel in a 0600 file in the job's
     0700 directory and reach only the payload's environment. ``files`` are staged into the job's directory
-    (``$OFFLOAD_JOB_DIR/<name>`` inside the container) in the same round trip as the submission. ``reach``
+    (``$OFFLOAD_JOB_DIR/<name>`` inside the container) in the same round trip as the submission; a name ending
+    in ``/`` holds a tar archive (see :func:`offload.spec.archive`) unpacked into that directory. ``reach``
     names services on the user's side (``{"MLFLOW_TRACKING_URI": "https://mlflow.example.org"}``): the payload
     gets the variable pointing at a relay on its node's loopback, which offload carries back over its own
     connection, so the job reaches them although compute nodes have no outbound network. ``relay`` runs that
@@ -255,7 +257,8 @@ class JobSpec:
             raise ConfigError(f"JobSpec.workdir {self.workdir!r} must be an absolute path in the container")
         files = dict(self.files)
         for file_name, data in files.items():
-            if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", file_name) or file_name in RESERVED_FILES:
+            plain = file_name.removesuffix("/")  # "data/": a tar archive unpacked into the directory data
+            if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", plain) or plain in RESERVED_FILES:
                 raise ConfigError(f"JobSpec.files: {file_name!r} is not a plain file name (or is one of offload's own)")
             if not isinstance(data, bytes):
                 raise ConfigError(f"JobSpec.files[{file_name!r}] must be bytes")
@@ -275,6 +278,19 @@ class JobSpec:
         files = tuple(sorted((k, hashlib.sha256(v).hexdigest()) for k, v in self.files.items()))
         return hash((self.command, self.image, self.resources, tuple(sorted(self.env.items())), self.mounts, files,
                      tuple(sorted(self.reach.items())), self.relay))  # fmt: skip
+
+
+def archive(path: str | os.PathLike[str]) -> bytes:
+    """A local directory as a gzipped tar archive, for ``JobSpec(files={"name/": archive(path)})``: its files
+    travel in the submission's one round trip however many there are, and are unpacked into the job's
+    directory before it starts."""
+    import io
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        tar.add(path, arcname=".")
+    return buffer.getvalue()
 
 
 # offload's own files in a job's directory: never staged over, never read as a user's file.

@@ -46,6 +46,7 @@ class Submission:
     array_size: int | None
     secrets: dict[str, str] = field(default_factory=dict)  # what secrets.env holds (spec's and offload's own)
     files: dict[str, bytes] = field(default_factory=dict)  # staged files, offload's own included
+    paths: list[str] = field(default_factory=list)  # what must exist on the site first (a path image)
     ids: list[str] = field(default_factory=list)
 
 
@@ -54,6 +55,7 @@ def program(numbered: Sequence[tuple[int, Submission]], jobs_dir: str, scheduler
     lines = [
         "umask 077",
         f'offload_fail() {{ printf "\\n{MARK}_FAIL %s\\n" "$1"; rm -f "$d"/secrets.env*; exit 93; }}',
+        f'offload_missing() {{ printf "\\n{MARK}_MISSING %s\\n" "$1"; exit 94; }}',
         "d=",
         f"mkdir -p {shlex.quote(jobs_dir)} || offload_fail {shlex.quote(jobs_dir)}",
         *scheduler.sweep_lines(jobs_dir),
@@ -61,6 +63,8 @@ def program(numbered: Sequence[tuple[int, Submission]], jobs_dir: str, scheduler
     dirs = [shlex.quote(sub.jobdir) for _, sub in numbered]
     for start in range(0, len(dirs), 200):
         lines.append(f"mkdir -m 700 {' '.join(dirs[start : start + 200])} || offload_fail {dirs[start]}")
+    for path in dict.fromkeys(p for _, sub in numbered for p in sub.paths):  # before anything is written
+        lines.append(f"[ -e {shlex.quote(path)} ] || offload_missing {shlex.quote(path)}")
     for (number, sub), quoted in zip(numbered, dirs, strict=True):
         lines += [f"d={quoted}", f'printf %s {shlex.quote(sub.script)} > "$d/job.sh" || offload_fail "$d/job.sh"']
         if sub.secrets:
@@ -73,7 +77,12 @@ def program(numbered: Sequence[tuple[int, Submission]], jobs_dir: str, scheduler
                 lines.append('printf %s "$s" > "$d/secrets.env" || offload_fail "$d/secrets.env"; s=')
         for file_name, data in sub.files.items():
             encoded = base64.b64encode(data).decode()
-            lines.append(f'printf %s {encoded} | base64 -d > "$d/{file_name}" || offload_fail "$d/{file_name}"')
+            if file_name.endswith("/"):  # a directory: one archive, however many files it holds
+                folder = file_name.removesuffix("/")
+                lines.append(f'mkdir -p "$d/{folder}" && printf %s {encoded} | base64 -d | tar -xzf - --no-same-owner '
+                             f'-C "$d/{folder}" || offload_fail "$d/{folder}/"')  # fmt: skip
+            else:
+                lines.append(f'printf %s {encoded} | base64 -d > "$d/{file_name}" || offload_fail "$d/{file_name}"')
         submit = scheduler.submit_line('"$d/job.sh"')
         mark = f"{MARK} {number}"
         lines += [
@@ -85,16 +94,20 @@ def program(numbered: Sequence[tuple[int, Submission]], jobs_dir: str, scheduler
     return "\n".join(lines) + "\n"
 
 
-def outcomes(results: Sequence[CommandResult]) -> tuple[dict[int, tuple[int, str]], list[str]]:
-    """Each job's ``(rc, answer)`` from the programs' output, and the writes that failed (with the error)."""
+def outcomes(results: Sequence[CommandResult]) -> tuple[dict[int, tuple[int, str]], list[str], list[str]]:
+    """Each job's ``(rc, answer)`` from the programs' output, the writes that failed (with the error), and the
+    paths that had to exist and did not."""
     outcome: dict[int, tuple[int, str]] = {}
     writes: list[str] = []
+    missing: list[str] = []
     for result in results:
         failing: int | None = None
         for line in result.stdout.splitlines():
             if line.startswith(f"{MARK}_FAIL "):
                 error = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "no error text"
                 writes.append(f"could not write {line.split(' ', 1)[1]} ({error})")
+            elif line.startswith(f"{MARK}_MISSING "):
+                missing.append(line.split(" ", 1)[1])
             elif line.startswith(MARK + " "):
                 number, rc, *rest = line.split(" ", 3)[1:]
                 outcome[int(number)] = (int(rc), rest[0] if rest else "")
@@ -104,7 +117,7 @@ def outcomes(results: Sequence[CommandResult]) -> tuple[dict[int, tuple[int, str
             elif failing is not None:
                 rc, text = outcome[failing]
                 outcome[failing] = (rc, f"{text}\n{line}".strip())
-    return outcome, writes
+    return outcome, writes, missing
 
 
 async def send(
@@ -121,7 +134,7 @@ async def send(
     )  # fmt: skip
     lost = [r for r in results if isinstance(r, BaseException)]
     done = [r for r in results if isinstance(r, CommandResult)]
-    outcome, writes = outcomes(done)
+    outcome, writes, missing = outcomes(done)
     failures: list[str] = []
     for number, sub in enumerate(submissions):
         rc, text = outcome.get(number, (-1, ""))
@@ -132,7 +145,7 @@ async def send(
                 failures.append(f"{sub.spec.name or 'job'}: {exc}")
         elif rc > 0:
             failures.append(text.strip())
-    if not lost and not writes and not failures and all(sub.ids for sub in submissions):
+    if not lost and not writes and not missing and not failures and all(sub.ids for sub in submissions):
         return
     # All or nothing: cancel what got in, from the answers we have and from the jobid files on the site.
     await undo(transport, scheduler, submissions, lost_channels=bool(lost))
@@ -141,6 +154,13 @@ async def send(
         if isinstance(error, OffloadError):
             raise error
         raise TransportError(f"submitting to {site} failed: {error!r}") from error
+    if missing:
+        raise SubmissionError(
+            f"site '{site}': the image {missing[0]} does not exist on the site (looked for on the login node, "
+            "before queueing anything). Fix the path, or give a registry image (docker://...) if the site's "
+            "runtime pulls those; nothing was submitted.",
+            scheduler_message=f"missing: {missing[0]}",
+        )
     if writes:
         raise SubmissionError(
             f"site '{site}': {writes[0]}. The file system of the site's workdir is full or over its quota: free "

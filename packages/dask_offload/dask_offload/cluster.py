@@ -26,6 +26,7 @@ import platform
 import signal
 import threading
 import time
+import warnings
 import weakref
 from pathlib import Path
 from secrets import token_hex
@@ -40,6 +41,7 @@ from distributed.core import Status
 from distributed.deploy.spec import ProcessInterface, SpecCluster
 from distributed.scheduler import Scheduler
 from distributed.security import Security
+from distributed.versions import VersionMismatchWarning
 
 import offload
 from dask_offload import launcher
@@ -50,6 +52,14 @@ _DEFAULTS = Path(__file__).with_name("offload.yaml")
 dask.config.update_defaults(yaml.safe_load(_DEFAULTS.read_text()))
 
 LAUNCHER = inspect.getsource(launcher)
+# offload checks, before any worker is submitted, that the image runs the client's Python (major.minor) and
+# exactly its distributed. A table that differs in the Python row alone (3.11.7 here, 3.11.2 in the image) is
+# a patch level that does not matter: distributed's warning about it is noise. Any other row still shows.
+warnings.filterwarnings(
+    "ignore",
+    message=r"Mismatched versions found\s+\+[-+]+\+\s+\| Package [^\n]*\n\+[-+]+\+\n\| python [^\n]*\n\+[-+]+\+\s*\Z",
+    category=VersionMismatchWarning,
+)
 ARRAY_FROM = 16  # worker jobs started together from this many on go as one job array
 
 

@@ -86,9 +86,12 @@ class OffloadDecoratedOperator(DecoratedOperator, OffloadOperator):
 
 
 def _plain(value: Any) -> Any:
-    """Lazy XCom sequences (from mapped upstream tasks) hold a connection to Airflow: send their values."""
+    """Lazy XCom sequences (from mapped upstream tasks) hold a connection to Airflow: send their values.
+
+    By index up to their length: iterating one asks for the element after the last, which Airflow answers
+    with an 'XCom not found' error in the task log of a run that went well."""
     if isinstance(value, Sequence) and not isinstance(value, str | bytes | list | tuple):
-        return list(value)
+        return [value[i] for i in range(len(value))]
     return value
 
 

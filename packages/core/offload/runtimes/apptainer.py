@@ -20,6 +20,10 @@ class ApptainerRuntime:
         require_image(self.name, ctx)
         check_bind_paths(self.name, ctx, ":,")
 
+    def image_path(self, ctx: ContainerContext) -> str | None:
+        image = ctx.image or ""
+        return None if "://" in image else image  # a .sif file or a sandbox directory
+
     def bind_target(self, source: str) -> str:
         return source
 

@@ -73,6 +73,10 @@ class Runtime(Protocol):
         """Raise :class:`ConfigError` for a context this runtime cannot run (before submission)."""
         ...
 
+    def image_path(self, ctx: ContainerContext) -> str | None:
+        """The image as a path on the site's file system, if it is one (checked before submitting), else None."""
+        ...
+
     def bind_target(self, source: str) -> str:
         """Where to bind the site's directory ``source`` in the container when the caller has no preference
         (the same path where the runtime can create mount points; a spare existing directory where not)."""

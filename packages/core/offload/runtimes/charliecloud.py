@@ -36,6 +36,9 @@ class CharliecloudRuntime:
                     f"{mount.source!r}. Drop ':ro', or make the directory read-only on the site."
                 )
 
+    def image_path(self, ctx: ContainerContext) -> str | None:
+        return ctx.image  # always a directory or SquashFS file on the site
+
     def bind_target(self, source: str) -> str:
         return BIND_SLOT  # ch-run binds only onto directories the image has: /mnt/8 is offload's spare one
 

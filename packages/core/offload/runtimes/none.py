@@ -25,6 +25,9 @@ class NoRuntime:
         if ctx.mounts:
             raise ConfigError("mounts need a container runtime; this site runs commands directly on the node")
 
+    def image_path(self, ctx: ContainerContext) -> str | None:
+        return None
+
     def bind_target(self, source: str) -> str:
         return source  # no container: the payload sees the site's own paths
 

@@ -17,6 +17,9 @@ class PodmanRuntime:
         require_image(self.name, ctx)
         check_bind_paths(self.name, ctx, ":,")
 
+    def image_path(self, ctx: ContainerContext) -> str | None:
+        return None  # names of podman's own store or of a registry
+
     def bind_target(self, source: str) -> str:
         return source
 
