@@ -77,6 +77,7 @@ def test_the_log_of_a_deferred_task_grows_while_its_job_runs(deployment):
     for i in range(1, 31):
         assert len(re.findall(rf"^tick {i}$", log, re.MULTILINE)) == 1, f"tick {i} shown {log.count(f'tick {i}')}x"
     assert log.count("all done") == 1  # the resumed task logs only what the trigger had not
+    assert "[conn=" not in log and "asyncssh" not in log  # asyncssh's own INFO chatter stays out
 
 
 def test_a_secret_shows_as_stars_in_the_task_log(deployment):

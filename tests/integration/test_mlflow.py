@@ -104,6 +104,14 @@ def test_offload_run_reaching_the_tracking_server(testsite_config, tracking_uri)
     assert ours and not any(tracking_uri in line for line in ours)  # offload never echoes what reach relays
 
 
+def test_a_failed_job_leaves_its_run_failed(testsite_config, tracking_uri):
+    result = subprocess.run([sys.executable, str(EXAMPLE / "submit.py"), "--site", "testsite", "--tracking-uri",
+                             tracking_uri, "--epochs", "0"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode != 0  # zero epochs: train.py fails at its end
+    run_id = result.stderr.split("run ")[1].split(":")[0]
+    assert MlflowClient(tracking_uri).get_run(run_id).info.status == "FAILED"
+
+
 def test_submit_example_on_the_local_site(tracking_uri, tmp_path):
     env = {**os.environ, "OFFLOAD_CONFIG": str(tmp_path / "none.toml"), "OFFLOAD_SITE": "local"}
     (tmp_path / "none.toml").write_text("")
