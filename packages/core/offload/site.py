@@ -121,14 +121,14 @@ class Site:
         several = res.nodes > 1 or (res.tasks_per_node or 1) > 1
         relay = bool(spec.reach or spec.relay) and self._relays_needed
         script = BatchScript(
-            shebang=self.config.shebang,
+            shebang=spec.shebang or self.config.shebang,
             directives=self._scheduler.directives(spec, jobdir, array_size, parallelism),
             jobdir=jobdir,
             task_index=self._scheduler.task_index,
             index_value=None if index is None else str(index),
             index_offset=index_offset,
             secrets=bool(spec.secrets or spec.reach or relay) if secrets is None else secrets,
-            setup=list(self.config.setup),
+            setup=[*self.config.setup, *spec.prologue],
             env={**self.config.env, **spec.env},
             prelude=self._runtime.prelude(ctx),
             command=self._runtime.command(spec.command, ctx),

@@ -108,6 +108,7 @@ class Resources:
     extra: tuple[str, ...] = ()
     gpus_per_node: int | None = None
     tasks_per_node: int | None = None
+    skip: tuple[str, ...] = ()  # drop the scheduler's resource directives that contain any of these
 
     def __post_init__(self) -> None:
         for name in ("nodes", "cpus", "gpus", "gpus_per_node", "tasks_per_node"):
@@ -137,6 +138,9 @@ class Resources:
         if isinstance(self.extra, str):
             raise ConfigError("Resources.extra is a list of scheduler options, e.g. ['--exclusive']")
         object.__setattr__(self, "extra", tuple(self.extra))
+        if isinstance(self.skip, str) or not all(isinstance(s, str) and s for s in self.skip):
+            raise ConfigError("Resources.skip is a list of strings, e.g. ['--mem'] (directives holding one go)")
+        object.__setattr__(self, "skip", tuple(self.skip))
         for option in self.extra:
             if not isinstance(option, str) or not option.startswith("-"):
                 raise ConfigError(f"Resources.extra holds scheduler options like '--exclusive', got {option!r}")
@@ -203,7 +207,9 @@ class JobSpec:
     gets the variable pointing at a relay on its node's loopback, which offload carries back over its own
     connection, so the job reaches them although compute nodes have no outbound network. ``relay`` runs that
     relay even without ``reach``, so the client can reach a service the job serves on its node's loopback only
-    (:meth:`Site.forward_job`), out of reach of other users of a shared node.
+    (:meth:`Site.forward_job`), out of reach of other users of a shared node. ``prologue`` lines run in the
+    batch script before the payload, after the site's ``setup`` lines (``module load ...``); ``shebang``
+    replaces the site's first line of the script for this job.
     """
 
     command: tuple[str, ...]
@@ -217,6 +223,8 @@ class JobSpec:
     files: Mapping[str, bytes] = field(default_factory=dict, repr=False)
     reach: Mapping[str, str] = field(default_factory=dict)
     relay: bool = False
+    prologue: tuple[str, ...] = ()
+    shebang: str | None = None
 
     def __post_init__(self) -> None:
         command = self.command
@@ -244,6 +252,11 @@ class JobSpec:
             from offload.reach import targets_of
 
             targets_of(dict(reach))  # a bad URL fails here, before anything is submitted
+        if isinstance(self.prologue, str) or not all(isinstance(line, str) for line in self.prologue):
+            raise ConfigError("JobSpec.prologue is a list of shell lines, e.g. ['module load cuda']")
+        object.__setattr__(self, "prologue", tuple(self.prologue))
+        if self.shebang is not None and (not self.shebang.startswith("#!") or "\n" in self.shebang):
+            raise ConfigError(f"JobSpec.shebang {self.shebang!r} must be one line starting with '#!'")
         if (reach or self.relay) and self.resources.copies > 1:
             raise ConfigError(
                 "reach serves jobs on one node for now; a job on several nodes (or with several tasks per "
@@ -277,7 +290,7 @@ class JobSpec:
     def __hash__(self) -> int:
         files = tuple(sorted((k, hashlib.sha256(v).hexdigest()) for k, v in self.files.items()))
         return hash((self.command, self.image, self.resources, tuple(sorted(self.env.items())), self.mounts, files,
-                     tuple(sorted(self.reach.items())), self.relay))  # fmt: skip
+                     tuple(sorted(self.reach.items())), self.relay, self.prologue, self.shebang))  # fmt: skip
 
 
 def archive(path: str | os.PathLike[str]) -> bytes:

@@ -28,28 +28,25 @@ import threading
 import time
 import warnings
 import weakref
-from pathlib import Path
 from secrets import token_hex
 from typing import Any
 
-import dask.config
 import distributed
-import yaml
 from dask.utils import parse_bytes
 from distributed.comm.core import CommClosedError
 from distributed.core import Status
 from distributed.deploy.spec import ProcessInterface, SpecCluster
 from distributed.scheduler import Scheduler
 from distributed.security import Security
+from distributed.utils import Log, Logs
 from distributed.versions import VersionMismatchWarning
 
 import offload
-from dask_offload import launcher
+from dask_offload import launcher, options
+from dask_offload.options import ClusterOptions
 
 log = logging.getLogger("dask_offload")
 
-_DEFAULTS = Path(__file__).with_name("offload.yaml")
-dask.config.update_defaults(yaml.safe_load(_DEFAULTS.read_text()))
 
 LAUNCHER = inspect.getsource(launcher)
 # offload checks, before any worker is submitted, that the image runs the client's Python (major.minor) and
@@ -85,7 +82,7 @@ def describe_mismatch(found: dict[str, dict[str, str | None]]) -> str:
 class _Shared:
     """What the scheduler job and the worker jobs of one cluster share; batches their submissions."""
 
-    def __init__(self, site: offload.Site, name: str, options: dict[str, Any], security: Security | None):
+    def __init__(self, site: offload.Site, name: str, options: ClusterOptions, security: Security | None):
         self.site = site
         self.name = name
         self.options = options
@@ -117,40 +114,34 @@ class _Shared:
             "OFFLOAD_DASK_TLS_KEY": self.security.tls_worker_key,
         }
 
-    def resources(self, *, gpus: int, cpus: int, memory_bytes: int, extra: tuple[str, ...] = ()) -> offload.Resources:
+    def resources(self, *, gpus: int, cpus: int, memory_mb: int, worker: bool) -> offload.Resources:
         o = self.options
         return offload.Resources(
-            gpus=gpus, cpus=cpus, memory=max(1, memory_bytes // 2**20), walltime=o["walltime"],
-            partition=o["partition"], account=o["account"], qos=o["qos"], extra=extra,
+            gpus=gpus, cpus=cpus, memory=max(1, memory_mb), walltime=o["walltime"], partition=o["partition"],
+            account=o["account"], qos=o["qos"], extra=o.extra if worker else (), skip=o.skip if worker else (),
         )  # fmt: skip
 
-    def spec(self, args: list[str], resources: offload.Resources) -> offload.JobSpec:
+    def spec(self, args: list[str], resources: offload.Resources, worker: bool) -> offload.JobSpec:
+        o = self.options
         command = [self.python, "-c", LAUNCHER, args[0], json.dumps(expected_versions()), *args[1:]]
-        reach = dict(self.options.get("reach") or {}) if args[0] == "worker" else {}
         return offload.JobSpec(
-            command, image=self.options["image"], resources=resources, env=dict(self.options["env"]),
-            secrets=self.secrets(), name=self.name, reach=reach,
+            command, image=o["image"], resources=resources, env=dict(o.get("env", {})), secrets=self.secrets(),
+            name=self.name, reach=dict(o.get("reach", {})) if worker else {}, prologue=o.prologue if worker else (),
+            shebang=o["shebang"],
         )  # fmt: skip
 
     def scheduler_spec(self) -> offload.JobSpec:
         o = self.options
-        resources = self.resources(gpus=0, cpus=o["scheduler_cores"], memory_bytes=parse_bytes(o["scheduler_memory"]))
-        spec = self.spec(["scheduler", str(o["scheduler_idle_timeout"])], resources)
+        memory = parse_bytes(str(o["scheduler_memory"])) // 2**20
+        resources = self.resources(gpus=0, cpus=int(o["scheduler_cores"]), memory_mb=memory, worker=False)
+        spec = self.spec(["scheduler", json.dumps(o.scheduler)], resources, worker=False)
         return dataclasses.replace(spec, relay=True)  # the dashboard is reached through the job's relay
 
     def worker_spec(self, address: str, groups: list[list[str]]) -> offload.JobSpec:
         o = self.options
-        per_job = o["per_job"]
-        resources = self.resources(
-            gpus=per_job if o["gpu"] else 0,
-            cpus=per_job * o["cores"],
-            memory_bytes=per_job * o["memory_bytes"],
-            extra=tuple(o["job_extra"]),
-        )
-        worker_resources = {"GPU": 1} if o["gpu"] else {}
-        args = ["worker", address, json.dumps(groups), str(o["cores"]), str(o["memory_bytes"]),
-                json.dumps(worker_resources), str(o["death_timeout"])]  # fmt: skip
-        return self.spec(args, resources)
+        resources = self.resources(gpus=o.per_job if o.gpu else 0, cpus=o.job_cpus, memory_mb=o.job_memory_mb,
+                                   worker=True)  # fmt: skip
+        return self.spec(["worker", address, json.dumps(groups), json.dumps(o.worker)], resources, worker=True)
 
     # -- batching ---------------------------------------------------------------------------------------
 
@@ -417,6 +408,8 @@ class OffloadCluster(SpecCluster):
         cores: int | None = None,
         memory: str | None = None,
         processes: int | None = None,
+        job_cpu: int | None = None,
+        job_mem: str | None = None,
         walltime: str | None = None,
         image: str | None = None,
         scheduler: str | None = None,
@@ -427,43 +420,41 @@ class OffloadCluster(SpecCluster):
         secrets: dict[str, str] | None = None,
         reach: dict[str, str] | None = None,
         partition: str | None = None,
+        queue: str | None = None,
         account: str | None = None,
         qos: str | None = None,
-        job_extra: list[str] | None = None,
+        job_extra_directives: list[str] | None = None,
+        job_directives_skip: list[str] | None = None,
+        job_script_prologue: list[str] | None = None,
+        worker_extra_args: list[str] | None = None,
+        death_timeout: float | str | None = None,
+        local_directory: str | None = None,
+        log_directory: str | None = None,
+        interface: str | None = None,
+        nanny: bool | None = None,
+        scheduler_options: dict[str, Any] | None = None,
+        shebang: str | None = None,
         python: str | None = None,
         asynchronous: bool = False,
         loop: Any = None,
         **kwargs: Any,
     ) -> None:
-        given = {k: v for k, v in locals().items() if k not in ("self", "kwargs", "asynchronous", "loop", "__class__")}
-        options = {key: (given[key] if given.get(key) is not None else dask.config.get(f"offload.{key}", None))
-                   for key in given}  # fmt: skip
-        for key in ("scheduler_cores", "scheduler_memory", "startup_timeout", "death_timeout",
-                    "scheduler_idle_timeout"):  # fmt: skip
-            options[key] = dask.config.get(f"offload.{key}")
-        if kwargs:
-            raise TypeError(f"OffloadCluster got unexpected arguments {sorted(kwargs)}")
-        self._site = offload.load_site(options["site"])
-        gpus = int(options["gpus"] or 0)
-        if gpus < 0:
-            raise offload.ConfigError(f"gpus cannot be negative, got {gpus}")
-        options["gpu"] = gpus > 0
-        per_node = self._site.config.gpus_per_node
-        options["per_job"] = (min(gpus, per_node) if per_node else gpus) if gpus else int(options["processes"])
-        options["memory_bytes"] = parse_bytes(str(options["memory"]))
-        options["cores"] = int(options["cores"])
-        if options["scheduler"] is None:
-            options["scheduler"] = "local" if self._site.name == "local" else "site"
-        if options["scheduler"] not in ("site", "local"):
-            raise offload.ConfigError(f"scheduler must be 'site' or 'local', got {options['scheduler']!r}")
-        name = options["name"] or f"dask-{token_hex(3)}"
+        given = {k: v for k, v in locals().items()
+                 if k not in ("self", "kwargs", "asynchronous", "loop", "security", "__class__")}  # fmt: skip
+        self._site = offload.load_site(given["site"] if given["site"] is not None else options.config("site"))
+        o = options.resolve(given, dict(kwargs), self._site.config.gpus_per_node)
+        if o["scheduler"] is None:
+            o.given["scheduler"] = "local" if self._site.name == "local" else "site"
+        if o["scheduler"] not in ("site", "local"):
+            raise offload.ConfigError(f"scheduler must be 'site' or 'local', got {o['scheduler']!r}")
+        name = o["name"] or f"dask-{token_hex(3)}"
         if security is None:
-            security = Security.temporary() if options["tls"] else None
-        self._shared = _Shared(self._site, name, options, security)
-        self._options = options
+            security = Security.temporary() if o["tls"] else None
+        self._shared = _Shared(self._site, name, o, security)
+        self._options = o
         # Refuse what the site cannot run (missing image, too many GPUs, bad walltime) before submitting.
         self._site.validate(self._shared.worker_spec("tls://check:1", [["check"]]))
-        if options["scheduler"] == "site":
+        if o["scheduler"] == "site":
             self._site.validate(self._shared.scheduler_spec())
             scheduler_spec = {"cls": SiteScheduler, "options": {"shared": self._shared}}
         else:
@@ -471,16 +462,18 @@ class OffloadCluster(SpecCluster):
             scheduler_spec = {
                 "cls": Scheduler,
                 "options": {"protocol": "tls://" if security else "tcp://", "security": security, "host": host,
-                            "dashboard_address": "127.0.0.1:0"},
+                            "dashboard_address": "127.0.0.1:0", **o.scheduler["scheduler_options"]},
             }  # fmt: skip
-        suffixes = [f"-{i}" for i in range(options["per_job"])]
+            scheduler_spec["options"].pop("dashboard_port", None)
+        suffixes = [f"-{i}" for i in range(o.per_job)]
         worker = {"cls": WorkerJob, "options": {"shared": self._shared, "suffixes": suffixes}, "group": suffixes}
-        self._per_job = options["per_job"]
-        n = options["n_workers"] if options["n_workers"] is not None else gpus
+        self._per_job = o.per_job
+        gpus = int(o.get("gpus", 0))
+        n = o["n_workers"] if o["n_workers"] is not None else gpus
         self._prefix = name
         jobs = math.ceil(int(n) / self._per_job) if n else 0
         workers = {f"{name}-{i}": worker for i in range(jobs)}
-        if options["scheduler"] == "site":
+        if o["scheduler"] == "site":
             self._shared.initial_workers = [(job, [job + suffix for suffix in suffixes]) for job in workers]
         _register_exit(self._shared)
         super().__init__(
@@ -507,9 +500,9 @@ class OffloadCluster(SpecCluster):
         if n is not None:
             jobs = max(jobs, math.ceil(n / self._per_job))
         if memory is not None:
-            jobs = max(jobs, math.ceil(parse_bytes(memory) / (self._options["memory_bytes"] * self._per_job)))
+            jobs = max(jobs, math.ceil(parse_bytes(memory) / (self._options.worker_memory * self._per_job)))
         if cores is not None:
-            jobs = max(jobs, math.ceil(cores / (self._options["cores"] * self._per_job)))
+            jobs = max(jobs, math.ceil(cores / (self._options.threads * self._per_job)))
         return super().scale(jobs)
 
     def adapt(self, *args: Any, minimum_jobs: int | None = None, maximum_jobs: int | None = None, **kwargs: Any):
@@ -524,10 +517,10 @@ class OffloadCluster(SpecCluster):
         return super().adapt(*args, **kwargs)
 
     def _threads_per_worker(self) -> int:
-        return self._options["cores"]
+        return self._options.threads
 
     def _memory_per_worker(self) -> int:
-        return self._options["memory_bytes"]
+        return self._options.worker_memory
 
     # -- inspection -------------------------------------------------------------------------------------
 
@@ -542,6 +535,31 @@ class OffloadCluster(SpecCluster):
         scheduler_job = getattr(self.scheduler, "job", None)
         workers = [w.job for w in self.workers.values() if getattr(w, "job", None) is not None]
         return ([scheduler_job] if scheduler_job is not None else []) + workers
+
+    async def _get_logs(self, cluster: bool = True, scheduler: bool = True, workers: Any = True) -> Logs:
+        """Each worker's log (and the scheduler's), read from its job's output over the site's connection: also
+        for workers that never reached the scheduler, or after it is gone. ``workers``: names or addresses."""
+        logs = Logs()
+        if cluster:
+            logs["Cluster"] = Log("\n".join(line[1] for line in self._cluster_manager_logs))
+        scheduler_job = getattr(self.scheduler, "job", None)
+        if scheduler and scheduler_job is not None:
+            logs["Scheduler"] = Log((await scheduler_job.aoutput()).decode("utf-8", "replace"))
+        if workers:
+            wanted = None if workers is True else set(workers)
+            addresses = {info.get("name"): address for address, info in
+                         (self.scheduler_info.get("workers") or {}).items()}  # fmt: skip
+            for spec in list(self.workers.values()):
+                job = getattr(spec, "job", None)
+                if job is None:
+                    continue
+                lines = (await job.aoutput()).decode("utf-8", "replace").splitlines()
+                for worker in spec.worker_names:
+                    if wanted is not None and worker not in wanted and addresses.get(worker) not in wanted:
+                        continue
+                    own = [line for line in lines if f"[{worker}] " in line]
+                    logs[worker] = Log("\n".join(own))
+        return logs
 
     @property
     def dashboard_link(self) -> str:

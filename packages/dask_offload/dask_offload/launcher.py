@@ -2,20 +2,24 @@
 
 This file is sent as the job's ``python3 -c`` program, so it may import only the standard library and
 ``distributed`` (what the image must have). It never reads files from the client: TLS credentials arrive as
-environment variables (offload secrets), the scheduler's address and the worker names as arguments.
+environment variables (offload secrets), the scheduler's address, the worker names and their options as
+arguments.
 
 Workers: ``distributed`` is imported once, then one process per worker is forked from this one, so N workers
 cost one import (dask-jobqueue's ``dask worker`` pays an import per worker, and another per nanny). On a GPU
-job each forked worker sees exactly one of the job's GPUs in ``CUDA_VISIBLE_DEVICES``. When any worker process
-exits, the others are stopped and the job ends, so the cluster sees the loss and replaces the job.
+job each forked worker sees exactly one of the job's GPUs in ``CUDA_VISIBLE_DEVICES``. With ``nanny`` each
+forked process runs a Nanny, which restarts its worker in place (``client.restart()`` works); without, when any
+worker process exits the others are stopped and the job ends, so the cluster sees the loss and replaces the job.
+Every log line of a worker starts with ``[its name]``, so its job's log splits back into one log per worker.
 
-    python3 -c SOURCE scheduler EXPECT_JSON IDLE_TIMEOUT
-    python3 -c SOURCE worker EXPECT_JSON ADDRESS GROUPS_JSON NTHREADS MEMORY_LIMIT RESOURCES_JSON DEATH_TIMEOUT
+    python3 -c SOURCE scheduler EXPECT_JSON OPTIONS_JSON
+    python3 -c SOURCE worker EXPECT_JSON ADDRESS GROUPS_JSON OPTIONS_JSON
 """
 
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import platform
 import signal
@@ -62,6 +66,13 @@ def node_address():
         probe.close()
 
 
+def where_to_listen(options):
+    """``interface`` (e.g. ``ib0``) when given, as dask-jobqueue's keyword means; else the node's address."""
+    if options.get("interface"):
+        return {"interface": options["interface"]}
+    return {"host": node_address()}
+
+
 def check_reachable(address):
     """Fail fast, and say why, when this node cannot open a connection to the scheduler."""
     hostport = address.split("://", 1)[-1]
@@ -86,22 +97,25 @@ def security():
     return Security(tls_ca_file=ca, require_encryption=True, **roles)
 
 
-async def run_scheduler(idle_timeout):
+async def run_scheduler(options):
     from distributed import Scheduler
 
     sec = security()
     protocol = "tls://" if sec else "tcp://"
+    extra = dict(options.get("scheduler_options") or {})
     # The dashboard has no login: it listens on the node's loopback, which the client reaches through the job's
     # relay; workers and the client reach the scheduler itself (TLS) on the node's address.
-    async with Scheduler(protocol=protocol, host=node_address(), port=0, security=sec,
-                         dashboard_address="127.0.0.1:0") as scheduler:  # fmt: skip
+    dashboard_port = extra.pop("dashboard_port", 0)
+    async with Scheduler(protocol=protocol, port=extra.pop("port", 0), security=sec,
+                         dashboard_address=f"127.0.0.1:{dashboard_port}", **where_to_listen(options),
+                         **extra) as scheduler:  # fmt: skip
         dashboard = scheduler.services.get("dashboard")
         info = {"address": scheduler.address, "dashboard": dashboard.port if dashboard else None, **versions()}
         print(f"{MARK}_SCHEDULER {json.dumps(info)}", flush=True)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(scheduler.close()))
-        watch = asyncio.ensure_future(close_when_abandoned(scheduler, idle_timeout))
+        watch = asyncio.ensure_future(close_when_abandoned(scheduler, float(options["idle_timeout"])))
         await scheduler.finished()
         watch.cancel()
 
@@ -122,15 +136,35 @@ async def close_when_abandoned(scheduler, idle_timeout):
             return
 
 
-async def run_worker(address, name, nthreads, memory_limit, resources, death_timeout):
-    from distributed import Worker
+def prefix_logs(name):
+    """Every log line of this worker process starts with ``[name]`` (its job's log holds several workers)."""
 
-    async with Worker(address, name=name, nthreads=nthreads, memory_limit=memory_limit, resources=resources,
-                      security=security(), host=node_address(), death_timeout=death_timeout) as worker:  # fmt: skip
+    class Prefix(logging.Filter):
+        def filter(self, record):
+            if not getattr(record, "offload_prefixed", False):
+                record.msg = f"[{name}] {record.msg}"
+                record.offload_prefixed = True
+            return True
+
+    for handler in logging.getLogger().handlers + logging.getLogger("distributed").handlers:
+        handler.addFilter(Prefix())
+
+
+async def run_worker(address, name, options):
+    from distributed import Nanny, Worker
+
+    kwargs = {
+        "name": name, "nthreads": options["nthreads"], "memory_limit": options["memory_limit"],
+        "resources": options.get("resources") or None, "security": security(),
+        "death_timeout": options.get("death_timeout"), "local_directory": options.get("local_directory"),
+        **where_to_listen(options), **(options.get("worker_kwargs") or {}),
+    }  # fmt: skip
+    server_cls = Nanny if options.get("nanny") else Worker
+    async with server_cls(address, **{k: v for k, v in kwargs.items() if v is not None}) as server:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(worker.close()))
-        await worker.finished()
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.close()))
+        await server.finished()
 
 
 def scheduler_address(address):
@@ -149,11 +183,12 @@ def scheduler_address(address):
             time.sleep(0.05)
 
 
-def run_workers(address, groups, nthreads, memory_limit, resources, death_timeout):
+def run_workers(address, groups, options):
     index = int(os.environ.get("OFFLOAD_TASK_INDEX") or 0)
     names = groups[index]
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     gpus = [g for g in (visible or "").split(",") if g]
+    resources = options.get("resources") or {}
     pin = bool(resources.get("GPU")) and visible is not None  # no GPU scheduling (a laptop): do not pin
     if pin and len(gpus) < len(names):
         print(f"{MARK}_ERROR {len(names)} GPU workers but CUDA_VISIBLE_DEVICES={gpus}", flush=True)
@@ -169,9 +204,10 @@ def run_workers(address, groups, nthreads, memory_limit, resources, death_timeou
         if pid == 0:
             if pin:
                 os.environ["CUDA_VISIBLE_DEVICES"] = gpus[i]
+            prefix_logs(name)
             code = 0
             try:
-                asyncio.run(run_worker(address, name, nthreads, memory_limit, resources, death_timeout))
+                asyncio.run(run_worker(address, name, options))
             except BaseException as exc:  # report, then leave without running the parent's cleanup
                 print(f"{MARK}_WORKER_FAILED {name}: {exc!r}", flush=True)
                 code = 1
@@ -199,11 +235,9 @@ def main(argv):
     mode, expect = argv[0], json.loads(argv[1])
     check_versions(expect)
     if mode == "scheduler":
-        asyncio.run(run_scheduler(float(argv[2])))
+        asyncio.run(run_scheduler(json.loads(argv[2])))
     elif mode == "worker":
-        address, groups, nthreads, memory_limit, resources, death_timeout = argv[2:8]
-        run_workers(address, json.loads(groups), int(nthreads), memory_limit, json.loads(resources),
-                    float(death_timeout))  # fmt: skip
+        run_workers(argv[2], json.loads(argv[3]), json.loads(argv[4]))
     else:
         sys.exit(f"unknown mode {mode!r}")
 

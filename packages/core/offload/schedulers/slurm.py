@@ -78,15 +78,16 @@ class SlurmScheduler:
         site, res = self.config, spec.resources
         if "\n" in jobdir or " " in jobdir or "'" in jobdir or '"' in jobdir:
             raise ConfigError(f"the site's workdir {jobdir!r} has spaces or quotes, which #SBATCH lines cannot hold")
-        opts = [f"--job-name={_value('job name', spec.name or 'offload')}"]
+        # offload's own directives first: they are never skipped (names, logs, arrays are how it finds the job)
+        own = [f"--job-name={_value('job name', spec.name or 'offload')}"]
         suffix = ".%a" if array_size else ""
-        opts += [f"--output={jobdir}/output{suffix}", f"--chdir={jobdir}"]
+        own += [f"--output={jobdir}/output{suffix}", f"--chdir={jobdir}"]
         if array_size:
-            opts.append(f"--array=0-{array_size - 1}" + (f"%{parallelism}" if parallelism else ""))
+            own.append(f"--array=0-{array_size - 1}" + (f"%{parallelism}" if parallelism else ""))
         if spec.secrets or spec.reach:
             # The job removes its secrets once it has read them: a requeued run would start without them.
-            opts.append("--no-requeue")
-        opts.append(f"--nodes={res.nodes}")
+            own.append("--no-requeue")
+        opts = [f"--nodes={res.nodes}"]
         if res.tasks_per_node:
             opts.append(f"--ntasks-per-node={res.tasks_per_node}")
         if res.cpus:
@@ -106,11 +107,12 @@ class SlurmScheduler:
             opts.append(f"--account={_value('account', res.account or site.account)}")
         if res.qos or site.qos:
             opts.append(f"--qos={_value('qos', res.qos or site.qos)}")
+        opts = [o for o in opts if not any(skip in o for skip in res.skip)]  # dask-jobqueue's job_directives_skip
         for option in (*site.scheduler_options, *res.extra):
             if "\n" in option:
                 raise ConfigError(f"scheduler option {option!r} contains a newline")
             opts.append(option)
-        return [f"#SBATCH {o}" for o in opts]
+        return [f"#SBATCH {o}" for o in (*own, *opts)]
 
     def _gpu_request(self, res: Resources) -> str:
         """Exactly the GPUs asked for, in the site's syntax, or a ConfigError saying why it cannot be said."""

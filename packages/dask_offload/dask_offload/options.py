@@ -1,0 +1,239 @@
+"""What an ``OffloadCluster`` was asked for, resolved once: keywords, then Dask config, then dask-jobqueue's.
+
+The keywords of dask-jobqueue's ``SLURMCluster`` mean the same here, so code written for it moves by changing
+the import and adding ``site=`` (and ``image=``):
+
+* ``cores`` and ``memory`` are the **job's**, split between its ``processes`` workers (each worker
+  ``cores // processes`` threads and ``memory / processes`` of memory); ``job_cpu``/``job_mem`` override what
+  the job asks the scheduler for;
+* ``queue`` is the partition, ``job_extra_directives`` extra ``#SBATCH`` lines, ``job_directives_skip`` drops
+  generated ones, ``job_script_prologue`` lines run before the workers start, ``shebang`` the script's first
+  line, ``log_directory`` where worker logs also appear on the site;
+* ``worker_extra_args`` (the ``dask worker`` options that mean something here), ``death_timeout``,
+  ``local_directory``, ``interface``, ``nanny``, ``scheduler_options``, ``name``, ``n_workers``.
+
+GPU clusters (``gpus=N``) keep their own meaning: one worker per GPU, packed ``gpus_per_node`` to a job, each
+pinned to its GPU; ``cores`` and ``memory`` are still the job's.
+
+Precedence, key by key: the keyword, else the Dask config section ``offload``, else ``jobqueue.slurm`` (so a
+site's shared ``jobqueue.yaml`` carries over), else offload's defaults (``offload.yaml``).
+"""
+
+from __future__ import annotations
+
+import math
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dask.config
+import yaml
+from dask.utils import parse_bytes
+
+import offload
+
+DEFAULTS: dict[str, Any] = yaml.safe_load(Path(__file__).with_name("offload.yaml").read_text())["offload"]
+# offload key -> dask-jobqueue's SLURM config key, for the keys both have ("name" and "python" are left out:
+# jobqueue's name is its job name, shared by every cluster, and its python a path on the client).
+JOBQUEUE = {
+    "cores": "cores", "memory": "memory", "processes": "processes", "walltime": "walltime", "queue": "queue",
+    "account": "account", "job_cpu": "job-cpu", "job_mem": "job-mem", "job_extra_directives": "job-extra-directives",
+    "job_directives_skip": "job-directives-skip", "job_script_prologue": "job-script-prologue",
+    "worker_extra_args": "worker-extra-args", "death_timeout": "death-timeout", "local_directory": "local-directory",
+    "log_directory": "log-directory", "interface": "interface", "scheduler_options": "scheduler-options",
+    "shebang": "shebang",
+}  # fmt: skip
+# dask-jobqueue keywords that cannot mean here what they mean there, and what to do instead.
+REFUSED = {
+    "worker_command": "offload starts the workers itself (forked from one import of distributed)",
+    "shared_temp_directory": "the TLS certificates travel as secrets: there is no temporary file to share",
+    "job_cls": "an OffloadCluster's jobs are offload jobs: pick the site with site=",
+    "scheduler_cls": "the scheduler is distributed's own, run as a job (scheduler='site') or here ('local')",
+    "config_name": "offload reads the Dask config section 'offload', then 'jobqueue.slurm'",
+    "project": "use account= (dask-jobqueue renamed it too)",
+}
+# dask-jobqueue's deprecated names, taken as its current ones.
+ALIASES = {"job_extra": "job_extra_directives", "env_extra": "job_script_prologue",
+           "header_skip": "job_directives_skip", "extra": "worker_extra_args"}  # fmt: skip
+# `dask worker` options a worker here honours, as distributed.Worker keywords (flags map to True).
+WORKER_ARGS = {"--lifetime": "lifetime", "--lifetime-stagger": "lifetime_stagger",
+               "--lifetime-restart": "lifetime_restart", "--resources": "resources", "--nthreads": "nthreads",
+               "--memory-limit": "memory_limit", "--local-directory": "local_directory",
+               "--death-timeout": "death_timeout", "--no-dashboard": "dashboard", "--name": None}  # fmt: skip
+FLAGS = {"--lifetime-restart": True, "--no-dashboard": False}
+
+
+def config(key: str) -> Any:
+    """One option from the Dask config: ``offload.<key>``, else ``jobqueue.slurm.<key>``, else our default."""
+    value = dask.config.get(f"offload.{key}", None)
+    if value is None and key in JOBQUEUE:
+        value = dask.config.get(f"jobqueue.slurm.{JOBQUEUE[key]}", None)
+        if value in ([], {}):
+            value = None
+    return DEFAULTS.get(key) if value is None else value
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    """Everything the cluster's jobs are made from, with the numbers worked out."""
+
+    given: dict[str, Any]
+    gpu: bool
+    per_job: int  # workers per job
+    threads: int  # per worker
+    worker_memory: int  # bytes, per worker
+    job_cpus: int
+    job_memory_mb: int
+    extra: tuple[str, ...]
+    skip: tuple[str, ...]
+    prologue: tuple[str, ...]
+    worker: dict[str, Any] = field(default_factory=dict)  # what the launcher gives each worker
+    scheduler: dict[str, Any] = field(default_factory=dict)  # ... and the scheduler
+
+    def __getitem__(self, key: str) -> Any:
+        return self.given[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = self.given.get(key)
+        return default if value is None else value
+
+
+def resolve(given: dict[str, Any], unknown: dict[str, Any], gpus_per_node: int | None) -> ClusterOptions:
+    """The options of a cluster from its keywords (``unknown``: anything OffloadCluster does not name)."""
+    for key in list(unknown):
+        if key in REFUSED:
+            raise offload.ConfigError(f"OffloadCluster does not take {key}=: {REFUSED[key]}")
+        if key in ALIASES:
+            given.setdefault(ALIASES[key], None)
+            if given[ALIASES[key]] is None:
+                given[ALIASES[key]] = unknown.pop(key)
+            else:
+                unknown.pop(key)
+    if unknown:
+        raise TypeError(f"OffloadCluster got unexpected arguments {sorted(unknown)}")
+    o = {key: (value if value is not None else config(key)) for key, value in given.items()}
+    for key in ("scheduler_cores", "scheduler_memory", "startup_timeout", "scheduler_idle_timeout"):
+        o[key] = config(key)
+    gpus = int(o.get("gpus") or 0)
+    if gpus < 0:
+        raise offload.ConfigError(f"gpus cannot be negative, got {gpus}")
+    if o["queue"] is not None and o["partition"] is not None and o["queue"] != o["partition"]:
+        raise offload.ConfigError(f"queue={o['queue']!r} and partition={o['partition']!r} name one thing: give one")
+    o["partition"] = o["partition"] or o["queue"]
+    if gpus:
+        if given.get("processes") not in (None, min(gpus, gpus_per_node or gpus)):
+            raise offload.ConfigError(
+                "gpus=N starts one worker per GPU, packed gpus_per_node to a job: processes= does not apply (for "
+                "CPU workers, leave gpus out)"
+            )
+        per_job = min(gpus, gpus_per_node) if gpus_per_node else gpus
+    else:
+        per_job = int(o["processes"] or 1)
+    if per_job < 1:
+        raise offload.ConfigError(f"processes must be at least 1, got {per_job}")
+    cores = int(o["cores"]) if o["cores"] is not None else per_job  # the job's; one thread per worker by default
+    if cores < per_job:
+        raise offload.ConfigError(
+            f"cores={cores} for {per_job} worker(s) per job leaves a worker without a thread: cores is the job's "
+            "(as in dask-jobqueue), split between its processes"
+        )
+    if o["memory"] is not None:
+        memory = parse_bytes(str(o["memory"]))
+    else:
+        memory = per_job * parse_bytes(str(config("worker_memory")))
+    job_cpus = int(o["job_cpu"]) if o["job_cpu"] is not None else cores
+    job_memory_mb = (
+        offload.Resources(memory=o["job_mem"]).memory_mb
+        if o["job_mem"] is not None
+        else max(1, math.ceil(memory / 2**20))
+    )
+    extra = _directives(o["job_extra_directives"])
+    prologue = tuple(_lines("job_script_prologue", o["job_script_prologue"]))
+    if o["log_directory"]:
+        logs = shlex.quote(str(o["log_directory"]))
+        prologue += (f'mkdir -p {logs} && ln -sf "$OFFLOAD_JOB_DIR/output" {logs}/"${{SLURM_JOB_NAME:-dask}}-'
+                     '${SLURM_JOB_ID:-$$}.out"',)  # fmt: skip
+    worker = {
+        "nthreads": max(1, cores // per_job), "memory_limit": memory // per_job,
+        "resources": {"GPU": 1} if gpus else {}, "death_timeout": _seconds(o["death_timeout"]),
+        "local_directory": o["local_directory"], "interface": o["interface"], "nanny": bool(o["nanny"]),
+        "worker_kwargs": worker_args(o["worker_extra_args"]),
+    }  # fmt: skip
+    for key in ("nthreads", "memory_limit", "resources"):  # --nthreads, --memory-limit, --resources override
+        if key in worker["worker_kwargs"]:
+            value = worker["worker_kwargs"].pop(key)
+            worker[key] = {**worker["resources"], **value} if key == "resources" else value
+    scheduler_options = dict(o["scheduler_options"] or {})
+    address = scheduler_options.pop("dashboard_address", None)
+    if address is not None:
+        scheduler_options["dashboard_port"] = int(str(address).rpartition(":")[2] or 0)
+    for key in ("host", "interface"):
+        if key in scheduler_options:
+            raise offload.ConfigError(f"scheduler_options[{key!r}]: give interface= to the cluster (the same for all)")
+    scheduler = {"idle_timeout": _seconds(o["scheduler_idle_timeout"]), "interface": o["interface"],
+                 "scheduler_options": scheduler_options}  # fmt: skip
+    return ClusterOptions(given=o, gpu=bool(gpus), per_job=per_job, threads=worker["nthreads"],
+                          worker_memory=worker["memory_limit"], job_cpus=job_cpus, job_memory_mb=job_memory_mb,
+                          extra=extra, skip=tuple(_lines("job_directives_skip", o["job_directives_skip"])),
+                          prologue=prologue, worker=worker, scheduler=scheduler)  # fmt: skip
+
+
+def _lines(key: str, value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+        raise offload.ConfigError(f"{key} is a list of strings, got {value!r}")
+    return list(value)
+
+
+def _directives(value: Any) -> tuple[str, ...]:
+    """``job_extra_directives``: ``--gpus=1``, ``-C gpu`` or ``#SBATCH --exclusive`` as dask-jobqueue takes them."""
+    options = []
+    for line in _lines("job_extra_directives", value):
+        option = line.strip().removeprefix("#SBATCH").strip()
+        if not option.startswith("-") or "\n" in option:
+            raise offload.ConfigError(f"job_extra_directives: {line!r} is not a scheduler option like '--exclusive'")
+        options.append(option)
+    return tuple(options)
+
+
+def _seconds(value: Any) -> float | None:
+    if value is None:
+        return None
+    from dask.utils import parse_timedelta
+
+    return float(parse_timedelta(value))
+
+
+def worker_args(args: Any) -> dict[str, Any]:
+    """``dask worker`` options as Worker keywords; one that a worker here cannot honour is refused by name."""
+    words = _lines("worker_extra_args", args)
+    words = [part for word in words for part in (word.split("=", 1) if word.startswith("--") else [word])]
+    kwargs: dict[str, Any] = {}
+    i = 0
+    while i < len(words):
+        option = words[i]
+        if option not in WORKER_ARGS:
+            raise offload.ConfigError(
+                f"worker_extra_args: {option!r} means nothing to offload's workers. They honour "
+                f"{', '.join(sorted(WORKER_ARGS))}; for the rest, use the cluster's keywords (cores, memory, ...)"
+            )
+        if option == "--name":
+            raise offload.ConfigError("worker_extra_args: --name: offload names workers <cluster>-<job>-<i>")
+        if option in FLAGS:
+            kwargs[WORKER_ARGS[option]] = FLAGS[option]
+            i += 1
+            continue
+        if i + 1 >= len(words):
+            raise offload.ConfigError(f"worker_extra_args: {option} needs a value")
+        value: Any = words[i + 1]
+        if option == "--resources":
+            value = {k: float(v) for k, v in (pair.split("=") for pair in value.replace(",", " ").split())}
+        elif option == "--nthreads":
+            value = int(value)
+        elif option in ("--death-timeout",):
+            value = _seconds(value)
+        kwargs[WORKER_ARGS[option]] = value
+        i += 2
+    return kwargs
