@@ -75,3 +75,11 @@ def test_missing_airflow_extra_says_what_to_install():
     code = "import sys; sys.modules['airflow'] = None; import airflow_offload"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert "pip install 'offload[airflow]'" in result.stderr
+
+
+def test_the_jobqueue_example_runs_locally(tmp_path):
+    example = Path(__file__).parents[2] / "examples" / "dask_from_jobqueue.py"
+    env = {**os.environ, "OFFLOAD_STATE_DIR": str(tmp_path / "state")}
+    result = subprocess.run([sys.executable, str(example)], capture_output=True, text=True, env=env, timeout=180)
+    assert result.returncode == 0, result.stderr
+    assert "4 workers with [1, 1, 1, 1] threads; sum: 5050" in result.stdout
