@@ -12,6 +12,7 @@ from offload.config import SiteConfig
 from offload.errors import (
     ConfigError,
     HostKeyError,
+    ImageError,
     JobFailedError,
     JobNotFoundError,
     OffloadError,
@@ -21,6 +22,7 @@ from offload.errors import (
     SubmissionError,
     TransportError,
 )
+from offload.images import CachedImage, Images
 from offload.jobs import Job, JobState, JobStatus
 from offload.plugins import RuntimePlugin, SchedulerPlugin, TransportPlugin, hookimpl
 from offload.schedulers.base import NodeResources
@@ -32,9 +34,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BatchScript",
+    "CachedImage",
     "ConfigError",
     "Forward",
     "HostKeyError",
+    "ImageError",
+    "Images",
     "Job",
     "JobFailedError",
     "JobNotFoundError",

@@ -5,6 +5,8 @@ User errors print one line of cause and remedy and exit 2; ``run`` exits with th
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import signal
@@ -244,6 +246,104 @@ def doctor(site_name: str | None, no_job: bool) -> None:
             failed += 1
             click.echo(f"{'':<22}fix: {check.fix}")
     sys.exit(1 if failed else 0)
+
+
+# -- images --------------------------------------------------------------------------------------------
+
+
+@main.group()
+def image() -> None:
+    """A site's image cache: pull a registry image once on the login node, push one made here, list, remove."""
+
+
+_SITE_HELP = "Site profile (default: $OFFLOAD_SITE, the config's default, 'local')."
+
+
+@image.command("pull")
+@click.argument("ref")
+@click.option("--site", "site_name", help=_SITE_HELP)
+def image_pull(ref: str, site_name: str | None) -> None:
+    """Pull REF (docker://HOST/REPO:TAG) on the site's login node into its cache, converted for its runtime.
+    Jobs naming REF then run the cached image; a tag whose digest is cached already is not pulled again."""
+    with _user_errors():
+        cached = load_site(site_name).images.pull(ref)
+    click.echo(f"{cached.ref}  {cached.digest}  {_size(cached.size)}  {cached.path}")
+
+
+@image.command("push")
+@click.argument("path", type=click.Path(exists=True, dir_okay=True, path_type=str))
+@click.option("--name", required=True, help="What jobs call it: --image NAME, image=NAME.")
+@click.option("--site", "site_name", help=_SITE_HELP)
+def image_push(path: str, name: str, site_name: str | None) -> None:
+    """Send the image at PATH to the site as NAME: a root file system (a directory or a tarball), a 'docker
+    save' or OCI archive, or a .sif. An interrupted push of the same image carries on where it stopped."""
+    with _user_errors():
+        cached = load_site(site_name).images.push(path, name)
+    click.echo(f"{cached.name}  {cached.digest}  {_size(cached.size)}  {cached.path}")
+
+
+@image.command("ls")
+@click.option("--site", "site_name", help=_SITE_HELP)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per image.")
+def image_ls(site_name: str | None, as_json: bool) -> None:
+    """The site's cached images: name, digest, size, last used."""
+    with _user_errors():
+        images = load_site(site_name).images.list()
+    if as_json:
+        for cached in images:
+            click.echo(json.dumps(dataclasses.asdict(cached)))
+        return
+    rows = [(c.name, c.digest[:19], _size(c.size), time.strftime("%Y-%m-%d %H:%M", time.localtime(c.used)))
+            for c in images]  # fmt: skip
+    _table(("IMAGE", "DIGEST", "SIZE", "LAST USED"), rows)
+
+
+@image.command("rm")
+@click.argument("images", metavar="IMAGE...", nargs=-1, required=True)
+@click.option("--site", "site_name", help=_SITE_HELP)
+def image_rm(images: tuple[str, ...], site_name: str | None) -> None:
+    """Forget images (by name, ref or digest); their files go when no other name uses them."""
+    with _user_errors():
+        site = load_site(site_name)
+        for wanted in images:
+            for gone in site.images.remove(wanted):
+                click.echo(f"removed {gone.name}")
+
+
+@image.command("prune")
+@click.option("--older-than", "days", type=float, default=0, help="Remove images unused for this many days.")
+@click.option("--max-size", help="Then remove the least recently used until the cache holds at most this, e.g. 50G.")
+@click.option("--site", "site_name", help=_SITE_HELP)
+def image_prune(days: float, max_size: str | None, site_name: str | None) -> None:
+    """Free the cache: images unused for a while, then the oldest beyond a size."""
+    with _user_errors():
+        if not days and not max_size:
+            raise ConfigError("give --older-than DAYS and/or --max-size SIZE")
+        limit = _bytes(max_size) if max_size else 0
+        gone = load_site(site_name).images.prune(days, limit)
+    for cached in gone:
+        click.echo(f"removed {cached.name} ({_size(cached.size)})")
+    if not gone:
+        click.echo("nothing to remove")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _bytes(text: str) -> int:
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    number, unit = text.strip().upper().removesuffix("B").removesuffix("I"), ""
+    if number and number[-1] in units:
+        number, unit = number[:-1], number[-1]
+    try:
+        return int(float(number) * units[unit])
+    except ValueError:
+        raise ConfigError(f"--max-size {text!r}: give a size such as 500M or 50G") from None
 
 
 # -- run -----------------------------------------------------------------------------------------------

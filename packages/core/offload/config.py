@@ -77,6 +77,7 @@ class SiteConfig:
     runtime: str = "apptainer"
     runtime_options: tuple[str, ...] = ()
     image: str | None = None
+    pull: str = "login"  # who pulls docker:// images: "login" (once, into the site's cache) or "node" (each job)
     # the job's surroundings
     shebang: str = "#!/bin/bash"  # e.g. "#!/bin/bash -l" where `module` needs a login shell
     workdir: str = "~/offload"
@@ -93,6 +94,7 @@ _FIELDS = {f.name: f for f in dataclasses.fields(SiteConfig) if f.name not in ("
 _CHOICES = {
     "transport": ("ssh", "local"),
     "gpu_request": ("--gpus", "--gres", "--gpus-per-node"),
+    "pull": ("login", "node"),
 }
 
 

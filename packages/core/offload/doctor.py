@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from offload import _loop
 from offload.config import SiteConfig
 from offload.errors import HostKeyError, OffloadError
+from offload.images import is_pull, is_pushed_name
+from offload.runtimes.base import ContainerContext
 from offload.schedulers.base import NodeResources
 from offload.site import Site
 from offload.spec import JobSpec, Resources
@@ -82,18 +84,7 @@ async def _checks(site: Site, network: bool = True) -> list[Check]:
             if rc == 0
             else Check("runtime", "fail", f"{binary} not found on the login node", "add 'module load ...' to setup")
         )
-    image = config.image
-    if image and "://" not in image:
-        rc, _ = await shell(f"test -e {shlex.quote(image)}")
-        results.append(
-            Check("image", "ok", image)
-            if rc == 0
-            else Check("image", "fail", f"{image} does not exist on the site", "fix 'image' in the profile")
-        )
-    elif image:
-        results.append(Check("image", "skip", f"{image} is pulled when a job starts"))
-    else:
-        results.append(Check("image", "skip", "no default image: every job must name one"))
+    results.append(await _image_check(site))
 
     try:
         jobs_dir = await site._jobs_dir()
@@ -153,6 +144,48 @@ for host, port in (("pypi.org", 443), ("1.1.1.1", 443), ("8.8.8.8", 53)):
     except OSError as exc:
         print("offload-network closed", host, port, exc)
 """
+
+
+async def _image_check(site: Site) -> Check:
+    """The profile's default image: in the cache (and how big), pullable (and how big), or on the site."""
+    config = site.config
+    image = config.image
+    if not image:
+        return Check("image", "skip", "no default image: every job must name one")
+    if (is_pull(image) and config.pull == "login") or is_pushed_name(image):
+        try:
+            cached = {c.name: c for c in await site.images.alist()}
+        except OffloadError as exc:
+            return Check("image", "fail", f"the image cache: {exc}", "check that python3 runs on the login node")
+        here = cached.get(image)
+        if is_pushed_name(image) and here is None and site.runtime.image_path(ContainerContext(image)) is not None:
+            return Check("image", "fail", f"no image named {image!r} in the cache",
+                         f"offload image push PATH --name {image} --site {config.name}")  # fmt: skip
+        if is_pull(image):
+            try:
+                digest, size = await site.images.aremote_digest(image)
+            except OffloadError as exc:
+                if here is not None:
+                    return Check("image", "ok", f"{image} cached ({_mib(here.size)}); the registry: {exc}")
+                return Check("image", "fail", str(exc), "fix 'image', or push it: offload image push PATH --name NAME")
+            if here is None:
+                return Check("image", "ok", f"{image} pullable ({_mib(size)} to download); the first job pulls it "
+                             f"once on the login node, or now: offload image pull {image}")  # fmt: skip
+            newer = "" if here.digest == digest else "; the tag has moved: the next job pulls the new image"
+            return Check("image", "ok", f"{image} cached ({here.digest[:19]}, {_mib(here.size)}){newer}")
+        if here is not None:
+            return Check("image", "ok", f"{image} cached ({here.digest[:19]}, {_mib(here.size)})")
+    path = site.runtime.image_path(ContainerContext(image))
+    if path is None:
+        return Check("image", "skip", f'{image} is pulled by the runtime when a job starts (pull = "node")')
+    result = await site.transport.run(["test", "-e", path], check=False)
+    if result.exit_status == 0:
+        return Check("image", "ok", path)
+    return Check("image", "fail", f"{path} does not exist on the site", "fix 'image' in the profile")
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.0f} MiB"
 
 
 async def _node_network(site: Site) -> Check:

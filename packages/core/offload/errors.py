@@ -50,6 +50,11 @@ class SubmissionError(OffloadError):
         self.scheduler_message = scheduler_message
 
 
+class ImageError(OffloadError):
+    """An image could not be pulled, pushed or found in a site's cache. The message has the registry's or the
+    runtime's own words, and what to do next."""
+
+
 class JobFailedError(OffloadError):
     """A job ended in a state other than COMPLETED. Carries the job, its exit code and the tail of its log."""
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import secrets as _secrets
@@ -27,11 +28,12 @@ from offload import _loop, submit
 from offload import reach as reach_mod
 from offload.config import SiteConfig, load_profiles
 from offload.errors import ConfigError, JobNotFoundError
+from offload.images import Images, is_pull, is_pushed_name
 from offload.jobs import Job, JobRef, JobState, JobStatus
 from offload.plugins import Plugins, plugins
 from offload.poller import Poller
 from offload.records import JobRecord, JobRecords
-from offload.runtimes.base import ContainerContext
+from offload.runtimes.base import ContainerContext, Runtime
 from offload.schedulers.base import NodeResources
 from offload.script import BatchScript
 from offload.spec import JobSpec
@@ -65,6 +67,7 @@ class Site:
         self._transport = self._new_transport(self.config)
         self._poller = Poller(self._poll, self.config.poll_interval, self._ended)
         self._relays = reach_mod.Relays(self)
+        self._images = Images(self)
         self._site_limits: dict[str, int] | None = None
         self._secret_dirs: dict[str, set[str]] = {}
 
@@ -90,6 +93,16 @@ class Site:
         return self._job_host
 
     @property
+    def runtime(self) -> Runtime:
+        """The site's container runtime (how a command runs in an image there)."""
+        return self._runtime
+
+    @property
+    def images(self) -> Images:
+        """The site's image cache on its login node: pull, push, list, remove, prune."""
+        return self._images
+
+    @property
     def transport(self) -> Transport:
         """The site's connection (commands, files, port forwards), shared by everything in this process."""
         return self._transport
@@ -109,8 +122,9 @@ class Site:
         )
 
     def validate(self, spec: JobSpec) -> None:
-        """Raise :class:`ConfigError` if this site cannot run ``spec``; touches nothing on the site."""
-        self._runtime.validate(self._context(spec, f"{self.config.workdir}/jobs/check"))
+        """Raise :class:`ConfigError` if this site cannot run ``spec``; touches nothing on the site (an image
+        the cache will pull or holds is checked as the cache path it will be)."""
+        self._runtime.validate(self._context(self._stand_in(spec), f"{self.config.workdir}/jobs/check"))
         self._scheduler.directives(spec, f"{self.config.workdir}/jobs/check", None)
 
     def _script(self, spec: JobSpec, jobdir: str, array_size: int | None, index: int | None = None, *,
@@ -145,8 +159,17 @@ class Site:
         return script.render()
 
     def job_script(self, spec: JobSpec) -> str:
-        """The batch script ``spec`` would be submitted with (secrets not included: they never are)."""
-        return self._script(spec, f"{self.config.workdir}/jobs/{_job_key(spec)}", None)
+        """The batch script ``spec`` would be submitted with (secrets not included: they never are; an image
+        from the cache appears as where the cache will have it)."""
+        return self._script(self._stand_in(spec), f"{self.config.workdir}/jobs/{_job_key(spec)}", None)
+
+    def _stand_in(self, spec: JobSpec) -> JobSpec:
+        image = spec.image or self.config.image
+        if not image or not (is_pushed_name(image) or (is_pull(image) and self.config.pull == "login")):
+            return spec
+        return dataclasses.replace(
+            spec, image=f"{self.config.workdir}/images/(the cache's copy of {image.split('://')[-1]})"
+        )
 
     async def _jobs_dir(self) -> str:
         if self._workdir is None:
@@ -219,6 +242,9 @@ class Site:
             self.validate(spec)  # every spec, before anything reaches the site
         if array_parallelism is not None and (not isinstance(array_parallelism, int) or array_parallelism < 1):
             raise ConfigError(f"array_parallelism must be a whole number of at least 1, got {array_parallelism!r}")
+        # Registry images are pulled once on the login node (if not cached), and pushed names found, before the
+        # jobs go: a missing tag fails here, with nothing queued.
+        specs = await self._images.aresolve_specs(specs)
         # The send and the record go together, whatever happens to the caller meanwhile: a cancelled caller's
         # jobs are cancelled once they are known, never left running unrecorded.
         task = asyncio.ensure_future(self._send_and_record(specs, arrays, array_parallelism))

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Sequence
 
-from offload.runtimes.base import PASSTHROUGH, ContainerContext, check_bind_paths, require_image
+from offload.errors import ConfigError
+from offload.runtimes.base import PASSTHROUGH, ContainerContext, check_bind_paths, require_image, unpack_rootfs
 
 
 class ApptainerRuntime:
     """``apptainer exec`` (or ``singularity exec``): ``.sif`` files, ``docker://``, ``oras://`` and sandboxes."""
+
+    cache_suffix = ".sif"
 
     def __init__(self, name: str = "apptainer", options: Sequence[str] = ()) -> None:
         self.name = name
@@ -23,6 +27,22 @@ class ApptainerRuntime:
     def image_path(self, ctx: ContainerContext) -> str | None:
         image = ctx.image or ""
         return None if "://" in image else image  # a .sif file or a sandbox directory
+
+    def pull_script(self, ref: str) -> str:
+        return (f'rm -f "$OFFLOAD_DEST.tmp" && {self.binary} pull "$OFFLOAD_DEST.tmp" {shlex.quote(ref)} && '
+                'mv "$OFFLOAD_DEST.tmp" "$OFFLOAD_DEST"')  # fmt: skip
+
+    def import_script(self, kind: str) -> str:
+        if kind == "sif":
+            return 'mv "$OFFLOAD_UPLOAD" "$OFFLOAD_DEST"'
+        if kind != "rootfs":
+            raise ConfigError(f"{self.name} imports root file systems and .sif files, not a {kind}")
+        sandbox = '"$OFFLOAD_DEST.rootfs"'
+        return (f'{unpack_rootfs(sandbox)} && {self.binary} build "$OFFLOAD_DEST.tmp" {sandbox}; rc=$?; '
+                f'rm -rf {sandbox}; [ $rc = 0 ] && mv "$OFFLOAD_DEST.tmp" "$OFFLOAD_DEST"')  # fmt: skip
+
+    def cached_image(self, path: str) -> str:
+        return path
 
     def bind_target(self, source: str) -> str:
         return source

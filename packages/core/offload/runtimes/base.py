@@ -68,6 +68,8 @@ class ContainerContext:
 
 class Runtime(Protocol):
     name: str
+    # What an image in the site's cache is called after its digest: "" (a directory), ".sif", ...
+    cache_suffix: str
 
     def validate(self, ctx: ContainerContext) -> None:
         """Raise :class:`ConfigError` for a context this runtime cannot run (before submission)."""
@@ -75,6 +77,22 @@ class Runtime(Protocol):
 
     def image_path(self, ctx: ContainerContext) -> str | None:
         """The image as a path on the site's file system, if it is one (checked before submitting), else None."""
+        ...
+
+    def pull_script(self, ref: str) -> str:
+        """Shell lines, run on the login node, that pull the registry image ``ref`` (``docker://...``) into the
+        cache entry ``"$OFFLOAD_DEST"``. The entry must appear whole or not at all: build ``"$OFFLOAD_DEST.tmp"``,
+        then rename it. Raise :class:`ConfigError` if this runtime cannot pull."""
+        ...
+
+    def import_script(self, kind: str) -> str:
+        """Shell lines that turn the uploaded ``"$OFFLOAD_UPLOAD"`` into the cache entry ``"$OFFLOAD_DEST"`` (the
+        same rules). ``kind`` is ``rootfs`` (a gzipped tar of a root file system: what ``offload image push``
+        makes of directories and OCI/Docker archives) or ``sif``; raise ConfigError for a kind it cannot run."""
+        ...
+
+    def cached_image(self, path: str) -> str:
+        """What a job names to run the cache entry at ``path`` (the path itself, or a transport prefix)."""
         ...
 
     def bind_target(self, source: str) -> str:
@@ -85,6 +103,18 @@ class Runtime(Protocol):
     def prelude(self, ctx: ContainerContext) -> list[str]: ...
 
     def command(self, argv: Sequence[str], ctx: ContainerContext) -> list[str]: ...
+
+
+def unpack_rootfs(target: str) -> str:
+    """Shell lines: the rootfs tarball ``"$OFFLOAD_UPLOAD"`` unpacked into the directory ``target`` (a shell word),
+    without device files (nobody unprivileged can make them; the runtime binds the node's ``/dev``), with what
+    container runtimes bind over: ``/etc/hosts``, ``/etc/resolv.conf``, and ``/mnt/0`` to ``/mnt/9``."""
+    mounts = " ".join(f"{target}/mnt/{n}" for n in range(10))
+    return (
+        f'rm -rf {target} && mkdir -p {target} && tar -xzf "$OFFLOAD_UPLOAD" -C {target} --no-same-owner '
+        f"--no-same-permissions --anchored --exclude='./dev/*' --exclude='dev/*' && mkdir -p {target}/etc "
+        f"{target}/dev {mounts} && touch {target}/etc/hosts {target}/etc/resolv.conf && chmod -R u+rwX {target}"
+    )
 
 
 def require_image(runtime: str, ctx: ContainerContext) -> str:

@@ -6,10 +6,11 @@
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Sequence
 
 from offload.errors import ConfigError
-from offload.runtimes.base import ContainerContext, check_bind_paths, require_image
+from offload.runtimes.base import ContainerContext, check_bind_paths, require_image, unpack_rootfs
 
 JOB_DIR = "/mnt/9"
 BIND_SLOT = "/mnt/8"
@@ -17,6 +18,7 @@ BIND_SLOT = "/mnt/8"
 
 class CharliecloudRuntime:
     name = "charliecloud"
+    cache_suffix = ""  # a directory: ch-run starts it at once, without FUSE or a conversion on the node
 
     def __init__(self, options: Sequence[str] = ()) -> None:
         self.options = tuple(options)
@@ -25,8 +27,9 @@ class CharliecloudRuntime:
         image = require_image(self.name, ctx)
         if "://" in image:
             raise ConfigError(
-                f"charliecloud runs unpacked directories or SquashFS files, not {image!r}. "
-                "Pull it on the site with 'ch-image pull' and 'ch-convert', then give the path."
+                f'charliecloud runs directories and SquashFS files, not {image!r}, and with pull = "node" in the '
+                'profile nothing pulls it. Leave pull = "login" (the default) for offload to pull it once on the '
+                "login node, or give the path of an image on the site."
             )
         check_bind_paths(self.name, ctx, ":")
         for mount in ctx.mounts:
@@ -38,6 +41,27 @@ class CharliecloudRuntime:
 
     def image_path(self, ctx: ContainerContext) -> str | None:
         return ctx.image  # always a directory or SquashFS file on the site
+
+    def pull_script(self, ref: str) -> str:
+        name = ref.split("://", 1)[-1]
+        # ch-image's own storage only for this pull, removed after: the cache is offload's, and prune frees all
+        return (
+            'export CH_IMAGE_STORAGE="$OFFLOAD_DEST.ch-image"; rm -rf "$CH_IMAGE_STORAGE" "$OFFLOAD_DEST.tmp"; '
+            f"ch-image --no-cache pull {shlex.quote(name)} offload-pull && ch-convert -i ch-image -o dir offload-pull "
+            '"$OFFLOAD_DEST.tmp"; rc=$?; rm -rf "$CH_IMAGE_STORAGE"; '
+            '[ $rc = 0 ] && mv "$OFFLOAD_DEST.tmp" "$OFFLOAD_DEST"'
+        )
+
+    def import_script(self, kind: str) -> str:
+        if kind != "rootfs":
+            raise ConfigError(
+                f"charliecloud runs directories and SquashFS files, not a {kind}: push a root file system (a "
+                "directory, a tarball, or a 'docker save'/OCI archive)"
+            )
+        return f'{unpack_rootfs(chr(34) + "$OFFLOAD_DEST.tmp" + chr(34))} && mv "$OFFLOAD_DEST.tmp" "$OFFLOAD_DEST"'
+
+    def cached_image(self, path: str) -> str:
+        return path
 
     def bind_target(self, source: str) -> str:
         return BIND_SLOT  # ch-run binds only onto directories the image has: /mnt/8 is offload's spare one

@@ -14,6 +14,7 @@ log = logging.getLogger("offload")
 
 class NoRuntime:
     name = "none"
+    cache_suffix = ""
 
     def __init__(self, options: Sequence[str] = ()) -> None:
         self._warned: set[str] = set()
@@ -27,6 +28,15 @@ class NoRuntime:
 
     def image_path(self, ctx: ContainerContext) -> str | None:
         return None
+
+    def pull_script(self, ref: str) -> str:
+        raise ConfigError('this site runs no container (runtime "none"): it has no images to pull')
+
+    def import_script(self, kind: str) -> str:
+        raise ConfigError('this site runs no container (runtime "none"): it has no images to push')
+
+    def cached_image(self, path: str) -> str:
+        return path
 
     def bind_target(self, source: str) -> str:
         return source  # no container: the payload sees the site's own paths

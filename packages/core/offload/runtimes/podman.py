@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Sequence
 
+from offload.errors import ConfigError
 from offload.runtimes.base import PASSTHROUGH, ContainerContext, check_bind_paths, require_image
 
 
 class PodmanRuntime:
     name = "podman"
+    cache_suffix = ".oci.tar"  # an OCI archive on the shared file system: nodes need no registry nor store
 
     def __init__(self, options: Sequence[str] = ()) -> None:
         self.options = tuple(options)
@@ -19,6 +22,23 @@ class PodmanRuntime:
 
     def image_path(self, ctx: ContainerContext) -> str | None:
         return None  # names of podman's own store or of a registry
+
+    def pull_script(self, ref: str) -> str:
+        name = shlex.quote(ref.split("://", 1)[-1])
+        return (f'podman pull {name} && rm -f "$OFFLOAD_DEST.tmp" && podman save --format oci-archive -o '
+                f'"$OFFLOAD_DEST.tmp" {name} && mv "$OFFLOAD_DEST.tmp" "$OFFLOAD_DEST"')  # fmt: skip
+
+    def import_script(self, kind: str) -> str:
+        if kind != "rootfs":
+            raise ConfigError(f"podman imports root file systems, not a {kind}")
+        return (
+            'name="localhost/offload-import-$$"; podman import "$OFFLOAD_UPLOAD" "$name" && rm -f "$OFFLOAD_DEST.tmp" '
+            '&& podman save --format oci-archive -o "$OFFLOAD_DEST.tmp" "$name"; rc=$?; podman rmi "$name" >/dev/null '
+            '2>&1; [ $rc = 0 ] && mv "$OFFLOAD_DEST.tmp" "$OFFLOAD_DEST"'
+        )
+
+    def cached_image(self, path: str) -> str:
+        return "oci-archive:" + path
 
     def bind_target(self, source: str) -> str:
         return source

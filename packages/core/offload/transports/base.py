@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shlex
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -33,6 +33,9 @@ class CommandResult:
                 stderr=self.stderr,
             )
         return self
+
+
+Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
 
 
 class PortForward(Protocol):
@@ -96,6 +99,18 @@ class Transport(Protocol):
     async def read_file(self, path: str, offset: int = 0) -> bytes:
         """The bytes of ``path`` from ``offset`` on (negative: the last ``-offset`` bytes); empty if the file does
         not exist yet."""
+        ...
+
+    async def put(
+        self, local: str, remote: str, *, mode: int = 0o600, resume: bool = False, progress: Progress | None = None
+    ) -> None:
+        """Copy the local file ``local`` to ``remote`` (created with ``mode``). ``resume``: a ``remote`` that is
+        a partial earlier copy of this same file is continued, not sent again. ``progress(done, total)`` is
+        called as bytes go."""  # fmt: skip
+        ...
+
+    async def get(self, remote: str, local: str, *, progress: Progress | None = None) -> None:
+        """Copy the site's file ``remote`` to the local file ``local``."""
         ...
 
     async def forward_local_port(self, remote_host: str, remote_port: int, local_port: int = 0) -> PortForward:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from offload.errors import SiteNotAnswering, TransportError
-from offload.transports.base import CommandResult
+from offload.transports.base import CommandResult, Progress
 
 
 class _NoForward:
@@ -115,6 +115,13 @@ class LocalTransport:
         except FileNotFoundError:
             return b""
 
+    async def put(self, local: str, remote: str, *, mode: int = 0o600, resume: bool = False,
+                  progress: Progress | None = None) -> None:  # fmt: skip
+        await asyncio.get_running_loop().run_in_executor(None, _copy, local, remote, mode, progress)
+
+    async def get(self, remote: str, local: str, *, progress: Progress | None = None) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, _copy, remote, local, 0o600, progress)
+
     async def forward_local_port(self, remote_host: str, remote_port: int, local_port: int = 0) -> _NoForward:
         return _NoForward(remote_port)
 
@@ -124,3 +131,16 @@ class LocalTransport:
 
     async def close(self) -> None:
         return None
+
+
+def _copy(source: str, target: str, mode: int, progress: Progress | None) -> None:
+    total, done = os.path.getsize(source), 0
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with open(source, "rb") as src, os.fdopen(fd, "wb") as dst:
+        while chunk := src.read(1 << 22):
+            dst.write(chunk)
+            done += len(chunk)
+            if progress:
+                progress(done, total)
+    if progress and not total:
+        progress(0, 0)

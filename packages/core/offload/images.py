@@ -1,0 +1,445 @@
+"""Container images the way HPC sites need them: pulled once on the login node, or pushed from here.
+
+Compute nodes usually cannot reach a registry, and sixteen jobs pulling one image at once into one cache (each
+on its node, each eating its walltime) is how sites get hurt. So a registry image (``docker://...``) is pulled
+*once*, on the login node, into the site's image cache ``<workdir>/images``, converted to what the runtime runs
+best (Charliecloud: a directory; Apptainer: a ``.sif``; Podman: its store), keyed by the registry's digest;
+jobs then run the cached image. Many jobs (and many clients: a lock on the site) asking for a missing image
+cause one pull. A profile with ``pull = "node"`` leaves pulls to the runtime on the node, for sites whose nodes
+do reach registries.
+
+An image made here (a directory, a rootfs tarball, a ``docker save`` or OCI archive, a ``.sif``) is pushed
+over the site's SSH connection (SFTP, in large parallel blocks, with progress) and converted there; then
+``--image NAME`` names it in any job, JupyterLab, Dask cluster, Airflow task or hub profile.
+
+The login node's side of the cache is :mod:`offload.images_site` (standard library only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gzip
+import hashlib
+import inspect
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from offload import _loop, images_site
+from offload.errors import ConfigError, ImageError
+
+if TYPE_CHECKING:
+    from offload.site import Site
+    from offload.spec import JobSpec
+
+log = logging.getLogger("offload.images")
+
+SOURCE = inspect.getsource(images_site)
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# A resolved registry image is trusted for this long in one process (then its tag is asked for again): a
+# submission of 1000 jobs, or a Dask cluster scaling up, asks the registry once, not per job.
+RESOLVED_FOR = 300.0
+Progress = Callable[[str], None]
+_MADE = "offload-image-"  # the prefix of the temporary files a push makes (and deletes)
+
+
+@dataclass(frozen=True)
+class CachedImage:
+    """An image in a site's cache: the ref it is known by, its digest, its path on the site, its size in
+    bytes, and when it was pulled and last used (seconds since the epoch)."""
+
+    ref: str
+    digest: str
+    path: str
+    size: int
+    pulled: float
+    used: float
+
+    @property
+    def name(self) -> str:
+        """What to give as ``image=`` (``--image``): the pushed name, or the registry ref."""
+        return self.ref.removeprefix("local://")
+
+
+def is_pull(image: str | None) -> bool:
+    """A registry image the cache pulls (``docker://...``)."""
+    return bool(image) and image.startswith("docker://")
+
+
+def is_pushed_name(image: str | None) -> bool:
+    """A bare name (no ``/``, no scheme): perhaps an image pushed with ``offload image push --name``."""
+    return bool(image) and _NAME.match(image) is not None
+
+
+def _pushed_ref(name: str) -> str:
+    return f"local://{name}"
+
+
+class Images:
+    """The image cache of one site, on its login node under ``<workdir>/images``: ``site.images``.
+
+    Every method has an ``a``-prefixed async form. Methods that may take minutes (``pull``, ``push``) report
+    how they go to ``progress`` (default: the ``offload.images`` logger).
+    """
+
+    def __init__(self, site: Site) -> None:
+        self._site = site
+        self._resolving: dict[str, tuple[float, asyncio.Future[CachedImage]]] = {}
+
+    async def _cache(self) -> str:
+        return f"{await self._site.aworkdir()}/images"
+
+    async def _helper(self, mode: str, *args: str, progress: Progress | None = None) -> list[CachedImage]:
+        """Run one mode of :mod:`offload.images_site` on the login node: the records it prints."""
+        lines = await self._run_helper(mode, *args, progress=progress)
+        return [_image(json.loads(line[15:])) for line in lines if line.startswith("offload-record ")]
+
+    async def _run_helper(self, mode: str, *args: str, progress: Progress | None = None) -> list[str]:
+        """Run one mode of :mod:`offload.images_site` on the login node: the lines it prints, or
+        :class:`ImageError` with its own words. With ``progress``, its output is passed on a line at a time as
+        it comes (a pull may take minutes); without, it is a quick command, bounded by the command timeout."""
+        argv = ["sh", "-c", 'exec python3 -c "$0" "$@"', SOURCE, mode, await self._cache(), *args]
+        if progress is None:
+            result = await self._site.transport.run(argv, check=False)
+            lines, code = (result.stdout + "\n" + result.stderr).splitlines(), result.exit_status
+        else:
+            lines, code = await self._stream(argv, progress)
+        if code != 0:
+            errors = [line[14:] for line in lines if line.startswith("offload-error ")]
+            said = "\n".join(line for line in lines[-25:] if line.strip() and not line.startswith("offload-"))
+            if errors:
+                raise ImageError(errors[-1] + (f":\n{said}" if said else ""))
+            raise ImageError(f"the image cache on the login node failed (exit status {code}):\n{said}")
+        return lines
+
+    async def _stream(self, argv: list[str], progress: Progress) -> tuple[list[str], int]:
+        process = await self._site.transport.start(argv)
+        lines: list[str] = []
+        pending = b""
+        try:
+            while chunk := await process.stdout.read(65536):
+                pending += chunk.replace(b"\r", b"\n")  # a progress bar's redraws become lines
+                *complete, pending = pending.split(b"\n")
+                for raw in complete:
+                    line = raw.decode("utf-8", "replace").rstrip()
+                    if line:
+                        lines.append(line)
+                        if not line.startswith("offload-"):
+                            progress(line)
+            if pending.strip():
+                lines.append(pending.decode("utf-8", "replace").rstrip())
+            return lines, await process.wait()
+        finally:
+            process.close()
+
+    # -- reading the cache ----------------------------------------------------------------------------
+
+    async def alist(self) -> list[CachedImage]:
+        """The cached images, the most recently used first."""
+        return sorted(await self._helper("list"), key=lambda image: image.used, reverse=True)
+
+    def list(self) -> list[CachedImage]:
+        """Sync form of :meth:`alist`."""
+        return _loop.run(self.alist())
+
+    async def aremote_digest(self, ref: str) -> tuple[str, int]:
+        """What the registry has for ``ref`` now, asked from the login node: its digest and its download size
+        in bytes (without pulling it)."""
+        for line in await self._run_helper("digest", ref):
+            if line.startswith("offload-digest "):
+                found, size = line.split()[1:3]
+                return found, int(size)
+        raise ImageError(f"the login node gave no digest for {ref}")
+
+    # -- pulling --------------------------------------------------------------------------------------
+
+    async def apull(self, ref: str, progress: Progress | None = None) -> CachedImage:
+        """``ref`` (``docker://...``) in the cache: the registry is asked for the tag's digest now, and the image
+        is pulled and converted on the login node unless that digest is there already. Several callers (in this
+        process, or on other machines: a lock on the site) asking at once cause one pull."""
+        if not is_pull(ref):
+            raise ConfigError(f"{ref!r} is not a registry image: give docker://HOST/REPO:TAG")
+        progress = progress or log.info
+        script = self._site.runtime.pull_script(ref)
+        try:
+            found = await self._helper("ensure", ref, self._site.runtime.cache_suffix, script,
+                                       progress=lambda line: progress(f"{ref}: {line}"))  # fmt: skip
+        except ImageError as exc:
+            hint = ""
+            if "cannot reach the registry" in str(exc):
+                hint = (". Where the login node cannot reach the registry either, bring the image from here: "
+                        "offload image push PATH --name NAME")  # fmt: skip
+            raise ImageError(f"image {ref} on site '{self._site.name}': {exc}{hint}") from None
+        if not found:
+            raise ImageError(f"image {ref}: the cache on the login node gave no record of it")
+        self._resolving[ref] = (time.monotonic(), _done(found[-1]))
+        return found[-1]
+
+    def pull(self, ref: str, progress: Progress | None = None) -> CachedImage:
+        """Sync form of :meth:`apull`."""
+        return _loop.run(self.apull(ref, progress))
+
+    # -- what a job runs ------------------------------------------------------------------------------
+
+    async def aresolve(self, image: str, progress: Progress | None = None) -> str:
+        """The image a job should name: a registry image (where the site pulls on its login node) is pulled
+        once and run from the cache; a name given to ``offload image push`` is that image's cache path; any
+        other image (a path on the site, or a ref the runtime pulls itself) is left as it is."""
+        pull = is_pull(image) and self._site.config.pull == "login"
+        if not pull and not is_pushed_name(image):
+            return image
+        when, running = self._resolving.get(image, (0.0, None))
+        fresh = running is not None and (not running.done() or time.monotonic() - when < RESOLVED_FOR)
+        if not fresh or (running.done() and running.exception() is not None):
+            running = asyncio.ensure_future(self.apull(image, progress) if pull else self._find_pushed(image))
+            self._resolving[image] = (time.monotonic(), running)
+        cached = await asyncio.shield(running)
+        if cached is None:  # a bare name that is no pushed image: a name of the runtime's own store, or a mistake
+            if self._site.runtime.image_path(_just_image(image)) is None:
+                return image
+            raise ImageError(
+                f"no image named {image!r} in the cache of site '{self._site.name}': push it with 'offload image "
+                f"push PATH --name {image} --site {self._site.name}' ('offload image ls' lists what is there)"
+            )
+        return self._site.runtime.cached_image(cached.path)
+
+    def resolve(self, image: str, progress: Progress | None = None) -> str:
+        """Sync form of :meth:`aresolve`."""
+        return _loop.run(self.aresolve(image, progress))
+
+    async def _find_pushed(self, name: str) -> CachedImage | None:
+        try:
+            found = await self._helper("find", _pushed_ref(name))
+        except ImageError as exc:
+            if str(exc).startswith("missing"):
+                return None
+            raise
+        return found[-1] if found else None
+
+    async def aresolve_specs(self, specs: list[JobSpec], progress: Progress | None = None) -> list[JobSpec]:
+        """``specs`` with each image resolved (:meth:`aresolve`), the site's default image included: each
+        distinct image once, all at the same time."""
+        images = {spec.image or self._site.config.image for spec in specs} - {None, ""}
+        wanted = [image for image in images if is_pull(image) or is_pushed_name(image)]
+        if not wanted:
+            return specs
+        resolved = dict(zip(wanted, await asyncio.gather(*(self.aresolve(i, progress) for i in wanted)), strict=True))
+        return [replace(spec, image=resolved.get(spec.image or self._site.config.image or "", spec.image))
+                for spec in specs]  # fmt: skip
+
+    # -- pushing ----------------------------------------------------------------------------------------
+
+    async def apush(self, path: str | os.PathLike[str], name: str, progress: Progress | None = None) -> CachedImage:
+        """Send a local image to the site under ``name`` (then ``image=name``, ``--image NAME`` runs it): a
+        directory, a rootfs tarball, a ``docker save`` or OCI archive, or a ``.sif``. It goes over the site's
+        connection in large parallel blocks, resumes where an interrupted push of the same content stopped, and
+        is converted on the login node to what the runtime runs best. Content that is there already is not
+        sent again."""
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise ConfigError(f"image name {name!r}: use up to 64 letters, digits, '.', '_' and '-' (no '/')")
+        progress = progress or log.info
+        local = Path(path)
+        runtime = self._site.runtime
+        loop = asyncio.get_running_loop()
+        progress(f"{name}: preparing {local}")
+        kind, upload = await loop.run_in_executor(None, _prepare, local)
+        made = upload.name.startswith(_MADE)
+        script = runtime.import_script(kind)  # refuses a kind the runtime cannot run, before the upload
+        try:
+            digest = "sha256:" + await loop.run_in_executor(None, _sha256, upload)
+            cache = await self._cache()
+            known = {image.digest for image in await self.alist()}
+            remote = ""
+            if digest not in known:
+                await self._site.transport.run(["mkdir", "-p", "-m", "700", f"{cache}/uploads"])
+                remote = f"{cache}/uploads/{digest[7:]}.{'sif' if kind == 'sif' else 'tar.gz'}"
+                size = upload.stat().st_size
+                await self._site.transport.put(str(upload), remote, resume=True,
+                                               progress=_upload_progress(progress, name, size))  # fmt: skip
+            else:
+                progress(f"{name}: the site has this image already ({digest[:19]})")
+        finally:
+            if made:
+                upload.unlink(missing_ok=True)
+        found = await self._helper("import", _pushed_ref(name), digest, runtime.cache_suffix, remote, script,
+                                   progress=lambda line: progress(f"{name}: {line}"))  # fmt: skip
+        if not found:
+            raise ImageError(f"pushed {name}, but the cache on the login node gave no record of it")
+        self._resolving.pop(name, None)
+        progress(f"{name} is on site '{self._site.name}' ({found[-1].size / 2**20:.0f} MiB): use --image {name}")
+        return found[-1]
+
+    def push(self, path: str | os.PathLike[str], name: str, progress: Progress | None = None) -> CachedImage:
+        """Sync form of :meth:`apush`."""
+        return _loop.run(self.apush(path, name, progress))
+
+    # -- forgetting -----------------------------------------------------------------------------------
+
+    async def aremove(self, image: str) -> list[CachedImage]:
+        """Forget an image (by ref, pushed name or digest); its files go when no other ref uses them."""
+        wanted = _pushed_ref(image) if is_pushed_name(image) else image
+        self._resolving.pop(image, None)
+        return await self._helper("remove", wanted)
+
+    def remove(self, image: str) -> list[CachedImage]:
+        """Sync form of :meth:`aremove`."""
+        return _loop.run(self.aremove(image))
+
+    async def aprune(self, older_than_days: float = 0, max_bytes: int = 0) -> list[CachedImage]:
+        """Delete the images unused for ``older_than_days`` days, then the least recently used ones until the
+        cache holds at most ``max_bytes`` (0: no such limit). Returns what went."""
+        if older_than_days < 0 or max_bytes < 0:
+            raise ConfigError("prune takes a number of days and a size of at least 0")
+        self._resolving.clear()
+        return await self._helper("prune", str(older_than_days), str(int(max_bytes)))
+
+    def prune(self, older_than_days: float = 0, max_bytes: int = 0) -> list[CachedImage]:
+        """Sync form of :meth:`aprune`."""
+        return _loop.run(self.aprune(older_than_days, max_bytes))
+
+
+def _image(record: dict) -> CachedImage:
+    return CachedImage(record["ref"], record["digest"], record["path"], int(record.get("size", 0)),
+                       float(record.get("pulled", 0)), float(record.get("used", 0)))  # fmt: skip
+
+
+def _done(image: CachedImage) -> asyncio.Future[CachedImage]:
+    future: asyncio.Future[CachedImage] = asyncio.get_running_loop().create_future()
+    future.set_result(image)
+    return future
+
+
+def _just_image(image: str):
+    from offload.runtimes.base import ContainerContext
+
+    return ContainerContext(image=image)
+
+
+def _upload_progress(progress: Progress, name: str, size: int) -> Callable[[int, int], None]:
+    shown = {"tenth": -1}
+
+    def handler(done: int, total: int) -> None:
+        tenth = 10 * done // total if total else 10
+        if tenth != shown["tenth"]:
+            shown["tenth"] = tenth
+            progress(f"{name}: sent {done / 2**20:.0f} of {size / 2**20:.0f} MiB")
+
+    return handler
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _prepare(local: Path) -> tuple[str, Path]:
+    """What to upload: ``("sif", file)`` for a SIF, else ``("rootfs", tar.gz)`` of a root file system: made from a
+    directory, taken as it is from a gzipped rootfs tarball, or flattened from a ``docker save`` / OCI archive.
+    What is made is made the same way each time (sorted, no timestamps in the gzip header), so pushing the same
+    image again is recognised and not sent twice."""
+    local = local.expanduser()
+    if not local.exists():
+        raise ConfigError(f"{local}: no such file or directory here")
+    if local.is_dir():
+        return "rootfs", _tar_directory(local)
+    with local.open("rb") as f:
+        head = f.read(128)
+    if head.startswith(b"#!/usr/bin/env run-singularity") or b"SIF_MAGIC" in head:
+        return "sif", local
+    if not tarfile.is_tarfile(local):
+        raise ConfigError(f"{local}: not a directory, a tarball, a 'docker save'/OCI archive or a .sif")
+    with tarfile.open(local) as archive:
+        names = {name.removeprefix("./") for name in archive.getnames()}
+        if "manifest.json" in names or "oci-layout" in names:
+            return "rootfs", _flatten(archive, names, local.name)
+    if head[:2] == b"\x1f\x8b":  # already a gzipped tarball of a root file system
+        return "rootfs", local
+    return "rootfs", _gzip(local)
+
+
+def _tar_directory(folder: Path) -> Path:
+    def keep(member: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        if member.isdev():  # nobody unprivileged can make device files; runtimes bind the node's /dev
+            return None
+        member.uid = member.gid = 0
+        member.uname = member.gname = ""
+        return member
+
+    fd, name = tempfile.mkstemp(prefix=_MADE, suffix=".tar.gz")
+    with os.fdopen(fd, "wb") as out, gzip.GzipFile(fileobj=out, mode="wb", compresslevel=1, mtime=0) as gz:
+        with tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            tar.add(folder.resolve(), arcname=".", filter=keep)  # a symlink to a directory: the directory
+    return Path(name)
+
+
+def _gzip(local: Path) -> Path:
+    fd, name = tempfile.mkstemp(prefix=_MADE, suffix=".tar.gz")
+    with os.fdopen(fd, "wb") as out, local.open("rb") as src:
+        with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=1, mtime=0) as gz:
+            shutil.copyfileobj(src, gz, 1 << 20)
+    return Path(name)
+
+
+def _flatten(archive: tarfile.TarFile, names: set[str], label: str) -> Path:
+    """The layers of a ``docker save`` (``manifest.json``) or OCI (``index.json``) archive applied in order, with
+    their whiteouts, into one root file system."""
+
+    def read(member: str) -> bytes:
+        for candidate in (member, "./" + member):
+            with contextlib.suppress(KeyError):
+                extracted = archive.extractfile(candidate)
+                if extracted is not None:
+                    return extracted.read()
+        raise ConfigError(f"{label}: the archive has no {member}")
+
+    def blob(digest: str) -> str:
+        return "blobs/" + digest.replace(":", "/", 1)
+
+    if "manifest.json" in names:
+        layers = json.loads(read("manifest.json"))[0]["Layers"]
+    else:
+        found = json.loads(read("index.json"))
+        while "manifests" in found:  # an index (of a multi-platform image, say): its first manifest
+            found = json.loads(read(blob(found["manifests"][0]["digest"])))
+        layers = [blob(layer["digest"]) for layer in found["layers"]]
+    root = Path(tempfile.mkdtemp(prefix="offload-rootfs-"))
+    try:
+        for layer in layers:
+            with tarfile.open(fileobj=io.BytesIO(read(layer))) as tar:
+                for member in tar.getmembers():
+                    path = Path(member.name.removeprefix("./"))
+                    if member.isdev() or path.is_absolute() or ".." in path.parts or not path.parts:
+                        continue
+                    if path.name == ".wh..wh..opq":  # an opaque directory: what lower layers put there goes
+                        for child in (root / path.parent).glob("*"):
+                            _remove(child)
+                    elif path.name.startswith(".wh."):  # a whiteout: that file of a lower layer goes
+                        _remove(root / path.parent / path.name[4:])
+                    else:
+                        if not member.isdir():
+                            _remove(root / path)
+                        tar.extract(member, root, set_attrs=False, filter="tar")
+        return _tar_directory(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
