@@ -22,3 +22,16 @@ def test_dask_example_on_the_test_site(testsite_config):
     assert "4 GPU workers ready" in result.stdout
     # 2 GPUs per node on the test site: the four workers span both GPU nodes
     assert "chunks per node/GPU: {'node1/0': " in result.stdout and "'node2/1': " in result.stdout
+
+
+def test_custom_image_example_on_the_test_site(testsite_config):
+    from .conftest import STATE
+
+    result = subprocess.run([sys.executable, str(EXAMPLES / "custom_image.py"), "--site", "testsite", "--base",
+                             str(STATE / "images" / "default"), "--name", "example-myapp"],
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "job: myapp in the image says 42" in result.stdout
+    assert "dask worker: 42" in result.stdout
+    subprocess.run([sys.executable, "-m", "offload.cli", "image", "rm", "example-myapp", "--site", "testsite"],
+                   capture_output=True, timeout=60)  # fmt: skip
