@@ -51,6 +51,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # submission of 1000 jobs, or a Dask cluster scaling up, asks the registry once, not per job.
 RESOLVED_FOR = 300.0
 Progress = Callable[[str], None]
+_NOT_CACHED = "not in the site's cache yet: making it once on the login node (later jobs run the cached copy)"
 _MADE = "offload-image-"  # the prefix of the temporary files a push makes (and deletes)
 
 
@@ -135,7 +136,9 @@ class Images:
                     line = raw.decode("utf-8", "replace").rstrip()
                     if line:
                         lines.append(line)
-                        if not line.startswith("offload-"):
+                        if line == "offload-building":
+                            progress(_NOT_CACHED)
+                        elif not line.startswith("offload-"):
                             progress(line)
             if pending.strip():
                 lines.append(pending.decode("utf-8", "replace").rstrip())
@@ -170,7 +173,7 @@ class Images:
         process, or on other machines: a lock on the site) asking at once cause one pull."""
         if not is_pull(ref):
             raise ConfigError(f"{ref!r} is not a registry image: give docker://HOST/REPO:TAG")
-        progress = progress or log.info
+        progress = progress or _log_progress
         script = self._site.runtime.pull_script(ref)
         try:
             found = await self._helper("ensure", ref, self._site.runtime.cache_suffix, script,
@@ -248,7 +251,7 @@ class Images:
         sent again."""
         if not isinstance(name, str) or not _NAME.match(name):
             raise ConfigError(f"image name {name!r}: use up to 64 letters, digits, '.', '_' and '-' (no '/')")
-        progress = progress or log.info
+        progress = progress or _log_progress
         local = Path(path)
         runtime = self._site.runtime
         loop = asyncio.get_running_loop()
@@ -307,6 +310,12 @@ class Images:
     def prune(self, older_than_days: float = 0, max_bytes: int = 0) -> list[CachedImage]:
         """Sync form of :meth:`aprune`."""
         return _loop.run(self.aprune(older_than_days, max_bytes))
+
+
+def _log_progress(line: str) -> None:
+    """Progress where nobody asked for it: a first pull (minutes, perhaps) is said at WARNING, so a notebook
+    or a Dask cluster starting shows why it waits; the pull's own lines are INFO."""
+    (log.warning if _NOT_CACHED in line else log.info)(line)
 
 
 def _image(record: dict) -> CachedImage:
