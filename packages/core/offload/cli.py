@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -717,6 +717,53 @@ def logs(job_id: str, site_name: str | None, follow: bool) -> None:
                 click.echo(line)
         except KeyboardInterrupt:
             sys.exit(130)
+
+
+@main.command()
+@click.argument("job_id", metavar="JOB")
+@click.argument("local", type=click.Path(exists=True, dir_okay=False, path_type=str))
+@click.argument("name", required=False)
+@click.option("--site", "site_name")
+def put(job_id: str, local: str, name: str | None, site_name: str | None) -> None:
+    """Copy the local file LOCAL into a job's directory as NAME (default: its own name); the job sees it at
+    $OFFLOAD_JOB_DIR/NAME. Large files are streamed in parallel blocks, with progress."""
+    with _user_errors():
+        job = _resolve(job_id, site_name)
+        job.upload(local, name, progress=_transfer_progress(os.path.basename(local)))
+
+
+@main.command()
+@click.argument("job_id", metavar="JOB")
+@click.argument("name")
+@click.argument("local", required=False, type=click.Path(dir_okay=False, path_type=str))
+@click.option("--site", "site_name")
+def get(job_id: str, name: str, local: str | None, site_name: str | None) -> None:
+    """Copy the file NAME of a job's directory to LOCAL (default: ./NAME), with progress."""
+    with _user_errors():
+        job = _resolve(job_id, site_name)
+        job.download(name, local or name, progress=_transfer_progress(name))
+
+
+def _transfer_progress(label: str) -> Callable[[int, int], None]:
+    """A progress line on stderr: redrawn in place on a terminal, a line per tenth otherwise (logs, CI)."""
+    tty = sys.stderr.isatty()
+    shown = {"tenth": -1, "at": 0.0}
+
+    def report(done: int, total: int) -> None:
+        tenth = 10 * done // total if total else 10
+        now = time.monotonic()
+        if tty and (now - shown["at"] > 0.2 or done == total):
+            shown["at"] = now
+            end = "\n" if done == total else ""
+            percent = 100 * done // total if total else 100
+            click.echo(
+                f"\r{label}: {done / 2**20:.0f} of {total / 2**20:.0f} MiB ({percent}%){end}", err=True, nl=False
+            )
+        elif not tty and tenth != shown["tenth"]:
+            shown["tenth"] = tenth
+            click.echo(f"{label}: {done / 2**20:.0f} of {total / 2**20:.0f} MiB", err=True)
+
+    return report
 
 
 @main.command()

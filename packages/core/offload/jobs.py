@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import os
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -21,6 +22,7 @@ from offload.spec import RESERVED_FILES
 if TYPE_CHECKING:
     from offload.site import Site
     from offload.spec import JobSpec
+    from offload.transports.base import Progress
 
 
 class JobState(enum.Enum):
@@ -94,6 +96,12 @@ class JobHost(Protocol):
         ...
 
     async def write(self, path: str, data: bytes, mode: int) -> None: ...
+
+    async def upload(self, local: str, path: str, progress: Progress | None) -> None:
+        """Copy the local file ``local`` to ``path``, streamed (large files never sit in memory)."""
+        ...
+
+    async def download(self, path: str, local: str, progress: Progress | None) -> None: ...
 
 
 class Job:
@@ -294,6 +302,25 @@ class Job:
     def get(self, name: str) -> bytes:
         """Sync form of :meth:`aget`."""
         return _loop.run(self._host.read(self._path(name)))
+
+    async def aupload(self, local: str | os.PathLike[str], name: str | None = None,
+                      progress: Progress | None = None) -> None:  # fmt: skip
+        """Copy a local file (of any size: streamed, in parallel blocks) to ``name`` in the job's directory
+        (default: its own name). ``progress(done, total)`` is called as bytes go."""
+        path = self._path(name or os.path.basename(local))
+        await _loop.bridge(self._host.upload(os.fspath(local), path, progress))
+
+    def upload(self, local: str | os.PathLike[str], name: str | None = None, progress: Progress | None = None) -> None:
+        """Sync form of :meth:`aupload`."""
+        _loop.run(self._host.upload(os.fspath(local), self._path(name or os.path.basename(local)), progress))
+
+    async def adownload(self, name: str, local: str | os.PathLike[str], progress: Progress | None = None) -> None:
+        """Copy the file ``name`` of the job's directory to the local file ``local`` (streamed, any size)."""
+        await _loop.bridge(self._host.download(self._path(name), os.fspath(local), progress))
+
+    def download(self, name: str, local: str | os.PathLike[str], progress: Progress | None = None) -> None:
+        """Sync form of :meth:`adownload`."""
+        _loop.run(self._host.download(self._path(name), os.fspath(local), progress))
 
     # -- cancel -----------------------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import shlex
 import time
 import urllib.error
 import urllib.request
@@ -51,13 +52,19 @@ host = socket.gethostname()
 with open(os.path.join(d, "jupyter.json.tmp"), "w") as f:
     json.dump({"host": host, "port": port}, f)
 os.rename(os.path.join(d, "jupyter.json.tmp"), os.path.join(d, "jupyter.json"))
-root = sys.argv[1]
+root, mode = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "lab"
 os.makedirs(root, exist_ok=True)
-print(f"JupyterLab on {host}, 127.0.0.1:{port}, serving {root}", flush=True)
+print(f"Jupyter ({mode}) on {host}, 127.0.0.1:{port}, serving {root}", flush=True)
 # The node's loopback only: other users of a shared node cannot even knock; offload reaches it through the
 # job's relay.
-argv = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
-        "--ServerApp.port_retries=0", f"--ServerApp.root_dir={root}", "--LabApp.news_url=None"]
+common = ["--ip=127.0.0.1", f"--port={port}", "--ServerApp.port_retries=0", f"--ServerApp.root_dir={root}",
+          "--LabApp.news_url=None"]
+if mode == "hub":  # a hub's single-user server: its URL (prefix and all) from the hub, its port from here
+    prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/")
+    os.environ["JUPYTERHUB_SERVICE_URL"] = f"http://127.0.0.1:{port}{prefix}"
+    argv = [sys.executable, "-m", "jupyterhub.singleuser", *common]
+else:
+    argv = [sys.executable, "-m", "jupyterlab", "--no-browser", *common]
 if os.getuid() == 0:
     argv.append("--allow-root")  # a laptop's local site run as root (containers run as the user)
 os.execvp(sys.executable, argv)
@@ -83,26 +90,38 @@ def _token_file(site: Site, job_id: str) -> Path:
     return default_path().parent / "jupyter" / f"{site.name}-{job_id}.token"
 
 
+def session_spec(site: Site, workdir: str, *, mode: str = "lab", notebooks: str = "notebooks",
+                 root: str | None = None, gpus: int = 0, image: str | None = None, walltime: str | None = None,
+                 cpus: int | None = None, memory: str | None = None, partition: str | None = None,
+                 reach: dict[str, str] | None = None, secrets: dict[str, str] | None = None,
+                 env: dict[str, str] | None = None, name: str = NAME) -> JobSpec:  # fmt: skip
+    """The job of a Jupyter server: JupyterLab (``mode="lab"``) or a hub's single-user server (``"hub"``).
+
+    Without ``root`` (a directory as seen inside the container) it serves ``<workdir>/<notebooks>`` on the site,
+    made 0700 by the job itself before the container starts and bound into it, so notebooks saved in one
+    session are there in the next."""
+    mounts: tuple[Mount, ...] = ()
+    prologue: tuple[str, ...] = ()
+    if root is None:
+        folder = f"{workdir}/{notebooks}"
+        prologue = (f"mkdir -p -m 700 {shlex.quote(folder)}",)
+        root = site.bind_target(folder)
+        if root != folder or site.config.runtime != "none":
+            mounts = (Mount(folder, root),)
+    return JobSpec(
+        [site.python, "-c", LAUNCHER, root, mode], image=image, mounts=mounts, prologue=prologue,
+        resources=Resources(gpus=gpus, cpus=cpus, memory=memory, walltime=walltime, partition=partition),
+        env=dict(env or {}), secrets=dict(secrets or {}), reach=dict(reach or {}), relay=True, name=name,
+    )  # fmt: skip
+
+
 def start(site: Site, *, gpus: int = 0, image: str | None = None, walltime: str | None = None,
           cpus: int | None = None, memory: str | None = None, root: str | None = None,
           reach: dict[str, str] | None = None) -> tuple[Job, str]:  # fmt: skip
-    """Submit JupyterLab as a job; returns the job and its token (also kept, 0600, for ``--attach``).
-
-    Without ``root`` (a directory as seen inside the container) it serves ``<workdir>/notebooks`` on the site,
-    made 0700 once and bound into the container, so notebooks saved in one session are there in the next."""
+    """Submit JupyterLab as a job; returns the job and its token (also kept, 0600, for ``--attach``)."""
     token = secrets.token_urlsafe(32)
-    mounts: tuple[Mount, ...] = ()
-    if root is None:
-        notebooks = f"{site.workdir()}/notebooks"
-        site.transport_run(["mkdir", "-p", "-m", "700", notebooks])
-        root = site.bind_target(notebooks)
-        if root != notebooks or site.config.runtime != "none":
-            mounts = (Mount(notebooks, root),)
-    spec = JobSpec(
-        [site.python, "-c", LAUNCHER, root], image=image, mounts=mounts,
-        resources=Resources(gpus=gpus, cpus=cpus, memory=memory, walltime=walltime),
-        secrets={"JUPYTER_TOKEN": token}, reach=dict(reach or {}), relay=True, name=NAME,
-    )  # fmt: skip
+    spec = session_spec(site, site.workdir(), root=root, gpus=gpus, image=image, walltime=walltime, cpus=cpus,
+                        memory=memory, reach=reach, secrets={"JUPYTER_TOKEN": token})  # fmt: skip
     site.validate(spec)
     job = site.submit(spec)
     write_private(_token_file(site, job.id), token)

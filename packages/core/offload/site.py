@@ -38,7 +38,7 @@ from offload.schedulers.base import NodeResources
 from offload.script import BatchScript
 from offload.spec import JobSpec
 from offload.submit import Submission
-from offload.transports.base import PortForward, Transport
+from offload.transports.base import PortForward, Progress, Transport
 
 log = logging.getLogger("offload")
 
@@ -557,6 +557,12 @@ class _JobHost:
 
     async def write(self, path: str, data: bytes, mode: int) -> None:
         await self._site._transport.write_file(path, data, mode=mode)
+
+    async def upload(self, local: str, path: str, progress: Progress | None) -> None:
+        await self._site._transport.put(local, path, progress=progress)
+
+    async def download(self, path: str, local: str, progress: Progress | None) -> None:
+        await self._site._transport.get(path, local, progress=progress)
 
 
 class Forward:

@@ -1,0 +1,260 @@
+"""Data through offload's one SSH connection vs OpenSSH's own tools, on the same sshd of the test site.
+
+* Forward throughput: a 200 MiB stream from a server on the login node, read through ``site.forward`` vs
+  ``ssh -L`` (OpenSSH's defaults, what guides and jupyter-forward use), and vs a direct connection for reference.
+* Forward latency: 1 KiB request/response round trips (Dask's pattern) through both forwards.
+* Large files: a 1 GiB file put and got with offload's transport (what ``Job.upload``/``download`` and ``offload
+  image push`` use) vs ``scp`` (OpenSSH 9: the SFTP protocol).
+* Many small files: a directory of 1,000 files of 2 KiB staged into a job's directory by one submission
+  (``JobSpec(files={"d/": archive(dir)})``, which also runs ``sbatch``) vs ``scp -r`` and ``rsync -a`` of the same
+  directory; the count of SSH channels offload opened is printed for 10 and 1,000 files.
+
+The peer runs in a subprocess (it is a separate program); offload's reader runs in this process, as a user's
+code does. Runs alternate; medians.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from common import TESTSITE, Comparison, alternate
+
+import offload
+from offload import _loop
+
+STREAM_MIB = 200
+ROUND_TRIPS = 2000
+FILE_MIB = 1024
+SMALL_FILES = 1000
+
+
+def _config():
+    os.environ.setdefault("OFFLOAD_CONFIG", f"{TESTSITE}/offload.toml")
+    return offload.load_site("testsite").config
+
+
+def _ssh_args(config, port_flag: str = "-p") -> list[str]:
+    """OpenSSH's options for the test site (``-P`` for scp's port)."""
+    known = f"UserKnownHostsFile={config.known_hosts}"
+    return [port_flag, str(config.port), "-i", config.identity_files[0], "-o", known, "-o", "StrictHostKeyChecking=yes",
+            "-o", "BatchMode=yes"]  # fmt: skip
+
+
+class Servers:
+    """On the login node (this machine, for the test site): one port streams STREAM_MIB to each connection,
+    another echoes. Threads in this process, so nothing is left behind."""
+
+    def __init__(self) -> None:
+        self.stream = self._serve(self._send)
+        self.echo = self._serve(self._echo)
+
+    def _serve(self, handler) -> int:
+        listener = socket.create_server(("127.0.0.1", 0))
+
+        def accept() -> None:
+            while True:
+                conn, _ = listener.accept()
+                threading.Thread(target=handler, args=(conn,), daemon=True).start()
+
+        threading.Thread(target=accept, daemon=True).start()
+        return listener.getsockname()[1]
+
+    @staticmethod
+    def _send(conn: socket.socket) -> None:
+        block = b"x" * (1 << 20)
+        with conn:
+            for _ in range(STREAM_MIB):
+                conn.sendall(block)
+
+    @staticmethod
+    def _echo(conn: socket.socket) -> None:
+        with conn:
+            while data := conn.recv(65536):
+                conn.sendall(data)
+
+
+def drain(port: int) -> float:
+    """MB/s reading the stream through ``port``."""
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        start, total = time.perf_counter(), 0
+        while data := s.recv(1 << 20):
+            total += len(data)
+    assert total == STREAM_MIB << 20, total
+    return total / (time.perf_counter() - start) / 1e6
+
+
+def round_trip(port: int) -> float:
+    """Microseconds per 1 KiB request/response through ``port``."""
+    message = b"r" * 1024
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for _ in range(50):  # warm up
+            s.sendall(message)
+            s.recv(65536)
+        start = time.perf_counter()
+        for _ in range(ROUND_TRIPS):
+            s.sendall(message)
+            got = 0
+            while got < len(message):
+                got += len(s.recv(65536))
+    return (time.perf_counter() - start) / ROUND_TRIPS * 1e6
+
+
+class OpenSSHForward:
+    def __init__(self, config, remote_port: int) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self._proc = subprocess.Popen(["ssh", *_ssh_args(config), "-N", "-L", f"{self.port}:127.0.0.1:{remote_port}",
+                                       f"{config.user}@{config.host}"])  # fmt: skip
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("ssh -L did not start")
+
+    def close(self) -> None:
+        self._proc.terminate()
+        self._proc.wait()
+
+
+def forward_rows(runs: int) -> list[Comparison]:
+    config = _config()
+    servers = Servers()
+    site = offload.Site(config)
+    stream = site.forward("127.0.0.1", servers.stream)
+    echo = site.forward("127.0.0.1", servers.echo)
+    ssh_stream, ssh_echo = OpenSSHForward(config, servers.stream), OpenSSHForward(config, servers.echo)
+    try:
+        rows = []
+        offload_rate, ssh_rate = alternate(runs, lambda: drain(stream.local_port), lambda: drain(ssh_stream.port))
+        rows.append(Comparison(f"forward throughput, {STREAM_MIB} MiB stream", "ssh -L", offload_rate, ssh_rate,
+                               unit="MB/s", lower_is_better=False, target=">= 0.9"))  # fmt: skip
+        direct = [drain(servers.stream) for _ in range(runs)]
+        rows.append(Comparison(f"forward throughput, {STREAM_MIB} MiB stream", "direct TCP (no SSH)", offload_rate,
+                               direct, unit="MB/s", lower_is_better=False, target="reference"))  # fmt: skip
+        offload_rtt, ssh_rtt = alternate(runs, lambda: round_trip(echo.local_port), lambda: round_trip(ssh_echo.port))
+        rows.append(Comparison("1 KiB request/response through the forward", "ssh -L", offload_rtt, ssh_rtt,
+                               unit="us", target="<= 1.1"))  # fmt: skip
+        return rows
+    finally:
+        ssh_stream.close()
+        ssh_echo.close()
+        site.close()
+
+
+def file_rows(runs: int) -> list[Comparison]:
+    config = _config()
+    site = offload.Site(config)
+    remote_dir = f"{site.workdir()}/bench-transfer"
+    site.transport_run(["mkdir", "-p", remote_dir])
+    local = Path(tempfile.mkdtemp(prefix="offload-bench-"))
+    try:
+        big = local / "big.bin"
+        with big.open("wb") as f:
+            for _ in range(FILE_MIB):
+                f.write(os.urandom(1 << 20))
+        target = f"{config.user}@{config.host}"
+
+        def offload_put() -> float:
+            start = time.perf_counter()
+            _loop.run(site.transport.put(str(big), f"{remote_dir}/big.bin"))
+            return FILE_MIB * 2**20 / (time.perf_counter() - start) / 1e6
+
+        def scp_put() -> float:
+            start = time.perf_counter()
+            subprocess.run(["scp", "-q", *_scp_args(config), str(big),
+                            f"{target}:{remote_dir}/big-scp.bin"], check=True)  # fmt: skip
+            return FILE_MIB * 2**20 / (time.perf_counter() - start) / 1e6
+
+        def offload_get() -> float:
+            (local / "got.bin").unlink(missing_ok=True)
+            start = time.perf_counter()
+            _loop.run(site.transport.get(f"{remote_dir}/big.bin", str(local / "got.bin")))
+            return FILE_MIB * 2**20 / (time.perf_counter() - start) / 1e6
+
+        def scp_get() -> float:
+            (local / "got-scp.bin").unlink(missing_ok=True)
+            start = time.perf_counter()
+            subprocess.run(["scp", "-q", *_scp_args(config), f"{target}:{remote_dir}/big.bin",
+                            str(local / "got-scp.bin")], check=True)  # fmt: skip
+            return FILE_MIB * 2**20 / (time.perf_counter() - start) / 1e6
+
+        rows = []
+        ours, theirs = alternate(runs, offload_put, scp_put)
+        rows.append(Comparison(f"put a {FILE_MIB} MiB file", "scp", ours, theirs, unit="MB/s", lower_is_better=False,
+                               target=">= 0.9"))  # fmt: skip
+        ours, theirs = alternate(runs, offload_get, scp_get)
+        rows.append(Comparison(f"get a {FILE_MIB} MiB file", "scp", ours, theirs, unit="MB/s", lower_is_better=False,
+                               target=">= 0.9"))  # fmt: skip
+
+        small = local / "small"
+        for i in range(SMALL_FILES):
+            (small / f"d{i % 10}").mkdir(parents=True, exist_ok=True)
+            (small / f"d{i % 10}" / f"f{i}.txt").write_bytes(os.urandom(1024).hex().encode())
+
+        def offload_stage() -> float:
+            start = time.perf_counter()
+            job = site.submit(offload.JobSpec(["true"], name="bench-stage", files={"small/": offload.archive(small)},
+                                              resources=offload.Resources(extra=("--hold",))))  # fmt: skip
+            took = time.perf_counter() - start
+            job.cancel()
+            return took
+
+        def scp_tree() -> float:
+            site.transport_run(["rm", "-rf", f"{remote_dir}/small"])
+            start = time.perf_counter()
+            subprocess.run(["scp", "-q", "-r", *_scp_args(config), str(small), f"{target}:{remote_dir}/small"],
+                           check=True)  # fmt: skip
+            return time.perf_counter() - start
+
+        def rsync_tree() -> float:
+            site.transport_run(["rm", "-rf", f"{remote_dir}/small-rsync"])
+            start = time.perf_counter()
+            ssh = " ".join(["ssh", *_ssh_args(config)])
+            subprocess.run(["rsync", "-a", "-e", ssh, f"{small}/", f"{target}:{remote_dir}/small-rsync/"], check=True)
+            return time.perf_counter() - start
+
+        ours, theirs = alternate(runs, offload_stage, scp_tree)
+        rows.append(Comparison(f"{SMALL_FILES} small files into a job's directory (offload: with its sbatch)",
+                               "scp -r", ours, theirs, target="<= 1"))  # fmt: skip
+        if shutil.which("rsync"):
+            ours, theirs = alternate(runs, offload_stage, rsync_tree)
+            rows.append(Comparison(f"{SMALL_FILES} small files into a job's directory (offload: with its sbatch)",
+                                   "rsync -a over ssh", ours, theirs, target="<= 1"))  # fmt: skip
+        for count in (10, SMALL_FILES):
+            few = local / f"tree-{count}"
+            for i in range(count):
+                (few / f"f{i}").parent.mkdir(parents=True, exist_ok=True)
+                (few / f"f{i}").write_bytes(b"x" * 2048)
+            before = sum(v for k, v in site.transport.stats.items() if k.startswith(("run:", "start:", "sftp:")))
+            job = site.submit(offload.JobSpec(["true"], name="bench-stage", files={"t/": offload.archive(few)},
+                                              resources=offload.Resources(extra=("--hold",))))  # fmt: skip
+            after = sum(v for k, v in site.transport.stats.items() if k.startswith(("run:", "start:", "sftp:")))
+            job.cancel()
+            print(f"[bench] staging {count} files took {after - before} SSH channel(s)", file=sys.stderr)
+        return rows
+    finally:
+        site.transport_run(["rm", "-rf", remote_dir])
+        site.close()
+        shutil.rmtree(local, ignore_errors=True)
+
+
+def _scp_args(config) -> list[str]:
+    return _ssh_args(config, "-P")
+
+
+if __name__ == "__main__":
+    from common import table
+
+    print(table(forward_rows(3) + file_rows(3)))
