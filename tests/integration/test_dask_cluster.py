@@ -73,7 +73,8 @@ def test_four_gpu_workers_each_pinned_to_its_own_gpu(site_user):
 
 def test_scale_up_and_down_in_workers_and_jobs(site_user):
     name = unique("scale")
-    with OffloadCluster(site="testsite", processes=2, cores=1, memory="1GiB", name=name) as cluster:
+    # two workers per job, one thread each (cores and memory are the job's, as in dask-jobqueue)
+    with OffloadCluster(site="testsite", processes=2, cores=2, memory="2GiB", name=name) as cluster:
         with Client(cluster) as client:
             assert queued_jobs(site_user, name) != []  # the scheduler job
             cluster.scale(4)

@@ -7,9 +7,8 @@ import pytest
 
 pytest.importorskip("jupyterhub")
 
-from jupyterhub_offload import OffloadSpawner  # noqa: E402
-
-import offload  # noqa: E402
+import offload
+from jupyterhub_offload import OffloadSpawner
 
 PROFILES = [
     {"display_name": "1 GPU <b>", "slug": "gpu1", "gpus": 1, "images": ["default-img", "mine"]},
