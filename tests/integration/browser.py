@@ -32,14 +32,14 @@ class Page:
                 return message.get("result", {})
 
 
-async def _drive(debugger: str, url: str, cookies: dict[str, str], wait_for: str, timeout: float):
+async def _drive(debugger: str, url: str, cookies: list[dict[str, str]], wait_for: str, timeout: float):
     """(found, screenshot PNG, final URL, HTML) of ``url`` loaded in the page at the DevTools URL ``debugger``."""
     from tornado.websocket import websocket_connect
 
     page = Page(await websocket_connect(debugger, max_message_size=64 << 20))
     await page.call("Network.enable")
-    for name, value in cookies.items():
-        await page.call("Network.setCookie", name=name, value=value, url=url)
+    for cookie in cookies:
+        await page.call("Network.setCookie", url=url, **cookie)
     await page.call("Page.navigate", url=url)
     deadline = time.time() + timeout
     found = False
@@ -54,9 +54,10 @@ async def _drive(debugger: str, url: str, cookies: dict[str, str], wait_for: str
     return found, png, where, html.get("value", "")
 
 
-def visit(url: str, cookies: dict[str, str], wait_for: str, shot: Path, profile: Path, timeout: float = 90) -> str:
-    """Open ``url`` with ``cookies`` set, wait until ``wait_for`` (a CSS selector) is on the page, save a
-    screenshot at ``shot``; the page's HTML."""
+def visit(url: str, cookies: list[dict[str, str]], wait_for: str, shot: Path, profile: Path,
+          timeout: float = 90) -> str:  # fmt: skip
+    """Open ``url`` with ``cookies`` (``name``, ``value``, ``path``) set, wait until ``wait_for`` (a CSS
+    selector) is on the page, save a screenshot at ``shot``; the page's HTML."""
     proc = subprocess.Popen([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                              "--disable-background-networking", "--disable-component-update", "--disable-sync",
                              f"--user-data-dir={profile}", "--remote-debugging-port=0", "--window-size=1280,800",

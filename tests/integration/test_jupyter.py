@@ -30,17 +30,19 @@ def chromium(url: str, *args: str, profile: Path) -> subprocess.CompletedProcess
 
 
 def run_cell(base: str, token: str, code: str) -> str:
-    """Execute ``code`` in a new kernel through the Jupyter server's REST and websocket API; its stdout."""
-    request = urllib.request.Request(f"{base}/api/kernels?token={token}", data=b"{}", method="POST")
+    """Execute ``code`` in a new kernel through the Jupyter server's REST and websocket API; its stdout. The
+    token goes in the Authorization header (a hub's single-user server refuses tokens in URLs for writes)."""
+    headers = {"Authorization": f"token {token}"}
+    request = urllib.request.Request(f"{base}/api/kernels", data=b"{}", method="POST", headers=headers)
     kernel = json.loads(urllib.request.urlopen(request, timeout=60).read())
-    return asyncio.run(_execute(f"{base.replace('http', 'ws')}/api/kernels/{kernel['id']}/channels?token={token}",
-                                code))  # fmt: skip
+    return asyncio.run(_execute(f"{base.replace('http', 'ws')}/api/kernels/{kernel['id']}/channels", code, headers))
 
 
-async def _execute(channels: str, code: str) -> str:
+async def _execute(channels: str, code: str, headers: dict[str, str]) -> str:
+    from tornado.httpclient import HTTPRequest
     from tornado.websocket import websocket_connect
 
-    ws = await websocket_connect(channels)
+    ws = await websocket_connect(HTTPRequest(channels, headers=headers))
     msg_id = uuid.uuid4().hex
     ws.write_message(json.dumps({
         "header": {"msg_id": msg_id, "msg_type": "execute_request", "username": "test", "session": uuid.uuid4().hex,

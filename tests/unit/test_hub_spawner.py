@@ -26,7 +26,8 @@ def local(tmp_path, monkeypatch):
 def spawner(**kwargs) -> OffloadSpawner:
     user = SimpleNamespace(name="alice", escaped_name="alice", url="/user/alice/")
     hub = SimpleNamespace(api_url="http://10.0.0.5:8081/hub/api", base_url="/hub/", public_host="")
-    s = OffloadSpawner(user=user, hub=hub, profiles=PROFILES, **kwargs)
+    kwargs.setdefault("profiles", PROFILES) if "config" not in kwargs else None
+    s = OffloadSpawner(user=user, hub=hub, **kwargs)
     s.api_token = "secret-token-value"
     return s
 
@@ -75,3 +76,24 @@ def test_state_round_trip_without_a_job(local):
     assert s.get_state() == {}
     s.load_state({})
     assert s.job is None
+
+
+def test_the_example_config_configures_the_spawner(local):
+    from pathlib import Path
+
+    from traitlets.config.loader import PyFileConfigLoader
+
+    example = Path(__file__).parents[2] / "examples" / "jupyterhub_config.py"
+    config = PyFileConfigLoader(example.name, str(example.parent)).load_config()
+    assert config.JupyterHub.spawner_class == "offload"
+    s = spawner(config=config)
+    assert s.site == "testsite" and s._slugs() == ["gpu1", "gpu2", "cpu"]
+    s.user_options = {"profile": "cpu", "image": "my-lab-image"}
+    assert s._profile()["image"] == "my-lab-image" and s._profile()["cpus"] == 4
+
+
+def test_the_entry_point_names_the_spawner():
+    from importlib.metadata import entry_points
+
+    (found,) = [e for e in entry_points(group="jupyterhub.spawners") if e.name == "offload"]
+    assert found.load() is OffloadSpawner

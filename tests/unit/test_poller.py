@@ -62,3 +62,19 @@ async def test_a_refresh_during_a_hung_query_gets_its_error():
     scheduler.hang = None
     scheduler.states["1"] = JobState.FAILED
     assert (await asyncio.wait_for(waiter, 5)).state is JobState.FAILED  # the waiter rode it out
+
+
+async def test_jobs_watched_from_different_moments_share_the_rounds():
+    """Two hub users' sessions (or jobs submitted a moment apart) fall into step: one query for both."""
+    scheduler = Scheduler()
+    poller = Poller(scheduler.poll, 0.2, lambda ref, status: None)
+    first = asyncio.ensure_future(poller.wait(JobRef("a", "/d")))
+    await asyncio.sleep(0.07)
+    second = asyncio.ensure_future(poller.wait(JobRef("b", "/d")))
+    await asyncio.sleep(1.0)
+    later = scheduler.calls[2:]
+    assert later and all(sorted(call) == ["a", "b"] for call in later), scheduler.calls
+    assert len(scheduler.calls) <= 1.0 / 0.2 + 2
+    for ref_id in ("a", "b"):
+        scheduler.states[ref_id] = JobState.COMPLETED
+    await asyncio.wait_for(asyncio.gather(first, second), 5)

@@ -42,6 +42,18 @@ DROPPED_ENV = ("JUPYTERHUB_SERVICE_URL",)
 PROFILE_KEYS = {"display_name", "slug", "description", "default", "gpus", "cpus", "memory", "walltime",
                 "partition", "image", "images", "site"}  # fmt: skip
 
+# SLURM's pending reasons, in words for the spawn page (the reason itself is shown too).
+PENDING_WORDS = {
+    "Resources": "waiting for resources (the nodes or GPUs asked for are in use)",
+    "Priority": "other jobs are ahead in the queue",
+    "Dependency": "waiting for another job",
+    "QOSMaxJobsPerUserLimit": "your QOS allows no more running jobs now",
+    "AssocMaxJobsLimit": "your account allows no more running jobs now",
+    "ReqNodeNotAvail": "the nodes asked for are not available (down, drained or reserved)",
+    "PartitionTimeLimit": "the walltime asked for is longer than the partition allows",
+    "BeginTime": "waiting for its start time",
+}
+
 _sites: dict[tuple[str, str | None, str | None], offload.Site] = {}
 
 
@@ -233,6 +245,8 @@ class OffloadSpawner(Spawner):
                     raise RuntimeError(f"job {self.job.id} ended {status.describe()} before the server started:\n"
                                        f"{tail}")  # fmt: skip
                 text = status.describe() + (f" on {status.node}" if status.node else "")
+                if status.state is offload.JobState.PENDING and status.reason in PENDING_WORDS:
+                    text += f": {PENDING_WORDS[status.reason]}"
                 if text != shown:
                     shown = text
                     self._say(f"Job {self.job.id}: {text}")
@@ -271,7 +285,9 @@ class OffloadSpawner(Spawner):
     async def poll(self) -> int | None:
         if self.job is None:
             return 0
-        status = await self.job.astatus()
+        # The site's poller answers: one squeue per round for every session of the account, whatever the
+        # number of spawners the hub polls (a fresh query per poll would be one squeue per session).
+        status = await self.job.astatus(refresh=False)
         if status.state.is_terminal:
             return status.exit_code if status.exit_code is not None else 1
         if status.state is offload.JobState.RUNNING and self._forward is None and self.remote_port:
