@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import scaleup
 import submit
+import transfer
 from common import machine, table
 
 
@@ -32,6 +33,8 @@ def main() -> None:
         ("submission", lambda: submit.rate_rows(args.runs)),
         ("WAN", lambda: submit.wan_rows(args.runs)),
         ("polling", lambda: submit.polling_rows()),
+        ("forwards", lambda: transfer.forward_rows(args.runs)),
+        ("files", lambda: transfer.file_rows(args.runs)),
     ):
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
         rows += measure()

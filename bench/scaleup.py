@@ -26,8 +26,9 @@ def offload_time(n: int) -> float:
     from dask_offload import OffloadCluster
 
     start = time.perf_counter()
-    with OffloadCluster(site="testsite", n_workers=n, processes=PER_JOB, cores=1, memory="1GiB",
-                        walltime="00:10:00") as cluster, Client(cluster) as client:  # fmt: skip
+    # the same keywords as the SLURMCluster below (cores and memory are the job's, in both)
+    with OffloadCluster(site="testsite", queue="cpu", n_workers=n, processes=PER_JOB, cores=PER_JOB,
+                        memory=f"{PER_JOB}GiB", walltime="00:10:00") as cluster, Client(cluster) as client:  # fmt: skip
         client.wait_for_workers(n, timeout=300)
         seconds = time.perf_counter() - start  # closing is not part of getting ready
     squeue_empty()

@@ -233,13 +233,13 @@ class Images:
     async def aresolve_specs(self, specs: list[JobSpec], progress: Progress | None = None) -> list[JobSpec]:
         """``specs`` with each image resolved (:meth:`aresolve`), the site's default image included: each
         distinct image once, all at the same time."""
-        images = {spec.image or self._site.config.image for spec in specs} - {None, ""}
+        images = {spec.image or self._site.config.image for spec in specs if spec.container} - {None, ""}
         wanted = [image for image in images if is_pull(image) or is_pushed_name(image)]
         if not wanted:
             return specs
         resolved = dict(zip(wanted, await asyncio.gather(*(self.aresolve(i, progress) for i in wanted)), strict=True))
         return [replace(spec, image=resolved.get(spec.image or self._site.config.image or "", spec.image))
-                for spec in specs]  # fmt: skip
+                if spec.container else spec for spec in specs]  # fmt: skip
 
     # -- pushing ----------------------------------------------------------------------------------------
 

@@ -124,13 +124,15 @@ class Site:
     def validate(self, spec: JobSpec) -> None:
         """Raise :class:`ConfigError` if this site cannot run ``spec``; touches nothing on the site (an image
         the cache will pull or holds is checked as the cache path it will be)."""
-        self._runtime.validate(self._context(self._stand_in(spec), f"{self.config.workdir}/jobs/check"))
+        if spec.container:
+            self._runtime.validate(self._context(self._stand_in(spec), f"{self.config.workdir}/jobs/check"))
         self._scheduler.directives(spec, f"{self.config.workdir}/jobs/check", None)
 
     def _script(self, spec: JobSpec, jobdir: str, array_size: int | None, index: int | None = None, *,
                 secrets: bool | None = None, index_offset: int = 0, parallelism: int | None = None) -> str:  # fmt: skip
         ctx = self._context(spec, jobdir)
-        self._runtime.validate(ctx)
+        if spec.container:
+            self._runtime.validate(ctx)
         res = spec.resources
         several = res.nodes > 1 or (res.tasks_per_node or 1) > 1
         relay = bool(spec.reach or spec.relay) and self._relays_needed
@@ -144,8 +146,8 @@ class Site:
             secrets=bool(spec.secrets or spec.reach or relay) if secrets is None else secrets,
             setup=[*self.config.setup, *spec.prologue],
             env={**self.config.env, **spec.env},
-            prelude=self._runtime.prelude(ctx),
-            command=self._runtime.command(spec.command, ctx),
+            prelude=self._runtime.prelude(ctx) if spec.container else [],
+            command=self._runtime.command(spec.command, ctx) if spec.container else list(spec.command),
             comment=f"offload job on site {self.name}",
             launcher=self._scheduler.launcher(res) if several else [],
             copy_env=dict(self._scheduler.copy_env) if several else {},
@@ -153,7 +155,7 @@ class Site:
             reach_source=reach_mod.SOURCE if relay else "",
             reach_key=reach_mod.base_key(jobdir) if relay else "",
             reach_container_python=self._runtime.command(["python3"], ctx) if relay else [],
-            image_path=self._runtime.image_path(ctx) or "",
+            image_path=(self._runtime.image_path(ctx) or "") if spec.container else "",
         )
         self._hook.offload_job_script(script=script, spec=spec, site=self.config)
         return script.render()
@@ -165,7 +167,11 @@ class Site:
 
     def _stand_in(self, spec: JobSpec) -> JobSpec:
         image = spec.image or self.config.image
-        if not image or not (is_pushed_name(image) or (is_pull(image) and self.config.pull == "login")):
+        if (
+            not spec.container
+            or not image
+            or not (is_pushed_name(image) or (is_pull(image) and self.config.pull == "login"))
+        ):
             return spec
         return dataclasses.replace(
             spec, image=f"{self.config.workdir}/images/(the cache's copy of {image.split('://')[-1]})"
@@ -293,7 +299,7 @@ class Site:
         elif spec.reach:
             secrets.update(spec.reach)  # the job runs here: it reaches the services directly
         files.update(spec.files)
-        image = self._runtime.image_path(self._context(spec, jobdir))
+        image = self._runtime.image_path(self._context(spec, jobdir)) if spec.container else None
         script = self._script(spec, jobdir, array_size, index, secrets=bool(secrets), index_offset=index_offset,
                               parallelism=parallelism)  # fmt: skip
         return Submission(spec, jobdir, script, array_size, secrets=secrets, files=files,

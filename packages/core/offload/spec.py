@@ -209,7 +209,9 @@ class JobSpec:
     relay even without ``reach``, so the client can reach a service the job serves on its node's loopback only
     (:meth:`Site.forward_job`), out of reach of other users of a shared node. ``prologue`` lines run in the
     batch script before the payload, after the site's ``setup`` lines (``module load ...``); ``shebang``
-    replaces the site's first line of the script for this job.
+    replaces the site's first line of the script for this job. ``container=False`` runs ``command`` on the node
+    itself, outside the site's runtime: for a driver that starts containers itself (the several containers of a
+    Kubernetes pod, in offload's interLink plugin).
     """
 
     command: tuple[str, ...]
@@ -225,6 +227,7 @@ class JobSpec:
     relay: bool = False
     prologue: tuple[str, ...] = ()
     shebang: str | None = None
+    container: bool = True
 
     def __post_init__(self) -> None:
         command = self.command
@@ -290,7 +293,8 @@ class JobSpec:
     def __hash__(self) -> int:
         files = tuple(sorted((k, hashlib.sha256(v).hexdigest()) for k, v in self.files.items()))
         return hash((self.command, self.image, self.resources, tuple(sorted(self.env.items())), self.mounts, files,
-                     tuple(sorted(self.reach.items())), self.relay, self.prologue, self.shebang))  # fmt: skip
+                     tuple(sorted(self.reach.items())), self.relay, self.prologue, self.shebang,
+                     self.container))  # fmt: skip
 
 
 def archive(path: str | os.PathLike[str]) -> bytes:
