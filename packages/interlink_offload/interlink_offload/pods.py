@@ -1,0 +1,403 @@
+"""A Kubernetes pod as one offload job: the translation, and the pod's state read back from the job.
+
+The job runs a driver on its node (outside any container, ``JobSpec(container=False)``) that starts each
+container of the pod in the site's runtime with its own image: init containers one after another, stopping at
+the first that fails; then the containers together. Each container's output goes to ``pod/<name>.log`` in the
+job's directory and its start and exit to ``pod/state``, which ``/status`` and ``/getLogs`` read back.
+
+What a pod may hold, and how it lands:
+
+* ``command``/``args``: the argv (``command`` + ``args``); a runtime that cannot run an image's entrypoint
+  (Charliecloud) needs one of them;
+* ``env`` values, and ``valueFrom`` ConfigMap and Secret keys; ``envFrom`` ConfigMaps and Secrets. Secret values
+  travel as offload secrets (a 0600 file read and removed by the job), never in the batch script;
+* ``volumeMounts`` of ConfigMap, Secret, projected and ``emptyDir`` volumes: files staged into the job's
+  directory (secret files 0600) and bound at ``mountPath`` (directories; ``subPath`` is refused);
+* limits (or requests): ``cpu`` -> cores, ``memory`` -> memory, ``nvidia.com/gpu`` -> GPUs, for the pod as
+  Kubernetes counts it (the largest init container, or all containers together); the annotation
+  ``slurm-job.vk.io/flags`` adds scheduler options, checked like any other;
+* probes and lifecycle hooks are ignored (said in the job's log): the job's own state is what counts.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import re
+import shlex
+import tarfile
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import offload
+from offload import ConfigError
+from offload.runtimes.base import ContainerContext
+
+FLAGS_ANNOTATION = "slurm-job.vk.io/flags"
+GPU_RESOURCE = "nvidia.com/gpu"
+# Exit codes that carry a job's end into Kubernetes, where the Virtual Kubelet keeps only exit codes.
+EXIT_CODES = {"TIMEOUT": 124, "CANCELLED": 143, "OUT_OF_MEMORY": 137, "NODE_FAIL": 255, "LOST": 255}
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def job_name(uid: str) -> str:
+    """The job name a pod's job gets: its UID, so a restarted plugin finds it (and a repeat /create too)."""
+    return "pod-" + re.sub(r"[^A-Za-z0-9._-]", "-", uid)[:59]
+
+
+@dataclass
+class PodPlan:
+    """What the translation made of a pod: the job, and the names of its containers (init first)."""
+
+    spec: offload.JobSpec
+    init: list[str]
+    containers: list[str]
+    images: dict[str, str] = field(default_factory=dict)
+
+
+def _quantity_cpus(value: Any) -> int:
+    text = str(value).strip()
+    if text.endswith("m"):
+        return max(1, math.ceil(int(text[:-1]) / 1000))
+    return max(1, math.ceil(float(text)))
+
+
+_MEMORY_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+                 "k": 10**3, "": 1}  # fmt: skip
+
+
+def _quantity_bytes(value: Any) -> int:
+    match = re.fullmatch(r"([0-9.]+)(Ki|Mi|Gi|Ti|K|M|G|T|k)?", str(value).strip())
+    if not match:
+        raise ConfigError(f"memory quantity {value!r} is not one Kubernetes knows (e.g. 512Mi, 2Gi)")
+    return int(float(match[1]) * _MEMORY_UNITS[match[2] or ""])
+
+
+def _needs(container: dict) -> tuple[int, int, int]:
+    """(cores, bytes of memory, GPUs) of one container: its limits, else its requests."""
+    resources = container.get("resources") or {}
+    asked = {**(resources.get("requests") or {}), **(resources.get("limits") or {})}
+    cpus = _quantity_cpus(asked["cpu"]) if "cpu" in asked else 0
+    memory = _quantity_bytes(asked["memory"]) if "memory" in asked else 0
+    gpus = int(asked.get(GPU_RESOURCE, 0) or 0)
+    return cpus, memory, gpus
+
+
+def _data_of(objects: list[dict] | None, kind: str) -> dict[str, dict[str, bytes]]:
+    """name -> key -> bytes, for the ConfigMaps (``data`` text, ``binaryData`` base64) or Secrets (``data``
+    base64, ``stringData`` text) interLink sends with a container."""
+    found: dict[str, dict[str, bytes]] = {}
+    for obj in objects or []:
+        name = (obj.get("metadata") or {}).get("name", "")
+        values: dict[str, bytes] = {}
+        if kind == "secret":
+            values.update({k: base64.b64decode(v) for k, v in (obj.get("data") or {}).items()})
+            values.update({k: v.encode() for k, v in (obj.get("stringData") or {}).items()})
+        else:
+            values.update({k: v.encode() for k, v in (obj.get("data") or {}).items()})
+            values.update({k: base64.b64decode(v) for k, v in (obj.get("binaryData") or {}).items()})
+        found[name] = values
+    return found
+
+
+class _Staging:
+    """The files a pod's volumes hold, as one archive unpacked into ``pod/volumes`` of the job's directory."""
+
+    def __init__(self) -> None:
+        self.buffer = io.BytesIO()
+        self.tar = tarfile.open(fileobj=self.buffer, mode="w:gz")
+        self.dirs: set[str] = set()
+
+    def directory(self, path: str) -> None:
+        for depth in range(1, len(path.split("/")) + 1):
+            part = "/".join(path.split("/")[:depth])
+            if part not in self.dirs:
+                self.dirs.add(part)
+                info = tarfile.TarInfo(part)
+                info.type, info.mode = tarfile.DIRTYPE, 0o700
+                self.tar.addfile(info)
+
+    def file(self, path: str, data: bytes, mode: int) -> None:
+        if ".." in path.split("/") or path.startswith("/"):
+            raise ConfigError(f"volume file {path!r} leaves its volume")
+        self.directory(path.rsplit("/", 1)[0])
+        info = tarfile.TarInfo(path)
+        info.size, info.mode = len(data), mode
+        self.tar.addfile(info, io.BytesIO(data))
+
+    def archive(self) -> bytes:
+        self.tar.close()
+        return self.buffer.getvalue()
+
+
+def _volume_files(volume: dict, configmaps: dict, secrets: dict, staging: _Staging, where: str) -> bool:
+    """Stage what ``volume`` holds under ``where``; False for a kind offload does not stage (emptyDir: made
+    empty by the driver)."""
+
+    def items(source: dict, values: dict[str, bytes], label: str) -> list[tuple[str, bytes]]:
+        chosen = source.get("items")
+        if not chosen:
+            return sorted(values.items())
+        picked = []
+        for item in chosen:
+            if item["key"] not in values:
+                if source.get("optional"):
+                    continue
+                raise ConfigError(f"{label} has no key {item['key']!r}")
+            picked.append((item.get("path") or item["key"], values[item["key"]]))
+        return picked
+
+    def one(kind: str, source: dict, base: str) -> None:
+        name = source.get("name") or source.get("secretName") or ""
+        values = (secrets if kind == "secret" else configmaps).get(name)
+        if values is None:
+            if source.get("optional"):
+                return
+            raise ConfigError(f"volume {volume['name']!r}: {kind} {name!r} was not sent with the pod")
+        for path, data in items(source, values, f"{kind} {name!r}"):
+            staging.file(f"{base}/{path}", data, 0o600 if kind == "secret" else 0o644)
+
+    staging.directory(where)
+    if "configMap" in volume:
+        one("configMap", volume["configMap"], where)
+    elif "secret" in volume:
+        one("secret", volume["secret"], where)
+    elif "projected" in volume:
+        for source in volume["projected"].get("sources") or []:
+            if "configMap" in source:
+                one("configMap", source["configMap"], where)
+            elif "secret" in source:
+                one("secret", source["secret"], where)
+            # serviceAccountToken and downwardAPI sources: nothing on an HPC site could use them
+    elif "emptyDir" in volume:
+        return False
+    else:
+        kinds = sorted(set(volume) - {"name"})
+        raise ConfigError(f"volume {volume['name']!r} is a {', '.join(kinds)} volume: offload stages ConfigMap, "
+                          "Secret, projected and emptyDir volumes only")  # fmt: skip
+    return True
+
+
+def plan_pod(site: offload.Site, data: dict, images: dict[str, str]) -> PodPlan:
+    """The job for interLink's ``RetrievedPodData`` ``data``; ``images`` maps each container's image to what the
+    site runs (already resolved: cache paths). Raises ConfigError, with what to change, for what it cannot run."""
+    pod = data.get("pod") or {}
+    meta, spec = pod.get("metadata") or {}, pod.get("spec") or {}
+    uid = meta.get("uid")
+    if not uid:
+        raise ConfigError("the pod has no metadata.uid")
+    sent = {c.get("name"): c for c in data.get("container") or []}
+    configmaps: dict[str, dict[str, bytes]] = {}
+    secrets_data: dict[str, dict[str, bytes]] = {}
+    for container in sent.values():
+        configmaps.update(_data_of(container.get("configMaps"), "configMap"))
+        configmaps.update(_data_of(container.get("projectedvolumemaps"), "configMap"))
+        secrets_data.update(_data_of(container.get("secrets"), "secret"))
+    volumes = {v["name"]: v for v in spec.get("volumes") or []}
+    staging = _Staging()
+    staged: dict[str, bool] = {}
+    for name, volume in volumes.items():
+        staged[name] = _volume_files(volume, configmaps, secrets_data, staging, f"volumes/{_safe(name)}")
+    secrets: dict[str, str] = {}
+    init = list(spec.get("initContainers") or [])
+    main = list(spec.get("containers") or [])
+    if not main:
+        raise ConfigError("the pod has no containers")
+    lines = _driver_head()
+    notes = []
+    if any(c.get(k) for c in init + main for k in ("livenessProbe", "readinessProbe", "startupProbe", "lifecycle")):
+        notes.append("offload: probes and lifecycle hooks of this pod are ignored (the job's own state counts)")
+    for note in notes:
+        lines.append(f"echo {shlex.quote(note)} >&2")
+    runs = []
+    for index, container in enumerate(init + main):
+        runs.append(_container_run(site, container, index, images, volumes, staged, configmaps, secrets_data,
+                                   secrets))  # fmt: skip
+    for container, run in zip(init, runs[: len(init)], strict=True):
+        name = shlex.quote(container["name"])
+        lines += [f"{run} ", f'rc=$?; if [ "$rc" != 0 ]; then echo "offload: init container "{name}" failed with '
+                  'exit code $rc" >&2; exit "$rc"; fi']  # fmt: skip
+    for i, run in enumerate(runs[len(init) :]):
+        lines.append(f"{run} & pid{i}=$!")
+    lines.append("first=0")
+    for i in range(len(main)):
+        lines.append(f'wait "$pid{i}"; rc=$?; if [ "$first" = 0 ] && [ "$rc" != 0 ]; then first=$rc; fi')
+    lines.append('exit "$first"')
+    cpus_init = [_needs(c) for c in init]
+    cpus_main = [_needs(c) for c in main]
+    total = tuple(sum(n[i] for n in cpus_main) for i in range(3))
+    need = tuple(max([total[i], *(n[i] for n in cpus_init)]) for i in range(3))
+    annotations = meta.get("annotations") or {}
+    extra = tuple(shlex.split(annotations.get(FLAGS_ANNOTATION, "")))
+    resources = offload.Resources(gpus=need[2], cpus=need[0] or None,
+                                  memory=max(1, math.ceil(need[1] / 2**20)) if need[1] else None,
+                                  extra=extra)  # fmt: skip
+    files = {"volumes/": staging.archive()} if volumes else {}
+    job = offload.JobSpec(["bash", "-c", "\n".join(lines)], container=False, resources=resources, secrets=secrets,
+                          files=files, name=job_name(uid))  # fmt: skip
+    return PodPlan(job, [c["name"] for c in init], [c["name"] for c in main], images)
+
+
+def _safe(name: str) -> str:
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", name or ""):
+        raise ConfigError(f"{name!r} is not a Kubernetes name")
+    return name
+
+
+def _driver_head() -> list[str]:
+    return [
+        'd="$OFFLOAD_JOB_DIR"; mkdir -p "$d/pod" "$d/volumes"',
+        'state() { printf "%s %s\\n" "$*" "$(date +%s)" >> "$d/pod/state"; }',
+        # the secrets file's values are this driver's environment: each container gets only its own
+        'drop_secrets() { for v in ${!POD_SECRET_@}; do unset "$v"; done; }',
+    ]
+
+
+def _container_run(site: offload.Site, container: dict, index: int, images: dict[str, str], volumes: dict,
+                   staged: dict, configmaps: dict, secrets_data: dict, secrets: dict[str, str]) -> str:  # fmt: skip
+    """The shell line that runs one container, recording its start, output and exit."""
+    name = _safe(container.get("name", ""))
+    image = images.get(container.get("image", ""))
+    if not image:
+        raise ConfigError(f"container {name!r} names no image")
+    argv = [*(container.get("command") or []), *(container.get("args") or [])]
+    if not argv:
+        raise ConfigError(
+            f"container {name!r} has neither command nor args: offload starts containers with an explicit "
+            "command (give 'command', e.g. [\"python3\", \"app.py\"])"
+        )
+    exports: list[str] = []
+    names: list[str] = []
+
+    def put(var: str, value: str, secret: bool) -> None:
+        if not _ENV_NAME.match(var):
+            raise ConfigError(f"container {name!r}: {var!r} is not an environment variable name")
+        names.append(var)
+        if secret:
+            slot = f"POD_SECRET_{index}_{len(secrets)}"
+            secrets[slot] = value
+            exports.append(f'export {var}="${{{slot}}}"')
+        else:
+            exports.append(f"export {var}={shlex.quote(value)}")
+
+    for source in container.get("envFrom") or []:
+        prefix = source.get("prefix", "")
+        if "configMapRef" in source:
+            for key, value in configmaps.get(source["configMapRef"]["name"], {}).items():
+                put(prefix + key, value.decode(), False)
+        elif "secretRef" in source:
+            for key, value in secrets_data.get(source["secretRef"]["name"], {}).items():
+                put(prefix + key, value.decode(), True)
+    for env in container.get("env") or []:
+        if "valueFrom" not in env or env.get("valueFrom") is None:
+            put(env["name"], env.get("value") or "", False)
+            continue
+        ref = env["valueFrom"]
+        if ref.get("configMapKeyRef"):
+            key = ref["configMapKeyRef"]
+            value = configmaps.get(key["name"], {}).get(key["key"])
+            secret = False
+        elif ref.get("secretKeyRef"):
+            key = ref["secretKeyRef"]
+            value = secrets_data.get(key["name"], {}).get(key["key"])
+            secret = True
+        else:
+            raise ConfigError(f"container {name!r}: env {env['name']!r} comes from a field or resource reference, "
+                              "which offload does not fill in")  # fmt: skip
+        if value is None:
+            if key.get("optional"):
+                continue
+            raise ConfigError(f"container {name!r}: env {env['name']!r}: key {key['key']!r} of {key['name']!r} "
+                              "was not sent with the pod")  # fmt: skip
+        put(env["name"], value.decode(), secret)
+    mounts = []
+    prepare = []
+    for mount in container.get("volumeMounts") or []:
+        if mount.get("subPath") or mount.get("subPathExpr"):
+            raise ConfigError(f"container {name!r}: volumeMounts with subPath are not supported; mount the volume's "
+                              "directory")  # fmt: skip
+        volume = _safe(mount["name"])
+        if not re.fullmatch(r"/[A-Za-z0-9._/-]*", mount.get("mountPath", "")):
+            raise ConfigError(f"container {name!r}: mountPath {mount.get('mountPath')!r} must be an absolute path of "
+                              "letters, digits and ._-/")  # fmt: skip
+        if volume not in volumes:
+            raise ConfigError(f"container {name!r} mounts {volume!r}, which the pod does not declare")
+        source = f"$d/volumes/{volume}"
+        prepare.append(f'mkdir -p "{source}"')
+        mounts.append(offload.Mount(f"__JOBDIR__/volumes/{volume}", mount["mountPath"],
+                                    bool(mount.get("readOnly")) and site.config.runtime != "charliecloud"))  # fmt: skip
+        if site.config.runtime == "charliecloud":
+            # ch-run binds only onto directories the image has: make the mount point in a directory image
+            prepare.append(f'[ -d {shlex.quote(image)} ] && [ -w {shlex.quote(image)} ] && '
+                           f'mkdir -p {shlex.quote(image.rstrip("/") + mount["mountPath"])}')  # fmt: skip
+    gpus = _needs(container)[2]
+    ctx = ContainerContext(image=image, mounts=tuple(mounts), env_names=tuple(names),
+                           workdir=container.get("workingDir") or None, gpus=gpus, jobdir=None)  # fmt: skip
+    site.runtime.validate(ctx)
+    command = shlex.join(site.runtime.command(argv, ctx)).replace("__JOBDIR__", '"$d"')
+    prelude = site.runtime.prelude(ctx)
+    body = "; ".join([*prepare, "drop_secrets" if not exports else "true", *exports,
+                      *(["drop_secrets"] if exports else []), *prelude, f"exec {command}"])  # fmt: skip
+    log = f'"$d/pod/{name}.log"'
+    return (f'( state {name} start; ( {body} ) > {log} 2>&1; rc=$?; state {name} exit "$rc"; exit "$rc" )')
+
+
+# -- reading back -------------------------------------------------------------------------------------------
+
+
+def parse_state(text: str) -> dict[str, dict[str, Any]]:
+    """``pod/state`` lines -> container name -> {"started": epoch, "exit": code, "finished": epoch}."""
+    found: dict[str, dict[str, Any]] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[1] == "start":
+            found.setdefault(parts[0], {})["started"] = int(parts[2])
+        elif len(parts) == 4 and parts[1] == "exit":
+            entry = found.setdefault(parts[0], {})
+            entry["exit"], entry["finished"] = int(parts[2]), int(parts[3])
+    return found
+
+
+def _time(epoch: float | None) -> str | None:
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def container_statuses(names: list[str], images: dict[str, str], status: offload.JobStatus,
+                       states: dict[str, dict[str, Any]], init: bool) -> list[dict]:  # fmt: skip
+    """v1.ContainerStatus objects for ``names``, from the job's status and the driver's state file."""
+    out = []
+    end_code = _end_code(status)
+    for name in names:
+        entry = states.get(name, {})
+        state: dict[str, Any]
+        if "exit" in entry:
+            code = entry["exit"]
+            state = {"terminated": {"exitCode": code, "reason": "Completed" if code == 0 else "Error",
+                                    "startedAt": _time(entry.get("started")),
+                                    "finishedAt": _time(entry.get("finished"))}}  # fmt: skip
+        elif status.state.is_terminal:
+            # never started, or killed with the job: the job's end, as an exit code Kubernetes keeps
+            started = entry.get("started")
+            state = {"terminated": {"exitCode": end_code or 1, "reason": f"job {status.describe()}",
+                                    "startedAt": _time(started), "finishedAt": _time(datetime.now(UTC).timestamp())}}  # fmt: skip
+        elif "started" in entry:
+            state = {"running": {"startedAt": _time(entry["started"])}}
+        else:
+            reason = status.reason if status.state is offload.JobState.PENDING and status.reason else "ContainerCreating"
+            state = {"waiting": {"reason": reason, "message": status.describe()}}
+        out.append({"name": name, "state": state, "ready": "running" in state, "restartCount": 0,
+                    "image": images.get(name, ""), "imageID": "", "started": "running" in state})  # fmt: skip
+    return out
+
+
+def _end_code(status: offload.JobStatus) -> int:
+    if status.state is offload.JobState.COMPLETED:
+        return 0
+    for key, code in EXIT_CODES.items():
+        if key in status.state.value or key in (status.reason or "").upper().replace(" ", "_"):
+            return code
+    return status.exit_code if status.exit_code else 1
