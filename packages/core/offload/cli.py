@@ -790,5 +790,45 @@ def cancel(job_ids: tuple[str, ...], site_name: str | None, name: str | None) ->
             click.echo("nothing to cancel")
 
 
+# -- interLink ---------------------------------------------------------------------------------------------
+
+
+@main.group()
+def interlink() -> None:
+    """offload as an interLink plugin: Kubernetes pods run as jobs on a site."""
+
+
+@interlink.command("serve")
+@click.option("--site", "site_name", help=_SITE_HELP)
+@click.option("--listen", default="127.0.0.1:4000", show_default=True,
+              help="HOST:PORT or unix:///path.sock: what interLink's SidecarURL/SidecarPort point at.")  # fmt: skip
+@click.option("--image-map", "image_map", multiple=True, metavar="IMAGE=REF",
+              help="Run the pods' IMAGE as REF (a pin, a pushed image's name, a site path); repeatable.")  # fmt: skip
+@click.option("--public", is_flag=True, help="Allow a non-loopback --listen (interLink sends no credentials).")
+def interlink_serve(site_name: str | None, listen: str, image_map: tuple[str, ...], public: bool) -> None:
+    """Serve interLink's plugin API: /create, /status, /getLogs, /delete. Stopping it leaves the pods' jobs
+    running; started again, it answers for them."""
+    import asyncio
+
+    try:
+        import interlink_offload
+    except ImportError as exc:
+        _fail(f"the interLink plugin needs its extra ({exc}): pip install 'offload[interlink]'")
+    logger = logging.getLogger("interlink_offload")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("offload interlink: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    with _user_errors():
+        mapping = {}
+        for item in image_map:
+            pod_image, sep, ref = item.partition("=")
+            if not (sep and pod_image and ref):
+                raise ConfigError(f"--image-map {item!r}: give IMAGE=REF, e.g. python:3.11=/site/images/python.sqfs")
+            mapping[pod_image] = ref
+        asyncio.run(interlink_offload.serve(load_site(site_name), listen, image_map=mapping, public=public))
+
+
 if __name__ == "__main__":
     main()

@@ -295,13 +295,14 @@ class Job:
         """Sync form of :meth:`aput`."""
         _loop.run(self._host.write(self._path(name), data, mode))
 
-    async def aget(self, name: str) -> bytes:
-        """The bytes of the file ``name`` in the job's directory (empty if it does not exist)."""
-        return await _loop.bridge(self._host.read(self._path(name)))
+    async def aget(self, name: str, offset: int = 0) -> bytes:
+        """The bytes of the file ``name`` in the job's directory from byte ``offset`` on (empty if it does not
+        exist): a follower of a file the job writes keeps its own place, as with :meth:`aoutput`."""
+        return await _loop.bridge(self._host.read(self._path(name), offset))
 
-    def get(self, name: str) -> bytes:
+    def get(self, name: str, offset: int = 0) -> bytes:
         """Sync form of :meth:`aget`."""
-        return _loop.run(self._host.read(self._path(name)))
+        return _loop.run(self._host.read(self._path(name), offset))
 
     async def aupload(self, local: str | os.PathLike[str], name: str | None = None,
                       progress: Progress | None = None) -> None:  # fmt: skip

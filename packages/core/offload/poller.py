@@ -79,9 +79,12 @@ class Poller:
     async def status(self, ref: JobRef, refresh: bool = True) -> JobStatus:
         """The job's status; with ``refresh``, from a query made now (raises if the site does not answer)."""
         current = self._status.get(ref.id)
-        if current is not None and (current.state.is_terminal or not refresh):
+        if current is not None and current.state.is_terminal:
             return current
         self._track(ref)
+        if current is not None and not refresh:  # the last round's answer; the rounds go on for it
+            self._ensure_running()
+            return current
         self._ensure_running()
         flight = self._current
         if flight is not None and not flight.done.done():

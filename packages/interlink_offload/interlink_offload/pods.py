@@ -2,8 +2,8 @@
 
 The job runs a driver on its node (outside any container, ``JobSpec(container=False)``) that starts each
 container of the pod in the site's runtime with its own image: init containers one after another, stopping at
-the first that fails; then the containers together. Each container's output goes to ``pod/<name>.log`` in the
-job's directory and its start and exit to ``pod/state``, which ``/status`` and ``/getLogs`` read back.
+the first that fails; then the containers together. Each container's output goes to ``container-<name>.log`` in the
+job's directory and its start and exit to ``pod-state``, which ``/status`` and ``/getLogs`` read back.
 
 What a pod may hold, and how it lands:
 
@@ -40,6 +40,14 @@ GPU_RESOURCE = "nvidia.com/gpu"
 # Exit codes that carry a job's end into Kubernetes, where the Virtual Kubelet keeps only exit codes.
 EXIT_CODES = {"TIMEOUT": 124, "CANCELLED": 143, "OUT_OF_MEMORY": 137, "NODE_FAIL": 255, "LOST": 255}
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+STATE_FILE = "pod-state"
+
+
+def log_file(container: str) -> str:
+    """The file in the job's directory that holds one container's output."""
+    return f"container-{container}.log"
 
 
 def job_name(uid: str) -> str:
@@ -103,33 +111,36 @@ def _data_of(objects: list[dict] | None, kind: str) -> dict[str, dict[str, bytes
 
 
 class _Staging:
-    """The files a pod's volumes hold, as one archive unpacked into ``pod/volumes`` of the job's directory."""
+    """The files a pod's volumes hold, as one archive unpacked into ``volumes/`` of the job's directory."""
 
     def __init__(self) -> None:
-        self.buffer = io.BytesIO()
-        self.tar = tarfile.open(fileobj=self.buffer, mode="w:gz")
-        self.dirs: set[str] = set()
+        self.dirs: list[str] = []
+        self.files: list[tuple[str, bytes, int]] = []
 
     def directory(self, path: str) -> None:
-        for depth in range(1, len(path.split("/")) + 1):
-            part = "/".join(path.split("/")[:depth])
-            if part not in self.dirs:
-                self.dirs.add(part)
-                info = tarfile.TarInfo(part)
-                info.type, info.mode = tarfile.DIRTYPE, 0o700
-                self.tar.addfile(info)
+        parts = path.split("/")
+        for depth in range(1, len(parts) + 1):
+            if (part := "/".join(parts[:depth])) not in self.dirs:
+                self.dirs.append(part)
 
     def file(self, path: str, data: bytes, mode: int) -> None:
         if ".." in path.split("/") or path.startswith("/"):
             raise ConfigError(f"volume file {path!r} leaves its volume")
         self.directory(path.rsplit("/", 1)[0])
-        info = tarfile.TarInfo(path)
-        info.size, info.mode = len(data), mode
-        self.tar.addfile(info, io.BytesIO(data))
+        self.files.append((path, data, mode))
 
     def archive(self) -> bytes:
-        self.tar.close()
-        return self.buffer.getvalue()
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+            for path in self.dirs:
+                info = tarfile.TarInfo(path)
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                tar.addfile(info)
+            for path, data, mode in self.files:
+                info = tarfile.TarInfo(path)
+                info.size, info.mode = len(data), mode
+                tar.addfile(info, io.BytesIO(data))
+        return buffer.getvalue()
 
 
 def _volume_files(volume: dict, configmaps: dict, secrets: dict, staging: _Staging, where: str) -> bool:
@@ -199,7 +210,7 @@ def plan_pod(site: offload.Site, data: dict, images: dict[str, str]) -> PodPlan:
     staging = _Staging()
     staged: dict[str, bool] = {}
     for name, volume in volumes.items():
-        staged[name] = _volume_files(volume, configmaps, secrets_data, staging, f"volumes/{_safe(name)}")
+        staged[name] = _volume_files(volume, configmaps, secrets_data, staging, _safe(name))
     secrets: dict[str, str] = {}
     init = list(spec.get("initContainers") or [])
     main = list(spec.get("containers") or [])
@@ -248,8 +259,8 @@ def _safe(name: str) -> str:
 
 def _driver_head() -> list[str]:
     return [
-        'd="$OFFLOAD_JOB_DIR"; mkdir -p "$d/pod" "$d/volumes"',
-        'state() { printf "%s %s\\n" "$*" "$(date +%s)" >> "$d/pod/state"; }',
+        'd="$OFFLOAD_JOB_DIR"; mkdir -p "$d/volumes"',
+        f'state() {{ printf "%s %s\\n" "$*" "$(date +%s)" >> "$d/{STATE_FILE}"; }}',
         # the secrets file's values are this driver's environment: each container gets only its own
         'drop_secrets() { for v in ${!POD_SECRET_@}; do unset "$v"; done; }',
     ]
@@ -266,7 +277,7 @@ def _container_run(site: offload.Site, container: dict, index: int, images: dict
     if not argv:
         raise ConfigError(
             f"container {name!r} has neither command nor args: offload starts containers with an explicit "
-            "command (give 'command', e.g. [\"python3\", \"app.py\"])"
+            'command (give \'command\', e.g. ["python3", "app.py"])'
         )
     exports: list[str] = []
     names: list[str] = []
@@ -283,13 +294,18 @@ def _container_run(site: offload.Site, container: dict, index: int, images: dict
             exports.append(f"export {var}={shlex.quote(value)}")
 
     for source in container.get("envFrom") or []:
-        prefix = source.get("prefix", "")
-        if "configMapRef" in source:
-            for key, value in configmaps.get(source["configMapRef"]["name"], {}).items():
-                put(prefix + key, value.decode(), False)
-        elif "secretRef" in source:
-            for key, value in secrets_data.get(source["secretRef"]["name"], {}).items():
-                put(prefix + key, value.decode(), True)
+        prefix = source.get("prefix") or ""
+        secret = bool(source.get("secretRef"))
+        ref = source.get("secretRef") or source.get("configMapRef") or {}
+        values = (secrets_data if secret else configmaps).get(ref.get("name", ""))
+        if values is None:
+            if ref.get("optional"):
+                continue
+            kind = "Secret" if secret else "ConfigMap"
+            raise ConfigError(f"container {name!r}: envFrom {kind} {ref.get('name')!r} was not sent with the pod")
+        for key, value in values.items():
+            if _ENV_NAME.match(prefix + key):  # as Kubernetes does: keys that are no variable name are skipped
+                put(prefix + key, value.decode(), secret)
     for env in container.get("env") or []:
         if "valueFrom" not in env or env.get("valueFrom") is None:
             put(env["name"], env.get("value") or "", False)
@@ -340,15 +356,15 @@ def _container_run(site: offload.Site, container: dict, index: int, images: dict
     prelude = site.runtime.prelude(ctx)
     body = "; ".join([*prepare, "drop_secrets" if not exports else "true", *exports,
                       *(["drop_secrets"] if exports else []), *prelude, f"exec {command}"])  # fmt: skip
-    log = f'"$d/pod/{name}.log"'
-    return (f'( state {name} start; ( {body} ) > {log} 2>&1; rc=$?; state {name} exit "$rc"; exit "$rc" )')
+    log = f'"$d/{log_file(name)}"'
+    return f'( state {name} start; ( {body} ) > {log} 2>&1; rc=$?; state {name} exit "$rc"; exit "$rc" )'
 
 
 # -- reading back -------------------------------------------------------------------------------------------
 
 
 def parse_state(text: str) -> dict[str, dict[str, Any]]:
-    """``pod/state`` lines -> container name -> {"started": epoch, "exit": code, "finished": epoch}."""
+    """``pod-state`` lines -> container name -> {"started": epoch, "exit": code, "finished": epoch}."""
     found: dict[str, dict[str, Any]] = {}
     for line in text.splitlines():
         parts = line.split()
@@ -381,13 +397,14 @@ def container_statuses(names: list[str], images: dict[str, str], status: offload
                                     "finishedAt": _time(entry.get("finished"))}}  # fmt: skip
         elif status.state.is_terminal:
             # never started, or killed with the job: the job's end, as an exit code Kubernetes keeps
-            started = entry.get("started")
+            now = _time(datetime.now(UTC).timestamp())
             state = {"terminated": {"exitCode": end_code or 1, "reason": f"job {status.describe()}",
-                                    "startedAt": _time(started), "finishedAt": _time(datetime.now(UTC).timestamp())}}  # fmt: skip
+                                    "startedAt": _time(entry.get("started")), "finishedAt": now}}  # fmt: skip
         elif "started" in entry:
             state = {"running": {"startedAt": _time(entry["started"])}}
         else:
-            reason = status.reason if status.state is offload.JobState.PENDING and status.reason else "ContainerCreating"
+            pending = status.state is offload.JobState.PENDING and status.reason
+            reason = status.reason if pending else "ContainerCreating"
             state = {"waiting": {"reason": reason, "message": status.describe()}}
         out.append({"name": name, "state": state, "ready": "running" in state, "restartCount": 0,
                     "image": images.get(name, ""), "imageID": "", "started": "running" in state})  # fmt: skip

@@ -1,0 +1,369 @@
+"""offload as an interLink plugin, driven the way interLink's API server and the Virtual Kubelet drive it:
+``offload interlink serve`` runs as its own process, pods built from the real Kubernetes models (lightkube's)
+are created, their status asked every few seconds one pod per request, pinged with an empty array, their logs
+read with Tail and Follow, and deleted. The pods run on the test site in Charliecloud, image from the site's
+registry (pulled once on the login node)."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from lightkube.models.core_v1 import (
+    ConfigMapEnvSource,
+    ConfigMapKeySelector,
+    ConfigMapProjection,
+    ConfigMapVolumeSource,
+    Container,
+    EmptyDirVolumeSource,
+    EnvFromSource,
+    EnvVar,
+    EnvVarSource,
+    PodSpec,
+    ProjectedVolumeSource,
+    ResourceRequirements,
+    SecretKeySelector,
+    SecretProjection,
+    SecretVolumeSource,
+    Volume,
+    VolumeMount,
+    VolumeProjection,
+)
+from lightkube.models.core_v1 import Pod as PodModel
+from lightkube.models.meta_v1 import ObjectMeta
+
+from .conftest import STATE, queued_jobs
+
+REGISTRY = os.environ.get("OFFLOAD_TESTSITE_REGISTRY", "10.231.77.1:5000")
+IMAGE = f"{REGISTRY}/offload/test:1"  # as a pod names it: no scheme
+SECRET_TOKEN = "s3cr3t-'quoted' $HOME `id`"
+
+
+class Plugin:
+    """``offload interlink serve`` in its own process, and the HTTP calls interLink makes to it."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.port = _free_port()
+        self.process: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        log = open(self.tmp / f"plugin-{time.time_ns()}.log", "w")  # noqa: SIM115 (the process keeps it)
+        argv = [sys.executable, "-m", "offload.cli", "interlink", "serve", "--site", "testsite", "--listen",
+                f"127.0.0.1:{self.port}"]  # fmt: skip
+        self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        self.log = Path(log.name)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.log.read_text()
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.2)
+        raise AssertionError(f"the plugin did not listen: {self.log.read_text()}")
+
+    def stop(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        assert self.process.wait(30) == 0, self.log.read_text()
+
+    def call(self, method: str, path: str, body: object, timeout: float = 300) -> tuple[int, str]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            conn.request(method, path, body=json.dumps(body), headers={"Content-Type": "application/json"})
+            reply = conn.getresponse()
+            return reply.status, reply.read().decode()
+        finally:
+            conn.close()
+
+    def create(self, data: dict) -> dict:
+        code, text = self.call("POST", "/create", data)
+        assert code == 200, text
+        return json.loads(text)
+
+    def status(self, pod: dict) -> dict:
+        code, text = self.call("GET", "/status", [pod], timeout=60)
+        assert code == 200, text
+        answers = json.loads(text)
+        assert len(answers) == 1 and answers[0]["UID"] == pod["metadata"]["uid"], answers
+        return answers[0]
+
+    def wait(self, pod: dict, until: str = "terminated", timeout: float = 240) -> dict:
+        """Ask for the pod's status every 2 s (as the Virtual Kubelet does, one pod per call) until every
+        container is ``until``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            answer = self.status(pod)
+            if all(until in c["state"] for c in answer["containers"]):
+                return answer
+            assert time.monotonic() < deadline, answer
+            time.sleep(2)
+
+    def logs(self, pod: dict, container: str, **opts: object) -> str:
+        meta = pod["metadata"]
+        body = {"Namespace": meta["namespace"], "PodUID": meta["uid"], "PodName": meta["name"],
+                "ContainerName": container, "Opts": {"Tail": 0, "Bytes": 0, "Timestamps": False,
+                                                     "Follow": False, "Previous": False, **opts}}  # fmt: skip
+        code, text = self.call("GET", "/getLogs", body)
+        assert code == 200, text
+        return text
+
+    def delete(self, pod: dict) -> None:
+        code, text = self.call("POST", "/delete", pod)
+        assert code == 200, text
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def plugin(testsite_config, tmp_path_factory):
+    plugin = Plugin(tmp_path_factory.mktemp("interlink"))
+    yield plugin
+    plugin.stop()
+
+
+def pod(name: str, containers: list[Container], *, init: list[Container] | None = None,
+        volumes: list[Volume] | None = None, annotations: dict | None = None) -> dict:  # fmt: skip
+    meta = ObjectMeta(name=name, namespace="default", uid=str(uuid.uuid4()), annotations=annotations)
+    spec = PodSpec(containers=containers, initContainers=init, volumes=volumes, restartPolicy="Never")
+    return PodModel(apiVersion="v1", kind="Pod", metadata=meta, spec=spec).to_dict()
+
+
+def sh(name: str, script: str, **kwargs: object) -> Container:
+    return Container(name=name, image=IMAGE, command=["sh", "-c", script], **kwargs)
+
+
+CONFIGMAP = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "settings", "namespace": "default"},
+             "data": {"mode": "fast & \"loud\"", "app.ini": "[app]\nlevel = 3\n"}}  # fmt: skip
+SECRET = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "creds", "namespace": "default"},
+          "type": "Opaque", "data": {"token": base64.b64encode(SECRET_TOKEN.encode()).decode()}}  # fmt: skip
+
+
+def retrieved(pod: dict, configmaps: list | None = None, secrets: list | None = None) -> dict:
+    """interLink's ``RetrievedPodData``: the pod, and per container (init first) what it uses; Go's nil
+    slices arrive as null."""
+    spec = pod["spec"]
+    return {"pod": pod, "jobConfig": {},
+            "container": [{"name": c["name"], "configMaps": configmaps, "secrets": secrets,
+                           "projectedvolumemaps": None, "emptyDirs": None}
+                          for c in [*(spec.get("initContainers") or []), *spec["containers"]]]}  # fmt: skip
+
+
+def code(answer: dict, name: str, kind: str = "containers") -> int:
+    (status,) = [c for c in answer[kind] if c["name"] == name]
+    return status["state"]["terminated"]["exitCode"]
+
+
+def test_pods_run_as_jobs_with_env_volumes_init_containers_and_limits(plugin, site):
+    code_, pong = plugin.call("GET", "/status", [])  # interLink's ping
+    assert (code_, json.loads(pong)) == (200, [])
+
+    hello = pod("hello", [sh("main", "echo hello from $(hostname)")])
+    tricky = 'it\'s "$HOME" `id` $(id) \\ end'
+    env = pod(
+        "env-and-volumes",
+        [
+            sh(
+                "main",
+                'printf "%s|%s|%s|%s\\n" "$TRICKY" "$MODE" "$TOKEN" "$CFG_mode"; cat /etc/config/app.ini; '
+                "cat /etc/secret/token; echo; stat -c %a /etc/secret/token; ls /etc/both; cat /scratch/from-init",
+                env=[
+                    EnvVar(name="TRICKY", value=tricky),
+                    EnvVar(
+                        name="MODE",
+                        valueFrom=EnvVarSource(configMapKeyRef=ConfigMapKeySelector(name="settings", key="mode")),
+                    ),
+                    EnvVar(
+                        name="TOKEN", valueFrom=EnvVarSource(secretKeyRef=SecretKeySelector(name="creds", key="token"))
+                    ),
+                ],
+                envFrom=[EnvFromSource(prefix="CFG_", configMapRef=ConfigMapEnvSource(name="settings"))],
+                volumeMounts=[
+                    VolumeMount(name="config", mountPath="/etc/config"),
+                    VolumeMount(name="secret", mountPath="/etc/secret", readOnly=True),
+                    VolumeMount(name="both", mountPath="/etc/both"),
+                    VolumeMount(name="scratch", mountPath="/scratch"),
+                ],
+            ),
+        ],
+        init=[
+            sh(
+                "prepare",
+                "echo made by init > /scratch/from-init",
+                volumeMounts=[VolumeMount(name="scratch", mountPath="/scratch")],
+            )
+        ],
+        volumes=[
+            Volume(name="config", configMap=ConfigMapVolumeSource(name="settings")),
+            Volume(name="secret", secret=SecretVolumeSource(secretName="creds")),
+            Volume(
+                name="both",
+                projected=ProjectedVolumeSource(
+                    sources=[
+                        VolumeProjection(configMap=ConfigMapProjection(name="settings")),
+                        VolumeProjection(secret=SecretProjection(name="creds")),
+                    ]
+                ),
+            ),
+            Volume(name="scratch", emptyDir=EmptyDirVolumeSource()),
+        ],
+    )
+    limits = pod("limits", [sh("main", 'echo "cpus=$SLURM_CPUS_PER_TASK mem=$SLURM_MEM_PER_NODE '
+                                       'gpus=$CUDA_VISIBLE_DEVICES"',
+                               resources=ResourceRequirements(limits={"cpu": "2", "memory": "256Mi",
+                                                                      "nvidia.com/gpu": "1"}))])  # fmt: skip
+    failing = pod("failing", [sh("main", "echo about to fail; exit 3")])
+    init_fails = pod("init-fails", [sh("main", "echo never")], init=[sh("check", "echo no input >&2; exit 7")])
+    pair = pod("pair", [sh("writer", "sleep 1; echo ready > /shared/flag",
+                           volumeMounts=[VolumeMount(name="shared", mountPath="/shared")]),
+                        sh("reader", "while [ ! -e /shared/flag ]; do sleep 0.2; done; cat /shared/flag",
+                           volumeMounts=[VolumeMount(name="shared", mountPath="/shared")])],
+               volumes=[Volume(name="shared", emptyDir=EmptyDirVolumeSource())])  # fmt: skip
+
+    pods = [hello, env, limits, failing, init_fails, pair]
+    replies = {p["metadata"]["name"]: plugin.create(retrieved(p, [CONFIGMAP], [SECRET])) for p in pods}
+    assert all(r["PodJID"] for r in replies.values())
+    answers = {p["metadata"]["name"]: plugin.wait(p) for p in pods}
+
+    assert code(answers["hello"], "main") == 0
+    assert "hello from" in plugin.logs(hello, "main")
+
+    assert code(answers["env-and-volumes"], "prepare", "initContainers") == 0
+    assert code(answers["env-and-volumes"], "main") == 0
+    out = plugin.logs(env, "main").splitlines()
+    assert out[0] == f'{tricky}|fast & "loud"|{SECRET_TOKEN}|fast & "loud"'
+    assert out[1:3] == ["[app]", "level = 3"]
+    assert out[3] == SECRET_TOKEN and out[4] == "600"
+    assert sorted(out[5:8]) == ["app.ini", "mode", "token"]
+    assert out[8] == "made by init"
+    # the secret's value reached the container, but never the batch script
+    job = site.job(replies["env-and-volumes"]["PodJID"])
+    assert SECRET_TOKEN not in site.transport_run(["cat", f"{job.ref.jobdir}/job.sh"])
+
+    assert plugin.logs(limits, "main").strip() == "cpus=2 mem=256 gpus=0"
+    assert code(answers["failing"], "main") == 3
+    assert plugin.logs(failing, "main") == "about to fail\n"
+    assert code(answers["init-fails"], "check", "initContainers") == 7
+    assert code(answers["init-fails"], "main") != 0  # never started: the job's end, as a failure
+    assert "no input" in plugin.logs(init_fails, "check") and plugin.logs(init_fails, "main") == ""
+    assert code(answers["pair"], "writer") == 0 and code(answers["pair"], "reader") == 0
+    assert plugin.logs(pair, "reader").strip() == "ready"
+
+
+def test_bad_pods_are_refused_with_what_to_change_and_nothing_is_queued(plugin, site_user):
+    cases = {
+        "subpath": (
+            pod(
+                "subpath",
+                [sh("main", "true", volumeMounts=[VolumeMount(name="v", mountPath="/v", subPath="x")])],
+                volumes=[Volume(name="v", emptyDir=EmptyDirVolumeSource())],
+            ),
+            "subPath",
+        ),
+        "no-command": (pod("no-command", [Container(name="main", image=IMAGE)]), "command"),
+        "bad-flags": (
+            pod("bad-flags", [sh("main", "true")], annotations={"slurm-job.vk.io/flags": "exclusive"}),
+            "--exclusive",
+        ),
+        "missing-secret": (
+            pod(
+                "missing-secret",
+                [
+                    sh(
+                        "main",
+                        "true",
+                        env=[
+                            EnvVar(
+                                name="T", valueFrom=EnvVarSource(secretKeyRef=SecretKeySelector(name="absent", key="k"))
+                            )
+                        ],
+                    )
+                ],
+            ),
+            "absent",
+        ),
+    }
+    for name, (bad, words) in cases.items():
+        code_, text = plugin.call("POST", "/create", retrieved(bad))
+        assert code_ == 422 and words in text, (name, text)
+        assert not queued_jobs(site_user, f"pod-{bad['metadata']['uid']}")
+    # a missing tag is the cache's words, before anything is queued
+    missing = pod("missing-image", [Container(name="main", image=f"{REGISTRY}/offload/test:nope", command=["true"])])
+    code_, text = plugin.call("POST", "/create", retrieved(missing))
+    assert code_ == 500 and "nope" in text, text
+
+
+def test_create_is_idempotent_survives_a_restart_and_delete_cancels(plugin, site_user):
+    long = pod("long", [sh("main", "echo started; sleep 300")])
+    first = plugin.create(retrieved(long))
+    assert plugin.create(retrieved(long)) == first  # the Virtual Kubelet retried: the same job
+    plugin.wait(long, until="running")
+    plugin.stop()
+    plugin.start()  # a new process: it knows the pod from the records
+    assert plugin.create(retrieved(long)) == first
+    answer = plugin.wait(long, until="running")
+    assert answer["JID"] == first["PodJID"] and queued_jobs(site_user, f"pod-{long['metadata']['uid']}")
+    assert "started" in plugin.logs(long, "main")
+    plugin.delete(long)
+    assert not queued_jobs(site_user, f"pod-{long['metadata']['uid']}")
+    assert code(plugin.wait(long), "main") == 143  # CANCELLED: the code Kubernetes keeps
+    plugin.delete(long)  # again, and a pod the plugin never saw: both fine
+    plugin.delete(pod("stranger", [sh("main", "true")]))
+
+
+def test_logs_follow_until_the_container_ends_and_tail_keeps_the_last_lines(plugin):
+    counting = pod("counting", [sh("main", "for i in 1 2 3 4 5; do echo line $i; sleep 1; done")])
+    plugin.create(retrieved(counting))
+    plugin.wait(counting, until="running")
+    followed = plugin.logs(counting, "main", Follow=True)  # returns when the container ends
+    assert followed.split() == [w for i in range(1, 6) for w in ("line", str(i))]
+    assert plugin.logs(counting, "main", Tail=2) == "line 4\nline 5\n"
+    assert plugin.logs(counting, "main", Bytes=4) == "line"
+    assert code(plugin.wait(counting), "main") == 0
+
+
+def test_twenty_live_pods_polled_every_five_seconds_cost_one_squeue_per_interval(plugin, site):
+    pods = [pod(f"many-{i}", [sh("main", "sleep 120")]) for i in range(20)]
+    for p in pods:
+        plugin.create(retrieved(p))
+    calls = STATE / "calls" / "squeue.log"
+    errors: list[BaseException] = []
+
+    def kubelet(p: dict) -> None:  # one pod per request, every 5 s, as the Virtual Kubelet does
+        try:
+            for _ in range(4):
+                plugin.status(p)
+                time.sleep(5)
+        except BaseException as exc:
+            errors.append(exc)
+
+    start = time.time()
+    threads = [threading.Thread(target=kubelet, args=(p,)) for p in pods]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    took = time.time() - start
+    window = [float(t) for t in calls.read_text().split() if float(t) >= start]
+    for p in pods:
+        plugin.delete(p)
+    assert not errors, errors
+    interval = site.config.poll_interval
+    assert len(window) <= took / interval + 2, f"{len(window)} squeue calls in {took:.0f} s for 20 pods"
