@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gzip
 import hashlib
 import inspect
@@ -31,10 +32,10 @@ import shutil
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from offload import _loop, images_site
 from offload.errors import ConfigError, ImageError
@@ -43,7 +44,21 @@ if TYPE_CHECKING:
     from offload.site import Site
     from offload.spec import JobSpec
 
+P = ParamSpec("P")
+T = TypeVar("T")
 log = logging.getLogger("offload.images")
+
+
+def _on_site_loop(method: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+    """Run an ``a*`` method on offload's own loop, where the site's connection lives, whichever loop awaits it
+    (a web server's, a hub's)."""
+
+    @functools.wraps(method)
+    async def on_site_loop(*args: P.args, **kwargs: P.kwargs) -> T:
+        return await _loop.bridge(method(*args, **kwargs))
+
+    return on_site_loop
+
 
 SOURCE = inspect.getsource(images_site)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -148,6 +163,7 @@ class Images:
 
     # -- reading the cache ----------------------------------------------------------------------------
 
+    @_on_site_loop
     async def alist(self) -> list[CachedImage]:
         """The cached images, the most recently used first."""
         return sorted(await self._helper("list"), key=lambda image: image.used, reverse=True)
@@ -156,6 +172,7 @@ class Images:
         """Sync form of :meth:`alist`."""
         return _loop.run(self.alist())
 
+    @_on_site_loop
     async def aremote_digest(self, ref: str) -> tuple[str, int]:
         """What the registry has for ``ref`` now, asked from the login node: its digest and its download size
         in bytes (without pulling it)."""
@@ -167,6 +184,7 @@ class Images:
 
     # -- pulling --------------------------------------------------------------------------------------
 
+    @_on_site_loop
     async def apull(self, ref: str, progress: Progress | None = None) -> CachedImage:
         """``ref`` (``docker://...``) in the cache: the registry is asked for the tag's digest now, and the image
         is pulled and converted on the login node unless that digest is there already. Several callers (in this
@@ -195,6 +213,7 @@ class Images:
 
     # -- what a job runs ------------------------------------------------------------------------------
 
+    @_on_site_loop
     async def aresolve(self, image: str, progress: Progress | None = None) -> str:
         """The image a job should name: a registry image (where the site pulls on its login node) is pulled
         once and run from the cache; a name given to ``offload image push`` is that image's cache path; any
@@ -230,6 +249,7 @@ class Images:
             raise
         return found[-1] if found else None
 
+    @_on_site_loop
     async def aresolve_specs(self, specs: list[JobSpec], progress: Progress | None = None) -> list[JobSpec]:
         """``specs`` with each image resolved (:meth:`aresolve`), the site's default image included: each
         distinct image once, all at the same time."""
@@ -243,6 +263,7 @@ class Images:
 
     # -- pushing ----------------------------------------------------------------------------------------
 
+    @_on_site_loop
     async def apush(self, path: str | os.PathLike[str], name: str, progress: Progress | None = None) -> CachedImage:
         """Send a local image to the site under ``name`` (then ``image=name``, ``--image NAME`` runs it): a
         directory, a rootfs tarball, a ``docker save`` or OCI archive, or a ``.sif``. It goes over the site's
@@ -289,6 +310,7 @@ class Images:
 
     # -- forgetting -----------------------------------------------------------------------------------
 
+    @_on_site_loop
     async def aremove(self, image: str) -> list[CachedImage]:
         """Forget an image (by ref, pushed name or digest); its files go when no other ref uses them."""
         wanted = _pushed_ref(image) if is_pushed_name(image) else image
@@ -299,6 +321,7 @@ class Images:
         """Sync form of :meth:`aremove`."""
         return _loop.run(self.aremove(image))
 
+    @_on_site_loop
     async def aprune(self, older_than_days: float = 0, max_bytes: int = 0) -> list[CachedImage]:
         """Delete the images unused for ``older_than_days`` days, then the least recently used ones until the
         cache holds at most ``max_bytes`` (0: no such limit). Returns what went."""

@@ -39,6 +39,8 @@ FLAGS_ANNOTATION = "slurm-job.vk.io/flags"
 GPU_RESOURCE = "nvidia.com/gpu"
 # Exit codes that carry a job's end into Kubernetes, where the Virtual Kubelet keeps only exit codes.
 EXIT_CODES = {"TIMEOUT": 124, "CANCELLED": 143, "OUT_OF_MEMORY": 137, "NODE_FAIL": 255, "LOST": 255}
+# Where the job's directory goes in a container's command line, until the driver knows it ("$d")
+_JOBDIR = "/offload-job-directory"
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -342,7 +344,7 @@ def _container_run(site: offload.Site, container: dict, index: int, images: dict
             raise ConfigError(f"container {name!r} mounts {volume!r}, which the pod does not declare")
         source = f"$d/volumes/{volume}"
         prepare.append(f'mkdir -p "{source}"')
-        mounts.append(offload.Mount(f"__JOBDIR__/volumes/{volume}", mount["mountPath"],
+        mounts.append(offload.Mount(f"{_JOBDIR}/volumes/{volume}", mount["mountPath"],
                                     bool(mount.get("readOnly")) and site.config.runtime != "charliecloud"))  # fmt: skip
         if site.config.runtime == "charliecloud":
             # ch-run binds only onto directories the image has: make the mount point in a directory image
@@ -352,7 +354,7 @@ def _container_run(site: offload.Site, container: dict, index: int, images: dict
     ctx = ContainerContext(image=image, mounts=tuple(mounts), env_names=tuple(names),
                            workdir=container.get("workingDir") or None, gpus=gpus, jobdir=None)  # fmt: skip
     site.runtime.validate(ctx)
-    command = shlex.join(site.runtime.command(argv, ctx)).replace("__JOBDIR__", '"$d"')
+    command = shlex.join(site.runtime.command(argv, ctx)).replace(_JOBDIR, '"$d"')
     prelude = site.runtime.prelude(ctx)
     body = "; ".join([*prepare, "drop_secrets" if not exports else "true", *exports,
                       *(["drop_secrets"] if exports else []), *prelude, f"exec {command}"])  # fmt: skip
