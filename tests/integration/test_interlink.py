@@ -20,6 +20,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import yaml
 from lightkube.models.core_v1 import (
     ConfigMapEnvSource,
     ConfigMapKeySelector,
@@ -45,6 +46,8 @@ from lightkube.models.meta_v1 import ObjectMeta
 
 from .conftest import STATE, queued_jobs
 
+EXAMPLE = Path(__file__).parents[2] / "examples" / "interlink" / "pod.yaml"
+
 REGISTRY = os.environ.get("OFFLOAD_TESTSITE_REGISTRY", "10.231.77.1:5000")
 IMAGE = f"{REGISTRY}/offload/test:1"  # as a pod names it: no scheme
 SECRET_TOKEN = "s3cr3t-'quoted' $HOME `id`"
@@ -62,7 +65,7 @@ class Plugin:
     def start(self) -> None:
         log = open(self.tmp / f"plugin-{time.time_ns()}.log", "w")  # noqa: SIM115 (the process keeps it)
         argv = [sys.executable, "-m", "offload.cli", "interlink", "serve", "--site", "testsite", "--listen",
-                f"127.0.0.1:{self.port}"]  # fmt: skip
+                f"127.0.0.1:{self.port}", "--image-map", f"python:3.12-slim=docker://{IMAGE}"]  # fmt: skip
         self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         self.log = Path(log.name)
         deadline = time.monotonic() + 120
@@ -256,6 +259,7 @@ def test_pods_run_as_jobs_with_env_volumes_init_containers_and_limits(plugin, si
     # the secret's value reached the container, but never the batch script
     job = site.job(replies["env-and-volumes"]["PodJID"])
     assert SECRET_TOKEN not in site.transport_run(["cat", f"{job.ref.jobdir}/job.sh"])
+    assert site.transport_run(["ls", f"{job.ref.jobdir}/volumes"]).split() == ["config", "scratch"]  # secrets gone
 
     assert plugin.logs(limits, "main").strip() == "cpus=2 mem=256 gpus=0"
     assert code(answers["failing"], "main") == 3
@@ -367,3 +371,13 @@ def test_twenty_live_pods_polled_every_five_seconds_cost_one_squeue_per_interval
     assert not errors, errors
     interval = site.config.poll_interval
     assert len(window) <= took / interval + 2, f"{len(window)} squeue calls in {took:.0f} s for 20 pods"
+
+
+def test_the_example_pod_runs_as_written(plugin):
+    """examples/interlink/pod.yaml: its image mapped to the site's registry (--image-map), as an operator would."""
+    configmap, example = yaml.safe_load_all(EXAMPLE.read_text())
+    example["metadata"].update(namespace="default", uid=str(uuid.uuid4()))
+    plugin.create(retrieved(example, [configmap]))
+    answer = plugin.wait(example)
+    assert code(answer, "fetch", "initContainers") == 0 and code(answer, "train") == 0
+    assert plugin.logs(example, "train").splitlines() == ["GPUs: 0", "epochs: 3", "data for run first"]

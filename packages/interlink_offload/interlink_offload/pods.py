@@ -12,7 +12,8 @@ What a pod may hold, and how it lands:
 * ``env`` values, and ``valueFrom`` ConfigMap and Secret keys; ``envFrom`` ConfigMaps and Secrets. Secret values
   travel as offload secrets (a 0600 file read and removed by the job), never in the batch script;
 * ``volumeMounts`` of ConfigMap, Secret, projected and ``emptyDir`` volumes: files staged into the job's
-  directory (secret files 0600) and bound at ``mountPath`` (directories; ``subPath`` is refused);
+  directory (secret files 0600, removed when the pod ends) and bound at ``mountPath`` (directories;
+  ``subPath`` is refused);
 * limits (or requests): ``cpu`` -> cores, ``memory`` -> memory, ``nvidia.com/gpu`` -> GPUs, for the pod as
   Kubernetes counts it (the largest init container, or all containers together); the annotation
   ``slurm-job.vk.io/flags`` adds scheduler options, checked like any other;
@@ -219,6 +220,11 @@ def plan_pod(site: offload.Site, data: dict, images: dict[str, str]) -> PodPlan:
     if not main:
         raise ConfigError("the pod has no containers")
     lines = _driver_head()
+    holding_secrets = [name for name, v in volumes.items() if "secret" in v or any(
+        "secret" in source for source in (v.get("projected") or {}).get("sources") or [])]  # fmt: skip
+    if holding_secrets:  # the pod's secret files go with the pod, as in Kubernetes
+        paths = " ".join(f'"$d/volumes/{name}"' for name in holding_secrets)
+        lines.append(f"trap {shlex.quote(f'rm -rf {paths}')} EXIT")
     notes = []
     if any(c.get(k) for c in init + main for k in ("livenessProbe", "readinessProbe", "startupProbe", "lifecycle")):
         notes.append("offload: probes and lifecycle hooks of this pod are ignored (the job's own state counts)")
