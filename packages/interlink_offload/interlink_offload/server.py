@@ -42,6 +42,8 @@ log = logging.getLogger("interlink_offload")
 HEARTBEAT_SECONDS = 15.0
 # How long "offload has no job for this pod" is believed before the records and the scheduler are asked again.
 MISSING_FOR = 60.0
+# How long after /delete a pod's answers stay in memory (a long-lived plugin serves many pods).
+FORGET_AFTER = 600.0
 
 
 def site_image(image: str, image_map: Mapping[str, str]) -> str:
@@ -288,11 +290,20 @@ class PodServer:
         job = await self._job(uid)
         if job is None:
             return web.Response(text=f"no job for pod {uid}: nothing to cancel")
+        # the Virtual Kubelet may ask once more; then this plugin forgets the pod (its records do not)
+        asyncio.get_running_loop().call_later(FORGET_AFTER, self._forget, uid)
         status = await job.astatus(refresh=False)
         if not status.state.is_terminal:
             await self.site.acancel([job], timeout=30)
             log.info("pod %s/%s (%s) deleted: job %s cancelled", meta.get("namespace"), meta.get("name"), uid, job.id)
         return web.Response(text=f"job {job.id} of pod {uid} cancelled")
+
+    def _forget(self, uid: str) -> None:
+        for known in (self._jobs, self._final, self._missing):
+            known.pop(uid, None)
+        lock = self._creating.get(uid)
+        if lock is not None and not lock.locked():
+            del self._creating[uid]
 
 
 def _tail(data: bytes, lines: int) -> bytes:
