@@ -78,3 +78,19 @@ async def test_jobs_watched_from_different_moments_share_the_rounds():
     for ref_id in ("a", "b"):
         scheduler.states[ref_id] = JobState.COMPLETED
     await asyncio.wait_for(asyncio.gather(first, second), 5)
+
+
+async def test_cached_answers_keep_the_rounds_going_for_their_job():
+    """A caller that only reads the cache (the hub's poll(), interLink's /status) still sees the job end."""
+    scheduler = Scheduler()
+    poller = Poller(scheduler.poll, 0.02, lambda ref, status: None)
+    ref = JobRef("7", "/d")
+    poller.known(ref, JobStatus(JobState.PENDING))  # as after a submission: nobody waits on it
+    assert (await poller.status(ref, refresh=False)).state is JobState.PENDING
+    scheduler.states["7"] = JobState.COMPLETED
+    for _ in range(100):
+        if (await poller.status(ref, refresh=False)).state is JobState.COMPLETED:
+            break
+        await asyncio.sleep(0.02)
+    assert (await poller.status(ref, refresh=False)).state is JobState.COMPLETED
+    assert len(scheduler.calls) < 20
