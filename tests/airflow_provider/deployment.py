@@ -126,6 +126,16 @@ class Deployment:
             time.sleep(1)
         return state
 
+    def failures(self, dag_id: str, run_id: str) -> str:
+        """What a test prints when a run did not succeed: each task's state, the ends of the failed tasks' logs."""
+        states = self.task_states(dag_id, run_id)
+        text = [f"task states: {states}"]
+        for key, state in states.items():
+            if state not in ("success", "skipped"):
+                task, index = key[:-1].split("[")
+                text.append(f"--- {key} ({state}):\n{self.task_log(dag_id, run_id, task, int(index))[-3000:]}")
+        return "\n".join(text)
+
     def task_states(self, dag_id: str, run_id: str) -> dict[str, str]:
         rows = self.query("SELECT task_id, map_index, state FROM task_instance WHERE dag_id = ? AND run_id = ?",
                           dag_id, run_id)  # fmt: skip

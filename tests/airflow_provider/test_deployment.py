@@ -72,7 +72,8 @@ def test_the_log_of_a_deferred_task_grows_while_its_job_runs(deployment):
         time.sleep(1)
     assert deployment.task_state("offload_live_logs", run_id, "ticks") == "deferred"
     assert site_jobs("ticks-", "RUNNING")  # the job still runs: the lines came while it did
-    assert deployment.wait_run("offload_live_logs", run_id) == "success"
+    state = deployment.wait_run("offload_live_logs", run_id)
+    assert state == "success", deployment.failures("offload_live_logs", run_id)
     log = deployment.task_log("offload_live_logs", run_id, "ticks")
     for i in range(1, 31):
         assert len(re.findall(rf"^tick {i}$", log, re.MULTILINE)) == 1, f"tick {i} shown {log.count(f'tick {i}')}x"
@@ -82,7 +83,7 @@ def test_the_log_of_a_deferred_task_grows_while_its_job_runs(deployment):
 
 def test_a_secret_shows_as_stars_in_the_task_log(deployment):
     run_id = deployment.trigger("offload_secret")
-    assert deployment.wait_run("offload_secret", run_id) == "success"
+    assert deployment.wait_run("offload_secret", run_id) == "success", deployment.failures("offload_secret", run_id)
     for task in ("prints_sync", "prints_deferred"):
         log = deployment.task_log("offload_secret", run_id, task)
         assert "the key is ***" in log, log[-2000:]
@@ -91,7 +92,8 @@ def test_a_secret_shows_as_stars_in_the_task_log(deployment):
 
 def test_resources_are_templated(deployment):
     run_id = deployment.trigger("offload_templated", conf={"gpus": 1})
-    assert deployment.wait_run("offload_templated", run_id) == "success"
+    state = deployment.wait_run("offload_templated", run_id)
+    assert state == "success", deployment.failures("offload_templated", run_id)
     assert deployment.xcoms("offload_templated", run_id)["gpus[-1]"]["return_value"] == "GPUs 0"
 
 
