@@ -184,3 +184,22 @@ async def test_the_plugin_api_end_to_end_on_the_local_site(site):
         assert (await client.get("/status", json=[stranger])).status == 200
         bad = await client.post("/create", json=data(pod([{"name": "main", "image": "busybox:1"}])))
         assert bad.status == 422 and "command" in await bad.text()
+
+
+def test_on_apptainer_each_container_is_one_apptainer_exec_with_its_binds_and_env(tmp_path, monkeypatch):
+    """Apptainer has no package here: its path is checked by the exact command line the driver runs."""
+    config = tmp_path / "sites.toml"
+    config.write_text(f'[sites.ap]\ntransport = "local"\nscheduler = "local"\nruntime = "apptainer"\n'
+                      f'workdir = "{tmp_path / "work"}"\n')  # fmt: skip
+    monkeypatch.setenv("OFFLOAD_CONFIG", str(config))
+    site = offload.load_site("ap")
+    p = pod([{"name": "main", "image": "x", "command": ["python3", "app.py"], "env": [{"name": "A", "value": "1"}],
+              "volumeMounts": [{"name": "cfg", "mountPath": "/etc/cfg", "readOnly": True}],
+              "resources": {"limits": {"nvidia.com/gpu": 1}}}],
+            volumes=[{"name": "cfg", "configMap": {"name": "c"}}])  # fmt: skip
+    sent = data(p, configmaps=[{"metadata": {"name": "c"}, "data": {"k": "v"}}])
+    driver = plan_pod(site, sent, {"x": "/images/x.sif"}).spec.command[2]
+    run = 'exec apptainer exec --cleanenv --nv --bind "$d"/volumes/cfg:/etc/cfg:ro /images/x.sif python3 app.py'
+    assert run in driver
+    assert 'export A=1; drop_secrets; export APPTAINERENV_A="${A}"' in driver
+    site.close()
