@@ -203,3 +203,20 @@ def test_on_apptainer_each_container_is_one_apptainer_exec_with_its_binds_and_en
     assert run in driver
     assert 'export A=1; drop_secrets; export APPTAINERENV_A="${A}"' in driver
     site.close()
+
+
+async def test_a_site_that_cannot_be_reached_is_the_replys_words(tmp_path, monkeypatch):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once closed
+    config = tmp_path / "sites.toml"
+    config.write_text(f'[sites.gone]\nhost = "127.0.0.1"\nport = {port}\nuser = "x"\nconnect_timeout = 2\n')
+    monkeypatch.setenv("OFFLOAD_CONFIG", str(config))
+    monkeypatch.setenv("OFFLOAD_STATE_DIR", str(tmp_path / "state"))
+    site = offload.load_site("gone")
+    async with TestClient(TestServer(PodServer(site).app())) as client:
+        reply = await client.get("/status", json=[pod([sh("main", "true")])])
+        assert reply.status == 503 and "cannot reach" in await reply.text()
+    await site.aclose()

@@ -100,7 +100,8 @@ class PodServer:
         self._creating: dict[str, asyncio.Lock] = {}
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 2**20)  # a pod's ConfigMaps and Secrets travel in /create
+        # a pod's ConfigMaps and Secrets travel in /create
+        app = web.Application(client_max_size=64 * 2**20, middlewares=[_site_errors])
         app.add_routes(
             [
                 web.post("/create", self.create),
@@ -304,6 +305,19 @@ class PodServer:
         lock = self._creating.get(uid)
         if lock is not None and not lock.locked():
             del self._creating[uid]
+
+
+@web.middleware
+async def _site_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """A site that does not answer (or answers with an error) is the reply's words, not a bare 500."""
+    try:
+        return await handler(request)
+    except (offload.SiteNotAnswering, offload.TransportError) as exc:
+        log.warning("%s: %s", request.path, exc)
+        return _error(503, str(exc))
+    except offload.OffloadError as exc:
+        log.warning("%s: %s", request.path, exc)
+        return _error(500, str(exc))
 
 
 def _tail(data: bytes, lines: int) -> bytes:
