@@ -220,3 +220,20 @@ async def test_a_site_that_cannot_be_reached_is_the_replys_words(tmp_path, monke
         reply = await client.get("/status", json=[pod([sh("main", "true")])])
         assert reply.status == 503 and "cannot reach" in await reply.text()
     await site.aclose()
+
+
+async def test_serve_listens_on_a_unix_socket(site, tmp_path):
+    import aiohttp
+
+    from interlink_offload import serve
+
+    path = tmp_path / "plugin.sock"
+    ready = asyncio.Event()
+    server = asyncio.ensure_future(serve(site, f"unix://{path}", ready=ready))
+    await asyncio.wait_for(ready.wait(), 30)
+    async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(path))) as session:
+        async with session.get("http://plugin/status", json=[]) as reply:
+            assert reply.status == 200 and await reply.json() == []
+    server.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await server
