@@ -362,8 +362,8 @@ def _container_run(site: offload.Site, container: dict, index: int, images: dict
     site.runtime.validate(ctx)
     command = shlex.join(site.runtime.command(argv, ctx)).replace(_JOBDIR, '"$d"')
     prelude = site.runtime.prelude(ctx)
-    body = "; ".join([*prepare, "drop_secrets" if not exports else "true", *exports,
-                      *(["drop_secrets"] if exports else []), *prelude, f"exec {command}"])  # fmt: skip
+    # this container's variables are set (secret ones from the driver's POD_SECRET_*), then every secret dropped
+    body = "; ".join([*prepare, *exports, "drop_secrets", *prelude, f"exec {command}"])
     log = f'"$d/{log_file(name)}"'
     return f'( state {name} start; ( {body} ) > {log} 2>&1; rc=$?; state {name} exit "$rc"; exit "$rc" )'
 
