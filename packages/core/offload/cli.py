@@ -79,10 +79,14 @@ def _local_files(items: tuple[str, ...]) -> dict[str, bytes]:
 def main() -> None:
     """Run containerised work as jobs on remote HPC sites, over one SSH connection."""
     # offload's own news (connecting..., a site that stops answering) on stderr, as the CLI's other lines
-    logger = logging.getLogger("offload")
+    _log_to_stderr("offload", "offload")
+
+
+def _log_to_stderr(logger_name: str, prefix: str) -> None:
+    logger = logging.getLogger(logger_name)
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("offload: %(message)s"))
+        handler.setFormatter(logging.Formatter(f"{prefix}: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False
@@ -814,12 +818,7 @@ def interlink_serve(site_name: str | None, listen: str, image_map: tuple[str, ..
         import interlink_offload
     except ImportError as exc:
         _fail(f"the interLink plugin needs its extra ({exc}): pip install 'offload[interlink]'")
-    logger = logging.getLogger("interlink_offload")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("offload interlink: %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
+    _log_to_stderr("interlink_offload", "offload interlink")
     with _user_errors():
         mapping = {}
         for item in image_map:

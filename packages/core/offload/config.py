@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,10 +32,9 @@ from typing import Any
 import platformdirs
 
 from offload.errors import ConfigError
-from offload.spec import parse_memory, parse_walltime
+from offload.spec import ENV_NAME, parse_memory, parse_walltime
 
 LOCAL_SITE = "local"
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 @dataclass(frozen=True)
@@ -298,7 +296,7 @@ def _coerce(where: str, key: str, value: Any) -> Any:
         if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
             raise ConfigError(f"{label} must be a table of string values, got {value!r}")
         for env_name in value:
-            if not _ENV_NAME.match(env_name):
+            if not ENV_NAME.match(env_name):
                 raise ConfigError(f"{label}: {env_name!r} is not an environment variable name")
             if env_name.upper().startswith("OFFLOAD_"):
                 raise ConfigError(f"{label}: {env_name!r}: names starting with OFFLOAD_ are offload's own")

@@ -17,7 +17,8 @@ from offload.errors import ConfigError
 
 _WALLTIME = re.compile(r"^(?:(?P<d>\d+)-)?(?P<rest>\d+(?::\d+){0,2})$")
 _MEMORY = re.compile(r"^(?P<n>\d+(?:\.\d+)?)\s*(?P<unit>[KMGT]?)(?:i?B)?$", re.IGNORECASE)
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# what a shell accepts as a variable name: for env, secrets, reach and the adapters that build them
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def parse_walltime(value: str | int | None) -> int | None:
@@ -351,7 +352,7 @@ class _FrozenFiles(dict):
 def _frozen_env(label: str, mapping: Mapping[str, str] | Sequence[tuple[str, str]]) -> _FrozenEnv:
     items = dict(mapping)
     for key, value in items.items():
-        if not isinstance(key, str) or not _ENV_NAME.match(key):
+        if not isinstance(key, str) or not ENV_NAME.match(key):
             raise ConfigError(f"{label} name {key!r} is not a valid environment variable name")
         if key in RESERVED_ENV or key.startswith("offload_"):
             raise ConfigError(f"{label} name {key!r} is one offload sets itself in the batch script: use another")

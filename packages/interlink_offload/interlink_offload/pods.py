@@ -35,6 +35,7 @@ from typing import Any
 import offload
 from offload import ConfigError
 from offload.runtimes.base import ContainerContext
+from offload.spec import ENV_NAME
 
 FLAGS_ANNOTATION = "slurm-job.vk.io/flags"
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -42,7 +43,6 @@ GPU_RESOURCE = "nvidia.com/gpu"
 EXIT_CODES = {"TIMEOUT": 124, "CANCELLED": 143, "OUT_OF_MEMORY": 137, "NODE_FAIL": 255, "LOST": 255}
 # Where the job's directory goes in a container's command line, until the driver knows it ("$d")
 _JOBDIR = "/offload-job-directory"
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 STATE_FILE = "pod-state"
@@ -291,7 +291,7 @@ def _container_run(site: offload.Site, container: dict, index: int, images: dict
     names: list[str] = []
 
     def put(var: str, value: str, secret: bool) -> None:
-        if not _ENV_NAME.match(var):
+        if not ENV_NAME.match(var):
             raise ConfigError(f"container {name!r}: {var!r} is not an environment variable name")
         names.append(var)
         if secret:
@@ -312,7 +312,7 @@ def _container_run(site: offload.Site, container: dict, index: int, images: dict
             kind = "Secret" if secret else "ConfigMap"
             raise ConfigError(f"container {name!r}: envFrom {kind} {ref.get('name')!r} was not sent with the pod")
         for key, value in values.items():
-            if _ENV_NAME.match(prefix + key):  # as Kubernetes does: keys that are no variable name are skipped
+            if ENV_NAME.match(prefix + key):  # as Kubernetes does: keys that are no variable name are skipped
                 put(prefix + key, value.decode(), secret)
     for env in container.get("env") or []:
         if "valueFrom" not in env or env.get("valueFrom") is None:

@@ -255,8 +255,8 @@ class PodServer:
         await response.write(shown)
         sent, offset, written = len(shown), len(data), time.monotonic()
         interval = min(2.0, self.site.config.poll_interval)
+        ended = False
         while not (limit and sent >= limit):
-            ended = await self._container_ended(job, container)
             chunk = await job.aget(name, offset)
             offset += len(chunk)
             if limit:
@@ -265,8 +265,11 @@ class PodServer:
                 await response.write(chunk)
                 sent, written = sent + len(chunk), time.monotonic()
                 continue
-            if ended:
+            if ended:  # ended before the read above: that read had its last words
                 break
+            # asked only while the container is quiet; then one more read, for what it wrote last
+            if ended := await self._container_ended(job, container):
+                continue
             if time.monotonic() - written > HEARTBEAT_SECONDS:
                 await response.write(b"\n")
                 written = time.monotonic()
