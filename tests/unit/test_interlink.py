@@ -76,20 +76,20 @@ def test_a_pod_asks_for_what_kubernetes_would_count(site):
                sh("b", "true", resources={"requests": {"cpu": "1500m", "memory": "1Gi", "nvidia.com/gpu": 2}})],
               init=[sh("i", "true", resources={"limits": {"cpu": "8"}})],
               meta={"annotations": {"slurm-job.vk.io/flags": "--exclusive --qos=long"}})  # fmt: skip
-    plan = plan_pod(site, data(two), {"busybox:1": "busybox:1"})
-    res = plan.spec.resources
+    job = plan_pod(site, data(two), {"busybox:1": "busybox:1"})
+    res = job.resources
     # the largest init container, or all containers together (1 + 2 cores, 512 MiB + 1 GiB)
     assert (res.cpus, res.memory, res.gpus) == (8, 1536, 2)
     assert res.extra == ("--exclusive", "--qos=long")
-    assert plan.spec.name == f"pod-{two['metadata']['uid']}" and not plan.spec.container
+    assert job.name == f"pod-{two['metadata']['uid']}" and not job.container
 
 
 def test_secret_values_travel_as_secrets_not_in_the_script(site):
     token = {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "token"}}}
     p = pod([sh("main", "echo $TOKEN", env=[token])])
-    plan = plan_pod(site, data(p, [SECRET]), {"busybox:1": "busybox:1"})
-    assert "t0k" not in site.job_script(plan.spec)
-    assert list(plan.spec.secrets.values()) == ["t0k'$en"]
+    job = plan_pod(site, data(p, [SECRET]), {"busybox:1": "busybox:1"})
+    assert "t0k" not in site.job_script(job)
+    assert list(job.secrets.values()) == ["t0k'$en"]
 
 
 @pytest.mark.parametrize(
@@ -139,11 +139,11 @@ def test_what_offload_cannot_run_is_refused_with_what_to_change(site, change, wo
 def test_a_job_that_ended_early_gives_its_containers_a_code_kubernetes_keeps():
     timeout = offload.JobStatus(offload.JobState.TIMEOUT)
     states = parse_state("a start 100\na exit 0 101\nb start 100\n")
-    a, b, c = container_statuses(["a", "b", "c"], {}, timeout, states, init=False)
+    a, b, c = container_statuses(["a", "b", "c"], {}, timeout, states)
     assert a["state"]["terminated"]["exitCode"] == 0
     assert b["state"]["terminated"]["exitCode"] == 124 and "TIMEOUT" in b["state"]["terminated"]["reason"]
     assert c["state"]["terminated"]["exitCode"] == 124
-    pending = container_statuses(["a"], {}, offload.JobStatus(offload.JobState.PENDING, "Resources"), {}, False)
+    pending = container_statuses(["a"], {}, offload.JobStatus(offload.JobState.PENDING, "Resources"), {})
     assert pending[0]["state"]["waiting"]["reason"] == "Resources"
 
 
@@ -198,7 +198,7 @@ def test_on_apptainer_each_container_is_one_apptainer_exec_with_its_binds_and_en
               "resources": {"limits": {"nvidia.com/gpu": 1}}}],
             volumes=[{"name": "cfg", "configMap": {"name": "c"}}])  # fmt: skip
     sent = data(p, configmaps=[{"metadata": {"name": "c"}, "data": {"k": "v"}}])
-    driver = plan_pod(site, sent, {"x": "/images/x.sif"}).spec.command[2]
+    driver = plan_pod(site, sent, {"x": "/images/x.sif"}).command[2]
     run = 'exec apptainer exec --cleanenv --nv --bind "$d"/volumes/cfg:/etc/cfg:ro /images/x.sif python3 app.py'
     assert run in driver
     assert 'export A=1; drop_secrets; export APPTAINERENV_A="${A}"' in driver

@@ -9,7 +9,7 @@ and point interLink's ``SidecarURL``/``SidecarPort`` at it. From Python::
     asyncio.run(interlink_offload.serve(offload.load_site("leonardo"), "127.0.0.1:4000"))
 """
 
-from interlink_offload.pods import PodPlan, plan_pod
+from interlink_offload.pods import plan_pod
 from interlink_offload.server import PodServer, serve, site_image
 
-__all__ = ["PodPlan", "PodServer", "plan_pod", "serve", "site_image"]
+__all__ = ["PodServer", "plan_pod", "serve", "site_image"]

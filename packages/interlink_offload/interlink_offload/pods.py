@@ -28,7 +28,6 @@ import math
 import re
 import shlex
 import tarfile
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -56,16 +55,6 @@ def log_file(container: str) -> str:
 def job_name(uid: str) -> str:
     """The job name a pod's job gets: its UID, so a restarted plugin finds it (and a repeat /create too)."""
     return "pod-" + re.sub(r"[^A-Za-z0-9._-]", "-", uid)[:59]
-
-
-@dataclass
-class PodPlan:
-    """What the translation made of a pod: the job, and the names of its containers (init first)."""
-
-    spec: offload.JobSpec
-    init: list[str]
-    containers: list[str]
-    images: dict[str, str] = field(default_factory=dict)
 
 
 def _quantity_cpus(value: Any) -> int:
@@ -146,9 +135,8 @@ class _Staging:
         return buffer.getvalue()
 
 
-def _volume_files(volume: dict, configmaps: dict, secrets: dict, staging: _Staging, where: str) -> bool:
-    """Stage what ``volume`` holds under ``where``; False for a kind offload does not stage (emptyDir: made
-    empty by the driver)."""
+def _volume_files(volume: dict, configmaps: dict, secrets: dict, staging: _Staging, where: str) -> None:
+    """Stage what ``volume`` holds under ``where`` (an emptyDir stays an empty directory)."""
 
     def items(source: dict, values: dict[str, bytes], label: str) -> list[tuple[str, bytes]]:
         chosen = source.get("items")
@@ -185,16 +173,13 @@ def _volume_files(volume: dict, configmaps: dict, secrets: dict, staging: _Stagi
             elif "secret" in source:
                 one("secret", source["secret"], where)
             # serviceAccountToken and downwardAPI sources: nothing on an HPC site could use them
-    elif "emptyDir" in volume:
-        return False
-    else:
+    elif "emptyDir" not in volume:
         kinds = sorted(set(volume) - {"name"})
         raise ConfigError(f"volume {volume['name']!r} is a {', '.join(kinds)} volume: offload stages ConfigMap, "
                           "Secret, projected and emptyDir volumes only")  # fmt: skip
-    return True
 
 
-def plan_pod(site: offload.Site, data: dict, images: dict[str, str]) -> PodPlan:
+def plan_pod(site: offload.Site, data: dict, images: dict[str, str]) -> offload.JobSpec:
     """The job for interLink's ``RetrievedPodData`` ``data``; ``images`` maps each container's image to what the
     site runs (already resolved: cache paths). Raises ConfigError, with what to change, for what it cannot run."""
     pod = data.get("pod") or {}
@@ -211,9 +196,8 @@ def plan_pod(site: offload.Site, data: dict, images: dict[str, str]) -> PodPlan:
         secrets_data.update(_data_of(container.get("secrets"), "secret"))
     volumes = {v["name"]: v for v in spec.get("volumes") or []}
     staging = _Staging()
-    staged: dict[str, bool] = {}
     for name, volume in volumes.items():
-        staged[name] = _volume_files(volume, configmaps, secrets_data, staging, _safe(name))
+        _volume_files(volume, configmaps, secrets_data, staging, _safe(name))
     secrets: dict[str, str] = {}
     init = list(spec.get("initContainers") or [])
     main = list(spec.get("containers") or [])
@@ -232,7 +216,7 @@ def plan_pod(site: offload.Site, data: dict, images: dict[str, str]) -> PodPlan:
         lines.append(f"echo {shlex.quote(note)} >&2")
     runs = []
     for index, container in enumerate(init + main):
-        runs.append(_container_run(site, container, index, images, volumes, staged, configmaps, secrets_data,
+        runs.append(_container_run(site, container, index, images, volumes, configmaps, secrets_data,
                                    secrets))  # fmt: skip
     for container, run in zip(init, runs[: len(init)], strict=True):
         name = shlex.quote(container["name"])
@@ -256,7 +240,7 @@ def plan_pod(site: offload.Site, data: dict, images: dict[str, str]) -> PodPlan:
     files = {"volumes/": staging.archive()} if volumes else {}
     job = offload.JobSpec(["bash", "-c", "\n".join(lines)], container=False, resources=resources, secrets=secrets,
                           files=files, name=job_name(uid))  # fmt: skip
-    return PodPlan(job, [c["name"] for c in init], [c["name"] for c in main], images)
+    return job
 
 
 def _safe(name: str) -> str:
@@ -275,7 +259,7 @@ def _driver_head() -> list[str]:
 
 
 def _container_run(site: offload.Site, container: dict, index: int, images: dict[str, str], volumes: dict,
-                   staged: dict, configmaps: dict, secrets_data: dict, secrets: dict[str, str]) -> str:  # fmt: skip
+                   configmaps: dict, secrets_data: dict, secrets: dict[str, str]) -> str:  # fmt: skip
     """The shell line that runs one container, recording its start, output and exit."""
     name = _safe(container.get("name", ""))
     image = images.get(container.get("image", ""))
@@ -391,7 +375,7 @@ def _time(epoch: float | None) -> str | None:
 
 
 def container_statuses(names: list[str], images: dict[str, str], status: offload.JobStatus,
-                       states: dict[str, dict[str, Any]], init: bool) -> list[dict]:  # fmt: skip
+                       states: dict[str, dict[str, Any]]) -> list[dict]:  # fmt: skip
     """v1.ContainerStatus objects for ``names``, from the job's status and the driver's state file."""
     out = []
     end_code = _end_code(status)

@@ -176,8 +176,7 @@ class PodServer:
         refs = {image: site_image(image, self.image_map) for image in wanted}
         resolved = await asyncio.gather(*(self.site.images.aresolve(ref) for ref in refs.values()))
         images = dict(zip(refs, resolved, strict=True))
-        plan = plan_pod(self.site, data, images)
-        return await self.site.asubmit(plan.spec)
+        return await self.site.asubmit(plan_pod(self.site, data, images))
 
     # -- GET /status ----------------------------------------------------------------------------------------
 
@@ -219,8 +218,8 @@ class PodServer:
             "UID": uid,
             "namespace": meta.get("namespace"),
             "JID": job.id if job else "",
-            "containers": container_statuses(main, images, status, states, init=False),
-            "initContainers": container_statuses(init, images, status, states, init=True),
+            "containers": container_statuses(main, images, status, states),
+            "initContainers": container_statuses(init, images, status, states),
         }
         if status.state.is_terminal:
             self._final[uid] = answer  # nothing changes after the end: no more reads for this pod
