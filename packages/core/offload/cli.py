@@ -816,8 +816,8 @@ def interlink_serve(site_name: str | None, listen: str, image_map: tuple[str, ..
 
     try:
         import interlink_offload
-    except ImportError as exc:
-        _fail(f"the interLink plugin needs its extra ({exc}): pip install 'offload[interlink]'")
+    except ImportError as exc:  # it says which extra to install
+        _fail(str(exc))
     _log_to_stderr("interlink_offload", "offload interlink")
     with _user_errors():
         mapping = {}

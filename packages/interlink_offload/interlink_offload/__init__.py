@@ -9,6 +9,11 @@ and point interLink's ``SidecarURL``/``SidecarPort`` at it. From Python::
     asyncio.run(interlink_offload.serve(offload.load_site("leonardo"), "127.0.0.1:4000"))
 """
 
+try:
+    import aiohttp  # noqa: F401
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(f"interlink_offload needs aiohttp: pip install 'offload[interlink]' ({exc})") from None
+
 from interlink_offload.pods import plan_pod
 from interlink_offload.server import PodServer, serve, site_image
 

@@ -9,6 +9,11 @@ c.OffloadSpawner.profiles = [
 ]
 """
 
+try:
+    import jupyterhub  # noqa: F401
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(f"jupyterhub_offload needs JupyterHub: pip install 'offload[hub]' ({exc})") from None
+
 from jupyterhub_offload.spawner import OffloadSpawner
 
 __all__ = ["OffloadSpawner"]
