@@ -500,7 +500,7 @@ class Site:
 
     async def aforward(self, remote_host: str, remote_port: int, local_port: int = 0) -> Forward:
         """Forward 127.0.0.1:``local_port`` (0: any free port) to ``remote_host:remote_port`` as seen from the
-        site's login node, over the site's connection; re-opened on the same port after a reconnect."""
+        site's login node, over the site's connection; the port keeps listening through a reconnect."""
         return Forward(await _loop.bridge(self._transport.forward_local_port(remote_host, remote_port, local_port)))
 
     def forward(self, remote_host: str, remote_port: int, local_port: int = 0) -> Forward:

@@ -271,6 +271,9 @@ class SiteScheduler(ProcessInterface):
         status = await self.job.finished()
         if self.status in (Status.closing, Status.closed) or self.shared.shutting_down:
             return
+        # Its ports now refuse connections, which the client's reconnect loop takes as "not there" and gives up on.
+        for forward in self._forwards:
+            await forward.aclose()
         tail = await self.job.atail(10)
         message = "the Dask scheduler's job %s ended %s: cluster %s cannot work any more; close it and make a new one"
         log.error(message + ". Last lines of its log:\n%s", self.job.id, status.describe(), self.shared.name, tail)

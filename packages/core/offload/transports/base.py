@@ -44,10 +44,6 @@ class PortForward(Protocol):
     @property
     def local_port(self) -> int: ...
 
-    async def interactive(self, argv: Sequence[str]) -> int:
-        """Run ``argv`` attached to this process's terminal (a PTY on the far side); return its exit code."""
-        ...
-
     async def close(self) -> None: ...
 
 

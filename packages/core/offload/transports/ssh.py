@@ -1,9 +1,9 @@
 """The SSH transport: one asyncssh connection per site, shared by every command, SFTP and port forward.
 
-It opens lazily, keeps itself alive, and when a connection that was up drops it reconnects with backoff and
-re-opens its port forwards on the same local ports, so a laptop that sleeps or changes networks carries on
-(the jobs keep running on the site meanwhile). A command is retried on a fresh connection only when it
-provably never started (its channel failed to open); a submission is never sent twice.
+It opens lazily, keeps itself alive, and when a connection that was up drops it reconnects with backoff; its
+port forwards keep listening meanwhile (:mod:`offload.transports.ssh_forward`), so a laptop that sleeps or
+changes networks carries on (the jobs keep running on the site meanwhile). A command is retried on a fresh
+connection only when it provably never started (its channel failed to open); a submission is never sent twice.
 
 asyncssh and OS errors are mapped here, at the boundary, to offload's :mod:`offload.errors`.
 """
@@ -24,6 +24,7 @@ import asyncssh
 from offload.config import SiteConfig
 from offload.errors import ConfigError, HostKeyError, SiteNotAnswering, TransportError
 from offload.transports.base import CommandResult, Progress
+from offload.transports.ssh_forward import SSHForward
 
 log = logging.getLogger("offload.ssh")
 if logging.getLogger("asyncssh").level == logging.NOTSET:
@@ -97,38 +98,6 @@ async def resolved_target(config: SiteConfig) -> tuple[str, int, str | None]:
     return resolved.host, resolved.port, resolved.host_key_alias
 
 
-class _Forward:
-    """A local forward that survives reconnects: it is re-opened on the same local port."""
-
-    def __init__(self, transport: SSHTransport, remote_host: str, remote_port: int, local_port: int) -> None:
-        self._transport = transport
-        self.remote_host = remote_host
-        self.remote_port = remote_port
-        self._requested_port = local_port
-        self._listener: asyncssh.SSHListener | None = None
-
-    @property
-    def local_port(self) -> int:
-        if self._listener is None:
-            raise TransportError(f"the forward to {self.remote_host}:{self.remote_port} is closed")
-        return self._listener.get_port()
-
-    async def open(self, conn: asyncssh.SSHClientConnection) -> None:
-        port = self._listener.get_port() if self._listener is not None else self._requested_port
-        try:
-            self._listener = await conn.forward_local_port("127.0.0.1", port, self.remote_host, self.remote_port)
-        except OSError as exc:
-            raise TransportError(f"cannot listen on 127.0.0.1:{port} for a port forward: {exc.strerror}") from None
-
-    async def close(self) -> None:
-        self._transport._forwards.discard(self)
-        listener, self._listener = self._listener, None
-        if listener is not None:
-            listener.close()
-            with contextlib.suppress(Exception):
-                await listener.wait_closed()
-
-
 def _redirect(stream: object, mode: str) -> object:
     """What asyncssh should connect one of our standard streams to. Terminals, pipes and sockets are handed over
     as they are; a regular file is read or written as a file (an event loop cannot watch one), and /dev/null or
@@ -185,7 +154,7 @@ class SSHTransport:
         self._sessions: asyncio.Semaphore | None = None
         self._sftp: asyncssh.SFTPClient | None = None
         self._home: str | None = None
-        self._forwards: set[_Forward] = set()
+        self._forwards: set[SSHForward] = set()
         self._was_connected = False
         self._closed = False
         self._watcher: asyncio.Task[None] | None = None
@@ -217,8 +186,6 @@ class SSHTransport:
                         raise
             self.stats["connects"] += 1
             self._was_connected = True
-            for forward in list(self._forwards):
-                await forward.open(self._conn)
             self._watcher = asyncio.get_running_loop().create_task(self._watch(self._conn))
             return self._conn
 
@@ -462,11 +429,10 @@ class SSHTransport:
 
     # -- forwards ---------------------------------------------------------------------------------------
 
-    async def forward_local_port(self, remote_host: str, remote_port: int, local_port: int = 0) -> _Forward:
-        conn = await self._connection()
-        forward = _Forward(self, remote_host, remote_port, local_port)
-        await forward.open(conn)
-        self._forwards.add(forward)
+    async def forward_local_port(self, remote_host: str, remote_port: int, local_port: int = 0) -> SSHForward:
+        await self._connection()  # a site that cannot be reached says so now, not at the first connection
+        forward = SSHForward(self._connection, remote_host, remote_port, open_forwards=self._forwards)
+        await forward.listen(local_port)
         return forward
 
     async def close(self) -> None:
