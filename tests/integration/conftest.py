@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -52,3 +53,11 @@ def queued_jobs(user: str, name: str | None = None) -> list[str]:
             "--format=%i %j"]  # fmt: skip
     out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
     return [line.split()[0] for line in out.splitlines() if line.strip() and (name is None or line.split()[1] == name)]
+
+
+def wait_until(predicate, timeout: float = 120, interval: float = 0.3, what: str = "condition") -> None:
+    """Poll ``predicate`` until it holds; fail saying ``what`` was awaited."""
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(interval)

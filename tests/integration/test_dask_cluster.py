@@ -22,18 +22,11 @@ from distributed import Client
 from dask_offload import OffloadCluster
 from dask_offload.cluster import VersionMismatchError
 
-from .conftest import STATE, queued_jobs
+from .conftest import STATE, queued_jobs, wait_until
 
 
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:6]}"
-
-
-def wait_until(predicate, timeout=90, interval=0.3, what="condition"):
-    deadline = time.time() + timeout
-    while not predicate():
-        assert time.time() < deadline, f"timed out waiting for {what}"
-        time.sleep(interval)
 
 
 def tasks():

@@ -12,6 +12,8 @@ import pytest
 import offload
 from offload import _loop
 
+from .conftest import wait_until
+
 
 def serve(handler) -> int:
     """A TCP server on the login node (the test site's sshd is on this machine), one thread per connection."""
@@ -118,5 +120,26 @@ def test_a_refused_far_end_waits_for_the_client_to_speak_so_tls_clients_see_a_fa
             with socket.create_connection(("127.0.0.1", forward.local_port), timeout=10) as raw:
                 with pytest.raises(OSError):  # ssl.SSLError and ConnectionResetError are OSErrors
                     context.wrap_socket(raw, server_hostname="127.0.0.1")
+    finally:
+        forward.close()
+
+
+def greet_and_close(conn: socket.socket) -> None:
+    with conn:
+        conn.sendall(b"bye\n")
+
+
+def test_a_connection_whose_far_end_ends_first_is_released_when_the_client_ends(site):
+    forward = site.forward("127.0.0.1", serve(greet_and_close))
+    try:
+        for _ in range(5):
+            with socket.create_connection(("127.0.0.1", forward.local_port), timeout=30) as s:
+                answer = b""
+                while chunk := s.recv(100):
+                    answer += chunk
+                assert answer == b"bye\n"
+                s.shutdown(socket.SHUT_WR)
+        # both halves ended: offload holds neither the local socket nor the channel any more
+        wait_until(lambda: not forward._inner.connections, timeout=10, what="the connections to be released")
     finally:
         forward.close()

@@ -17,7 +17,7 @@ import pytest
 import offload
 from offload import JobSpec, JobState, Resources, SubmissionError
 
-from .conftest import queued_jobs
+from .conftest import queued_jobs, wait_until
 
 OFFLOAD = [sys.executable, "-m", "offload.cli"]
 TESTSITE = str(Path(__file__).parents[2] / "scripts" / "testsite")
@@ -30,13 +30,6 @@ def unique(prefix: str) -> str:
 
 def fault(*args: str) -> None:
     subprocess.run([TESTSITE, "fault", *args], check=True, capture_output=True)
-
-
-def wait_until(predicate, timeout: float = 120, what: str = "condition") -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        assert time.time() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
 
 
 def files_holding(root: str, value: str) -> list[str]:

@@ -66,6 +66,7 @@ class _LocalSide(asyncio.Protocol):
         self._channel: asyncssh.SSHTCPChannel[bytes] | None = None
         self._early = bytearray()
         self._local_eof = False
+        self._far_eof = False
         self._refused = False
         self._opening: asyncio.Task[None] | None = None
 
@@ -93,7 +94,8 @@ class _LocalSide(asyncio.Protocol):
             self._channel.write_eof()
         elif self._refused:
             self.close()
-        return True  # half-closed: the answer may still come; the channel's end closes both
+        # Half-closed, the answer may still come; once both sides are done, returning False closes both.
+        return not self._far_eof
 
     def pause_writing(self) -> None:
         if self._channel is not None:
@@ -117,6 +119,7 @@ class _LocalSide(asyncio.Protocol):
 
     def far_eof(self) -> bool:
         """The far side is done sending; keep the channel open until the client is done too."""
+        self._far_eof = True
         if self._transport is not None and self._transport.can_write_eof() and not self._transport.is_closing():
             self._transport.write_eof()
         return not self._local_eof
