@@ -143,3 +143,20 @@ def test_tail_reads_only_the_end_of_a_big_log(site, monkeypatch):
     monkeypatch.setattr(site.transport, "read_file", spy)
     assert job.tail(2).splitlines()[-1].endswith(" 399999")
     assert sum(read) < 1024 * 1024  # the log is 26 MB
+
+
+def test_container_command_is_the_runtimes_line_checked_as_a_specs_container_is(tmp_path, monkeypatch):
+    """For payloads that start containers themselves (JobSpec(container=False), an interLink pod's driver)."""
+    config = tmp_path / "sites.toml"
+    config.write_text(f'[sites.ch]\ntransport = "local"\nscheduler = "local"\nruntime = "charliecloud"\n'
+                      f'workdir = "{tmp_path / "work"}"\n')  # fmt: skip
+    monkeypatch.setenv("OFFLOAD_CONFIG", str(config))
+    ch = offload.load_site("ch")
+    try:
+        run = ch.container_command(["python3", "app.py"], image="/images/x", env_names=["MODE"], workdir="/w")
+        assert isinstance(run, offload.ContainerCommand)
+        assert run.argv[0] == "ch-run" and run.argv[-2:] == ("python3", "app.py") and "/images/x" in run.argv
+        with pytest.raises(ConfigError, match="read-only bind"):  # what the runtime cannot do, before any job
+            ch.container_command(["true"], image="/images/x", mounts=[offload.Mount("/a", "/b", True)])
+    finally:
+        ch.close()

@@ -25,6 +25,7 @@ from offload.errors import (
 from offload.images import CachedImage, Images
 from offload.jobs import Job, JobState, JobStatus
 from offload.plugins import RuntimePlugin, SchedulerPlugin, TransportPlugin, hookimpl
+from offload.runtimes.base import ContainerCommand
 from offload.schedulers.base import NodeResources
 from offload.script import BatchScript
 from offload.site import Forward, Site, load_site
@@ -36,6 +37,7 @@ __all__ = [
     "BatchScript",
     "CachedImage",
     "ConfigError",
+    "ContainerCommand",
     "Forward",
     "HostKeyError",
     "ImageError",

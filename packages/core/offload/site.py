@@ -33,10 +33,10 @@ from offload.jobs import Job, JobRef, JobState, JobStatus
 from offload.plugins import Plugins, plugins
 from offload.poller import Poller
 from offload.records import JobRecord, JobRecords
-from offload.runtimes.base import ContainerContext, Runtime
+from offload.runtimes.base import ContainerCommand, ContainerContext, Runtime
 from offload.schedulers.base import NodeResources
 from offload.script import BatchScript
-from offload.spec import JobSpec
+from offload.spec import JobSpec, Mount
 from offload.submit import Submission
 from offload.transports.base import PortForward, Progress, Transport
 
@@ -164,6 +164,19 @@ class Site:
         """The batch script ``spec`` would be submitted with (secrets not included: they never are; an image
         from the cache appears as where the cache will have it)."""
         return self._script(self._stand_in(spec), f"{self.config.workdir}/jobs/{_job_key(spec)}", None)
+
+    def container_command(self, argv: Sequence[str], *, image: str, mounts: Sequence[Mount] = (),
+                          env_names: Sequence[str] = (), workdir: str | None = None,
+                          gpus: int = 0) -> ContainerCommand:  # fmt: skip
+        """How this site's runtime runs ``argv`` in ``image``, for a payload that starts containers itself
+        (``JobSpec(container=False)``: an interLink pod's driver runs each of its containers with its own image).
+        Checked as a spec's container is (a :class:`ConfigError` says what the runtime cannot do); the variables
+        named in ``env_names`` are passed in from the caller's environment."""
+        ctx = ContainerContext(image=image, mounts=tuple(mounts), env_names=tuple(env_names), workdir=workdir,
+                               gpus=gpus)  # fmt: skip
+        self._runtime.validate(ctx)
+        return ContainerCommand(prelude=tuple(self._runtime.prelude(ctx)),
+                                argv=tuple(self._runtime.command(argv, ctx)))  # fmt: skip
 
     def _stand_in(self, spec: JobSpec) -> JobSpec:
         image = spec.image or self.config.image

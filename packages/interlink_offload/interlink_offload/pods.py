@@ -33,7 +33,6 @@ from typing import Any
 
 import offload
 from offload import ConfigError
-from offload.runtimes.base import ContainerContext
 from offload.spec import ENV_NAME
 
 FLAGS_ANNOTATION = "slurm-job.vk.io/flags"
@@ -341,13 +340,11 @@ def _container_run(site: offload.Site, container: dict, index: int, images: dict
             prepare.append(f'[ -d {shlex.quote(image)} ] && [ -w {shlex.quote(image)} ] && '
                            f'mkdir -p {shlex.quote(image.rstrip("/") + mount["mountPath"])}')  # fmt: skip
     gpus = _needs(container)[2]
-    ctx = ContainerContext(image=image, mounts=tuple(mounts), env_names=tuple(names),
-                           workdir=container.get("workingDir") or None, gpus=gpus, jobdir=None)  # fmt: skip
-    site.runtime.validate(ctx)
-    command = shlex.join(site.runtime.command(argv, ctx)).replace(_JOBDIR, '"$d"')
-    prelude = site.runtime.prelude(ctx)
+    run = site.container_command(argv, image=image, mounts=mounts, env_names=names,
+                                 workdir=container.get("workingDir") or None, gpus=gpus)  # fmt: skip
+    command = shlex.join(run.argv).replace(_JOBDIR, '"$d"')
     # this container's variables are set (secret ones from the driver's POD_SECRET_*), then every secret dropped
-    body = "; ".join([*prepare, *exports, "drop_secrets", *prelude, f"exec {command}"])
+    body = "; ".join([*prepare, *exports, "drop_secrets", *run.prelude, f"exec {command}"])
     log = f'"$d/{log_file(name)}"'
     return f'( state {name} start; ( {body} ) > {log} 2>&1; rc=$?; state {name} exit "$rc"; exit "$rc" )'
 

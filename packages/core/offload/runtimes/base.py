@@ -66,6 +66,14 @@ class ContainerContext:
     jobdir: str | None = None  # the job's directory on the site, to be visible at $OFFLOAD_JOB_DIR inside
 
 
+@dataclass(frozen=True)
+class ContainerCommand:
+    """How a site's runtime starts one container: shell lines to run first, then the command line."""
+
+    prelude: tuple[str, ...]
+    argv: tuple[str, ...]
+
+
 class Runtime(Protocol):
     name: str
     # What an image in the site's cache is called after its digest: "" (a directory), ".sif", ...
