@@ -13,9 +13,21 @@ import pytest
 
 pytest.importorskip("airflow", reason="the Airflow tests run in their own tox env: tox -e airflow")
 
+from tests import leftovers
+
 HERE = Path(__file__).parent
 REPO = HERE.parents[1]
 STATE = Path(os.environ.get("OFFLOAD_TESTSITE_DIR", "/var/lib/offload-testsite"))
+
+
+@pytest.fixture(autouse=True)
+def leftovers_guard(request):
+    """No test leaves a job or a process behind (tests/leftovers.py)."""
+    yield from leftovers.guard(request.node.nodeid, leftovers.site_user(STATE / "offload.toml"))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    leftovers.check_session(session, leftovers.site_user(STATE / "offload.toml"))
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import leftovers
+
 STATE = Path(os.environ.get("OFFLOAD_TESTSITE_DIR", "/var/lib/offload-testsite"))
 CONFIG = STATE / "offload.toml"
 
@@ -47,6 +49,28 @@ def site_user():
     return tomllib.loads(CONFIG.read_text())["sites"]["testsite"]["user"]
 
 
+@pytest.fixture(autouse=True)
+def leftovers_guard(request):
+    """No test leaves a job or a process behind (tests/leftovers.py)."""
+    yield from leftovers.guard(request.node.nodeid, leftovers.site_user(CONFIG))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    leftovers.check_session(session, leftovers.site_user(CONFIG))
+
+
+def wait_for_state(job, *states, timeout: float = 120):
+    """Wait (with a deadline, sleeping between looks) until ``job`` is in one of ``states``; on timeout, fail
+    saying the last state and reason seen."""
+    deadline = time.monotonic() + timeout
+    while (status := job.status()).state not in states:
+        assert time.monotonic() < deadline, (
+            f"job {job.id} not {'/'.join(s.value for s in states)} after {timeout} s: last seen {status.describe()}"
+        )
+        time.sleep(0.5)
+    return status
+
+
 def queued_jobs(user: str, name: str | None = None) -> list[str]:
     """Jobs still pending or running on the test site, read with SLURM's own squeue (not offload's)."""
     argv = ["squeue", "--noheader", "--array", f"--user={user}", "--states=PENDING,RUNNING,CONFIGURING,COMPLETING",
@@ -55,9 +79,11 @@ def queued_jobs(user: str, name: str | None = None) -> list[str]:
     return [line.split()[0] for line in out.splitlines() if line.strip() and (name is None or line.split()[1] == name)]
 
 
-def wait_until(predicate, timeout: float = 120, interval: float = 0.3, what: str = "condition") -> None:
-    """Poll ``predicate`` until it holds; fail saying ``what`` was awaited."""
-    deadline = time.time() + timeout
-    while not predicate():
-        assert time.time() < deadline, f"timed out waiting for {what}"
+def wait_until(predicate, timeout: float = 120, interval: float = 0.3, what: str = "condition"):
+    """Poll ``predicate`` until it returns something true (returned); fail saying ``what`` was awaited and the
+    last value seen."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what} (last: {value!r})"
         time.sleep(interval)
+    return value

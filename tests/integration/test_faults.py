@@ -16,6 +16,8 @@ import pytest
 import offload
 from offload import JobSpec, JobState, SiteNotAnswering, SubmissionError
 
+from .conftest import wait_for_state
+
 TESTSITE = str(Path(__file__).parents[2] / "scripts" / "testsite")
 
 
@@ -66,10 +68,7 @@ def test_an_ended_job_is_unknown_while_accounting_is_down_then_final(site, fault
     """A cancelled job leaves no exit code file; once slurmctld forgets it (MinJobAge=30), only accounting
     knows how it ended. While slurmdbd is down that is UNKNOWN, never FAILED; then CANCELLED."""
     job = site.submit(JobSpec(["sleep", "300"], name="acct"))
-    deadline = time.time() + 60
-    while job.status().state is not JobState.RUNNING:
-        assert time.time() < deadline
-        time.sleep(0.5)
+    wait_for_state(job, JobState.RUNNING, timeout=60)
     fault("slurmdbd-down")
     subprocess.run(["scancel", job.id], check=True)
     fresh = offload.Site(site.config)  # a process that did not see the end, e.g. a triggerer started later
@@ -101,10 +100,7 @@ def test_slurmctld_down_refuses_submissions_clearly_and_waits_resume(site, fault
 def test_a_node_failure_fails_its_job_with_the_reason(site, fault):
     once = offload.Resources(partition="cpu", extra=("--no-requeue",))  # else SLURM runs it again elsewhere
     job = site.submit(JobSpec(["sleep", "300"], resources=once, name="nodefail"))
-    deadline = time.time() + 60
-    while (status := job.status()).state is not JobState.RUNNING:
-        assert time.time() < deadline
-        time.sleep(0.5)
+    status = wait_for_state(job, JobState.RUNNING, timeout=60)
     fault("node-down", status.node)
     final = job.wait(timeout=180)
     assert final.state is JobState.FAILED and "NODE_FAIL" in final.describe()

@@ -21,7 +21,7 @@ import requests
 import offload
 
 from .browser import CHROMIUM, visit
-from .conftest import STATE, queued_jobs
+from .conftest import STATE, queued_jobs, wait_for_state
 from .test_jupyter import run_cell
 
 ARTIFACTS = Path(__file__).parents[2] / "test-artifacts"
@@ -189,10 +189,8 @@ def test_a_user_picks_a_gpu_profile_and_works_in_jupyterlab_through_the_hub(hub,
     # Every GPU busy first, so the session has to wait, and the spawn page says why (SLURM's reason).
     blockers = site.submit_many([offload.JobSpec(["sleep", "600"], name="hub-blocker",
                                                  resources=offload.Resources(gpus=2))] * 2, arrays=False)  # fmt: skip
-    deadline = time.time() + 120
-    while not all(job.status().state is offload.JobState.RUNNING for job in blockers):
-        assert time.time() < deadline
-        time.sleep(0.5)
+    for job in blockers:
+        wait_for_state(job, offload.JobState.RUNNING)
     session = login(hub, "alice")
     form = session.get(f"{hub.url}/hub/spawn", timeout=30).text
     assert "1 GPU" in form and 'value="gpu1"' in form

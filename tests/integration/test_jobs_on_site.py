@@ -12,7 +12,7 @@ import offload
 from offload import ConfigError, ImageError, JobSpec, JobState, Mount, Resources
 from offload.submit import PARALLEL_SUBMISSIONS
 
-from .conftest import STATE, queued_jobs
+from .conftest import STATE, queued_jobs, wait_for_state
 
 NASTY = ["a b", "$(touch /tmp/pwned)", "`touch /tmp/pwned`", "x; touch /tmp/pwned", "l1\nl2", "'\"", "$HOME", "*"]
 
@@ -224,10 +224,7 @@ async def _abort(transport):
 
 def test_sleeping_job_shows_running_with_its_node(site):
     job = site.submit(JobSpec(["sleep", "30"]))
-    deadline = time.time() + 30
-    while (status := job.status()).state is not JobState.RUNNING:
-        assert time.time() < deadline
-        time.sleep(0.3)
+    status = wait_for_state(job, JobState.RUNNING, timeout=60)
     assert status.node == "node1"
     job.cancel()
     assert job.wait(timeout=30).state is JobState.CANCELLED

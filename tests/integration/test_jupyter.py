@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import queued_jobs
+from .conftest import queued_jobs, wait_for_state
 
 ARTIFACTS = Path(__file__).parents[2] / "test-artifacts"
 OFFLOAD = [sys.executable, "-m", "offload.cli"]
@@ -158,8 +158,7 @@ def test_shell_inside_a_running_jobs_container(site, site_user):
 
     job = site.submit(offload.JobSpec(["sleep", "120"], resources=offload.Resources(gpus=2), name="shelltest"))
     try:
-        while job.state is not offload.JobState.RUNNING:
-            pass
+        wait_for_state(job, offload.JobState.RUNNING)
         primary, secondary = os.openpty()  # a terminal, as a user would have
         code = (
             "import os, platform; "
@@ -180,8 +179,7 @@ def test_shell_without_a_terminal(site):
 
     job = site.submit(offload.JobSpec(["sleep", "120"], name="shellpipe"))
     try:
-        while job.state is not offload.JobState.RUNNING:
-            pass
+        wait_for_state(job, offload.JobState.RUNNING)
         piped = subprocess.run([*OFFLOAD, "shell", job.id, "--", "sh", "-c", "cat; echo done"], input="from a pipe\n",
                                capture_output=True, text=True, timeout=120)  # fmt: skip
         assert piped.returncode == 0, piped.stderr

@@ -11,6 +11,8 @@ import time
 import offload
 from offload import _loop
 
+from .conftest import wait_for_state
+
 OFFLOAD = [sys.executable, "-m", "offload.cli"]
 
 
@@ -59,10 +61,7 @@ def test_a_large_transfer_leaves_status_polls_answering(site, tmp_path):
     """While 500 MiB go up the connection, a job's status is still asked and answered every second."""
     big = random_file(tmp_path / "big.bin", 500)
     job = site.submit(offload.JobSpec(["sleep", "300"]))
-    deadline = time.time() + 120
-    while job.status().state != offload.JobState.RUNNING:
-        assert time.time() < deadline, "the job did not start"
-        time.sleep(0.5)
+    wait_for_state(job, offload.JobState.RUNNING)
     remote = f"{site.workdir()}/transfer-test.bin"
     finished = threading.Event()
     errors: list[BaseException] = []
