@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
+import io
+import tarfile
 import uuid
 
 import pytest
@@ -33,20 +36,153 @@ def site(tmp_path, monkeypatch):
     site.close()
 
 
-def pod(containers: list[dict], init: list[dict] | None = None, **spec: object) -> dict:
+@pytest.fixture
+def apptainer(tmp_path, monkeypatch):
+    """A site whose runtime binds volumes (Apptainer has no package here: only planning runs on it)."""
+    config = tmp_path / "sites.toml"
+    config.write_text(f'[sites.ap]\ntransport = "local"\nscheduler = "local"\nruntime = "apptainer"\n'
+                      f'workdir = "{tmp_path / "work"}"\n')  # fmt: skip
+    monkeypatch.setenv("OFFLOAD_CONFIG", str(config))
+    monkeypatch.setenv("OFFLOAD_STATE_DIR", str(tmp_path / "state"))
+    site = offload.load_site("ap")
+    yield site
+    site.close()
+
+
+KUBE_API_ACCESS = "kube-api-access-x7k2p"
+SA_MOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+def pod(containers: list[dict], init: list[dict] | None = None, automount: bool = True, **spec: object) -> dict:
+    """A pod as the API server stores it: unless ``automountServiceAccountToken`` is false, Kubernetes'
+    ServiceAccount admission plugin (plugin/pkg/admission/serviceaccount) adds the projected ``kube-api-access-*``
+    volume (a token, the ``kube-root-ca.crt`` ConfigMap's ``ca.crt``, the namespace from the downward API) and
+    mounts it read-only into every container."""
     meta = {"name": "p", "namespace": "default", "uid": str(uuid.uuid4()), **spec.pop("meta", {})}
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta,
-            "spec": {"containers": containers, "initContainers": init, **spec}}  # fmt: skip
+    body = {"containers": containers, "initContainers": init, **spec}
+    if automount:
+        sources = [
+            {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}},
+            {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+            {"downwardAPI": {"items": [{"path": "namespace",
+                                        "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}]}},
+        ]  # fmt: skip
+        access = {"name": KUBE_API_ACCESS, "projected": {"defaultMode": 420, "sources": sources}}
+        body["volumes"] = [*(body.get("volumes") or []), access]
+        for c in [*(init or []), *containers]:
+            c["volumeMounts"] = [*(c.get("volumeMounts") or []),
+                                 {"name": KUBE_API_ACCESS, "mountPath": SA_MOUNT, "readOnly": True}]  # fmt: skip
+    else:
+        body["automountServiceAccountToken"] = False
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": body}
 
 
 def sh(name: str, script: str, **more: object) -> dict:
     return {"name": name, "image": "busybox:1", "command": ["sh", "-c", script], **more}
 
 
-def data(p: dict, secrets: list | None = None, configmaps: list | None = None) -> dict:
-    every = [*(p["spec"].get("initContainers") or []), *p["spec"]["containers"]]
-    return {"pod": p, "container": [{"name": c["name"], "configMaps": configmaps, "secrets": secrets,
-                                     "projectedvolumemaps": None, "emptyDirs": None} for c in every]}  # fmt: skip
+# What the cluster holds besides the pods: the Virtual Kubelet reads these from the API server.
+ROOT_CA = {"metadata": {"name": "kube-root-ca.crt", "namespace": "default"}, "data": {"ca.crt": "-----BEGIN CERT"}}
+SA_TOKEN = "eyJhbGciOi.sa-token"
+
+
+def data(p: dict, secrets: list | None = None, configmaps: list | None = None, *,
+         downward_api_resolution: bool = True) -> dict:  # fmt: skip
+    """The ``RetrievedPodData`` interLink's API server POSTs to the plugin's /create for pod ``p``, given the
+    cluster's Secrets and ConfigMaps, built the way the Virtual Kubelet and interLink build it (each step names
+    the Go function it mirrors). ``downward_api_resolution`` is the VK's ``SkipDownwardAPIResolution`` setting
+    (named the other way round in Go): only with it does the VK resolve ``env[].valueFrom``."""
+    p = copy.deepcopy(p)
+    spec = p["spec"]
+    cluster_cms = {c["metadata"]["name"]: c for c in [ROOT_CA, *(configmaps or [])]}
+    cluster_secrets = {s["metadata"]["name"]: s for s in secrets or []}
+    # mirrors virtualkubelet.remoteExecutionHandleVolumes: a ConfigMap/Secret volume sends that object; each
+    # projected volume becomes ONE ConfigMap named after the VOLUME, its keys the file paths
+    # (remoteExecutionHandleProjectedSource: token, ConfigMap keys or items, downward API fieldRefs; it has no case
+    # for Secret sources, so they are dropped); a downwardAPI volume becomes such a ConfigMap too and the pod's
+    # volume is rewritten as a projected one
+    request: dict = {"pod": p, "configmaps": None, "secrets": None, "projectedvolumesmaps": None}
+    for volume in spec.get("volumes") or []:
+        if "configMap" in volume:
+            request["configmaps"] = [*(request["configmaps"] or []), cluster_cms[volume["configMap"]["name"]]]
+        elif "secret" in volume:
+            request["secrets"] = [*(request["secrets"] or []), cluster_secrets[volume["secret"]["secretName"]]]
+        elif "projected" in volume or "downwardAPI" in volume:
+            if "downwardAPI" in volume:
+                volume["projected"] = {"sources": [{"downwardAPI": volume.pop("downwardAPI")}]}
+            files: dict[str, str] = {}
+            for source in volume["projected"]["sources"]:
+                if "serviceAccountToken" in source:
+                    files[source["serviceAccountToken"]["path"]] = SA_TOKEN
+                elif "configMap" in source:
+                    values = cluster_cms[source["configMap"]["name"]]["data"]
+                    items = source["configMap"].get("items")
+                    files.update({i["path"]: values[i["key"]] for i in items} if items else values)
+                elif "downwardAPI" in source:
+                    fields = {"metadata.namespace": p["metadata"]["namespace"], "metadata.name": p["metadata"]["name"],
+                              "metadata.uid": p["metadata"]["uid"]}  # fmt: skip
+                    items = source["downwardAPI"]["items"]
+                    files.update({i["path"]: fields[i["fieldRef"]["fieldPath"]] for i in items})
+            projected = {"metadata": {"name": volume["name"]}, "data": files}
+            request["projectedvolumesmaps"] = [*(request["projectedvolumesmaps"] or []), projected]
+    every = [*(spec.get("initContainers") or []), *spec["containers"]]
+    for c in every:
+        # mirrors virtualkubelet.resolveEnvFromRefs (always): envFrom becomes env values (explicit env wins; a
+        # Secret's bytes as a string), envFrom is dropped
+        explicit = {e["name"] for e in c.get("env") or []}
+        for source in c.pop("envFrom", None) or []:
+            if source.get("configMapRef"):
+                values = dict(cluster_cms[source["configMapRef"]["name"]].get("data") or {})
+            else:
+                raw = cluster_secrets[source["secretRef"]["name"]]["data"]
+                values = {k: base64.b64decode(v).decode() for k, v in raw.items()}
+            for key, value in values.items():
+                name = (source.get("prefix") or "") + key
+                if name in explicit:
+                    continue
+                env = c.setdefault("env", [])
+                env[:] = [e for e in env if e["name"] != name] + [{"name": name, "value": value}]
+        # mirrors virtualkubelet.resolveEnvRefs (only with SkipDownwardAPIResolution): a key's value replaces
+        # valueFrom; Go's omitempty drops an empty value
+        for env in c.get("env") or [] if downward_api_resolution else []:
+            ref = env.get("valueFrom") or {}
+            if ref.get("secretKeyRef"):
+                key = ref["secretKeyRef"]
+                raw = (cluster_secrets.get(key["name"]) or {}).get("data", {}).get(key["key"])
+                value = None if raw is None else base64.b64decode(raw).decode()
+            elif ref.get("configMapKeyRef"):
+                key = ref["configMapKeyRef"]
+                value = (cluster_cms.get(key["name"]) or {}).get("data", {}).get(key["key"])
+            else:
+                continue
+            if value is not None:
+                env.pop("valueFrom")
+                env.pop("value", None)
+                if value:
+                    env["value"] = value
+
+    # mirrors interlink api getData + retrieveData: per container (init containers first), only the objects of the
+    # volumes it mounts, matched by the ConfigMap's/Secret's name, a projected volume's by the volume's name; Go's
+    # nil slices arrive as null
+    def sent(c: dict) -> dict:
+        out: dict = {"name": c["name"], "configMaps": None, "projectedvolumemaps": None, "secrets": None,
+                     "emptyDirs": None}  # fmt: skip
+        for mount in c.get("volumeMounts") or []:
+            for volume in spec.get("volumes") or []:
+                if volume["name"] != mount["name"]:
+                    continue
+                for kind, sent_as, wanted in (
+                    ("configMap", "configmaps", (volume.get("configMap") or {}).get("name")),
+                    ("projected", "projectedvolumesmaps", volume["name"]),
+                    ("secret", "secrets", (volume.get("secret") or {}).get("secretName")),
+                ):
+                    if kind in volume:
+                        found = [o for o in request[sent_as] or [] if o["metadata"]["name"] == wanted][:1]
+                        field = {"configMap": "configMaps", "projected": "projectedvolumemaps"}.get(kind, "secrets")
+                        out[field] = [*(out[field] or []), *found]
+        return out
+
+    return {"pod": p, "container": [sent(c) for c in every], "jobConfig": {}}
 
 
 SECRET = {"metadata": {"name": "creds"}, "data": {"token": base64.b64encode(b"t0k'$en").decode()}}
@@ -71,7 +207,8 @@ def test_pod_images_become_registry_references_unless_mapped():
     assert site_image("/images/x.sif", {}) == "/images/x.sif"
 
 
-def test_a_pod_asks_for_what_kubernetes_would_count(site):
+def test_a_pod_asks_for_what_kubernetes_would_count(apptainer):
+    site = apptainer
     two = pod([sh("a", "true", resources={"limits": {"cpu": "1", "memory": "512Mi"}}),
                sh("b", "true", resources={"requests": {"cpu": "1500m", "memory": "1Gi", "nvidia.com/gpu": 2}})],
               init=[sh("i", "true", resources={"limits": {"cpu": "8"}})],
@@ -84,12 +221,57 @@ def test_a_pod_asks_for_what_kubernetes_would_count(site):
     assert job.name == f"pod-{two['metadata']['uid']}" and not job.container
 
 
-def test_secret_values_travel_as_secrets_not_in_the_script(site):
+def test_secret_values_travel_as_secrets_not_in_the_script(apptainer):
+    site = apptainer
     token = {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "token"}}}
     p = pod([sh("main", "echo $TOKEN", env=[token])])
     job = plan_pod(site, data(p, [SECRET]), {"busybox:1": "busybox:1"})
     assert "t0k" not in site.job_script(job)
     assert list(job.secrets.values()) == ["t0k'$en"]
+
+
+def _staged(job: offload.JobSpec) -> dict[str, tuple[bytes, int]]:
+    """The files a pod's volumes put into the job's directory: path -> (bytes, mode)."""
+    with tarfile.open(fileobj=io.BytesIO(job.files["volumes/"])) as tar:
+        return {m.name: (tar.extractfile(m).read(), m.mode) for m in tar.getmembers() if m.isfile()}
+
+
+def test_projected_volumes_arrive_as_one_configmap_named_after_the_volume(apptainer):
+    """Every pod has the projected kube-api-access-* volume; the VK sends it as one ConfigMap named after the
+    volume (a Secret source dropped), not as the kube-root-ca.crt ConfigMap its source names."""
+    settings = {"metadata": {"name": "settings"}, "data": {"mode": "fast", "other": "x"}}
+    p = pod([sh("main", "true", volumeMounts=[{"name": "both", "mountPath": "/etc/both"}])],
+            volumes=[{"name": "both", "projected": {"sources": [
+                {"configMap": {"name": "settings", "items": [{"key": "mode", "path": "conf/mode"}]}},
+                {"secret": {"name": "creds"}}]}}])  # fmt: skip
+    job = plan_pod(apptainer, data(p, [SECRET], [settings]), {"busybox:1": "busybox:1"})
+    files = _staged(job)
+    assert files[f"{KUBE_API_ACCESS}/token"] == (SA_TOKEN.encode(), 0o600)  # a credential: 0600, removed at the end
+    assert files[f"{KUBE_API_ACCESS}/ca.crt"][0] == b"-----BEGIN CERT"
+    assert files[f"{KUBE_API_ACCESS}/namespace"][0] == b"default"
+    assert files["both/conf/mode"] == (b"fast", 0o600) and "both/other" not in files
+    driver = job.command[2]
+    assert f'"$d/volumes/{KUBE_API_ACCESS}"' in driver.split("trap", 1)[1].split("\n")[0]
+    assert SA_TOKEN not in apptainer.job_script(job)
+
+
+def test_env_values_are_secrets_and_need_no_object_sent_with_the_pod(apptainer):
+    """The VK resolves envFrom (always) and valueFrom (with SkipDownwardAPIResolution) into env values, and
+    interLink sends only the objects mounted as volumes: any value may be a Secret's, so none is in the script."""
+    token = {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "token"}}}
+    main = sh("main", "true", env=[token, {"name": "PLAIN", "value": "p1ain"}],
+              envFrom=[{"secretRef": {"name": "creds"}, "prefix": "ALL_"}])  # fmt: skip
+    job = plan_pod(apptainer, data(pod([main]), [SECRET]), {"busybox:1": "busybox:1"})
+    script = apptainer.job_script(job)
+    assert "t0k" not in script and "p1ain" not in script
+    assert sorted(job.secrets.values()) == sorted(["t0k'$en", "p1ain", "t0k'$en"])
+    # a value next to a reference the plugin cannot follow: the value counts
+    both = sh("main", "true", env=[{**token, "value": "given"}])
+    assert list(plan_pod(apptainer, data(pod([both])), {"busybox:1": "busybox:1"}).secrets.values()) == ["given"]
+    # left unresolved (SkipDownwardAPIResolution off) and not mounted: the reply says which setting to change
+    with pytest.raises(offload.ConfigError, match="SkipDownwardAPIResolution"):
+        plan_pod(apptainer, data(pod([sh("main", "true", env=[token])]), [SECRET], downward_api_resolution=False),
+                 {"busybox:1": "busybox:1"})  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -129,7 +311,8 @@ def test_secret_values_travel_as_secrets_not_in_the_script(site):
         ({"containers": [sh("bad name", "true")]}, "Kubernetes name"),
     ],
 )
-def test_what_offload_cannot_run_is_refused_with_what_to_change(site, change, words):
+def test_what_offload_cannot_run_is_refused_with_what_to_change(apptainer, change, words):
+    site = apptainer
     containers = change.pop("containers", [sh("main", "true")])
     p = pod(containers, **change)
     with pytest.raises(offload.ConfigError, match=words):
@@ -149,11 +332,14 @@ def test_a_job_that_ended_early_gives_its_containers_a_code_kubernetes_keeps():
 
 async def test_the_plugin_api_end_to_end_on_the_local_site(site):
     async with TestClient(TestServer(PodServer(site).app())) as client:
-        assert await (await client.get("/status", json=[])).json() == []
-        p = pod([sh("main", 'echo "main $TOKEN"; exit 3'), sh("side", "echo side")],
-                init=[sh("first", "echo first"),
-                      sh("second", "echo second", env=[{"name": "TOKEN", "value": "it's $HOME"}])],
-                )  # fmt: skip
+        p = pod(
+            [sh("main", 'echo "main $TOKEN"; exit 3'), sh("side", "echo side")],
+            init=[
+                sh("first", "echo first"),
+                sh("second", "echo second", env=[{"name": "TOKEN", "value": "it's $HOME"}]),
+            ],
+            automount=False,
+        )  # fmt: skip  (the local site runs no container: nothing to bind a volume into)
         p["spec"]["containers"][0]["env"] = [
             {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "token"}}}
         ]
@@ -179,30 +365,26 @@ async def test_the_plugin_api_end_to_end_on_the_local_site(site):
         assert await logs("main") == "main t0k'$en\n"
         assert await logs("second", Follow=True) == "second\n"
         assert await logs("side", Tail=1) == "side\n"
-        stranger = pod([sh("main", "true")])
+        stranger = pod([sh("main", "true")], automount=False)
         assert (await client.post("/delete", json=stranger)).status == 200
         assert (await client.get("/status", json=[stranger])).status == 200
         bad = await client.post("/create", json=data(pod([{"name": "main", "image": "busybox:1"}])))
         assert bad.status == 422 and "command" in await bad.text()
 
 
-def test_on_apptainer_each_container_is_one_apptainer_exec_with_its_binds_and_env(tmp_path, monkeypatch):
+def test_on_apptainer_each_container_is_one_apptainer_exec_with_its_binds_and_env(apptainer):
     """Apptainer has no package here: its path is checked by the exact command line the driver runs."""
-    config = tmp_path / "sites.toml"
-    config.write_text(f'[sites.ap]\ntransport = "local"\nscheduler = "local"\nruntime = "apptainer"\n'
-                      f'workdir = "{tmp_path / "work"}"\n')  # fmt: skip
-    monkeypatch.setenv("OFFLOAD_CONFIG", str(config))
-    site = offload.load_site("ap")
     p = pod([{"name": "main", "image": "x", "command": ["python3", "app.py"], "env": [{"name": "A", "value": "1"}],
               "volumeMounts": [{"name": "cfg", "mountPath": "/etc/cfg", "readOnly": True}],
               "resources": {"limits": {"nvidia.com/gpu": 1}}}],
             volumes=[{"name": "cfg", "configMap": {"name": "c"}}])  # fmt: skip
     sent = data(p, configmaps=[{"metadata": {"name": "c"}, "data": {"k": "v"}}])
-    driver = plan_pod(site, sent, {"x": "/images/x.sif"}).command[2]
-    run = 'exec apptainer exec --cleanenv --nv --bind "$d"/volumes/cfg:/etc/cfg:ro /images/x.sif python3 app.py'
+    driver = plan_pod(apptainer, sent, {"x": "/images/x.sif"}).command[2]
+    run = ('exec apptainer exec --cleanenv --nv --bind "$d"/volumes/cfg:/etc/cfg:ro --bind '
+           f'"$d"/volumes/{KUBE_API_ACCESS}:{SA_MOUNT}:ro /images/x.sif python3 app.py')  # fmt: skip
     assert run in driver
-    assert 'export A=1; drop_secrets; export APPTAINERENV_A="${A}"' in driver
-    site.close()
+    # every env value comes from the secrets file: the VK has already put Secret values into env[].value
+    assert 'export A="${POD_SECRET_0_0}"; drop_secrets; export APPTAINERENV_A="${A}"' in driver
 
 
 async def test_a_site_that_cannot_be_reached_is_the_replys_words(tmp_path, monkeypatch):

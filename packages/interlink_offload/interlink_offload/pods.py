@@ -9,11 +9,16 @@ What a pod may hold, and how it lands:
 
 * ``command``/``args``: the argv (``command`` + ``args``); a runtime that cannot run an image's entrypoint
   (Charliecloud) needs one of them;
-* ``env`` values, and ``valueFrom`` ConfigMap and Secret keys; ``envFrom`` ConfigMaps and Secrets. Secret values
-  travel as offload secrets (a 0600 file read and removed by the job), never in the batch script;
+* ``env`` values. The Virtual Kubelet has already turned ``envFrom`` (always) and ``valueFrom`` ConfigMap and
+  Secret keys (with its ``SkipDownwardAPIResolution``) into plain values, so any value may be a Secret's: every
+  value travels as an offload secret (a 0600 file read and removed by the job), never in the batch script. A
+  ``valueFrom`` left unresolved is followed only into an object interLink sent (one the pod mounts);
 * ``volumeMounts`` of ConfigMap, Secret, projected and ``emptyDir`` volumes: files staged into the job's
-  directory (secret files 0600, removed when the pod ends) and bound at ``mountPath`` (directories;
-  ``subPath`` is refused);
+  directory and bound at ``mountPath`` (directories; ``subPath`` is refused). interLink sends the objects of
+  mounted volumes only; a projected volume arrives as ONE ConfigMap named after the volume, its keys the file
+  paths (the Virtual Kubelet's ``remoteExecutionHandleVolumes`` fills it from the token, ConfigMap and downward
+  API sources and drops Secret sources). Secret and projected files (the service account token) are 0600 and
+  removed when the pod ends;
 * limits (or requests): ``cpu`` -> cores, ``memory`` -> memory, ``nvidia.com/gpu`` -> GPUs, for the pod as
   Kubernetes counts it (the largest init container, or all containers together); the annotation
   ``slurm-job.vk.io/flags`` adds scheduler options, checked like any other;
@@ -134,8 +139,10 @@ class _Staging:
         return buffer.getvalue()
 
 
-def _volume_files(volume: dict, configmaps: dict, secrets: dict, staging: _Staging, where: str) -> None:
-    """Stage what ``volume`` holds under ``where`` (an emptyDir stays an empty directory)."""
+def _volume_files(volume: dict, configmaps: dict, secrets: dict, projected: dict, staging: _Staging, where: str,
+                  notes: list[str]) -> None:  # fmt: skip
+    """Stage what ``volume`` holds under ``where`` (an emptyDir stays an empty directory). ``projected`` maps a
+    projected volume's NAME to its files, as the Virtual Kubelet sends them."""
 
     def items(source: dict, values: dict[str, bytes], label: str) -> list[tuple[str, bytes]]:
         chosen = source.get("items")
@@ -166,12 +173,12 @@ def _volume_files(volume: dict, configmaps: dict, secrets: dict, staging: _Stagi
     elif "secret" in volume:
         one("secret", volume["secret"], where)
     elif "projected" in volume:
-        for source in volume["projected"].get("sources") or []:
-            if "configMap" in source:
-                one("configMap", source["configMap"], where)
-            elif "secret" in source:
-                one("secret", source["secret"], where)
-            # serviceAccountToken and downwardAPI sources: nothing on an HPC site could use them
+        files = projected.get(volume["name"])
+        if files is None:  # the VK's DisableProjectedVolumes: it sends none, and Kubernetes would not refuse
+            notes.append(f"offload: interLink sent no files for projected volume {volume['name']!r}: it is empty")
+            return
+        for path, data in sorted(files.items()):  # a token among them: 0600, as a secret
+            staging.file(f"{where}/{path}", data, 0o600)
     elif "emptyDir" not in volume:
         kinds = sorted(set(volume) - {"name"})
         raise ConfigError(f"volume {volume['name']!r} is a {', '.join(kinds)} volume: offload stages ConfigMap, "
@@ -186,29 +193,30 @@ def plan_pod(site: offload.Site, data: dict, images: dict[str, str]) -> offload.
     uid = meta.get("uid")
     if not uid:
         raise ConfigError("the pod has no metadata.uid")
-    sent = {c.get("name"): c for c in data.get("container") or []}
     configmaps: dict[str, dict[str, bytes]] = {}
+    projected: dict[str, dict[str, bytes]] = {}
     secrets_data: dict[str, dict[str, bytes]] = {}
-    for container in sent.values():
+    for container in data.get("container") or []:  # what interLink's retrieveData sent for each container
         configmaps.update(_data_of(container.get("configMaps"), "configMap"))
-        configmaps.update(_data_of(container.get("projectedvolumemaps"), "configMap"))
+        projected.update(_data_of(container.get("projectedvolumemaps"), "configMap"))
         secrets_data.update(_data_of(container.get("secrets"), "secret"))
-    volumes = {v["name"]: v for v in spec.get("volumes") or []}
-    staging = _Staging()
-    for name, volume in volumes.items():
-        _volume_files(volume, configmaps, secrets_data, staging, _safe(name))
-    secrets: dict[str, str] = {}
     init = list(spec.get("initContainers") or [])
     main = list(spec.get("containers") or [])
     if not main:
         raise ConfigError("the pod has no containers")
+    # interLink sends the objects of mounted volumes only: a volume no container mounts has nothing to stage
+    mounted = {m.get("name") for c in init + main for m in c.get("volumeMounts") or []}
+    volumes = {v["name"]: v for v in spec.get("volumes") or [] if v.get("name") in mounted}
+    staging = _Staging()
+    notes: list[str] = []
+    for name, volume in volumes.items():
+        _volume_files(volume, configmaps, secrets_data, projected, staging, _safe(name), notes)
+    secrets: dict[str, str] = {}
     lines = _driver_head()
-    holding_secrets = [name for name, v in volumes.items() if "secret" in v or any(
-        "secret" in source for source in (v.get("projected") or {}).get("sources") or [])]  # fmt: skip
-    if holding_secrets:  # the pod's secret files go with the pod, as in Kubernetes
+    holding_secrets = [name for name, v in volumes.items() if "secret" in v or "projected" in v]
+    if holding_secrets:  # the pod's secret files (and its service account token) go with the pod
         paths = " ".join(f'"$d/volumes/{name}"' for name in holding_secrets)
         lines.append(f"trap {shlex.quote(f'rm -rf {paths}')} EXIT")
-    notes = []
     if any(c.get(k) for c in init + main for k in ("livenessProbe", "readinessProbe", "startupProbe", "lifecycle")):
         notes.append("offload: probes and lifecycle hooks of this pod are ignored (the job's own state counts)")
     for note in notes:
@@ -273,17 +281,17 @@ def _container_run(site: offload.Site, container: dict, index: int, images: dict
     exports: list[str] = []
     names: list[str] = []
 
-    def put(var: str, value: str, secret: bool) -> None:
+    def put(var: str, value: str) -> None:
+        # every value as a secret: the VK has put Secret keys into env[].value, and nothing says which were
         if not ENV_NAME.match(var):
             raise ConfigError(f"container {name!r}: {var!r} is not an environment variable name")
         names.append(var)
-        if secret:
-            slot = f"POD_SECRET_{index}_{len(secrets)}"
-            secrets[slot] = value
-            exports.append(f'export {var}="${{{slot}}}"')
-        else:
-            exports.append(f"export {var}={shlex.quote(value)}")
+        slot = f"POD_SECRET_{index}_{len(secrets)}"
+        secrets[slot] = value
+        exports.append(f'export {var}="${{{slot}}}"')
 
+    # the VK turns envFrom into env values before interLink sees the pod (resolveEnvFromRefs); one still here
+    # came another way, and is read from the objects sent with the pod
     for source in container.get("envFrom") or []:
         prefix = source.get("prefix") or ""
         secret = bool(source.get("secretRef"))
@@ -293,32 +301,34 @@ def _container_run(site: offload.Site, container: dict, index: int, images: dict
             if ref.get("optional"):
                 continue
             kind = "Secret" if secret else "ConfigMap"
-            raise ConfigError(f"container {name!r}: envFrom {kind} {ref.get('name')!r} was not sent with the pod")
+            raise ConfigError(f"container {name!r}: envFrom {kind} {ref.get('name')!r} was not sent with the pod "
+                              "(interLink sends the objects the pod mounts as volumes)")  # fmt: skip
         for key, value in values.items():
             if ENV_NAME.match(prefix + key):  # as Kubernetes does: keys that are no variable name are skipped
-                put(prefix + key, value.decode(), secret)
+                put(prefix + key, value.decode())
     for env in container.get("env") or []:
-        if "valueFrom" not in env or env.get("valueFrom") is None:
-            put(env["name"], env.get("value") or "", False)
+        ref = env.get("valueFrom")
+        if not ref or "value" in env:  # a value (resolved by the VK, or given) is the value
+            put(env["name"], env.get("value") or "")
             continue
-        ref = env["valueFrom"]
         if ref.get("configMapKeyRef"):
             key = ref["configMapKeyRef"]
-            value = configmaps.get(key["name"], {}).get(key["key"])
-            secret = False
+            value = configmaps.get(key.get("name", ""), {}).get(key.get("key", ""))
         elif ref.get("secretKeyRef"):
             key = ref["secretKeyRef"]
-            value = secrets_data.get(key["name"], {}).get(key["key"])
-            secret = True
+            value = secrets_data.get(key.get("name", ""), {}).get(key.get("key", ""))
         else:
-            raise ConfigError(f"container {name!r}: env {env['name']!r} comes from a field or resource reference, "
-                              "which offload does not fill in")  # fmt: skip
+            raise ConfigError(f"container {name!r}: env {env['name']!r} comes from a field or resource reference "
+                              "the Virtual Kubelet left unresolved: set SkipDownwardAPIResolution: true in its "
+                              "configuration, or give the value")  # fmt: skip
         if value is None:
             if key.get("optional"):
                 continue
-            raise ConfigError(f"container {name!r}: env {env['name']!r}: key {key['key']!r} of {key['name']!r} "
-                              "was not sent with the pod")  # fmt: skip
-        put(env["name"], value.decode(), secret)
+            raise ConfigError(f"container {name!r}: env {env['name']!r}: key {key.get('key')!r} of "
+                              f"{key.get('name')!r} did not arrive: the Virtual Kubelet resolves such references "
+                              "only with SkipDownwardAPIResolution: true in its configuration (else interLink sends "
+                              "only objects the pod mounts as volumes)")  # fmt: skip
+        put(env["name"], value.decode())
     mounts = []
     prepare = []
     for mount in container.get("volumeMounts") or []:
