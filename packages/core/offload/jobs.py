@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from offload import _loop
-from offload.errors import ConfigError, JobFailedError
+from offload.errors import ConfigError, JobFailedError, OffloadError
 from offload.spec import RESERVED_FILES
+
+MAX_LINE = 1 << 20  # bytes: a longer line (no newline yet) is handed on in pieces of this size
 
 if TYPE_CHECKING:
     from offload.site import Site
@@ -268,17 +270,34 @@ class Job:
                 pending += chunk
                 *complete, pending = pending.split(b"\n")
                 for raw in complete:
-                    yield raw.decode("utf-8", "replace")
+                    for start in range(0, max(len(raw), 1), MAX_LINE):
+                        yield raw[start : start + MAX_LINE].decode("utf-8", "replace")
+                while len(pending) > MAX_LINE:  # a progress bar redrawn with \r for hours: bounded memory
+                    yield pending[:MAX_LINE].decode("utf-8", "replace")
+                    pending = pending[MAX_LINE:]
                 if ended and not chunk:
                     break
                 if not chunk:
                     assert watcher is not None
-                    await asyncio.wait({watcher}, timeout=interval or host.interval)
+                    await asyncio.wait({watcher}, timeout=await self._pause(interval))
         finally:
             if watcher is not None:
                 watcher.cancel()
         if pending:
             yield pending.decode("utf-8", "replace")
+
+    async def _pause(self, interval: float | None) -> float:
+        """How long a follower waits before it reads again: ``interval`` while the job runs, but no faster than
+        the site's poll interval while it has not started (a queued job writes nothing; a Dask cluster whose
+        scheduler job queues for an hour would otherwise read its log ten times a second)."""
+        slow = self._host.interval
+        if interval is None or interval >= slow:
+            return interval or slow
+        try:
+            seen = await self._host.status(self.ref, refresh=False)
+        except OffloadError:
+            return slow
+        return slow if seen.state in (JobState.PENDING, JobState.UNKNOWN) else interval
 
     # -- files in the job's directory -------------------------------------------------------------------
 

@@ -167,20 +167,27 @@ async def run_worker(address, name, options):
         await server.finished()
 
 
-def scheduler_address(address):
+def scheduler_address(address, death_timeout=None):
     """``file``: the job was submitted with the scheduler's own job; the client writes the scheduler's address
-    into this job's directory as soon as the scheduler reports it."""
+    into this job's directory as soon as the scheduler reports it. A client that died before it did never
+    will: after ``death_timeout`` seconds (as a worker waits for a scheduler that is gone) the job ends, saying
+    why, instead of holding its node forever."""
     if address != "file":
         return address
     import time
 
     path = os.path.join(os.environ["OFFLOAD_JOB_DIR"], "scheduler.json")
+    deadline = None if death_timeout is None else time.monotonic() + float(death_timeout)
     while True:
         try:
             with open(path) as f:
                 return json.load(f)["address"]
         except (OSError, ValueError, KeyError):  # not there yet, or half written
-            time.sleep(0.05)
+            if deadline is not None and time.monotonic() > deadline:
+                print(f"{MARK}_ERROR no scheduler address after death_timeout={death_timeout} s: the client that "
+                      "submitted this job is gone; the job ends", flush=True)  # fmt: skip
+                sys.exit(3)
+            time.sleep(0.2)
 
 
 def run_workers(address, groups, options):
@@ -195,7 +202,7 @@ def run_workers(address, groups, options):
         sys.exit(4)
     import distributed  # noqa: F401  (imported once here, shared by every forked worker)
 
-    address = scheduler_address(address)
+    address = scheduler_address(address, options.get("death_timeout"))
     check_reachable(address)
 
     children = {}
