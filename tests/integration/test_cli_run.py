@@ -6,10 +6,12 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 from .conftest import queued_jobs
 
 OFFLOAD = [sys.executable, "-m", "offload.cli"]
+TESTSITE = str(Path(__file__).parents[2] / "scripts" / "testsite")
 
 
 def offload(*args: str, **kwargs) -> subprocess.CompletedProcess:
@@ -97,3 +99,22 @@ def test_pending_jobs_show_slurms_reason(site_user):
         assert out.strip() == "done"
     finally:
         offload("cancel", "--name", hog)
+
+
+def test_an_interrupted_submission_leaves_no_job_behind(site_user):
+    """Ctrl-C (or SIGTERM) while a slow sbatch runs: the CLI waits for the submission to end, then cancels the job
+    that got in; it never exits first and lets the job land unrecorded (it did at 15 s)."""
+    name = f"slowsub-{uuid.uuid4().hex[:8]}"
+    subprocess.run([TESTSITE, "fault", "sbatch-slow", "25"], check=True, capture_output=True)
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            proc = subprocess.Popen([*OFFLOAD, "run", "--site", "testsite", "--name", name, "--", "sleep", "300"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+            time.sleep(4)  # connected, and sbatch is sleeping on the login node
+            proc.send_signal(sig)
+            _, err = proc.communicate(timeout=150)
+            assert proc.returncode == 128 + sig, err
+            assert "interrupted during the submission" in err and "cancelling the 1 job(s)" in err, err
+            assert queued_jobs(site_user, name) == [], err
+    finally:
+        subprocess.run([TESTSITE, "fault", "clear"], check=True, capture_output=True)

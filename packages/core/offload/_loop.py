@@ -13,12 +13,14 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextlib
+import logging
 import os
 import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+log = logging.getLogger("offload")
 
 _lock = threading.Lock()
 _loop: asyncio.AbstractEventLoop | None = None
@@ -104,14 +106,20 @@ def at_exit(cleanup: Callable[[], Coroutine[Any, Any, Any]]) -> None:
     _cleanups.append(cleanup)
 
 
+KEPT_BUDGET = 120.0  # seconds exit waits for kept work: a slow sbatch (its own timeout) and then the cancel (30 s)
+CLEANUP_BUDGET = 10.0  # seconds for each cleanup at exit (closing a connection)
+
+
 async def _run_cleanups() -> None:
     if _kept:
+        log.warning("waiting for an interrupted submission to end, so its jobs are cancelled rather than left "
+                    "running unrecorded (interrupt again to leave now)")  # fmt: skip
         with contextlib.suppress(Exception):
-            await asyncio.wait(list(_kept), timeout=30)
+            await asyncio.wait(list(_kept), timeout=KEPT_BUDGET)
     for cleanup in reversed(_cleanups):
         # Exiting anyway: one failed cleanup must not skip the others.
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(cleanup(), 10)
+            await asyncio.wait_for(cleanup(), CLEANUP_BUDGET)
     current = asyncio.current_task()
     rest = [t for t in asyncio.all_tasks() if t is not current]
     for task in rest:
@@ -123,7 +131,10 @@ def _shutdown() -> None:
     if _loop is None or _loop.is_closed() or not _loop.is_running():
         return
     with contextlib.suppress(Exception):
-        asyncio.run_coroutine_threadsafe(_run_cleanups(), _loop).result(15)
+        # Long enough for what _run_cleanups allows itself: leaving earlier is how a job got in unrecorded.
+        asyncio.run_coroutine_threadsafe(_run_cleanups(), _loop).result(
+            (KEPT_BUDGET if _kept else 0) + CLEANUP_BUDGET * (len(_cleanups) + 1)
+        )
     _loop.call_soon_threadsafe(_loop.stop)
 
 

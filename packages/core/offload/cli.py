@@ -80,6 +80,10 @@ def main() -> None:
     """Run containerised work as jobs on remote HPC sites, over one SSH connection."""
     # offload's own news (connecting..., a site that stops answering) on stderr, as the CLI's other lines
     _log_to_stderr("offload", "offload")
+    # SIGTERM is Ctrl-C from the start, not only once a job is followed: one that comes mid-submission then
+    # cancels what got in (a default SIGTERM would end the process while sbatch still runs, and the job would
+    # land later, unrecorded).
+    signal.signal(signal.SIGTERM, _raise_interrupt)
 
 
 def _log_to_stderr(logger_name: str, prefix: str) -> None:
@@ -461,7 +465,11 @@ def run(
         )
         site = load_site(site_name)
         site.validate(spec)
-        job = site.submit(spec)
+        try:
+            job = site.submit(spec)
+        except KeyboardInterrupt as exc:  # the submission goes on to its end, then what got in is cancelled
+            click.echo("\noffload: interrupted during the submission; a job that got in is cancelled", err=True)
+            sys.exit(128 + getattr(exc, "signum", signal.SIGINT))
     click.echo(f"offload: submitted job {job.id} to site '{site.name}'", err=True)
     if detach:
         if spec.reach:
