@@ -97,3 +97,22 @@ def test_the_entry_point_names_the_spawner():
 
     (found,) = [e for e in entry_points(group="jupyterhub.spawners") if e.name == "offload"]
     assert found.load() is OffloadSpawner
+
+
+async def test_a_job_left_from_a_spawn_the_hub_lost_is_cancelled_before_the_next_is_submitted(local):
+    """The hub restarted while the session queued: it never saved the job id (JupyterHub saves state after
+    start() returns), so a respawn finds the job by its server's name and cancels it, rather than make a second."""
+    s = spawner()
+    s.user_options = {"profile": "cpu"}
+    s._site_key = ("local", None, None)
+    site = s._site()
+    name = s._spec(await site.aworkdir(), s._profile()).name
+    lost = await site.asubmit(offload.JobSpec(["sleep", "120"], name=name))
+    other = await site.asubmit(offload.JobSpec(["sleep", "120"], name="jupyterhub-bob-default"))
+    try:
+        await s._cancel_lost_jobs(site, name)
+        assert (await lost.finished(timeout=30)).state is offload.JobState.CANCELLED
+        assert (await other.astatus()).state is offload.JobState.RUNNING  # another user's session stays
+        assert any(f"Cancelled job {lost.id}" in news for news in s._news)
+    finally:
+        await site.acancel([lost, other])

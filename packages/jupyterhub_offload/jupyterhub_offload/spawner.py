@@ -232,6 +232,7 @@ class OffloadSpawner(Spawner):
         workdir = await site.aworkdir()
         spec = self._spec(workdir, profile)
         site.validate(spec)  # before anything reaches the site: a clear error on the spawn page
+        await self._cancel_lost_jobs(site, spec.name)
         self.job = await site.asubmit(spec)
         self._say(f"Submitted job {self.job.id} to {site.name}")
         self.log.info("%s: job %s on %s", self._log_name, self.job.id, site.name)
@@ -266,6 +267,18 @@ class OffloadSpawner(Spawner):
         self.local_port = self._forward.local_port
         self._say(f"Server starting on {status.node or 'the node'}; connected through the site's SSH connection")
         return ("127.0.0.1", self.local_port)
+
+    async def _cancel_lost_jobs(self, site: offload.Site, name: str) -> None:
+        """Find before submit: JupyterHub saves a spawner's state only once ``start()`` returns, so a hub that
+        restarted while a session queued forgot its job, which still holds its place (and later its GPUs) under
+        this server's name. It can never serve: the hub made a new token and route for this spawn. Cancel it,
+        so a respawn never leaves two jobs."""
+        lost = [job for job in await site.afind(name) if not (await job.astatus()).state.is_terminal]
+        if lost:
+            await site.acancel(lost)
+            ids = ", ".join(job.id for job in lost)
+            self._say(f"Cancelled job {ids}, left from a spawn the hub lost track of")
+            self.log.warning("%s: cancelled job %s left from an earlier spawn", self._log_name, ids)
 
     def _say(self, message: str) -> None:
         self._news.append(message)
