@@ -115,3 +115,53 @@ def test_airflows_ssh_connection_type_works_with_a_profile(tmp_path, monkeypatch
     config = site_config("ssh_hpc", conn, site="hpc")
     assert (config.name, config.host, config.user, config.partition) == ("hpc", "login.example.org", "jdoe", "cpu")
     assert config.host_keys == "login.example.org ssh-ed25519 AAAAC3Nz\n"
+
+
+class _Evil:
+    """What a hostile host would leave as output.pkl: unpickling it runs code on the worker."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_task_offload_result_is_unpickled_only_when_signed_with_the_tasks_key(tmp_path):
+    """@task.offload's runner signs its result with the key it got as a secret; anything else is refused before
+    pickle sees it (the connection's host could be anyone's)."""
+    import pickle
+    import secrets
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    import cloudpickle
+
+    from airflow_offload.decorators.offload import RESULT_KEY, RUNNER, verified
+    from airflow_offload.version_compat import AirflowException
+
+    key = secrets.token_hex(32)
+    (tmp_path / "input.pkl").write_bytes(cloudpickle.dumps((lambda x: {"twice": 2 * x}, [21], {})))
+    env = {"OFFLOAD_JOB_DIR": str(tmp_path), RESULT_KEY: key}
+    subprocess.run([sys.executable, "-c", RUNNER], env=env, check=True, timeout=60)
+    signed = (tmp_path / "output.pkl").read_bytes()
+    job = SimpleNamespace(id="7", ref=SimpleNamespace(jobdir=str(tmp_path)))
+    assert pickle.loads(verified(signed, key, job)) == {"twice": 42}
+
+    marker = tmp_path / "ran-code-on-the-worker"
+    hostile = pickle.dumps(_Evil(str(marker)))
+    for forged in (hostile, b"\0" * 32 + hostile, signed[:32] + hostile):
+        with pytest.raises(AirflowException, match="not signed with this task's key"):
+            pickle.loads(verified(forged, key, job))
+    with pytest.raises(AirflowException, match="not signed"):
+        verified(signed, secrets.token_hex(32), job)  # another try's key
+    with pytest.raises(AirflowException, match="not signed"):
+        verified(signed, None, job)
+    assert not marker.exists()
+
+
+def test_the_trigger_hands_the_result_key_back_to_the_resuming_worker():
+    trigger = OffloadJobTrigger(job_id="5", jobdir="/j", result_key="ab" * 32)
+    _, kwargs = trigger.serialize()
+    assert kwargs["result_key"] == "ab" * 32

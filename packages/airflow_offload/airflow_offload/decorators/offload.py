@@ -4,13 +4,21 @@ The callable and its arguments travel pickled (by value, with cloudpickle) in th
 the same round trip as the submission; the return value comes back the same way and becomes the task's XCom;
 an exception fails the task with the remote traceback. The image needs Python and ``cloudpickle``.
 
+Unpickling runs code, and the result comes from whatever host the connection names: so the job signs it with
+a key made for this try (HMAC-SHA256), which reaches the job as a secret and the resuming worker through the
+trigger (whose arguments Airflow keeps encrypted), and the worker unpickles only a result that carries it.
+
     @task.offload(site="leonardo", image="docker://me/analysis:1", gpus=1)
     def analyse(chunk: int) -> float: ...
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import hmac
 import pickle
+import secrets
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -21,9 +29,11 @@ import offload
 from airflow_offload.operators.offload import OffloadOperator
 from airflow_offload.version_compat import AirflowException, DecoratedOperator, task_decorator_factory
 
+RESULT_KEY = "OFFLOAD_RESULT_KEY"
 RUNNER = """
-import os, pickle, sys, traceback
+import hashlib, hmac, os, pickle, sys, traceback
 d = os.environ["OFFLOAD_JOB_DIR"]
+key = bytes.fromhex(os.environ.pop("OFFLOAD_RESULT_KEY"))
 with open(os.path.join(d, "input.pkl"), "rb") as f:
     fn, args, kwargs = pickle.load(f)
 try:
@@ -35,8 +45,9 @@ except BaseException:
         f.write(text)
     sys.exit(1)
 import cloudpickle
+data = cloudpickle.dumps(result)
 with open(os.path.join(d, "output.pkl"), "wb") as f:
-    cloudpickle.dump(result, f)
+    f.write(hmac.new(key, data, hashlib.sha256).digest() + data)
 """
 
 
@@ -57,7 +68,20 @@ class OffloadDecoratedOperator(DecoratedOperator, OffloadOperator):
     def build_spec(self, context: Any) -> offload.JobSpec:
         # Without a container on this machine the payload runs with this very interpreter (it has cloudpickle).
         self.command = [self.python or self.hook.get_site().python, "-c", RUNNER]
-        return super().build_spec(context)
+        self.result_key = secrets.token_hex(32)
+        spec = super().build_spec(context)
+        return dataclasses.replace(spec, secrets={**spec.secrets, RESULT_KEY: self.result_key})
+
+    def _reattach_or_submit(self, site: offload.Site, spec: offload.JobSpec) -> offload.Job:
+        # A job an earlier try left signs its result with that try's key, which is gone with its worker: its
+        # result could not be trusted, so it is cancelled and the work done again under this try's key.
+        for job in site.find(spec.name or ""):
+            if not job.status().state.is_terminal:
+                self.log.warning("Cancelling job %s left by an earlier try: its result could not be verified", job.id)
+                job.cancel()
+        job = site.submit(spec)
+        self.log.info("Submitted job %s to site %s (directory %s)", job.id, site.name, job.ref.jobdir)
+        return job
 
     def job_files(self, context: Any) -> dict[str, bytes]:
         module = sys.modules.get(getattr(self.python_callable, "__module__", ""), None)
@@ -70,10 +94,10 @@ class OffloadDecoratedOperator(DecoratedOperator, OffloadOperator):
         return {"input.pkl": payload}
 
     def result(self, job: offload.Job, last_line: str) -> Any:
-        data = job.get("output.pkl")
-        if not data:
+        signed = job.get("output.pkl")
+        if not signed:
             raise AirflowException(f"job {job.id} completed but left no return value in {job.ref.jobdir}")
-        return pickle.loads(data)
+        return pickle.loads(verified(signed, self.result_key, job))
 
     def _finish(self, context: Any, job: offload.Job, status: offload.JobStatus, last_line: str) -> Any:
         if status.state is not offload.JobState.COMPLETED:
@@ -83,6 +107,18 @@ class OffloadDecoratedOperator(DecoratedOperator, OffloadOperator):
                 context["ti"].xcom_push(key="exit_code", value=status.exit_code)
                 raise AirflowException(f"the function raised on the site (job {job.id}):\n{remote}")
         return super()._finish(context, job, status, last_line)
+
+
+def verified(signed: bytes, key: str | None, job: offload.Job) -> bytes:
+    """The pickled result, once its signature says the job of this try made it (else no unpickling at all)."""
+    mac, data = signed[:32], signed[32:]
+    if not key or not hmac.compare_digest(mac, hmac.new(bytes.fromhex(key), data, hashlib.sha256).digest()):
+        raise AirflowException(
+            f"the result of job {job.id} ({job.ref.jobdir}/output.pkl) is not signed with this task's key: "
+            "refusing to unpickle it. Check that the connection's host is the site you meant; clear the task to "
+            "run it again."
+        )
+    return data
 
 
 def _plain(value: Any) -> Any:

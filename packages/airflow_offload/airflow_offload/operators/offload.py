@@ -117,6 +117,7 @@ class OffloadOperator(BaseOperator):
         )
         self.cancel_on_failure = cancel_on_failure
         self._job: offload.Job | None = None
+        self.result_key: str | None = None  # set by @task.offload: the key its job signs the result with
         if not any(_templated(getattr(self, name)) for name in _RESOURCES):
             self.job_resources()  # bad values fail when the DAG is parsed, not when the task runs
 
@@ -174,6 +175,7 @@ class OffloadOperator(BaseOperator):
                         job_id=job.id, jobdir=job.ref.jobdir, index=job.ref.index, site=self.site,
                         offload_conn_id=self.offload_conn_id, poll_interval=self.poll_interval,
                         masks=[str(v) for v in self.secrets.values()], relay=bool(self.reach),
+                        result_key=self.result_key,
                     ),
                     method_name="execute_complete",
                     timeout=self.execution_timeout if isinstance(self.execution_timeout, timedelta) else None,
@@ -191,6 +193,7 @@ class OffloadOperator(BaseOperator):
         site = self.hook.get_site()
         job = site.job(event["job_id"], jobdir=event["jobdir"], index=event.get("index"))
         self._job = job
+        self.result_key = event.get("result_key")
         self.log.info("Resumed in pid %s after the triggerer watched job %s", os.getpid(), job.id)
         if event.get("error"):
             why = f"watching job {job.id} failed: {event['error']}"

@@ -36,6 +36,7 @@ class OffloadJobTrigger(BaseTrigger):
         log_offset: int = 0,
         masks: list[str] | None = None,
         relay: bool = False,
+        result_key: str | None = None,
     ) -> None:
         super().__init__()
         self.job_id = job_id
@@ -47,6 +48,9 @@ class OffloadJobTrigger(BaseTrigger):
         self.log_offset = log_offset
         self.masks = list(masks or [])
         self.relay = relay
+        # @task.offload's key for its signed result: a secret like the masks (Airflow keeps trigger kwargs
+        # encrypted), handed back in the event so the resuming worker can check the result before unpickling.
+        self.result_key = result_key
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -61,6 +65,7 @@ class OffloadJobTrigger(BaseTrigger):
                 "log_offset": self.log_offset,
                 "masks": self.masks,
                 "relay": self.relay,
+                "result_key": self.result_key,
             },
         )
 
@@ -71,7 +76,8 @@ class OffloadJobTrigger(BaseTrigger):
     async def run(self) -> AsyncIterator[TriggerEvent]:
         for value in self.masks:
             mask_secret(value)
-        event: dict[str, Any] = {"job_id": self.job_id, "jobdir": self.jobdir, "index": self.index}
+        event: dict[str, Any] = {"job_id": self.job_id, "jobdir": self.jobdir, "index": self.index,
+                                 "result_key": self.result_key}  # fmt: skip
         offset, last, pending, failures = self.log_offset, "", b"", 0
         finished: asyncio.Future[offload.JobStatus] | None = None
         relay: asyncio.Future[offload.JobStatus] | None = None
