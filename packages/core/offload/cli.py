@@ -608,11 +608,10 @@ def jupyter(
         ending = "Ctrl-C disconnects (the server keeps running)" if attach_job else "Ctrl-C ends it"
         click.echo(f"offload: JupyterLab is up (job {job.id}). {ending}", err=True)
         if not no_browser:
-            import webbrowser
-
-            webbrowser.open(session.url)
+            session.open_browser()
         with _user_errors():
             status = job.wait()
+        session.close(cancel=False)
         click.echo(f"offload: the Jupyter job ended {status.describe()}", err=True)
     except KeyboardInterrupt as exc:
         keep = bool(attach_job)

@@ -82,8 +82,25 @@ class Session:
 
     def close(self, cancel: bool) -> None:
         self.forward.close()
+        self._page().unlink(missing_ok=True)
         if cancel:
             self.job.cancel()
+
+    def open_browser(self) -> None:
+        """Open the session in the user's browser without the token on its command line (``ps`` shows that to
+        every user of the machine): the browser gets a 0600 page of this user's that redirects, as Jupyter's
+        own ``jpserver-*-open.html`` does. The page goes when the session closes."""
+        import html
+        import webbrowser
+
+        page = self._page()
+        target = html.escape(self.url, quote=True)
+        write_private(page, f'<!DOCTYPE html><meta http-equiv="refresh" content="0;url={target}">'
+                            f'<title>JupyterLab</title><a href="{target}">JupyterLab</a>\n')  # fmt: skip
+        webbrowser.open(page.as_uri())
+
+    def _page(self) -> Path:
+        return _token_file(self.job.site, self.job.id).with_suffix(".open.html")
 
 
 def _token_file(site: Site, job_id: str) -> Path:
