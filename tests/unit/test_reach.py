@@ -140,3 +140,29 @@ def test_the_node_program_is_python_3_6():
     ast.parse(SOURCE, feature_version=(3, 6))
     assert "asyncio.run(" not in SOURCE and "get_running_loop" not in SOURCE
     assert not re.search(r"except \(?TimeoutError", SOURCE)  # builtin TimeoutError is asyncio's only from 3.11
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to listen as another user")
+def test_the_carrier_refuses_a_relay_socket_another_user_holds(tmp_path):
+    """The socket's abstract name derives from the job directory (squeue shows it to everyone): a co-tenant of
+    the node who listens there first must not receive the job's traffic. The carrier checks who listens."""
+    import subprocess
+    import sys
+
+    key = f"squat-{os.getpid()}"
+    squatter = subprocess.Popen([sys.executable, "-c", (
+        "import os, socket, sys, time\n"
+        "os.setuid(65534)\n"
+        "s = socket.socket(socket.AF_UNIX); s.bind('\\0offload-reach-' + sys.argv[1]); s.listen()\n"
+        "print('listening', flush=True); time.sleep(60)"), key],
+        stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert squatter.stdout.readline().strip() == "listening"
+        carried = subprocess.run([sys.executable, "-c", "import sys; from offload import reach_node; "
+                                  "reach_node.main(['carry', sys.argv[1]])", key],
+                                 stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert carried.returncode == 1
+        assert "held by uid 65534, not by this job's user" in carried.stderr
+    finally:
+        squatter.kill()
+        squatter.wait()

@@ -242,6 +242,16 @@ def loopback(port):
     return b"L" + struct.pack("!H", port)
 
 
+def peer_uid(sock):
+    """The uid of the process at the other end of a unix socket (for a client: the one that listens), -1 if
+    unknown: the kernel's SO_PEERCRED, which the peer cannot forge."""
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return -1
+    return struct.unpack("3i", creds)[1]
+
+
 class NodeRelay:
     def __init__(self, targets):
         self.targets = targets
@@ -251,13 +261,7 @@ class NodeRelay:
         self.uid = os.getuid()
 
     async def on_carrier(self, reader, writer):
-        sock = writer.get_extra_info("socket")
-        try:
-            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            uid = struct.unpack("3i", creds)[1]
-        except OSError:
-            uid = -1
-        if uid != self.uid:
+        if peer_uid(writer.get_extra_info("socket")) != self.uid:
             writer.close()
             return
         if self.mux is not None:  # a new carrier replaces the old one (the client reconnected)
@@ -386,6 +390,15 @@ async def carry(key):
             if attempt == 59:
                 raise
             await asyncio.sleep(0.5)
+    listener = peer_uid(writer.get_extra_info("socket"))
+    if listener != os.getuid():
+        # The abstract name derives from the job directory, which squeue shows every user: a co-tenant of the node
+        # could listen there first and read the job's traffic. Only a listener of the job's own user is carried.
+        writer.close()
+        sys.exit(
+            "offload reach: the relay socket @offload-reach-%s is held by uid %s, not by this job's user: "
+            "refusing to carry the job's connections there" % (key, listener)
+        )
     stdin = asyncio.StreamReader(limit=1 << 22)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin.buffer)
     transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, sys.stdout.buffer)
