@@ -396,8 +396,8 @@ async def carry(key):
         # could listen there first and read the job's traffic. Only a listener of the job's own user is carried.
         writer.close()
         sys.exit(
-            "offload reach: the relay socket @offload-reach-%s is held by uid %s, not by this job's user: "
-            "refusing to carry the job's connections there" % (key, listener)
+            f"offload reach: the relay socket @offload-reach-{key} is held by uid {listener}, not by this job's "
+            "user: refusing to carry the job's connections there"
         )
     stdin = asyncio.StreamReader(limit=1 << 22)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin.buffer)
