@@ -43,3 +43,19 @@ async def test_a_line_without_end_is_handed_on_in_bounded_pieces():
     pieces = [line async for line in job(Host(bar + b"\ndone\n", JobState.RUNNING))._read_lines(follow=True)]
     assert all(len(p) <= MAX_LINE for p in pieces)
     assert "".join(pieces[:-1]).encode() == bar and pieces[-1] == "done"
+
+
+async def test_a_wait_that_times_out_says_the_state_it_saw():
+    class Queued(Host):
+        async def finished(self, ref):
+            import asyncio
+
+            await asyncio.sleep(3600)
+
+        async def status(self, ref, refresh):
+            return JobStatus(JobState.PENDING, reason="Resources")
+
+    import pytest
+
+    with pytest.raises(TimeoutError, match=r"did not end within 0.1 s: it is PENDING \(Resources\)"):
+        await job(Queued(b"", JobState.PENDING))._finished(0.1, check=False)

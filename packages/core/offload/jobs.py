@@ -161,7 +161,11 @@ class Job:
         try:
             status = await asyncio.wait_for(self._host.finished(self.ref), timeout)
         except TimeoutError:
-            raise TimeoutError(f"job {self.id} on {self.site.name} did not end within {timeout} s") from None
+            try:
+                seen = f": it is {(await self._host.status(self.ref, refresh=False)).describe()}"
+            except OffloadError:
+                seen = ""
+            raise TimeoutError(f"job {self.id} on {self.site.name} did not end within {timeout} s{seen}") from None
         if check and status.state is not JobState.COMPLETED:
             tail = await self._tail()
             raise JobFailedError(
