@@ -165,3 +165,19 @@ def test_the_trigger_hands_the_result_key_back_to_the_resuming_worker():
     trigger = OffloadJobTrigger(job_id="5", jobdir="/j", result_key="ab" * 32)
     _, kwargs = trigger.serialize()
     assert kwargs["result_key"] == "ab" * 32
+
+
+def test_deferrable_defaults_to_airflows_operators_default_deferrable():
+    """Like Airflow's own providers: ``[operators] default_deferrable`` decides when the DAG does not, and the
+    default is read when the provider is imported (a fresh process per setting)."""
+    import subprocess
+    import sys
+
+    code = ("from airflow_offload import OffloadOperator\n"
+            "print(OffloadOperator(task_id='t', command=['true']).deferrable,"
+            " OffloadOperator(task_id='u', command=['true'], deferrable=False).deferrable)")  # fmt: skip
+    for value, expected in (("True", "True False"), ("False", "False False")):
+        env = {**os.environ, "AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE": value}
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.strip().splitlines()[-1] == expected

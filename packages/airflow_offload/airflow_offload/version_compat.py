@@ -7,7 +7,7 @@ Only Airflow 3's public Task SDK (``airflow.sdk``) is used where it has the name
 from __future__ import annotations
 
 from airflow import __version__ as AIRFLOW_VERSION
-from airflow.sdk import BaseHook, BaseOperator
+from airflow.sdk import BaseHook, BaseOperator, conf
 from airflow.sdk.bases.decorator import DecoratedOperator, task_decorator_factory
 from airflow.sdk.bases.operator import TRIGGER_FAIL_REPR
 from airflow.sdk.exceptions import AirflowException, AirflowSkipException
@@ -29,6 +29,7 @@ __all__ = [
     "BaseTrigger",
     "DecoratedOperator",
     "TriggerEvent",
+    "conf",
     "mask_secret",
     "task_decorator_factory",
 ]

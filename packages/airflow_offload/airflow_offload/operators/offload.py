@@ -27,6 +27,7 @@ from airflow_offload.version_compat import (
     AirflowException,
     AirflowSkipException,
     BaseOperator,
+    conf,
     mask_secret,
 )
 
@@ -49,7 +50,8 @@ class OffloadOperator(BaseOperator):
     :param mounts: ``"SRC[:DST[:ro]]"`` site paths to bind into the container (templated)
     :param site: an offload site profile; ``offload_conn_id``: an Airflow connection of type ``offload`` or
         ``ssh`` (with ``site``: that profile, with the connection's credentials)
-    :param deferrable: wait in the triggerer, freeing the worker slot while the job queues and runs
+    :param deferrable: wait in the triggerer, freeing the worker slot while the job queues and runs (default:
+        Airflow's ``[operators] default_deferrable``, as for Airflow's own providers)
     :param poll_interval: seconds between looks at the job's state and output (default: the site's)
     :param skip_on_exit_code: exit code(s) that mark the task skipped instead of failed (like BashOperator's)
     :param cancel_on_failure: when the task fails while its job lives (the site stops answering, the deferral
@@ -88,7 +90,7 @@ class OffloadOperator(BaseOperator):
         site: str | None = None,
         offload_conn_id: str | None = None,
         job_name: str | None = None,
-        deferrable: bool = False,
+        deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         poll_interval: float | None = None,
         log_tail_lines: int = 20,
         skip_on_exit_code: int | Container[int] | None = None,
