@@ -181,3 +181,39 @@ def test_deferrable_defaults_to_airflows_operators_default_deferrable():
         done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         assert done.stdout.strip().splitlines()[-1] == expected
+
+
+def test_the_connection_forms_test_button_answers_with_offloads_message(monkeypatch):
+    """Mirrors Airflow's ``POST /connections/test`` (api_fastapi ... routes/public/connections.py): the form's
+    fields become a transient ``AIRFLOW_CONN_<ID>`` and ``Connection.test_connection()`` asks the hook. A site
+    that does not answer is a (False, offload's message), never a traceback; nothing listens on port 1."""
+    import asyncssh
+    from airflow.models.connection import Connection
+
+    from airflow_offload import OffloadHook
+
+    key = asyncssh.generate_private_key("ssh-ed25519").export_private_key().decode()
+    conn = Connection(conn_id="transient1", conn_type="offload", host="127.0.0.1", port=1, login="jdoe",
+                      extra=json.dumps({"private_key": key, "host_key": "ssh-ed25519 AAAAC3Nz"}))  # fmt: skip
+    monkeypatch.setenv("AIRFLOW_CONN_TRANSIENT1", conn.get_uri())
+    status, message = conn.test_connection()
+    assert status is False
+    assert "127.0.0.1" in message and "test_connection" not in message, message
+    status, message = OffloadHook(offload_conn_id="no_such_connection").test_connection()
+    assert status is False and "no_such_connection" in message
+
+
+def test_the_hooks_test_connection_runs_offloads_doctor_on_the_site(tmp_path, monkeypatch):
+    from airflow_offload import OffloadHook
+
+    (tmp_path / "sites.toml").write_text(f"[sites.here]\ntransport = 'local'\nscheduler = 'local'\nruntime = 'none'\n"
+                                         f"workdir = '{tmp_path / 'work'}'\n")  # fmt: skip
+    monkeypatch.setenv("OFFLOAD_CONFIG", str(tmp_path / "sites.toml"))
+    status, message = OffloadHook(site="here").test_connection()
+    assert status is True, message
+    assert "here" in message
+    (tmp_path / "a-file").write_text("")  # a workdir under a file: mkdir fails, even as root
+    (tmp_path / "sites.toml").write_text(f"[sites.here]\ntransport = 'local'\nscheduler = 'local'\nruntime = 'none'\n"
+                                         f"workdir = '{tmp_path / 'a-file' / 'work'}'\n")  # fmt: skip
+    status, message = OffloadHook(site="here").test_connection()
+    assert status is False and "workdir" in message, message

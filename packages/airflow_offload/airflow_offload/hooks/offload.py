@@ -24,6 +24,7 @@ from typing import Any
 import offload
 from airflow_offload.version_compat import BaseHook
 from offload.config import load_profiles, profile_from_table
+from offload.doctor import run_checks
 
 # Extras that are not site profile keys.
 _KEY_FIELDS = ("private_key", "key_file", "host_key", "site", "private_key_passphrase")
@@ -73,6 +74,32 @@ class OffloadHook(BaseHook):
             return offload.load_site(self.site_name)
         connection = await self.aget_connection(self.offload_conn_id)
         return _cached(site_config(self.offload_conn_id, connection, self.site_name))
+
+    def test_connection(self) -> tuple[bool, str]:
+        """The connection form's Test button: reach the site and run ``offload doctor``'s checks on it.
+
+        Airflow shows the message as it is, so a failure says what offload says (the check, what it found, how
+        to fix it) rather than a traceback, and nothing is raised. The checks only look (connection, host key,
+        the scheduler's commands, runtime, default image, work directory, partitions): no job is submitted, so
+        the compute-node network probe is left to ``offload doctor`` itself. A fresh site is used and closed,
+        so a transient connection of the form leaves nothing behind in this process.
+        """
+        try:
+            if self.offload_conn_id is None:
+                config = load_profiles().get(self.site_name)
+            else:
+                config = site_config(self.offload_conn_id, self.get_connection(self.offload_conn_id), self.site_name)
+            checks = list(run_checks(config, network=False))
+        except Exception as exc:  # an unknown connection id, a bad profile, an unexpected error: all are messages
+            return False, str(exc) or type(exc).__name__
+        failed = [check for check in checks if check.outcome == "fail"]
+        if failed:
+            return False, "; ".join(
+                f"{check.name}: {check.detail}" + (f" (fix: {check.fix})" if check.fix else "") for check in failed
+            )
+        reached = next((check.detail for check in checks if check.name == "connection"), config.name)
+        passed = ", ".join(check.name for check in checks if check.outcome == "ok")
+        return True, f"site {config.name} reached ({reached}); offload doctor's checks pass: {passed}"
 
 
 def site_config(conn_id: str, connection: Any, site: str | None = None) -> offload.SiteConfig:
