@@ -217,3 +217,137 @@ def test_the_hooks_test_connection_runs_offloads_doctor_on_the_site(tmp_path, mo
                                          f"workdir = '{tmp_path / 'a-file' / 'work'}'\n")  # fmt: skip
     status, message = OffloadHook(site="here").test_connection()
     assert status is False and "workdir" in message, message
+
+
+class _FakeTI:
+    dag_id, task_id, run_id, map_index = "d", "t", "manual__1", -1
+
+    def __init__(self) -> None:
+        self.pushed: dict[str, object] = {}
+
+    def xcom_push(self, key: str, value: object) -> None:
+        self.pushed[key] = value
+
+
+class _FakeJob:
+    """What the operator uses of an offload Job: a status, output, a cancel; no site behind it."""
+
+    def __init__(self, site: "_FakeSite", job_id: str, state, exit_code: int | None = 0, jobdir: str = "") -> None:
+        from types import SimpleNamespace
+
+        self.site, self.id, self._state, self._exit_code = site, job_id, state, exit_code
+        self.ref = SimpleNamespace(jobdir=jobdir or f"/home/u/offload/jobs/t-{job_id}", index=None)
+
+    def status(self, refresh: bool = True):
+        import offload
+
+        return offload.JobStatus(self._state, exit_code=self._exit_code)
+
+    def wait(self, timeout=None):
+        return self.status()
+
+    def logs(self, follow: bool = False, interval=None):
+        yield "the last line"
+
+    def tail(self, lines: int = 20) -> str:
+        return "the tail"
+
+    def cancel(self) -> None:
+        import offload
+
+        self._state = offload.JobState.CANCELLED
+        self.site.cancelled.append(self.id)
+
+
+class _FakeSite:
+    """A site whose earlier try's jobs, submissions and remote commands are recorded, not run."""
+
+    name = "fake"
+
+    def __init__(self, earlier=(), ends=None, exit_code: int = 0, jobdir: str = "") -> None:
+        import offload
+
+        self.earlier = [_FakeJob(self, job_id, state) for job_id, state in earlier]
+        self.ends, self.exit_code, self.jobdir = ends or offload.JobState.COMPLETED, exit_code, jobdir
+        self.submitted: list[str] = []
+        self.cancelled: list[str] = []
+        self.ran: list[list[str]] = []
+
+    def validate(self, spec) -> None:
+        pass
+
+    def find(self, name: str):
+        return list(self.earlier)
+
+    def submit(self, spec):
+        self.submitted.append(spec.name)
+        return _FakeJob(self, "new", self.ends, self.exit_code, self.jobdir)
+
+    def workdir(self) -> str:
+        return "/home/u/offload"
+
+    def transport_run(self, argv) -> str:
+        self.ran.append(list(argv))
+        return ""
+
+
+def _run(monkeypatch, site: _FakeSite, **kwargs):
+    """Execute an OffloadOperator (sync) against ``site``; return (return value or exception, pushed XComs)."""
+    from airflow_offload.hooks.offload import OffloadHook
+
+    monkeypatch.setattr(OffloadHook, "get_site", lambda self: site)
+    ti = _FakeTI()
+    op = OffloadOperator(task_id="t", command=["true"], deferrable=False, **kwargs)
+    try:
+        outcome = op.execute({"ti": ti})
+    except Exception as exc:
+        outcome = exc
+    return outcome, ti.pushed
+
+
+def test_xcoms_are_pushed_only_with_do_xcom_push(monkeypatch):
+    outcome, pushed = _run(monkeypatch, _FakeSite())
+    assert outcome == "the last line"
+    assert pushed == {"job_id": "new", "state": "COMPLETED", "exit_code": 0}
+    outcome, pushed = _run(monkeypatch, _FakeSite(), do_xcom_push=False)
+    assert outcome is None and pushed == {}
+
+
+def test_reattach_on_restart_can_be_turned_off(monkeypatch):
+    import offload
+
+    site = _FakeSite(earlier=[("old", offload.JobState.RUNNING)])
+    _, pushed = _run(monkeypatch, site)
+    assert pushed["job_id"] == "old" and site.submitted == [] and site.cancelled == []  # reattached (default)
+    site = _FakeSite(earlier=[("old", offload.JobState.RUNNING)])
+    _, pushed = _run(monkeypatch, site, reattach_on_restart=False)
+    assert pushed["job_id"] == "new" and len(site.submitted) == 1
+    assert site.cancelled == ["old"]  # the earlier try's job does not run beside the new one
+
+
+@pytest.mark.parametrize(
+    ("cleanup", "ends", "removed"),
+    [
+        ("never", "COMPLETED", False),
+        ("on_success", "COMPLETED", True),
+        ("on_success", "FAILED", False),
+        ("always", "FAILED", True),
+    ],
+)  # fmt: skip
+def test_job_directories_are_cleaned_as_asked(monkeypatch, cleanup, ends, removed):
+    import offload
+
+    site = _FakeSite(ends=offload.JobState(ends), exit_code=0 if ends == "COMPLETED" else 3)
+    outcome, _ = _run(monkeypatch, site, cleanup=cleanup)
+    assert (outcome == "the last line") == (ends == "COMPLETED")
+    assert site.ran == ([["rm", "-rf", "--", "/home/u/offload/jobs/t-new"]] if removed else [])
+
+
+def test_cleanup_removes_only_a_job_directory_and_its_value_is_checked_when_the_dag_is_parsed(monkeypatch):
+    for jobdir in ("/home/u/offload", "/home/u/offload/jobs", "/home/u/offload/images/x", "/home/u/other/jobs/x",
+                   "/home/u/offload/jobs/.."):  # fmt: skip
+        site = _FakeSite(jobdir=jobdir)
+        outcome, _ = _run(monkeypatch, site, cleanup="always")
+        assert outcome == "the last line" and site.ran == [], jobdir
+    with pytest.raises(ValueError, match="never"):
+        OffloadOperator(task_id="t", command=["true"], cleanup="sometimes")

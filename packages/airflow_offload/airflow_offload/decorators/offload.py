@@ -72,16 +72,10 @@ class OffloadDecoratedOperator(DecoratedOperator, OffloadOperator):
         spec = super().build_spec(context)
         return dataclasses.replace(spec, secrets={**spec.secrets, RESULT_KEY: self.result_key})
 
-    def _reattach_or_submit(self, site: offload.Site, spec: offload.JobSpec) -> offload.Job:
+    def _reattach_refused(self) -> str | None:
         # A job an earlier try left signs its result with that try's key, which is gone with its worker: its
         # result could not be trusted, so it is cancelled and the work done again under this try's key.
-        for job in site.find(spec.name or ""):
-            if not job.status().state.is_terminal:
-                self.log.warning("Cancelling job %s left by an earlier try: its result could not be verified", job.id)
-                job.cancel()
-        job = site.submit(spec)
-        self.log.info("Submitted job %s to site %s (directory %s)", job.id, site.name, job.ref.jobdir)
-        return job
+        return "its result could not be verified (signed with that try's key)"
 
     def job_files(self, context: Any) -> dict[str, bytes]:
         module = sys.modules.get(getattr(self.python_callable, "__module__", ""), None)
@@ -103,8 +97,7 @@ class OffloadDecoratedOperator(DecoratedOperator, OffloadOperator):
         if status.state is not offload.JobState.COMPLETED:
             remote = job.get("error.txt").decode(errors="replace")
             if remote:
-                context["ti"].xcom_push(key="state", value=status.state.value)
-                context["ti"].xcom_push(key="exit_code", value=status.exit_code)
+                self._push(context, state=status.state.value, exit_code=status.exit_code)
                 raise AirflowException(f"the function raised on the site (job {job.id}):\n{remote}")
         return super()._finish(context, job, status, last_line)
 

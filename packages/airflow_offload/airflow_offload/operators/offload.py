@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import posixpath
 import re
 from collections.abc import Container, Mapping, Sequence
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
 import offload
 from airflow_offload.hooks.offload import OffloadHook
@@ -34,6 +35,7 @@ from airflow_offload.version_compat import (
 _RESOURCES = ("gpus", "gpus_per_node", "nodes", "tasks_per_node", "cpus", "memory", "walltime", "partition",
               "account", "qos")  # fmt: skip
 _WHOLE = ("gpus", "gpus_per_node", "nodes", "tasks_per_node", "cpus")
+_CLEANUP = ("never", "on_success", "always")
 
 
 class OffloadOperator(BaseOperator):
@@ -56,10 +58,18 @@ class OffloadOperator(BaseOperator):
     :param skip_on_exit_code: exit code(s) that mark the task skipped instead of failed (like BashOperator's)
     :param cancel_on_failure: when the task fails while its job lives (the site stops answering, the deferral
         times out), cancel the job (default) or leave it running, saying so in the log
+    :param reattach_on_restart: when a retry finds the job of an earlier try still queued or running (its worker
+        died), take it over (default, like the Kubernetes operator's pods); ``False`` cancels that job and
+        submits a new one, so each try runs the work itself
+    :param cleanup: when to remove the job's directory on the site once the job has ended: ``"never"``
+        (default: its output and files stay for ``offload logs``/``offload get``), ``"on_success"`` (the task
+        succeeded) or ``"always"``, as the SSH provider's ``SSHRemoteJobOperator`` offers; sites count inodes,
+        and a DAG that runs often leaves a directory per task instance
 
-    XCom: the return value is the last line of the job's output (like BashOperator); ``job_id``, ``state``
-    and ``exit_code`` are pushed under those keys. A job that does not complete fails the task with the tail
-    of its log. A deferral times out with the task's ``execution_timeout``.
+    XCom, with ``do_xcom_push`` (BaseOperator's flag, on by default): the return value is the last line of the
+    job's output (like BashOperator); ``job_id``, ``state`` and ``exit_code`` are pushed under those keys.
+    Without it nothing is pushed and no result is read. A job that does not complete fails the task with the
+    tail of its log. A deferral times out with the task's ``execution_timeout``.
     """
 
     template_fields: Sequence[str] = ("command", "image", "env", "secrets", "mounts", "workdir", "job_name",
@@ -95,9 +105,13 @@ class OffloadOperator(BaseOperator):
         log_tail_lines: int = 20,
         skip_on_exit_code: int | Container[int] | None = None,
         cancel_on_failure: bool = True,
+        reattach_on_restart: bool = True,
+        cleanup: Literal["never", "on_success", "always"] = "never",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if cleanup not in _CLEANUP:
+            raise ValueError(f"{self.task_id}: cleanup={cleanup!r}: use one of {', '.join(map(repr, _CLEANUP))}")
         self.command = command
         self.image = image
         self.gpus, self.gpus_per_node, self.nodes, self.tasks_per_node = gpus, gpus_per_node, nodes, tasks_per_node
@@ -118,6 +132,8 @@ class OffloadOperator(BaseOperator):
             [skip_on_exit_code] if isinstance(skip_on_exit_code, int) else list(skip_on_exit_code or [])
         )
         self.cancel_on_failure = cancel_on_failure
+        self.reattach_on_restart = reattach_on_restart
+        self.cleanup = cleanup
         self._job: offload.Job | None = None
         self.result_key: str | None = None  # set by @task.offload: the key its job signs the result with
         if not any(_templated(getattr(self, name)) for name in _RESOURCES):
@@ -167,7 +183,7 @@ class OffloadOperator(BaseOperator):
         except offload.OffloadError as exc:
             raise AirflowException(str(exc)) from None
         self._job = job
-        context["ti"].xcom_push(key="job_id", value=job.id)
+        self._push(context, job_id=job.id)
         if self.deferrable:
             status = job.status()
             if not status.state.is_terminal:
@@ -186,7 +202,7 @@ class OffloadOperator(BaseOperator):
         for line in job.logs(follow=True, interval=self.poll_interval):
             self.log.info("%s", line)
             last = line or last
-        return self._finish(context, job, job.wait(), last)
+        return self._end(context, job, job.wait(), last)
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
         """Resume after the trigger: log what it had not shown yet, then finish."""
@@ -206,7 +222,7 @@ class OffloadOperator(BaseOperator):
         for line in tail.splitlines():
             self.log.info("%s", line)
             last = line or last
-        return self._finish(context, job, job.status(), last)
+        return self._end(context, job, job.status(), last)
 
     def resume_execution(self, next_method: str, next_kwargs: dict[str, Any] | None, context: Any) -> Any:
         if next_method == TRIGGER_FAIL_REPR:  # the deferral timed out, or the trigger itself failed
@@ -240,26 +256,73 @@ class OffloadOperator(BaseOperator):
 
     def _reattach_or_submit(self, site: offload.Site, spec: offload.JobSpec) -> offload.Job:
         # Only a job still queued or running is taken over: one that ended (even successfully) is not reused,
-        # so a retry or a cleared task does the work again, as Airflow users expect.
+        # so a retry or a cleared task does the work again, as Airflow users expect. One that may not be taken
+        # over is cancelled: it would otherwise run beside the new job, under the same name.
+        refused = self._reattach_refused()
         for job in site.find(spec.name or ""):
             status = job.status()
-            if not status.state.is_terminal:
+            if status.state.is_terminal:
+                continue
+            if refused is None:
                 self.log.info("Reattaching to job %s (%s), left by an earlier try", job.id, status.describe())
                 return job
+            self.log.warning("Cancelling job %s (%s) left by an earlier try: %s", job.id, status.describe(), refused)
+            job.cancel()
         job = site.submit(spec)
         self.log.info("Submitted job %s to site %s (directory %s)", job.id, site.name, job.ref.jobdir)
         return job
 
+    def _reattach_refused(self) -> str | None:
+        """Why a live job of an earlier try must not be taken over (None: it may be)."""
+        return None if self.reattach_on_restart else "reattach_on_restart=False asks for a new job for each try"
+
+    def _push(self, context: Any, **values: Any) -> None:
+        """XComs under their keys, only when the task pushes XComs at all (BaseOperator's ``do_xcom_push``)."""
+        if self.do_xcom_push:
+            for key, value in values.items():
+                context["ti"].xcom_push(key=key, value=value)
+
+    def _end(self, context: Any, job: offload.Job, status: offload.JobStatus, last_line: str) -> Any:
+        """Finish the task, then clean the job's directory as ``cleanup`` asks (after everything read from it)."""
+        succeeded = False
+        try:
+            value = self._finish(context, job, status, last_line)
+            succeeded = True
+            return value
+        finally:
+            if self.cleanup == "always" or (self.cleanup == "on_success" and succeeded):
+                self._remove_jobdir(job, status)
+
+    def _remove_jobdir(self, job: offload.Job, status: offload.JobStatus) -> None:
+        """Remove an ended job's directory; never fails the task (the work is done), says what it left instead.
+
+        offload's core has no call that removes a job directory, so this checks the path itself: one directory
+        directly in the site's ``<workdir>/jobs``, of a job that is not an array element (an array shares it).
+        """
+        jobdir = job.ref.jobdir
+        try:
+            jobs = f"{job.site.workdir()}/jobs"
+            mine = (posixpath.dirname(jobdir) == jobs and posixpath.basename(jobdir) not in ("", ".", "..")
+                    and job.ref.index is None)  # fmt: skip
+            if not status.state.is_terminal or not mine:
+                self.log.warning("Not removing %s (cleanup=%r): not the directory of one ended job in %s", jobdir,
+                                 self.cleanup, jobs)  # fmt: skip
+                return
+            job.site.transport_run(["rm", "-rf", "--", jobdir])
+            self.log.info("Removed job %s's directory %s (cleanup=%r)", job.id, jobdir, self.cleanup)
+        except offload.OffloadError as exc:
+            self.log.warning("Could not remove job %s's directory %s (%s): it is left on the site; remove it with "
+                             "'rm -rf %s' there", job.id, jobdir, exc, jobdir)  # fmt: skip
+
     def _finish(self, context: Any, job: offload.Job, status: offload.JobStatus, last_line: str) -> Any:
-        ti = context["ti"]
-        ti.xcom_push(key="state", value=status.state.value)
-        ti.xcom_push(key="exit_code", value=status.exit_code)
+        self._push(context, state=status.state.value, exit_code=status.exit_code)
         if status.exit_code is not None and status.exit_code in self.skip_on_exit_code:
             raise AirflowSkipException(f"job {job.id} exited with {status.exit_code}: skipping (skip_on_exit_code)")
         if status.state is not offload.JobState.COMPLETED:
             lines = job.tail(self.log_tail_lines)
             raise AirflowException(f"job {job.id} ended {status.describe()}. Last lines of its log:\n{lines}")
-        return self.result(job, last_line)
+        # Without do_xcom_push nobody reads the value: @task.offload's result is then not even fetched.
+        return self.result(job, last_line) if self.do_xcom_push else None
 
     def result(self, job: offload.Job, last_line: str) -> Any:
         """The task's return value (XCom): the last line of the job's output."""
