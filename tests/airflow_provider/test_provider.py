@@ -351,3 +351,27 @@ def test_cleanup_removes_only_a_job_directory_and_its_value_is_checked_when_the_
         assert outcome == "the last line" and site.ran == [], jobdir
     with pytest.raises(ValueError, match="never"):
         OffloadOperator(task_id="t", command=["true"], cleanup="sometimes")
+
+
+def test_a_failed_deferral_cancels_the_job_without_airflows_private_names(monkeypatch):
+    """The failure is built as Airflow's scheduler and triggerer build it (``airflow.models.trigger``: the
+    ``__fail__`` next method with a ``TriggerFailureReason``); the provider learns of it from the public
+    exceptions ``BaseOperator.resume_execution`` raises, not from ``TRIGGER_FAIL_REPR`` (``:meta private:``)."""
+    from airflow.models.trigger import TRIGGER_FAIL_REPR, TriggerFailureReason
+    from airflow.sdk.exceptions import TaskDeferralError, TaskDeferralTimeout
+
+    import airflow_offload
+    import offload
+    from airflow_offload.hooks.offload import OffloadHook
+
+    for reason, raised in ((TriggerFailureReason.TRIGGER_TIMEOUT, TaskDeferralTimeout),
+                           (TriggerFailureReason.TRIGGER_FAILURE, TaskDeferralError)):  # fmt: skip
+        site = _FakeSite(earlier=[("live", offload.JobState.RUNNING)])
+        monkeypatch.setattr(OffloadHook, "get_site", lambda self, site=site: site)
+        op = OffloadOperator(task_id="t", command=["true"])
+        with pytest.raises(raised):
+            op.resume_execution(TRIGGER_FAIL_REPR, {"error": reason}, {"ti": _FakeTI()})
+        assert site.cancelled == ["live"]
+    private = ("TRIGGER_FAIL_REPR", "TriggerFailureReason", "airflow.sdk.bases.operator", "__fail__")
+    for path in Path(airflow_offload.__file__).parent.rglob("*.py"):
+        assert not any(name in path.read_text() for name in private), path

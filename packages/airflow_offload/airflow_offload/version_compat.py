@@ -1,7 +1,8 @@
 """The one place that knows Airflow versions: everything the provider imports from Airflow comes from here.
 
 Only Airflow 3's public Task SDK (``airflow.sdk``) is used where it has the name; triggers still live in
-``airflow.triggers.base`` in 3.3.
+``airflow.triggers.base`` in 3.3. Nothing Airflow marks private (``:meta private:``): a failed deferral is
+known by the public exceptions ``BaseOperator.resume_execution`` raises for it, as Airflow's own sensors do.
 """
 
 from __future__ import annotations
@@ -9,8 +10,7 @@ from __future__ import annotations
 from airflow import __version__ as AIRFLOW_VERSION
 from airflow.sdk import BaseHook, BaseOperator, conf
 from airflow.sdk.bases.decorator import DecoratedOperator, task_decorator_factory
-from airflow.sdk.bases.operator import TRIGGER_FAIL_REPR
-from airflow.sdk.exceptions import AirflowException, AirflowSkipException
+from airflow.sdk.exceptions import AirflowException, AirflowSkipException, TaskDeferralError, TaskDeferralTimeout
 from airflow.sdk.log import mask_secret
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 from packaging.version import Version
@@ -21,13 +21,14 @@ if not Version(AIRFLOW_VERSION).major >= 3:  # pragma: no cover
 
 __all__ = [
     "AIRFLOW_V_3_3_PLUS",
-    "TRIGGER_FAIL_REPR",
     "AirflowException",
     "AirflowSkipException",
     "BaseHook",
     "BaseOperator",
     "BaseTrigger",
     "DecoratedOperator",
+    "TaskDeferralError",
+    "TaskDeferralTimeout",
     "TriggerEvent",
     "conf",
     "mask_secret",

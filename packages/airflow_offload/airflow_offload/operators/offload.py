@@ -24,10 +24,11 @@ import offload
 from airflow_offload.hooks.offload import OffloadHook
 from airflow_offload.triggers.offload import OffloadJobTrigger
 from airflow_offload.version_compat import (
-    TRIGGER_FAIL_REPR,
     AirflowException,
     AirflowSkipException,
     BaseOperator,
+    TaskDeferralError,
+    TaskDeferralTimeout,
     conf,
     mask_secret,
 )
@@ -225,12 +226,15 @@ class OffloadOperator(BaseOperator):
         return self._end(context, job, job.status(), last)
 
     def resume_execution(self, next_method: str, next_kwargs: dict[str, Any] | None, context: Any) -> Any:
-        if next_method == TRIGGER_FAIL_REPR:  # the deferral timed out, or the trigger itself failed
+        """Airflow resumes a task whose deferral timed out, or whose trigger failed, only to raise: its job may
+        still run, so it is cancelled (or left, as ``cancel_on_failure`` says) before the error goes on."""
+        try:
+            return super().resume_execution(next_method, next_kwargs, context)
+        except (TaskDeferralError, TaskDeferralTimeout) as exc:
             job = self._live_job(context)
             if job is not None:
-                reason = (next_kwargs or {}).get("error", "the trigger failed")
-                self._stop(job, f"the deferred task ends ({reason}) while job {job.id} lives")
-        return super().resume_execution(next_method, next_kwargs, context)
+                self._stop(job, f"the deferred task ends ({exc or 'the trigger failed'}) while job {job.id} lives")
+            raise
 
     def _stop(self, job: offload.Job, why: str) -> None:
         """The task fails while its job lives: cancel the job, or leave it and say so."""
