@@ -15,8 +15,11 @@ the import and adding ``site=`` (and ``image=``):
 GPU clusters (``gpus=N``) keep their own meaning: one worker per GPU, packed ``gpus_per_node`` to a job, each
 pinned to its GPU; ``cores`` and ``memory`` are still the job's.
 
-Precedence, key by key: the keyword, else the Dask config section ``offload``, else ``jobqueue.slurm`` (so a
-site's shared ``jobqueue.yaml`` carries over), else offload's defaults (``offload.yaml``).
+Precedence, key by key: the keyword, else the user's Dask config section ``offload``, else the user's
+``jobqueue.slurm`` (so a site's shared ``jobqueue.yaml`` carries over), else offload's defaults (``offload.yaml``,
+registered with Dask on import, so ``dask.config.get("offload")`` shows them). "The user's" means set in a yaml
+file, a ``DASK_*`` variable or ``dask.config.set``: importing dask-jobqueue registers its package defaults
+(``#!/usr/bin/env bash``, 30 minutes), and those are nobody's choice for an offload site.
 """
 
 from __future__ import annotations
@@ -30,19 +33,25 @@ from typing import Any
 import dask.config
 import yaml
 from dask.utils import parse_bytes
+from distributed.deploy.utils import nprocesses_nthreads
 
 import offload
 
-DEFAULTS: dict[str, Any] = yaml.safe_load(Path(__file__).with_name("offload.yaml").read_text())["offload"]
-# offload key -> dask-jobqueue's SLURM config key, for the keys both have ("name" and "python" are left out:
-# jobqueue's name is its job name, shared by every cluster, and its python a path on the client).
+_PACKAGE_DEFAULTS: dict[str, Any] = yaml.safe_load(Path(__file__).with_name("offload.yaml").read_text())
+DEFAULTS: dict[str, Any] = _PACKAGE_DEFAULTS["offload"]
+# As dask-jobqueue and distributed do with theirs: `dask.config.get("offload")` (and `dask config get offload` in
+# a program that imported dask_offload) shows them; a user's value set before this import keeps its place.
+if not any(registered is _PACKAGE_DEFAULTS for registered in dask.config.defaults):
+    dask.config.update_defaults(_PACKAGE_DEFAULTS)
+# offload key -> dask-jobqueue's SLURM config key, for the keys both have ("python" is left out: jobqueue's is a
+# path on the client). jobqueue's "name" is the name of its jobs, which is offload's job_name.
 JOBQUEUE = {
     "cores": "cores", "memory": "memory", "processes": "processes", "walltime": "walltime", "queue": "queue",
     "account": "account", "job_cpu": "job-cpu", "job_mem": "job-mem", "job_extra_directives": "job-extra-directives",
     "job_directives_skip": "job-directives-skip", "job_script_prologue": "job-script-prologue",
-    "worker_extra_args": "worker-extra-args", "death_timeout": "death-timeout", "local_directory": "local-directory",
-    "log_directory": "log-directory", "interface": "interface", "scheduler_options": "scheduler-options",
-    "shebang": "shebang",
+    "job_script_epilogue": "job-script-epilogue", "worker_extra_args": "worker-extra-args",
+    "death_timeout": "death-timeout", "local_directory": "local-directory", "log_directory": "log-directory",
+    "interface": "interface", "scheduler_options": "scheduler-options", "shebang": "shebang", "job_name": "name",
 }  # fmt: skip
 # dask-jobqueue keywords that cannot mean here what they mean there, and what to do instead.
 REFUSED = {
@@ -64,11 +73,37 @@ WORKER_ARGS = {"--lifetime": "lifetime", "--lifetime-stagger": "lifetime_stagger
 FLAGS = {"--lifetime-restart": True, "--no-dashboard": False}
 
 
-def config(key: str) -> Any:
-    """One option from the Dask config: ``offload.<key>``, else ``jobqueue.slurm.<key>``, else our default."""
-    value = dask.config.get(f"offload.{key}", None)
+_UNSET = object()
+
+
+class UserConfig:
+    """What the user set in the Dask config, told apart from what packages registered as their defaults.
+
+    Dask's config holds both: ``dask.config.update_defaults`` (which dask-jobqueue runs on import, as offload
+    does) merges a package's defaults into it, and ``dask.config.defaults`` keeps what each package registered. A
+    value is the user's when it comes from their yaml files or ``DASK_*`` variables (``dask.config.collect()``,
+    the user's part of what ``dask.config.refresh()`` merges over the defaults), or when it is not what the
+    packages registered (``dask.config.set``). One snapshot per cluster: collecting reads the yaml files.
+    """
+
+    def __init__(self) -> None:
+        self._sources = dask.config.collect()
+        self._defaults = dask.config.merge(*dask.config.defaults)
+
+    def get(self, key: str) -> Any:
+        """The user's value of a dotted key, or None when they set none (or set it to null)."""
+        value = dask.config.get(key, None)
+        if value is None or dask.config.get(key, _UNSET, config=self._sources) is not _UNSET:
+            return value
+        return None if value == dask.config.get(key, _UNSET, config=self._defaults) else value
+
+
+def config(key: str, user: UserConfig | None = None) -> Any:
+    """One option: the user's ``offload.<key>``, else the user's ``jobqueue.slurm.<key>``, else our default."""
+    user = user or UserConfig()
+    value = user.get(f"offload.{key}")
     if value is None and key in JOBQUEUE:
-        value = dask.config.get(f"jobqueue.slurm.{JOBQUEUE[key]}", None)
+        value = user.get(f"jobqueue.slurm.{JOBQUEUE[key]}")
         if value in ([], {}):
             value = None
     return DEFAULTS.get(key) if value is None else value
@@ -112,9 +147,10 @@ def resolve(given: dict[str, Any], unknown: dict[str, Any], gpus_per_node: int |
                 unknown.pop(key)
     if unknown:
         raise TypeError(f"OffloadCluster got unexpected arguments {sorted(unknown)}")
-    o = {key: (value if value is not None else config(key)) for key, value in given.items()}
+    user = UserConfig()
+    o = {key: (value if value is not None else config(key, user)) for key, value in given.items()}
     for key in ("scheduler_cores", "scheduler_memory", "startup_timeout", "scheduler_idle_timeout"):
-        o[key] = config(key)
+        o[key] = config(key, user)
     gpus = int(o.get("gpus") or 0)
     if gpus < 0:
         raise offload.ConfigError(f"gpus cannot be negative, got {gpus}")
@@ -128,8 +164,15 @@ def resolve(given: dict[str, Any], unknown: dict[str, Any], gpus_per_node: int |
                 "CPU workers, leave gpus out)"
             )
         per_job = min(gpus, gpus_per_node) if gpus_per_node else gpus
+    elif o["processes"] is not None:
+        per_job = int(o["processes"])
+    elif o["cores"] is not None:
+        # dask-jobqueue's rule (its Job.__init__): about sqrt(cores) workers of about as many threads each, as
+        # distributed splits a machine's cores. So SLURMCluster(cores=8) and OffloadCluster(cores=8) both run
+        # 4 workers of 2 threads a job.
+        per_job = nprocesses_nthreads(int(o["cores"]))[0]
     else:
-        per_job = int(o["processes"] or 1)
+        per_job = 1
     if per_job < 1:
         raise offload.ConfigError(f"processes must be at least 1, got {per_job}")
     cores = int(o["cores"]) if o["cores"] is not None else per_job  # the job's; one thread per worker by default
@@ -141,7 +184,7 @@ def resolve(given: dict[str, Any], unknown: dict[str, Any], gpus_per_node: int |
     if o["memory"] is not None:
         memory = parse_bytes(str(o["memory"]))
     else:
-        memory = per_job * parse_bytes(str(config("worker_memory")))
+        memory = per_job * parse_bytes(str(config("worker_memory", user)))
     job_cpus = int(o["job_cpu"]) if o["job_cpu"] is not None else cores
     job_memory_mb = (
         offload.Resources(memory=o["job_mem"]).memory_mb
