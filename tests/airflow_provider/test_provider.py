@@ -375,3 +375,23 @@ def test_a_failed_deferral_cancels_the_job_without_airflows_private_names(monkey
     private = ("TRIGGER_FAIL_REPR", "TriggerFailureReason", "airflow.sdk.bases.operator", "__fail__")
     for path in Path(airflow_offload.__file__).parent.rglob("*.py"):
         assert not any(name in path.read_text() for name in private), path
+
+
+def test_the_provider_declares_a_minimum_airflow_without_a_cap_and_all_does_not_install_airflow():
+    """``pip install -e '.[all]'`` (the README's first command) must not bring all of Airflow and its pins into
+    a user's environment; ``[airflow]`` does, from the version the provider checks for, with no upper cap."""
+    import configparser
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    from airflow_offload.version_compat import MIN_AIRFLOW_VERSION
+
+    repo = Path(__file__).parents[2]
+    extras = tomllib.loads((repo / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    airflow = [Requirement(r) for r in extras["airflow"] if Requirement(r).name == "apache-airflow"]
+    assert [str(r.specifier) for r in airflow] == [f">={MIN_AIRFLOW_VERSION}"]
+    assert not any("airflow" in Requirement(r).extras or "airflow" in Requirement(r).name for r in extras["all"])
+    tox = configparser.ConfigParser()
+    tox.read(repo / "tox.ini")
+    assert "airflow" in tox["testenv:airflow"]["extras"].split()  # the provider's tests still get Airflow

@@ -15,12 +15,18 @@ from airflow.sdk.log import mask_secret
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 from packaging.version import Version
 
-AIRFLOW_V_3_3_PLUS = Version(Version(AIRFLOW_VERSION).base_version) >= Version("3.3.0")
-if not Version(AIRFLOW_VERSION).major >= 3:  # pragma: no cover
-    raise ImportError(f"airflow_offload needs Airflow 3 (found {AIRFLOW_VERSION}): pip install 'offload[airflow]'")
+# The oldest Airflow the provider works with: the ``airflow`` extra's ``apache-airflow>=`` (no upper cap, as
+# Airflow's providers declare theirs), checked here too for an Airflow installed some other way. 3.3: the
+# triggerer calls a trigger's ``on_kill`` (a killed deferred task cancels its job), ``airflow.sdk.conf``.
+MIN_AIRFLOW_VERSION = "3.3"
+if Version(Version(AIRFLOW_VERSION).base_version) < Version(MIN_AIRFLOW_VERSION):  # pragma: no cover
+    raise ImportError(
+        f"airflow_offload needs Airflow {MIN_AIRFLOW_VERSION} or later (found {AIRFLOW_VERSION}): "
+        "pip install 'offload[airflow]'"
+    )
 
 __all__ = [
-    "AIRFLOW_V_3_3_PLUS",
+    "MIN_AIRFLOW_VERSION",
     "AirflowException",
     "AirflowSkipException",
     "BaseHook",
