@@ -36,7 +36,7 @@ def dask_jobqueue(tmp_path, monkeypatch):
 def payload(text: str) -> list[str]:
     """The argv a rendered job runs in its container (the launcher's source spans many lines of the script)."""
     start = text.rindex("\n", 0, text.index("apptainer exec")) + 1
-    return shlex.split(text[start : text.index("\noffload_status=$?")])
+    return shlex.split(text[start : text.rindex("\noffload_status=$?")])
 
 
 def worker_options(text: str) -> dict:

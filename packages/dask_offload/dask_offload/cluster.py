@@ -79,12 +79,25 @@ def describe_mismatch(found: dict[str, dict[str, str | None]]) -> str:
     )
 
 
+def with_epilogue(command: list[str], epilogue: tuple[str, ...]) -> list[str]:
+    """``command`` followed by dask-jobqueue's ``job_script_epilogue`` lines, keeping the command's exit code.
+
+    offload's batch script has a prologue but no epilogue, so the lines run in the job's container, in a shell
+    that gets the command as its arguments (``"$@"``): the command is never re-quoted into shell text, and the
+    lines are shell code, as in dask-jobqueue's script. A cancelled job (``close()``, scancel) ends before them,
+    as dask-jobqueue's does."""
+    program = "\n".join(['"$@"', "offload_status=$?", *epilogue, 'exit "$offload_status"'])
+    return ["/bin/sh", "-c", program, "sh", *command]
+
+
 class _Shared:
     """What the scheduler job and the worker jobs of one cluster share; batches their submissions."""
 
     def __init__(self, site: offload.Site, name: str, options: ClusterOptions, security: Security | None):
         self.site = site
         self.name = name
+        # What the jobs are called (dask-jobqueue's job_name): what `offload status/cancel --name` finds them by.
+        self.job_name: str = options.get("job_name") or name
         self.options = options
         self.security = security
         self.jobs: set[offload.Job] = set()
@@ -124,10 +137,12 @@ class _Shared:
     def spec(self, args: list[str], resources: offload.Resources, worker: bool) -> offload.JobSpec:
         o = self.options
         command = [self.python, "-c", LAUNCHER, args[0], json.dumps(expected_versions()), *args[1:]]
+        if worker and o.epilogue:
+            command = with_epilogue(command, o.epilogue)
         return offload.JobSpec(
             command, image=o["image"], resources=resources, env=dict(o.get("env", {})), secrets=self.secrets(),
-            name=self.name, reach=dict(o.get("reach", {})) if worker else {}, prologue=o.prologue if worker else (),
-            shebang=o["shebang"],
+            name=self.job_name, reach=dict(o.get("reach", {})) if worker else {},
+            prologue=o.prologue if worker else (), shebang=o["shebang"],
         )  # fmt: skip
 
     def scheduler_spec(self) -> offload.JobSpec:
@@ -209,7 +224,7 @@ class _Shared:
             except offload.OffloadError as exc:
                 ids = " ".join(j.id for j in jobs)
                 log.error("could not cancel the jobs of %s (%s); run: offload cancel --name %s  [%s]",
-                          self.name, exc, self.name, ids)  # fmt: skip
+                          self.name, exc, self.job_name, ids)  # fmt: skip
 
     # -- losses -----------------------------------------------------------------------------------------
 
@@ -399,7 +414,12 @@ class OffloadCluster(SpecCluster):
         usually have no outbound network), e.g. ``{"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"}``
     scheduler: ``"site"`` (a job on the site, reached by SSH port forward) or ``"local"`` (in this process)
     tls: per-cluster temporary TLS certificates (default True); or pass ``security=Security(...)``
+    protocol: dask-jobqueue's; only ``"tls://"`` (or left out): the cluster's Dask traffic is TLS
     name: the cluster's name, which tags its jobs (``offload status --name``, ``offload cancel --name``)
+    job_name: the name of its jobs instead (dask-jobqueue's ``job_name``)
+    job_script_prologue, job_script_epilogue: shell lines run before the workers start (on the node) and after
+        they end (in the job's container)
+    silence_logs: the log level of the scheduler and the workers (``"error"``, ...; default: distributed's)
     """
 
     def __init__(
@@ -429,6 +449,7 @@ class OffloadCluster(SpecCluster):
         job_extra_directives: list[str] | None = None,
         job_directives_skip: list[str] | None = None,
         job_script_prologue: list[str] | None = None,
+        job_script_epilogue: list[str] | None = None,
         worker_extra_args: list[str] | None = None,
         death_timeout: float | str | None = None,
         local_directory: str | None = None,
@@ -438,6 +459,9 @@ class OffloadCluster(SpecCluster):
         scheduler_options: dict[str, Any] | None = None,
         shebang: str | None = None,
         python: str | None = None,
+        job_name: str | None = None,
+        protocol: str | None = None,
+        silence_logs: str | int | bool | None = None,
         asynchronous: bool = False,
         loop: Any = None,
         **kwargs: Any,
@@ -481,7 +505,7 @@ class OffloadCluster(SpecCluster):
         _register_exit(self._shared)
         super().__init__(
             workers=workers, worker=worker, scheduler=scheduler_spec, security=security or Security(),
-            name=name, asynchronous=asynchronous, loop=loop,
+            name=name, asynchronous=asynchronous, loop=loop, silence_logs=o.log_level or False,
         )  # fmt: skip
         self._i = jobs
 

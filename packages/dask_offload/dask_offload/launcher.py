@@ -85,6 +85,13 @@ def check_reachable(address):
         sys.exit(5)
 
 
+def set_log_level(options):
+    """``silence_logs``: the level of distributed's loggers in this job (its handlers stay as distributed made
+    them). Called after distributed is imported, which configures its logging."""
+    if options.get("log_level") is not None:
+        logging.getLogger("distributed").setLevel(options["log_level"])
+
+
 def security():
     ca = os.environ.get("OFFLOAD_DASK_TLS_CA")
     if not ca:
@@ -100,6 +107,7 @@ def security():
 async def run_scheduler(options):
     from distributed import Scheduler
 
+    set_log_level(options)
     sec = security()
     protocol = "tls://" if sec else "tcp://"
     extra = dict(options.get("scheduler_options") or {})
@@ -201,6 +209,8 @@ def run_workers(address, groups, options):
         print(f"{MARK}_ERROR {len(names)} GPU workers but CUDA_VISIBLE_DEVICES={gpus}", flush=True)
         sys.exit(4)
     import distributed  # noqa: F401  (imported once here, shared by every forked worker)
+
+    set_log_level(options)
 
     address = scheduler_address(address, options.get("death_timeout"))
     check_reachable(address)

@@ -7,10 +7,12 @@ the import and adding ``site=`` (and ``image=``):
   ``cores // processes`` threads and ``memory / processes`` of memory); ``job_cpu``/``job_mem`` override what
   the job asks the scheduler for;
 * ``queue`` is the partition, ``job_extra_directives`` extra ``#SBATCH`` lines, ``job_directives_skip`` drops
-  generated ones, ``job_script_prologue`` lines run before the workers start, ``shebang`` the script's first
-  line, ``log_directory`` where worker logs also appear on the site;
-* ``worker_extra_args`` (the ``dask worker`` options that mean something here), ``death_timeout``,
-  ``local_directory``, ``interface``, ``nanny``, ``scheduler_options``, ``name``, ``n_workers``.
+  generated ones, ``job_script_prologue`` lines run before the workers start, ``job_script_epilogue`` lines
+  after they end (in the job's container: offload's batch script has no epilogue), ``shebang`` the script's
+  first line, ``log_directory`` where worker logs also appear on the site, ``job_name`` the jobs' name;
+* ``worker_extra_args`` (the ``dask worker`` options that mean something here, ``--preload`` among them),
+  ``death_timeout``, ``local_directory``, ``interface``, ``nanny``, ``scheduler_options``, ``name``,
+  ``n_workers``, ``silence_logs`` (the log level of scheduler and workers), ``protocol`` (``tls://`` only).
 
 GPU clusters (``gpus=N``) keep their own meaning: one worker per GPU, packed ``gpus_per_node`` to a job, each
 pinned to its GPU; ``cores`` and ``memory`` are still the job's.
@@ -24,6 +26,7 @@ file, a ``DASK_*`` variable or ``dask.config.set``: importing dask-jobqueue regi
 
 from __future__ import annotations
 
+import logging
 import math
 import shlex
 from dataclasses import dataclass, field
@@ -69,7 +72,8 @@ ALIASES = {"job_extra": "job_extra_directives", "env_extra": "job_script_prologu
 WORKER_ARGS = {"--lifetime": "lifetime", "--lifetime-stagger": "lifetime_stagger",
                "--lifetime-restart": "lifetime_restart", "--resources": "resources", "--nthreads": "nthreads",
                "--memory-limit": "memory_limit", "--local-directory": "local_directory",
-               "--death-timeout": "death_timeout", "--no-dashboard": "dashboard", "--name": None}  # fmt: skip
+               "--death-timeout": "death_timeout", "--no-dashboard": "dashboard", "--preload": "preload",
+               "--name": None}  # fmt: skip
 FLAGS = {"--lifetime-restart": True, "--no-dashboard": False}
 
 
@@ -123,6 +127,8 @@ class ClusterOptions:
     extra: tuple[str, ...]
     skip: tuple[str, ...]
     prologue: tuple[str, ...]
+    epilogue: tuple[str, ...] = ()  # shell lines run in the worker job's container after its workers end
+    log_level: str | int | None = None  # silence_logs: the level of distributed's loggers, None: unchanged
     worker: dict[str, Any] = field(default_factory=dict)  # what the launcher gives each worker
     scheduler: dict[str, Any] = field(default_factory=dict)  # ... and the scheduler
 
@@ -149,8 +155,10 @@ def resolve(given: dict[str, Any], unknown: dict[str, Any], gpus_per_node: int |
         raise TypeError(f"OffloadCluster got unexpected arguments {sorted(unknown)}")
     user = UserConfig()
     o = {key: (value if value is not None else config(key, user)) for key, value in given.items()}
-    for key in ("scheduler_cores", "scheduler_memory", "startup_timeout", "scheduler_idle_timeout"):
+    for key in DEFAULTS.keys() - o.keys():  # what has no keyword (scheduler_cores, startup_timeout, ...)
         o[key] = config(key, user)
+    _check_protocol(o["protocol"], tls=o["tls"])
+    log_level = _log_level(o["silence_logs"])
     gpus = int(o.get("gpus") or 0)
     if gpus < 0:
         raise offload.ConfigError(f"gpus cannot be negative, got {gpus}")
@@ -193,6 +201,7 @@ def resolve(given: dict[str, Any], unknown: dict[str, Any], gpus_per_node: int |
     )
     extra = _directives(o["job_extra_directives"])
     prologue = tuple(_lines("job_script_prologue", o["job_script_prologue"]))
+    epilogue = tuple(_lines("job_script_epilogue", o["job_script_epilogue"]))
     if o["log_directory"]:
         logs = shlex.quote(str(o["log_directory"]))
         prologue += (f'mkdir -p {logs} && ln -sf "$OFFLOAD_JOB_DIR/output" {logs}/"${{SLURM_JOB_NAME:-dask}}-'
@@ -203,6 +212,8 @@ def resolve(given: dict[str, Any], unknown: dict[str, Any], gpus_per_node: int |
         "local_directory": o["local_directory"], "interface": o["interface"], "nanny": bool(o["nanny"]),
         "worker_kwargs": worker_args(o["worker_extra_args"]),
     }  # fmt: skip
+    if log_level is not None:
+        worker["log_level"] = log_level
     for key in ("nthreads", "memory_limit", "resources"):  # --nthreads, --memory-limit, --resources override
         if key in worker["worker_kwargs"]:
             value = worker["worker_kwargs"].pop(key)
@@ -216,10 +227,44 @@ def resolve(given: dict[str, Any], unknown: dict[str, Any], gpus_per_node: int |
             raise offload.ConfigError(f"scheduler_options[{key!r}]: give interface= to the cluster (the same for all)")
     scheduler = {"idle_timeout": _seconds(o["scheduler_idle_timeout"]), "interface": o["interface"],
                  "scheduler_options": scheduler_options}  # fmt: skip
+    if log_level is not None:
+        scheduler["log_level"] = log_level
     return ClusterOptions(given=o, gpu=bool(gpus), per_job=per_job, threads=worker["nthreads"],
                           worker_memory=worker["memory_limit"], job_cpus=job_cpus, job_memory_mb=job_memory_mb,
                           extra=extra, skip=tuple(_lines("job_directives_skip", o["job_directives_skip"])),
-                          prologue=prologue, worker=worker, scheduler=scheduler)  # fmt: skip
+                          prologue=prologue, epilogue=epilogue, log_level=log_level, worker=worker,
+                          scheduler=scheduler)  # fmt: skip
+
+
+def _check_protocol(protocol: Any, *, tls: bool) -> None:
+    """dask-jobqueue's ``protocol``: offload's scheduler and workers talk TLS, so only ``tls://`` means anything."""
+    if protocol is None:
+        return
+    if str(protocol).removesuffix("://") != "tls":
+        raise offload.ConfigError(
+            f"protocol={protocol!r}: an OffloadCluster's scheduler and workers talk TLS only, with certificates made "
+            "for the cluster, because its workers share compute nodes with other users and its scheduler is reached "
+            "through the site's SSH connection. Leave protocol out (or give 'tls://')."
+        )
+    if not tls:
+        raise offload.ConfigError(f"protocol={protocol!r} and tls=False contradict each other: give one of them")
+
+
+def _log_level(value: Any) -> str | int | None:
+    """dask-jobqueue's ``silence_logs`` (``"error"``, ``"info"``, ...): the level of the scheduler's and the
+    workers' ``distributed`` loggers. None or False: distributed's own levels, so their job logs say everything."""
+    if value is None or value is False:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    name = str(value).upper()
+    if name == "WARN":
+        name = "WARNING"
+    if not isinstance(logging.getLevelName(name), int):
+        raise offload.ConfigError(
+            f"silence_logs={value!r} is not a log level: give one of 'debug', 'info', 'warning', 'error', 'critical'"
+        )
+    return name
 
 
 def _lines(key: str, value: Any) -> list[str]:
@@ -267,6 +312,12 @@ def worker_args(args: Any) -> dict[str, Any]:
         if option in FLAGS:
             kwargs[WORKER_ARGS[option]] = FLAGS[option]
             i += 1
+            continue
+        if option == "--preload":  # may be given several times, as for `dask worker`
+            if i + 1 >= len(words):
+                raise offload.ConfigError("worker_extra_args: --preload needs a module or a .py file")
+            kwargs.setdefault("preload", []).append(words[i + 1])
+            i += 2
             continue
         if i + 1 >= len(words):
             raise offload.ConfigError(f"worker_extra_args: {option} needs a value")
