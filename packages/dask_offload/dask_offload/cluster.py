@@ -499,6 +499,8 @@ class OffloadCluster(SpecCluster):
         n = o["n_workers"] if o["n_workers"] is not None else gpus
         self._prefix = name
         jobs = math.ceil(int(n) / self._per_job) if n else 0
+        if jobs:
+            self._check_workers_reach_scheduler()
         workers = {f"{name}-{i}": worker for i in range(jobs)}
         if o["scheduler"] == "site":
             self._shared.initial_workers = [(job, [job + suffix for suffix in suffixes]) for job in workers]
@@ -522,6 +524,21 @@ class OffloadCluster(SpecCluster):
     def workers_per_job(self) -> int:
         return self._per_job
 
+    def _check_workers_reach_scheduler(self) -> None:
+        """Refuse workers that could never reach a scheduler in this process: say so now, not after a timeout.
+
+        With ``scheduler="local"`` the workers connect to this machine. Jobs of the local site run on it; compute
+        nodes of a remote site usually cannot open a connection to it (offload's design assumes they cannot,
+        and its test site is built so), and offload has no way to learn otherwise before a worker tries."""
+        if self._options["scheduler"] != "local" or _jobs_run_here(self._site):
+            return
+        raise offload.ConfigError(
+            f"scheduler='local' runs the Dask scheduler in this process, but the workers would run on compute nodes "
+            f"of site {self._site.name!r}, which cannot reach this machine on most sites: no worker would ever "
+            "arrive. Use scheduler='site' (the default on a remote site): the scheduler runs as a job on the site "
+            "and this process reaches it through offload's SSH connection."
+        )
+
     def scale(self, n: int | None = None, jobs: int = 0, memory: str | None = None, cores: int | None = None):
         """Scale to ``n`` workers, or to ``jobs`` jobs (rounded up to whole jobs)."""
         if n is not None:
@@ -530,10 +547,13 @@ class OffloadCluster(SpecCluster):
             jobs = max(jobs, math.ceil(parse_bytes(memory) / (self._options.worker_memory * self._per_job)))
         if cores is not None:
             jobs = max(jobs, math.ceil(cores / (self._options.threads * self._per_job)))
+        if jobs:
+            self._check_workers_reach_scheduler()
         return super().scale(jobs)
 
     def adapt(self, *args: Any, minimum_jobs: int | None = None, maximum_jobs: int | None = None, **kwargs: Any):
         """Adaptive scaling in workers (``minimum``/``maximum``) or jobs (``minimum_jobs``/``maximum_jobs``)."""
+        self._check_workers_reach_scheduler()
         if minimum_jobs is not None:
             kwargs["minimum"] = minimum_jobs * self._per_job
         if maximum_jobs is not None:
@@ -606,6 +626,11 @@ class OffloadCluster(SpecCluster):
             if self._shared.jobs:
                 await self._site.acancel(list(self._shared.jobs))
                 self._shared.jobs.clear()
+
+
+def _jobs_run_here(site: offload.Site) -> bool:
+    """Whether the site's jobs are processes of this machine (the local site), which reach its services."""
+    return site.config.transport == "local" and site.config.scheduler == "local"
 
 
 _live: weakref.WeakSet[_Shared] = weakref.WeakSet()
