@@ -7,6 +7,7 @@ import asyncio
 import base64
 import copy
 import io
+import json
 import tarfile
 import uuid
 
@@ -398,7 +399,9 @@ async def test_a_site_that_cannot_be_reached_is_the_replys_words(tmp_path, monke
     monkeypatch.setenv("OFFLOAD_CONFIG", str(config))
     monkeypatch.setenv("OFFLOAD_STATE_DIR", str(tmp_path / "state"))
     site = offload.load_site("gone")
-    async with TestClient(TestServer(PodServer(site).app())) as client:
+    server = PodServer(site)
+    server.retry_within = 1.0  # asked again once, then the reply says so
+    async with TestClient(TestServer(server.app())) as client:
         reply = await client.get("/status", json=[pod([sh("main", "true")])])
         assert reply.status == 503 and "cannot reach" in await reply.text()
     await site.aclose()
@@ -415,7 +418,187 @@ async def test_serve_listens_on_a_unix_socket(site, tmp_path):
     await asyncio.wait_for(ready.wait(), 30)
     async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(path))) as session:
         async with session.get("http://plugin/status", json=[]) as reply:
-            assert reply.status == 200 and await reply.json() == []
+            assert reply.status == 200 and (await reply.json())["status"] == "ok"
     server.cancel()
     with pytest.raises(asyncio.CancelledError):
         await server
+
+
+# -- the plugin API as interLink's Go client calls it -------------------------------------------------------------
+
+
+async def _status(client: TestClient, p: dict) -> dict:
+    # mirrors interlink api StatusHandler -> sidecar: GET /status, a JSON array of pods, Content-Type JSON
+    reply = await client.get("/status", json=[p])
+    assert reply.status == 200, await reply.text()
+    (answer,) = await reply.json()
+    return answer
+
+
+async def _until(client: TestClient, p: dict, state: str) -> dict:
+    for _ in range(150):
+        answer = await _status(client, p)
+        if all(state in c["state"] for c in answer["containers"]):
+            return answer
+        await asyncio.sleep(0.1)
+    raise AssertionError(answer)
+
+
+@pytest.fixture
+def slow_pull(monkeypatch):
+    """The site's image cache, held at its pull until the test lets it go (a cold pull takes minutes)."""
+    release, calls = asyncio.Event(), []
+    real = offload.images.Images.aresolve
+
+    async def aresolve(self, image, progress=None):
+        calls.append(image)
+        await release.wait()
+        if isinstance(release.failure, BaseException):
+            raise release.failure
+        return await real(self, image, progress)
+
+    release.failure = None
+    monkeypatch.setattr(offload.images.Images, "aresolve", aresolve)
+    return release
+
+
+async def test_create_answers_at_once_and_the_pull_happens_in_the_background(site, slow_pull):
+    async with TestClient(TestServer(PodServer(site).app())) as client:
+        p = pod([sh("main", "echo pulled")], automount=False)
+        reply = await asyncio.wait_for(client.post("/create", json=data(p)), 5)  # interLink waits 120 s at most
+        assert reply.status == 200 and (await reply.json())["PodUID"] == p["metadata"]["uid"]
+        waiting = await _status(client, p)
+        assert waiting["containers"][0]["state"]["waiting"]["reason"] == "ContainerCreating"
+        slow_pull.set()
+        assert (await _until(client, p, "terminated"))["containers"][0]["state"]["terminated"]["exitCode"] == 0
+
+
+async def test_a_failed_pull_is_the_pods_failure_and_no_job_is_left(site, slow_pull):
+    async with TestClient(TestServer(PodServer(site).app())) as client:
+        p = pod([sh("main", "true")], init=[sh("first", "true")], automount=False)
+        assert (await client.post("/create", json=data(p))).status == 200
+        slow_pull.failure = offload.ImageError("manifest unknown: busybox:nope")
+        slow_pull.set()
+        answer = await _until(client, p, "terminated")
+        for c in [*answer["containers"], *answer["initContainers"]]:
+            assert (
+                c["state"]["terminated"]["exitCode"] != 0 and "manifest unknown" in c["state"]["terminated"]["message"]
+            )
+        assert not site.records(f"pod-{p['metadata']['uid']}") and not await site.afind(f"pod-{p['metadata']['uid']}")
+
+
+async def test_delete_during_a_slow_create_submits_nothing(site, slow_pull):
+    async with TestClient(TestServer(PodServer(site).app())) as client:
+        p = pod([sh("main", "sleep 30")], automount=False)
+        # the VK sends /create and /delete from two goroutines: the delete may come while the pull is on
+        create = asyncio.ensure_future(client.post("/create", json=data(p)))
+        await asyncio.sleep(0.3)
+        assert (await client.post("/delete", json=p)).status == 200
+        slow_pull.set()
+        assert (await create).status == 200
+        await asyncio.sleep(1.0)
+        name = f"pod-{p['metadata']['uid']}"
+        assert not site.records(name) and not await site.afind(name), "a job for a deleted pod"
+        answer = await _status(client, p)
+        assert answer["containers"][0]["state"]["terminated"]["exitCode"] == 143
+
+
+async def test_a_site_that_hiccups_is_asked_again_before_the_reply_fails(site, monkeypatch):
+    async with TestClient(TestServer(PodServer(site).app())) as client:
+        p = pod([sh("main", "sleep 2")], automount=False)
+        assert (await client.post("/create", json=data(p))).status == 200
+        await _until(client, p, "running")
+        real, failures = offload.Job.astatus, [offload.SiteNotAnswering("squeue did not answer within 30 s")]
+
+        async def astatus(self, refresh=True):
+            if failures:
+                raise failures.pop()
+            return await real(self, refresh=refresh)
+
+        monkeypatch.setattr(offload.Job, "astatus", astatus)
+        assert (await client.get("/status", json=[p])).status == 200  # not a 503 that fails the pod for good
+        assert not failures
+
+
+async def test_the_ping_reports_the_sites_free_capacity(site, monkeypatch):
+    from offload import NodeResources
+
+    async def anodes():
+        return [NodeResources("gpu1", ("gpu",), "mix", 4, 1, 64, 16, 256000, 56000),
+                NodeResources("gpu2", ("gpu",), "idle", 4, 0, 64, 0, 256000, 0),
+                NodeResources("down1", ("gpu",), "down", 4, 0, 64, 0, 256000, 0)]  # fmt: skip
+
+    monkeypatch.setattr(site, "anodes", anodes)
+    async with TestClient(TestServer(PodServer(site).app())) as client:
+        # mirrors interlink api Ping: GET /status with the body "[]" (an empty []*v1.Pod), Content-Type JSON;
+        # the VK parses the reply as a PingResponse (virtualkubelet.go, updateNodeResources)
+        reply = await client.get("/status", data=b"[]", headers={"Content-Type": "application/json"})
+        gpus = [{"resourceType": "nvidia.com/gpu", "available": "7"}]
+        resources = {"cpu": "112", "memory": "456000Mi", "accelerators": gpus}
+        assert await reply.json() == {"status": "ok", "resources": resources}
+
+
+async def test_a_followed_silent_container_gets_no_keepalive_bytes(site, monkeypatch):
+    import interlink_offload.server as server_module
+
+    monkeypatch.setattr(server_module, "HEARTBEAT_SECONDS", 0.1, raising=False)
+    async with TestClient(TestServer(PodServer(site).app())) as client:
+        p = pod([sh("main", "echo one; sleep 2; echo two")], automount=False)
+        await client.post("/create", json=data(p))
+        await _until(client, p, "running")
+        body = {"PodUID": p["metadata"]["uid"], "PodName": "p", "Namespace": "default", "ContainerName": "main",
+                "Opts": {"Follow": True}}  # fmt: skip
+        reply = await client.get("/getLogs", json=body)
+        assert await reply.text() == "one\ntwo\n"  # kubectl logs -f shows every byte interLink forwards
+
+
+async def test_requests_a_web_page_could_send_are_refused(site, tmp_path):
+    p = pod([sh("main", "true")], automount=False)
+    async with TestClient(TestServer(PodServer(site).app())) as client:
+        # a form or fetch from a page: text/plain needs no preflight, and the browser adds Origin
+        forged = await client.post("/create", data=json.dumps(data(p)), headers={"Content-Type": "text/plain"})
+        assert forged.status == 415
+        with_origin = await client.post("/create", json=data(p), headers={"Origin": "http://evil.example"})
+        assert with_origin.status == 403
+        rebound = await client.post("/create", json=data(p), headers={"Host": "evil.example:4000"})
+        assert rebound.status == 421
+        # what interLink's Go client sends (ReqWithError: Content-Type JSON, InterLink-Http-Session; no Origin)
+        real = await client.post("/create", json=data(p), headers={"InterLink-Http-Session": "CreatePod#1"})
+        assert real.status == 200
+    token = PodServer(site, token="s3cret")
+    async with TestClient(TestServer(token.app())) as client:
+        assert (await client.get("/status", json=[])).status == 401
+        wrong = await client.get("/status", json=[], headers={"Authorization": "Bearer nope"})
+        assert wrong.status == 401
+        right = await client.get("/status", json=[], headers={"Authorization": "Bearer s3cret"})
+        assert right.status == 200
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "words"),
+    [
+        (b"{not json", 400, "not JSON"),
+        (b"[{}, {}]", 400, "one pod"),
+        (b'"a string"', 400, "JSON object"),
+        (b'{"pod": {"metadata": {"name": "p"}, "spec": {"containers": []}}}', 400, "uid"),
+        (b'{"pod": "p"}', 400, "metadata and spec"),
+        (b'{"pod": {"metadata": {"uid": "u1"}, "spec": {"containers": [{"image": "x"}]}}}', 400, "name"),
+        (b'{"pod": {"metadata": {"uid": "u2"}, "spec": {"containers": "main"}}}', 400, "list of containers"),
+        (
+            b'{"pod": {"metadata": {"uid": "u3"}, "spec": {"containers": [{"name": "m", "image": "x"}]}}}',
+            422,
+            "command",
+        ),
+    ],
+)
+async def test_malformed_pods_get_the_reason_and_leave_nothing_behind(site, body, status, words):
+    """Any reply but 200 fails the pod for good (virtualkubelet handleRemoteExecutionFailure), with the body as
+    its message: the code says whose fault it is, the words what to change."""
+    server = PodServer(site)
+    async with TestClient(TestServer(server.app())) as client:
+        reply = await client.post("/create", data=body, headers={"Content-Type": "application/json"})
+        assert reply.status == status and words in await reply.text()
+        answer = await client.get("/status", data=b'[{"metadata": {"uid": "u9"}}]',
+                                  headers={"Content-Type": "application/json"})  # fmt: skip
+        assert answer.status == 400
+    assert not server._locks and not server._pending

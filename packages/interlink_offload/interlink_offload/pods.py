@@ -397,8 +397,10 @@ def container_statuses(names: list[str], images: dict[str, str], status: offload
         elif status.state.is_terminal:
             # never started, or killed with the job: the job's end, as an exit code Kubernetes keeps
             now = _time(datetime.now(UTC).timestamp())
+            # the VK overwrites "reason" with "Error: <code>": the words go in "message" too
             state = {"terminated": {"exitCode": end_code or 1, "reason": f"job {status.describe()}",
-                                    "startedAt": _time(entry.get("started")), "finishedAt": now}}  # fmt: skip
+                                    "message": status.describe(), "startedAt": _time(entry.get("started")),
+                                    "finishedAt": now}}  # fmt: skip
         elif "started" in entry:
             state = {"running": {"startedAt": _time(entry["started"])}}
         else:

@@ -1,11 +1,17 @@
 """interLink's plugin API, served by offload: the Virtual Kubelet's pods become jobs on one site.
 
-interLink's API server calls a plugin over plain HTTP (no credentials on that leg): ``POST /create`` with one
-``RetrievedPodData``, ``GET /status`` with an array of pods (an empty array is its ping), ``GET /getLogs`` and
-``POST /delete``. This server answers them from offload's own parts, so the site sees what any other offload
-client costs it: one SSH connection, one scheduler poll per interval for every live pod together (``/status``
-reads the poller's cache), and records that map a pod's UID to its job, so ``/create`` is idempotent and a
-restarted plugin answers for the pods created before.
+interLink's API server calls a plugin over plain HTTP: ``POST /create`` with one ``RetrievedPodData``, ``GET
+/status`` with an array of pods (an empty array is its ping, answered with the site's free capacity), ``GET
+/getLogs`` and ``POST /delete``. This server answers them from offload's own parts, so the site sees what any
+other offload client costs it: one SSH connection, one scheduler poll per interval for every live pod together
+(``/status`` reads the poller's cache), and records that map a pod's UID to its job, so ``/create`` is idempotent
+and a restarted plugin answers for the pods created before.
+
+interLink gives each reply 120 s (its client's ``ResponseHeaderTimeout``) and fails a pod for good on any reply
+but 200, so ``/create`` records the pod and answers at once: pulling its images and submitting its job happen
+in the background, ``/status`` says ``ContainerCreating`` meanwhile and, if that fails, the pod's failure with the
+reason. A site that hiccups (a command timing out, a dropped connection) is asked again within the request
+before the reply says so.
 
 The handlers run on this server's loop and hand each site call to offload's own loop, where the connection and
 the poller live (the ``a*`` methods do that).
@@ -14,14 +20,17 @@ the poller live (the ``a*`` methods do that).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hmac
 import ipaddress
 import json
 import logging
 import signal
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -34,16 +43,58 @@ from interlink_offload.pods import (
     parse_state,
     plan_pod,
 )
+from offload.images import is_pull, is_pushed_name
 
 log = logging.getLogger("interlink_offload")
 
-# A followed log with nothing new still sends something this often, so no proxy between interLink and its
-# client closes the stream as idle.
-HEARTBEAT_SECONDS = 15.0
+T = TypeVar("T")
+
 # How long "offload has no job for this pod" is believed before the records and the scheduler are asked again.
 MISSING_FOR = 60.0
 # How long after /delete a pod's answers stay in memory (a long-lived plugin serves many pods).
 FORGET_AFTER = 600.0
+# A site that does not answer (a command timing out, a dropped connection) is asked again within one request for
+# this long, pausing RETRY_PAUSES between tries, before the reply says so: interLink waits 120 s for a reply, and
+# fails the pod for good on any reply but 200.
+RETRY_WITHIN = 10.0
+RETRY_PAUSES = (0.5, 1.0, 2.0, 4.0)
+# Where a pod's image stands when /create checks the pod before its images are pulled: the cache's path later.
+_STAND_IN_IMAGE = "/offload-image-cache/stand-in"
+
+
+class BadRequest(Exception):
+    """A request this plugin cannot take as it is: the reply's status and words (interLink shows the words on the
+    pod, as its failure message)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def transient(exc: BaseException) -> bool:
+    """A site error worth asking again: a command that timed out, a connection that failed; not a command that
+    answered with an error, nor an unknown host key (asking again changes neither)."""
+    return isinstance(exc, offload.SiteNotAnswering) or (
+        isinstance(exc, offload.TransportError)
+        and not isinstance(exc, offload.RemoteCommandError | offload.HostKeyError)
+    )
+
+
+async def retrying(call: Callable[[], Awaitable[T]], within: float | None = RETRY_WITHIN) -> T:
+    """``call()``, asked again after a transient site error while ``within`` seconds have not passed (every pause
+    of RETRY_PAUSES, when ``within`` is None: for work that no reply waits for)."""
+    start = time.monotonic()
+    for pause in (*RETRY_PAUSES, None):
+        try:
+            return await call()
+        except offload.OffloadError as exc:
+            if not transient(exc) or pause is None:
+                raise
+            if within is not None and time.monotonic() - start + pause > within:
+                raise
+            log.info("the site did not answer (%s): asking again in %.1f s", exc, pause)
+        await asyncio.sleep(pause)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def site_image(image: str, image_map: Mapping[str, str]) -> str:
@@ -88,20 +139,65 @@ def parse_listen(text: str, public: bool = False) -> _Listen:
     return _Listen(host=host, port=int(port))
 
 
-class PodServer:
-    """The plugin's handlers for one site. ``image_map`` maps pod image names to what the site runs."""
+@dataclass
+class _Pending:
+    """A pod /create took and whose job is not (yet) submitted: its images are being pulled, or that failed, or
+    /delete came first."""
 
-    def __init__(self, site: offload.Site, image_map: Mapping[str, str] | None = None) -> None:
+    task: asyncio.Task | None = None
+    failure: str = ""
+    deleted: bool = False
+
+
+@dataclass
+class _Lock:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
+
+
+def _pod_of(data: Any) -> tuple[str, dict, dict]:
+    """(uid, metadata, spec) of the pod in a /create or /status body, or BadRequest saying what is malformed."""
+    if not isinstance(data, dict):
+        raise BadRequest(400, f"expected a JSON object with the pod, got {type(data).__name__}")
+    pod = data.get("pod", data)  # /create: RetrievedPodData; /status, /delete: the v1.Pod itself
+    meta, spec = (pod.get("metadata"), pod.get("spec")) if isinstance(pod, dict) else (None, None)
+    if not isinstance(meta, dict) or not isinstance(spec, dict):
+        raise BadRequest(400, "the pod needs metadata and spec objects (a v1.Pod, as interLink sends it)")
+    uid = meta.get("uid")
+    if not isinstance(uid, str) or not uid:
+        raise BadRequest(400, "the pod has no metadata.uid")
+    for key in ("containers", "initContainers"):
+        containers = spec.get(key) or []
+        if not isinstance(containers, list) or not all(
+            isinstance(c, dict) and isinstance(c.get("name"), str) for c in containers
+        ):
+            raise BadRequest(400, f"spec.{key} of pod {uid} must be a list of containers, each with a name")
+    if not spec.get("containers"):
+        raise BadRequest(422, f"pod {uid} has no containers")
+    return uid, meta, spec
+
+
+class PodServer:
+    """The plugin's handlers for one site. ``image_map`` maps pod image names to what the site runs;
+    ``hosts`` are the names a request's Host may give besides loopback and the listen address (``--public-name``);
+    with ``token``, every request needs ``Authorization: Bearer <token>``."""
+
+    def __init__(self, site: offload.Site, image_map: Mapping[str, str] | None = None, *,
+                 hosts: Iterable[str] = (), token: str | None = None) -> None:  # fmt: skip
         self.site = site
         self.image_map = dict(image_map or {})
+        self.hosts = {h.lower() for h in hosts}
+        self.token = token
+        self.retry_within = RETRY_WITHIN
         self._jobs: dict[str, offload.Job] = {}
         self._missing: dict[str, float] = {}
         self._final: dict[str, dict[str, Any]] = {}
-        self._creating: dict[str, asyncio.Lock] = {}
+        self._pending: dict[str, _Pending] = {}
+        self._locks: dict[str, _Lock] = {}
 
     def app(self) -> web.Application:
         # a pod's ConfigMaps and Secrets travel in /create
-        app = web.Application(client_max_size=64 * 2**20, middlewares=[_site_errors])
+        app = web.Application(client_max_size=64 * 2**20, middlewares=[self._guard, self._site_errors])
         app.add_routes(
             [
                 web.post("/create", self.create),
@@ -110,16 +206,92 @@ class PodServer:
                 web.post("/delete", self.delete),
             ]
         )
+        app.on_cleanup.append(self._stop_background)
         return app
+
+    async def _stop_background(self, _app: web.Application) -> None:
+        tasks = [p.task for p in self._pending.values() if p.task is not None and not p.task.done()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- what a request must carry ----------------------------------------------------------------------------
+
+    @web.middleware
+    async def _guard(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Refuse what a web page could send: a browser adds ``Origin`` to cross-site requests (interLink's Go
+        client never does), cannot send ``application/json`` to another site without asking first (and the ask
+        carries ``Origin``), and a page reaching this port through DNS rebinding names its own host in ``Host``."""
+        if "Origin" in request.headers:
+            return _error(403, "requests from web pages (with an Origin header) are refused: only interLink calls")
+        if (request.method == "POST" or request.body_exists) and request.content_type != "application/json":
+            return _error(415, f"send the body as Content-Type: application/json, not {request.content_type!r}")
+        if not self._host_allowed(request):
+            return _error(421, f"Host {request.host!r} is not this plugin's address: give --public-name NAME "
+                               "for a name interLink uses to reach it")  # fmt: skip
+        if self.token is not None:
+            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
+                return _error(401, "this plugin needs Authorization: Bearer <the token of --token-file>")
+        return await handler(request)
+
+    def _host_allowed(self, request: web.Request) -> bool:
+        sockname = request.transport.get_extra_info("sockname") if request.transport else None
+        if not isinstance(sockname, tuple):  # a unix socket: no web page reaches it (interLink names it "unix")
+            return True
+        host = request.host.lower()
+        if host.startswith("["):
+            host = host[1 : host.find("]")]
+        elif host.count(":") == 1:
+            host = host.rsplit(":", 1)[0]
+        if host == "localhost" or host in self.hosts:
+            return True
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False  # a name: DNS rebinding gives a page's own name here
+        listening = ipaddress.ip_address(sockname[0].split("%")[0])
+        return address.is_loopback or address == listening or listening.is_unspecified
+
+    @web.middleware
+    async def _site_errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """A malformed request is its reply's words; a site that hiccups is asked again (the handlers are
+        idempotent) before the reply says it does not answer; an error of the site is the reply's words."""
+        try:
+            return await retrying(lambda: handler(request), self.retry_within)
+        except BadRequest as exc:
+            return _error(exc.status, str(exc))
+        except json.JSONDecodeError as exc:
+            return _error(400, f"the body is not JSON: {exc}")
+        except (offload.SiteNotAnswering, offload.TransportError) as exc:
+            log.warning("%s: %s", request.path, exc)
+            return _error(503, str(exc))
+        except offload.OffloadError as exc:
+            log.warning("%s: %s", request.path, exc)
+            return _error(500, str(exc))
+
+    @contextlib.asynccontextmanager
+    async def _locked(self, uid: str) -> AsyncIterator[None]:
+        """One pod's lock (submitting its job, cancelling it); the entry goes when nobody holds or waits for it."""
+        entry = self._locks.setdefault(uid, _Lock())
+        entry.users += 1
+        try:
+            async with entry.lock:
+                yield
+        finally:
+            entry.users -= 1
+            if not entry.users:
+                self._locks.pop(uid, None)
 
     # -- finding a pod's job ------------------------------------------------------------------------------
 
-    async def _job(self, uid: str) -> offload.Job | None:
+    async def _job(self, uid: str, fresh: bool = False) -> offload.Job | None:
         """The job of pod ``uid``: this server's memory, else this machine's records (a restarted plugin),
-        else the scheduler, by the job's name (a plugin moved to another machine)."""
+        else the scheduler, by the job's name (a plugin moved to another machine). ``fresh``: ask even if
+        the last answer was "none" (before submitting)."""
         if uid in self._jobs:
             return self._jobs[uid]
-        if time.monotonic() - self._missing.get(uid, -MISSING_FOR) < MISSING_FOR:
+        if not fresh and time.monotonic() - self._missing.get(uid, -MISSING_FOR) < MISSING_FOR:
             return None
         name = job_name(uid)
         records = self.site.records(name, limit=1)
@@ -138,81 +310,123 @@ class PodServer:
     # -- POST /create ---------------------------------------------------------------------------------------
 
     async def create(self, request: web.Request) -> web.Response:
-        try:
-            data = await request.json()
-        except json.JSONDecodeError as exc:
-            return _error(400, f"the body is not JSON: {exc}")
+        """Check the pod, record it and answer: its images are pulled and its job submitted in the background
+        (a cold pull outlasts interLink's 120 s, and a pod whose reply timed out would be failed while its job
+        runs on, orphaned). Any reply but 200 fails the pod for good, with the reply's words as its message."""
+        data = await request.json()
         if isinstance(data, list):  # older interLink releases send a list of one
             if len(data) != 1:
-                return _error(400, f"expected one pod per /create, got {len(data)}")
+                raise BadRequest(400, f"expected one pod per /create, got {len(data)}")
             data = data[0]
-        uid = ((data.get("pod") or {}).get("metadata") or {}).get("uid")
-        if not uid:
-            return _error(400, "the pod has no metadata.uid")
-        lock = self._creating.setdefault(uid, asyncio.Lock())
-        async with lock:
-            job = await self._job(uid)
-            if job is not None:  # a repeat: the Virtual Kubelet retried, or a restarted plugin is asked again
-                return web.json_response({"PodUID": uid, "PodJID": job.id})
-            try:
-                job = await self._submit(data)
-            except offload.ConfigError as exc:
-                return _error(422, str(exc))
-            except (offload.SiteNotAnswering, offload.TransportError) as exc:
-                return _error(503, str(exc))
-            except offload.OffloadError as exc:  # the scheduler's or the image cache's own words
-                return _error(500, str(exc))
-            self._jobs[uid] = job
-            self._missing.pop(uid, None)
-        meta = data["pod"]["metadata"]
-        log.info("pod %s/%s (%s) is job %s", meta.get("namespace"), meta.get("name"), uid, job.id)
-        return web.json_response({"PodUID": uid, "PodJID": job.id})
+        uid, meta, spec = _pod_of(data)
+        job = self._jobs.get(uid)
+        if job is not None or uid in self._pending:  # a repeat: the Virtual Kubelet or interLink asked again
+            return web.json_response({"PodUID": uid, "PodJID": job.id if job else ""})
+        images = [c.get("image") or "" for c in [*(spec.get("initContainers") or []), *spec["containers"]]]
+        if "" in images:
+            raise BadRequest(422, "every container of the pod needs an image")
+        try:  # what offload cannot run is refused now, before anything is pulled or queued
+            plan_pod(self.site, data, {image: self._stand_in(image) for image in images})
+        except offload.ConfigError as exc:
+            raise BadRequest(422, str(exc)) from None
+        pending = self._pending[uid] = _Pending()
+        pending.task = asyncio.create_task(self._prepare(uid, data, pending), name=f"create pod {uid}")
+        log.info("pod %s/%s (%s) taken: pulling its images and submitting its job", meta.get("namespace"),
+                 meta.get("name"), uid)  # fmt: skip
+        return web.json_response({"PodUID": uid, "PodJID": ""})
 
-    async def _submit(self, data: dict) -> offload.Job:
-        spec = (data.get("pod") or {}).get("spec") or {}
-        wanted = {c.get("image", "") for c in [*(spec.get("initContainers") or []), *(spec.get("containers") or [])]}
-        if "" in wanted:
-            raise offload.ConfigError("every container of the pod needs an image")
+    def _stand_in(self, image: str) -> str:
+        ref = site_image(image, self.image_map)
+        cached = is_pushed_name(ref) or (is_pull(ref) and self.site.config.pull == "login")
+        return _STAND_IN_IMAGE if cached else ref
+
+    async def _prepare(self, uid: str, data: dict, pending: _Pending) -> None:
+        """The background half of /create: find the pod's job (a repeat after a restart) or pull its images and
+        submit it. A failure is the pod's status; after /delete nothing is submitted."""
+        meta = data["pod"]["metadata"]
+        try:
+            job = await retrying(lambda: self._adopt_or_submit(uid, data, pending), within=None)
+        except offload.OffloadError as exc:
+            pending.failure = str(exc)
+            log.warning("pod %s/%s (%s) failed before its job: %s", meta.get("namespace"), meta.get("name"), uid, exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # never a pod that waits forever: its status says what broke
+            pending.failure = f"offload could not submit this pod: {exc!r} (see the plugin's log)"
+            log.exception("pod %s (%s): submitting its job failed", meta.get("name"), uid)
+        else:
+            if job is not None:
+                log.info("pod %s/%s (%s) is job %s", meta.get("namespace"), meta.get("name"), uid, job.id)
+
+    async def _adopt_or_submit(self, uid: str, data: dict, pending: _Pending) -> offload.Job | None:
+        async with self._locked(uid):
+            if pending.deleted:
+                return None
+            job = await self._job(uid, fresh=True)  # also after a lost reply to a submission: no second job
+            if job is not None:
+                return job
+        spec = data["pod"]["spec"]
+        wanted = {c["image"] for c in [*(spec.get("initContainers") or []), *spec["containers"]]}
         refs = {image: site_image(image, self.image_map) for image in wanted}
         resolved = await asyncio.gather(*(self.site.images.aresolve(ref) for ref in refs.values()))
-        images = dict(zip(refs, resolved, strict=True))
-        return await self.site.asubmit(plan_pod(self.site, data, images))
+        planned = plan_pod(self.site, data, dict(zip(refs, resolved, strict=True)))
+        async with self._locked(uid):  # /delete waits here, and after it nothing is submitted
+            if pending.deleted:
+                log.info("pod %s was deleted while its images were pulled: no job submitted", uid)
+                return None
+            job = await self.site.asubmit(planned)
+            self._jobs[uid] = job
+            self._missing.pop(uid, None)
+            return job
 
     # -- GET /status ----------------------------------------------------------------------------------------
 
     async def status(self, request: web.Request) -> web.Response:
-        try:
-            pods = await request.json() if request.can_read_body else []
-        except json.JSONDecodeError as exc:
-            return _error(400, f"the body is not JSON: {exc}")
-        if not pods:  # interLink's ping
-            return web.json_response([])
+        pods = await request.json() if request.body_exists else []
+        if not isinstance(pods, list):
+            raise BadRequest(400, f"expected a JSON array of pods, got {type(pods).__name__}")
+        if not pods:  # interLink's ping: the VK reads a PingResponse from it and sets the node's capacity
+            return web.json_response(await self._ping())
+        for pod in pods:
+            _pod_of(pod)
         answers = await asyncio.gather(*(self._pod_status(pod) for pod in pods))
         return web.json_response([answer for answer in answers if answer is not None])
 
+    async def _ping(self) -> dict[str, Any]:
+        """interLink's ``PingResponse``: the site's free CPUs, memory and GPUs (what ``offload sites gpus``
+        reads: one scheduler call), as the Virtual Kubelet's node capacity."""
+        nodes = [n for n in await self.site.anodes() if n.available]
+        resources: dict[str, Any] = {"cpu": str(sum(n.cpus_free for n in nodes))}
+        if any(n.memory_mb for n in nodes):
+            resources["memory"] = f"{sum(max(0, n.memory_mb - n.memory_used_mb) for n in nodes)}Mi"
+        if any(n.gpus for n in nodes):
+            resources["accelerators"] = [{"resourceType": "nvidia.com/gpu",
+                                          "available": str(sum(n.gpus_free for n in nodes))}]  # fmt: skip
+        return {"status": "ok", "resources": resources}
+
     async def _pod_status(self, pod: dict) -> dict[str, Any] | None:
-        meta, spec = pod.get("metadata") or {}, pod.get("spec") or {}
-        uid = meta.get("uid", "")
+        uid, meta, spec = _pod_of(pod)
         if uid in self._final:
             return self._final[uid]
-        lock = self._creating.get(uid)
-        if lock is not None and lock.locked():  # its /create is still pulling or submitting
-            job = None
-        else:
-            job = await self._job(uid)
-            if job is None:
-                log.warning("asked for the status of pod %s (%s), which has no job here", meta.get("name"), uid)
-                return None
+        pending = self._pending.get(uid)
+        job = self._jobs.get(uid) if pending is not None else await self._job(uid)
+        if job is None and pending is None:
+            log.warning("asked for the status of pod %s (%s), which has no job here", meta.get("name"), uid)
+            return None
         init_containers, containers = spec.get("initContainers") or [], spec.get("containers") or []
         init, main = [c["name"] for c in init_containers], [c["name"] for c in containers]
         images = {c["name"]: c.get("image", "") for c in [*init_containers, *containers]}
-        if job is None:
-            status = offload.JobStatus(offload.JobState.PENDING, reason="ContainerCreating")
-            states: dict[str, dict[str, Any]] = {}
-        else:
+        states: dict[str, dict[str, Any]] = {}
+        if job is not None:
             status = await job.astatus(refresh=False)  # the poller's answer: one squeue for every pod
             started = status.state is not offload.JobState.PENDING
             states = parse_state((await job.aget(STATE_FILE)).decode(errors="replace")) if started else {}
+        elif pending is not None and pending.deleted:
+            status = offload.JobStatus(offload.JobState.CANCELLED, reason="deleted before its job was submitted")
+        elif pending is not None and pending.failure:
+            status = offload.JobStatus(offload.JobState.FAILED, reason=pending.failure)
+        else:  # its images are being pulled, or its job submitted
+            status = offload.JobStatus(offload.JobState.PENDING, reason="ContainerCreating")
         answer = {
             "name": meta.get("name"),
             "UID": uid,
@@ -228,50 +442,66 @@ class PodServer:
     # -- GET /getLogs ---------------------------------------------------------------------------------------
 
     async def get_logs(self, request: web.Request) -> web.StreamResponse:
-        try:
-            asked = await request.json()
-        except json.JSONDecodeError as exc:
-            return _error(400, f"the body is not JSON: {exc}")
-        uid, container = asked.get("PodUID", ""), asked.get("ContainerName", "")
+        asked = await request.json()
+        if not isinstance(asked, dict) or not isinstance(asked.get("Opts") or {}, dict):
+            raise BadRequest(400, "expected interLink's LogStruct: PodUID, ContainerName, Opts")
+        uid, container = str(asked.get("PodUID", "")), str(asked.get("ContainerName", ""))
         opts = asked.get("Opts") or {}
-        job = await self._job(uid)
+        pending = self._pending.get(uid)
+        job = self._jobs.get(uid) if pending is not None else await self._job(uid)
         if job is None:
-            return _error(404, f"offload has no job for pod {asked.get('PodName')!r} ({uid})")
+            if pending is not None:
+                raise BadRequest(400, f"container {container!r} is waiting to start: ContainerCreating")
+            raise BadRequest(404, f"offload has no job for pod {asked.get('PodName')!r} ({uid})")
         try:
             name = log_file(container)
             data = await job.aget(name)
         except offload.ConfigError as exc:
-            return _error(400, str(exc))
+            raise BadRequest(400, str(exc)) from None
         tail, limit = int(opts.get("Tail") or 0), int(opts.get("Bytes") or opts.get("LimitBytes") or 0)
         shown = _tail(data, tail)
         if limit:
             shown = shown[:limit]
         if not opts.get("Follow"):
             return web.Response(body=shown, content_type="text/plain", charset="utf-8")
+        # Headers go now: interLink's client waits 120 s for them (ResponseHeaderTimeout), then nothing times the
+        # body out (no http.Client Timeout, no WriteTimeout on interLink's or the VK's servers, TCP keep-alive from
+        # their dialers), and interLink copies every byte into `kubectl logs -f`. So a silent container sends
+        # nothing: any keep-alive byte would show. The loop notices a reader that went away on its own.
         response = web.StreamResponse()
         response.content_type = "text/plain"
         await response.prepare(request)
         await response.write(shown)
-        sent, offset, written = len(shown), len(data), time.monotonic()
+        sent, offset = len(shown), len(data)
         interval = min(2.0, self.site.config.poll_interval)
         ended = False
+        quiet_since = time.monotonic()
         while not (limit and sent >= limit):
-            chunk = await job.aget(name, offset)
+            if request.transport is None or request.transport.is_closing():
+                break  # kubectl (hence interLink) went away
+            try:
+                chunk = await job.aget(name, offset)
+                if not chunk and not ended:
+                    # asked only while the container is quiet; then one more read, for what it wrote last
+                    ended = await self._container_ended(job, container)
+                    if ended:
+                        continue
+            except offload.OffloadError as exc:
+                if not transient(exc) or time.monotonic() - quiet_since > self.retry_within:
+                    log.warning("following %s of pod %s ended: %s", container, uid, exc)
+                    break
+                await asyncio.sleep(interval)
+                continue
+            quiet_since = time.monotonic()
             offset += len(chunk)
             if limit:
                 chunk = chunk[: limit - sent]
             if chunk:
                 await response.write(chunk)
-                sent, written = sent + len(chunk), time.monotonic()
+                sent += len(chunk)
                 continue
             if ended:  # ended before the read above: that read had its last words
                 break
-            # asked only while the container is quiet; then one more read, for what it wrote last
-            if ended := await self._container_ended(job, container):
-                continue
-            if time.monotonic() - written > HEARTBEAT_SECONDS:
-                await response.write(b"\n")
-                written = time.monotonic()
             await asyncio.sleep(interval)
         await response.write_eof()
         return response
@@ -284,17 +514,16 @@ class PodServer:
     # -- POST /delete ---------------------------------------------------------------------------------------
 
     async def delete(self, request: web.Request) -> web.Response:
-        try:
-            pod = await request.json()
-        except json.JSONDecodeError as exc:
-            return _error(400, f"the body is not JSON: {exc}")
-        meta = pod.get("metadata") or {}
-        uid = meta.get("uid", "")
-        job = await self._job(uid)
-        if job is None:
-            return web.Response(text=f"no job for pod {uid}: nothing to cancel")
+        uid, meta, _spec = _pod_of(await request.json())
+        pending = self._pending.get(uid)
+        if pending is not None:
+            pending.deleted = True  # before the lock: a submission not yet started will not start
         # the Virtual Kubelet may ask once more; then this plugin forgets the pod (its records do not)
         asyncio.get_running_loop().call_later(FORGET_AFTER, self._forget, uid)
+        async with self._locked(uid):  # a submission under way ends first: its job is then cancelled below
+            job = await self._job(uid, fresh=True)
+        if job is None:
+            return web.Response(text=f"no job for pod {uid}: nothing to cancel")
         status = await job.astatus(refresh=False)
         if not status.state.is_terminal:
             await self.site.acancel([job], timeout=30)
@@ -304,22 +533,9 @@ class PodServer:
     def _forget(self, uid: str) -> None:
         for known in (self._jobs, self._final, self._missing):
             known.pop(uid, None)
-        lock = self._creating.get(uid)
-        if lock is not None and not lock.locked():
-            del self._creating[uid]
-
-
-@web.middleware
-async def _site_errors(request: web.Request, handler: Any) -> web.StreamResponse:
-    """A site that does not answer (or answers with an error) is the reply's words, not a bare 500."""
-    try:
-        return await handler(request)
-    except (offload.SiteNotAnswering, offload.TransportError) as exc:
-        log.warning("%s: %s", request.path, exc)
-        return _error(503, str(exc))
-    except offload.OffloadError as exc:
-        log.warning("%s: %s", request.path, exc)
-        return _error(500, str(exc))
+        pending = self._pending.get(uid)
+        if pending is not None and (pending.task is None or pending.task.done()):
+            del self._pending[uid]
 
 
 def _tail(data: bytes, lines: int) -> bytes:
@@ -334,13 +550,28 @@ def _error(status: int, message: str) -> web.Response:
     return web.Response(status=status, text=message)
 
 
+def read_token(path: str | Path) -> str:
+    """The bearer token in ``path`` (``--token-file``), surrounding white space dropped."""
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as exc:
+        raise offload.ConfigError(f"--token-file {str(path)!r}: {exc.strerror}: give a readable file") from None
+    if not token:
+        raise offload.ConfigError(f"--token-file {str(path)!r} is empty: put the token in it")
+    return token
+
+
 async def serve(site: offload.Site, listen: str, *, image_map: Mapping[str, str] | None = None,
-                public: bool = False, ready: asyncio.Event | None = None) -> None:  # fmt: skip
+                public: bool = False, hosts: Iterable[str] = (), token_file: str | Path | None = None,
+                ready: asyncio.Event | None = None) -> None:  # fmt: skip
     """Serve the plugin API for ``site`` on ``listen`` until SIGINT/SIGTERM. Jobs keep running when it stops:
-    a plugin started again answers for them (its records map each pod's UID to its job)."""
+    a plugin started again answers for them (its records map each pod's UID to its job). ``hosts``: names
+    interLink may reach it by (checked in ``Host``); ``token_file``: every request then needs that bearer token
+    (interLink's API server sends none itself: for a proxy in front that adds it)."""
     where = parse_listen(listen, public)
+    token = read_token(token_file) if token_file else None
     await site.aworkdir()  # the site answers and its host key is trusted, before interLink is told anything
-    runner = web.AppRunner(PodServer(site, image_map).app(), access_log=None)
+    runner = web.AppRunner(PodServer(site, image_map, hosts=hosts, token=token).app(), access_log=None)
     await runner.setup()
     if where.path:
         endpoint: web.BaseSite = web.UnixSite(runner, where.path)
