@@ -29,6 +29,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import tarfile
 import tempfile
 import time
@@ -68,6 +69,7 @@ RESOLVED_FOR = 300.0
 Progress = Callable[[str], None]
 _NOT_CACHED = "not in the site's cache yet: making it once on the login node (later jobs run the cached copy)"
 _MADE = "offload-image-"  # the prefix of the temporary files a push makes (and deletes)
+_LINK_HOPS = 40  # symbolic links followed on one path of an image before it is called a loop (Linux's limit)
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,22 @@ def is_pushed_name(image: str | None) -> bool:
 
 def _pushed_ref(name: str) -> str:
     return f"local://{name}"
+
+
+def checked_digest(value: object, source: str) -> str:
+    """``value`` if it is a sha256 digest, else :class:`ImageError` naming ``source``: the same check as the
+    login node's (:func:`offload.images_site.check_digest`), on this side, for every digest that comes from
+    elsewhere (the login node, an archive's index) before it names a file or goes into a command."""
+    try:
+        return images_site.check_digest(value, source)
+    except images_site.Failed as exc:
+        raise ImageError(str(exc)) from None
+
+
+def _private_mkdir(path: str) -> list[str]:
+    """The command making the site's directory ``path`` with every missing parent 0700 (the first push makes the
+    workdir itself): ``mkdir -p -m 700`` sets the mode of the last component only, a umask of 077 that of all."""
+    return ["sh", "-c", 'umask 077 && mkdir -p -- "$0" && chmod 700 -- "$0"', path]
 
 
 class Images:
@@ -179,7 +197,7 @@ class Images:
         for line in await self._run_helper("digest", ref):
             if line.startswith("offload-digest "):
                 found, size = line.split()[1:3]
-                return found, int(size)
+                return checked_digest(found, f"the login node of site '{self._site.name}'"), int(size)
         raise ImageError(f"the login node gave no digest for {ref}")
 
     # -- pulling --------------------------------------------------------------------------------------
@@ -281,12 +299,12 @@ class Images:
         made = upload.name.startswith(_MADE)
         script = runtime.import_script(kind)  # refuses a kind the runtime cannot run, before the upload
         try:
-            digest = "sha256:" + await loop.run_in_executor(None, _sha256, upload)
+            digest = checked_digest("sha256:" + await loop.run_in_executor(None, _sha256, upload), "this machine")
             cache = await self._cache()
-            known = {image.digest for image in await self.alist()}
+            known = {image.digest for image in await self.alist()}  # the helper makes the cache, 0700
             remote = ""
             if digest not in known:
-                await self._site.transport.run(["mkdir", "-p", "-m", "700", f"{cache}/uploads"])
+                await self._site.transport.run(_private_mkdir(f"{cache}/uploads"))
                 remote = f"{cache}/uploads/{digest[7:]}.{'sif' if kind == 'sif' else 'tar.gz'}"
                 size = upload.stat().st_size
                 await self._site.transport.put(str(upload), remote, resume=True,
@@ -342,7 +360,8 @@ def _log_progress(line: str) -> None:
 
 
 def _image(record: dict) -> CachedImage:
-    return CachedImage(record["ref"], record["digest"], record["path"], int(record.get("size", 0)),
+    return CachedImage(record["ref"], checked_digest(record.get("digest"), "the site's image cache"), record["path"],
+                       int(record.get("size", 0)),
                        float(record.get("pulled", 0)), float(record.get("used", 0)))  # fmt: skip
 
 
@@ -428,7 +447,8 @@ def _gzip(local: Path) -> Path:
 
 def _flatten(archive: tarfile.TarFile, names: set[str], label: str) -> Path:
     """The layers of a ``docker save`` (``manifest.json``) or OCI (``index.json``) archive applied in order, with
-    their whiteouts, into one root file system."""
+    their whiteouts, into one root file system. An archive is data from anywhere: nothing in it is followed out of
+    the scratch root (see :func:`_apply`)."""
 
     def read(member: str) -> bytes:
         for candidate in (member, "./" + member):
@@ -439,7 +459,7 @@ def _flatten(archive: tarfile.TarFile, names: set[str], label: str) -> Path:
         raise ConfigError(f"{label}: the archive has no {member}")
 
     def blob(digest: str) -> str:
-        return "blobs/" + digest.replace(":", "/", 1)
+        return "blobs/" + checked_digest(digest, f"{label}'s index").replace(":", "/", 1)
 
     if "manifest.json" in names:
         layers = json.loads(read("manifest.json"))[0]["Layers"]
@@ -452,26 +472,134 @@ def _flatten(archive: tarfile.TarFile, names: set[str], label: str) -> Path:
     try:
         for layer in layers:
             with tarfile.open(fileobj=io.BytesIO(read(layer))) as tar:
-                for member in tar.getmembers():
-                    path = Path(member.name.removeprefix("./"))
-                    if member.isdev() or path.is_absolute() or ".." in path.parts or not path.parts:
-                        continue
-                    if path.name == ".wh..wh..opq":  # an opaque directory: what lower layers put there goes
-                        for child in (root / path.parent).glob("*"):
-                            _remove(child)
-                    elif path.name.startswith(".wh."):  # a whiteout: that file of a lower layer goes
-                        _remove(root / path.parent / path.name[4:])
-                    else:
-                        if not member.isdir():
-                            _remove(root / path)
-                        tar.extract(member, root, set_attrs=False, filter="tar")
+                for member in tar:
+                    _apply(tar, member, root, f"{label}, layer {layer}")
         return _tar_directory(root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def _apply(tar: tarfile.TarFile, member: tarfile.TarInfo, root: Path, where: str) -> None:
+    """One member of a layer applied to the root file system at ``root``, the way a container engine applies it
+    (a whiteout ``.wh.NAME`` deletes NAME, ``.wh..wh..opq`` empties its directory, anything else replaces what
+    was at its path). Its directory is found component by component inside ``root`` (:func:`_in_root`) and what
+    is replaced is deleted itself, never what it links to, and then made afresh: an earlier layer's symlink
+    (``etc/link -> /home/me``) or hard link cannot carry a delete or a write to this machine's files. tarfile's
+    own extraction is not used for that: it resolves names with this machine's view of the links."""
+    parts = _member_parts(member.name, where)
+    if not parts or member.isdev():  # the root itself; devices and FIFOs (runtimes bind the node's /dev)
+        return
+    *parent, leaf = parts
+    if leaf.startswith(".wh."):
+        folder = _in_root(root, parent, member.name, where, create=False)
+        if leaf == ".wh..wh..opq":  # an opaque directory: what lower layers put there goes (hidden files too)
+            for child in list(folder.iterdir()) if folder is not None else []:
+                _remove(child)
+            return
+        if leaf[4:] in ("", ".", "..", ".wh."):
+            raise ImageError(f"{where}: the whiteout {member.name!r} names no file: {_NOT_AN_IMAGE}")
+        if folder is not None:
+            _remove(folder / leaf[4:])
+        return
+    target = _in_root(root, parent, member.name, where, create=True) / leaf
+    if member.isdir():
+        if not stat.S_ISDIR(_lstat_mode(target)):
+            _remove(target)
+            target.mkdir()
+        target.chmod(_mode(member, 0o700))
+        return
+    _remove(target)  # never written through: a symlink or a hard link here is replaced, not followed
+    if member.issym():
+        os.symlink(member.linkname, target)  # any target: it is only ever read inside the image (_in_root)
+    elif member.islnk():
+        *source_dir, source_leaf = _member_parts(member.linkname, where, member.name) or [""]
+        folder = _in_root(root, source_dir, member.name, where, create=False)
+        source = folder / source_leaf if folder is not None and source_leaf else root
+        if source == root or not _lstat_mode(source) or stat.S_ISDIR(_lstat_mode(source)):
+            raise ImageError(f"{where}: {member.name!r} is a hard link to {member.linkname!r}, which is no file "
+                             f"of the image: {_NOT_AN_IMAGE}")  # fmt: skip
+        os.link(source, target, follow_symlinks=False)
+    elif member.isreg():
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as out, tar.extractfile(member) or io.BytesIO() as data:
+            shutil.copyfileobj(data, out, 1 << 20)
+        target.chmod(_mode(member, 0o600))
+
+
+_NOT_AN_IMAGE = (
+    "it would reach outside the image, which 'docker save', podman and OCI tools never write. Nothing was "
+    "sent; push an archive you made yourself (docker save IMAGE -o FILE), or the image's root directory"
+)
+
+
+def _member_parts(name: str, where: str, link_of: str = "") -> list[str]:
+    """The components of a member's name (or of the target of the hard link ``link_of``) below the image's root;
+    :class:`ImageError` for an absolute name or one with ``..``, which could only be meant to leave the image."""
+    parts = [part for part in name.split("/") if part not in ("", ".")]
+    if name.startswith("/") or ".." in parts:
+        what = f"the hard link {link_of!r} points to {name!r}, which" if link_of else f"the member {name!r}"
+        raise ImageError(f"{where}: {what} is an absolute path or climbs with '..': {_NOT_AN_IMAGE}")
+    return parts
+
+
+def _in_root(root: Path, parts: list[str], name: str, where: str, *, create: bool) -> Path | None:
+    """The real directory (no symlink on its path) that ``parts`` names in the image at ``root``, links read as
+    the container will read them: an absolute target starts again at the image's root, and ``..`` stops there,
+    so no path leaves ``root`` whatever links earlier layers made (``lib -> /usr/lib`` means the image's
+    ``usr/lib``). A missing directory is made (``create``), or the answer is None. :class:`ImageError` naming
+    the member for a path through a file, or through more links than Linux would follow."""
+    todo = list(reversed(parts))
+    real: list[str] = []
+    hops = 0
+    while todo:
+        part = todo.pop()
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if real:  # every component of real is a directory, not a link: its '..' is its parent
+                real.pop()
+            continue
+        here = root.joinpath(*real, part)
+        mode = _lstat_mode(here)
+        if stat.S_ISLNK(mode):
+            hops += 1
+            if hops > _LINK_HOPS:
+                raise ImageError(f"{where}: {name!r}: more than {_LINK_HOPS} symbolic links on its path (a loop of "
+                                 "links in the image); fix the image's links and save it again")  # fmt: skip
+            target = os.readlink(here)
+            if target.startswith("/"):
+                real = []
+            todo.extend(reversed(target.split("/")))
+            continue
+        if not mode:
+            if not create:
+                return None
+            here.mkdir()
+        elif not stat.S_ISDIR(mode):
+            raise ImageError(f"{where}: {name!r} is under {'/'.join([*real, part])!r}, which a lower layer made a "
+                             "file, not a directory; this archive is damaged: save the image again")  # fmt: skip
+        real.append(part)
+    return root.joinpath(*real)
+
+
+def _lstat_mode(path: Path) -> int:
+    """The mode of what is at ``path`` itself (a link, not what it points to); 0 where nothing is."""
+    try:
+        return path.lstat().st_mode
+    except FileNotFoundError:
+        return 0
+
+
+def _mode(member: tarfile.TarInfo, owner: int) -> int:
+    """A member's permissions, as tar's ``tar`` filter keeps them: no setuid, setgid or sticky bit, no write for
+    group and others; what the owner needs to build and delete the root file system added."""
+    return (member.mode & 0o755) | owner
+
+
 def _remove(path: Path) -> None:
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.is_dir():
+    """Delete what is at ``path`` itself: a link, never what it points to; a directory with what is in it."""
+    mode = _lstat_mode(path)
+    if stat.S_ISDIR(mode):
         shutil.rmtree(path)
+    elif mode:
+        path.unlink()

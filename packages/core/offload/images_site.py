@@ -18,6 +18,10 @@ small record per ref (``refs/<key>.json``); records are written whole and rename
 of one. A pull or an import holds a lock per digest (``flock``) and looks again under it, so two clients (two
 laptops, a triggerer and a hub) never pull the same image twice. A SCRIPT builds ``$OFFLOAD_DEST.tmp`` and
 renames it to ``$OFFLOAD_DEST``: an entry is there whole or not at all.
+
+What a registry says is not trusted: every digest is checked (:func:`check_digest`) where it comes in, before it
+names a file, a lock or a command's argument, and a record is acted on only when its path is an entry of this
+cache (:func:`is_entry`). Every directory made here is 0700 (:func:`private_dir`): a pushed image may be private.
 """
 
 import contextlib
@@ -25,6 +29,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import ssl
 import subprocess
@@ -39,10 +44,73 @@ ACCEPT = ", ".join([
     "application/vnd.oci.image.manifest.v1+json", "application/vnd.docker.distribution.manifest.v2+json",
 ])  # fmt: skip
 LOCK_WAIT = 3600  # seconds a client waits for another's pull of the same image
+DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+SUFFIX = re.compile(r"(\.[A-Za-z0-9_-]+)*")  # a runtime's cache suffix: "", ".sif", ".oci.tar"
 
 
 class Failed(Exception):
     pass
+
+
+def check_digest(value, source):
+    """VALUE if it is a digest offload may name things after (``sha256:`` and 64 lowercase hex digits), else
+    Failed naming SOURCE (who gave it). A digest comes from a registry's header, a manifest or an index, and
+    becomes a cache entry's path, a lock's name and the argument of ``image rm``: a hostile one such as
+    ``sha256:../../x`` would make those any path. So every digest goes through here where it comes in; the
+    client checks what the login node says with this same function (:func:`offload.images.checked_digest`)."""
+    if not isinstance(value, str) or DIGEST.fullmatch(value) is None:
+        raise Failed(
+            f"{source} gave {value!r} as a digest, which is not a sha256 digest ('sha256:' and 64 lowercase hex "
+            "digits): refused, nothing was made or deleted after it. Check what that registry (or cache) serves"
+        )
+    return value
+
+
+def entry_path(cache, digest_, suffix):
+    """Where the cache keeps the image DIGEST_: ``<cache>/sha256-<hex><suffix>``, and nowhere else."""
+    check_digest(digest_, "the image cache's caller")
+    if SUFFIX.fullmatch(suffix) is None:
+        raise Failed(f"the runtime's cache suffix {suffix!r} is not '.' and letters, digits, '_' or '-'")
+    return os.path.join(cache, digest_.replace(":", "-") + suffix)
+
+
+def is_entry(cache, rec):
+    """Whether REC names an image of this cache: a sha256 digest, and the path :func:`entry_path` gives for it.
+    A record written before digests were checked (or edited by hand) may name any path: such a record is never
+    run, listed or followed, and forgetting it deletes no file but the record."""
+    digest_, path = rec.get("digest"), rec.get("path")
+    if not isinstance(digest_, str) or DIGEST.fullmatch(digest_) is None or not isinstance(path, str):
+        return False
+    name, prefix = os.path.basename(path), digest_.replace(":", "-")
+    return (name.startswith(prefix) and SUFFIX.fullmatch(name[len(prefix):]) is not None
+            and os.path.realpath(os.path.dirname(path)) == os.path.realpath(cache))  # fmt: skip
+
+
+def private_dir(path):
+    """Make PATH and each missing parent 0700, whatever the login session's umask (often 0022: readable by all).
+    Neither ``os.makedirs(mode=...)`` (the last component only, on Python 3.7+) nor ``mkdir -p -m`` (the same) do
+    that for parents, and the first use of a site makes the workdir itself. What was there already is left."""
+    missing = []
+    head = os.path.abspath(path)
+    while not os.path.isdir(head) and os.path.dirname(head) != head:
+        missing.append(head)
+        head = os.path.dirname(head)
+    for folder in reversed(missing):
+        try:
+            os.mkdir(folder, 0o700)
+        except FileExistsError:  # another client's at the same time (made 0700 as well), or a file: said below
+            if not os.path.isdir(folder):
+                raise Failed(f"{folder} is a file: the image cache needs a directory there") from None
+            continue
+        os.chmod(folder, 0o700)  # a umask may take more than the group's and others' bits
+
+
+def private_cache(cache):
+    """The cache and its ``refs`` made private, the cache's own directory made 0700 even where an earlier offload
+    left it readable by all (the workdir, perhaps the user's own choice of directory, is left as it is)."""
+    private_dir(os.path.join(cache, "refs"))
+    if os.stat(cache).st_mode & 0o077:
+        os.chmod(cache, 0o700)
 
 
 def split_ref(ref):
@@ -88,9 +156,8 @@ def _manifest(registry, path, reference, headers):
         try:
             with _get(url, headers) as response:
                 body = response.read()
-                return response.headers.get("Docker-Content-Digest") or "sha256:" + hashlib.sha256(
-                    body
-                ).hexdigest(), body
+                found = response.headers.get("Docker-Content-Digest") or "sha256:" + hashlib.sha256(body).hexdigest()
+                return check_digest(found, f"the registry {registry} (for {path}:{reference})"), body
         except urllib.error.HTTPError as exc:
             challenge = exc.headers.get("WWW-Authenticate", "")
             if exc.code == 401 and challenge.lower().startswith("bearer") and "Authorization" not in headers:
@@ -112,15 +179,18 @@ def digest(ref, with_size=False):
     (of the linux/amd64 image of a multi-platform one); Failed with the registry's own words."""
     registry, path, tag = split_ref(ref)
     headers = {"Accept": ACCEPT}
-    if tag.startswith("sha256:") and not with_size:
-        return tag, 0
+    if ":" in tag:  # a digest (a tag has no ':'): a path and a URL are made of it
+        check_digest(tag, f"the image reference {ref!r}")
+        if not with_size:
+            return tag, 0
     found, body = _manifest(registry, path, tag, headers)
     if not with_size:
         return found, 0
     manifest = json.loads(body.decode())
     if "manifests" in manifest:  # an index: the manifest of this machine's platform
         chosen = [m for m in manifest["manifests"] if m.get("platform", {}).get("architecture") in ("amd64", None)]
-        _, body = _manifest(registry, path, (chosen or manifest["manifests"])[0]["digest"], headers)
+        wanted = check_digest((chosen or manifest["manifests"])[0].get("digest"), f"the index of {registry}/{path}")
+        _, body = _manifest(registry, path, wanted, headers)
         manifest = json.loads(body.decode())
     return found, sum(layer.get("size", 0) for layer in manifest.get("layers", []))
 
@@ -131,7 +201,8 @@ def key_of(ref):
     return safe + "-" + hashlib.sha256(ref.encode()).hexdigest()[:10]
 
 
-def records(cache):
+def records(cache, every=False):
+    """The cache's records; only those naming an entry of this cache (:func:`is_entry`) unless ``every``."""
     folder = os.path.join(cache, "refs")
     for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
         if name.endswith(".json"):
@@ -140,8 +211,9 @@ def records(cache):
                     found = json.load(f)
             except (OSError, ValueError):
                 continue
-            found["key"] = name[:-5]
-            yield found
+            if isinstance(found, dict) and isinstance(found.get("ref"), str) and (every or is_entry(cache, found)):
+                found["key"] = name[:-5]
+                yield found
 
 
 def find(cache, ref):
@@ -164,7 +236,7 @@ def size_of(path):
 
 def write_record(cache, rec):
     folder = os.path.join(cache, "refs")
-    os.makedirs(folder, mode=0o700, exist_ok=True)
+    private_dir(folder)
     key = key_of(rec["ref"])
     tmp = os.path.join(folder, f".{key}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
@@ -234,33 +306,46 @@ def ensure(cache, ref, suffix, script):
         return used(cache, known)
     if known is not None and known["digest"] == digest_ and os.path.exists(known["path"]):
         return used(cache, known)
-    build(cache, ref, digest_, os.path.join(cache, digest_.replace(":", "-") + suffix), script, {})
+    build(cache, ref, digest_, entry_path(cache, digest_, suffix), script, {})
 
 
 def import_upload(cache, ref, digest_, suffix, upload, script):
+    check_digest(digest_, "the client")
+    uploads = os.path.join(os.path.abspath(cache), "uploads")
+    if upload and (os.path.dirname(os.path.abspath(upload)) != uploads
+                   or not os.path.basename(upload).startswith(digest_[7:] + ".")):  # fmt: skip
+        raise Failed(f"the upload {upload!r} is not this image's file in {uploads}: nothing imported or deleted")
     try:
-        build(cache, ref, digest_, os.path.join(cache, digest_.replace(":", "-") + suffix), script,
-              {"OFFLOAD_UPLOAD": upload})  # fmt: skip
+        build(cache, ref, digest_, entry_path(cache, digest_, suffix), script, {"OFFLOAD_UPLOAD": upload})
     finally:
         with contextlib.suppress(OSError):
             os.remove(upload)
 
 
 def remove(cache, wanted):
-    all_records = list(records(cache))
-    gone = [r for r in all_records if wanted in (r["key"], r["ref"], r["digest"], r["ref"].split("://")[-1])]
+    """Forget the records WANTED names; delete an image's files when no record uses them any more, and only
+    where :func:`is_entry` says they are this cache's (a stray record goes alone)."""
+    all_records = list(records(cache, every=True))
+    gone = [r for r in all_records if wanted in (r["key"], r["ref"], r.get("digest"), r["ref"].split("://")[-1])]
     if not gone:
         raise Failed(f"no cached image {wanted!r}: 'offload image ls' lists them")
     for rec in gone:
         os.remove(os.path.join(cache, "refs", rec["key"] + ".json"))
     still = {r["path"] for r in records(cache)}
     for rec in gone:
-        if rec["path"] not in still and os.path.lexists(rec["path"]):
-            shutil.rmtree(rec["path"]) if os.path.isdir(rec["path"]) else os.remove(rec["path"])
+        path = rec.get("path")
+        if not is_entry(cache, rec):
+            print(f"forgot a record naming {path!r}, which is no entry of this cache: left that path alone")
+            continue
+        if path not in still and os.path.lexists(path):
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
         emit(rec)
 
 
 def prune(cache, days, limit):
+    for stray in records(cache, every=True):  # records naming no entry of this cache hold nothing: they go
+        if not is_entry(cache, stray):
+            remove(cache, stray["key"])
     by_path = {}
     for rec in records(cache):
         by_path.setdefault(rec["path"], []).append(rec)
@@ -276,7 +361,7 @@ def prune(cache, days, limit):
 
 def main(argv):
     mode, cache = argv[0], argv[1]
-    os.makedirs(os.path.join(cache, "refs"), mode=0o700, exist_ok=True)
+    private_cache(cache)
     if mode == "digest":
         found, size = digest(argv[2], with_size=True)
         print(f"offload-digest {found} {size}")
