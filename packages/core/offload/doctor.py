@@ -88,7 +88,7 @@ async def _checks(site: Site, network: bool = True) -> list[Check]:
 
     try:
         jobs_dir = await site._jobs_dir()
-        rc, out = await shell(f"mkdir -p {shlex.quote(jobs_dir)} && test -w {shlex.quote(jobs_dir)}")
+        rc, out = await shell(f"(umask 077 && mkdir -p {shlex.quote(jobs_dir)}) && test -w {shlex.quote(jobs_dir)}")
         results.append(
             Check("workdir", "ok", jobs_dir)
             if rc == 0
