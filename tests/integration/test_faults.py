@@ -5,10 +5,13 @@ by the test that set it."""
 from __future__ import annotations
 
 import os
+import pwd
+import shutil
 import subprocess
 import sys
 import textwrap
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -125,3 +128,61 @@ def test_a_forked_child_submits_and_waits(site):
     result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
     assert "child COMPLETED from the child" in result.stdout, result.stderr
     assert "parent 0 COMPLETED" in result.stdout, result.stderr
+
+
+def test_an_sbatch_wrapper_that_greets_first_does_not_turn_a_submission_into_a_refusal(site, site_user):
+    """Sites wrap sbatch and print a banner or a quota warning before its answer (e.g. "Welcome to Leonardo"):
+    the job is in, so offload must read its id past the banner, not report a refusal while the job runs.
+
+    The wrapper goes first on the site user's PATH through a line at the top of ~/.bashrc (bash reads it for
+    ssh commands, before Debian's early return for non-interactive shells), and greets only for this test's
+    job name; every other sbatch call passes through untouched. Both are removed afterwards, as is the job."""
+    name = f"banner-{uuid.uuid4().hex[:8]}"
+    account = pwd.getpwnam(site_user)
+    home = Path(account.pw_dir)
+    wrappers = home / f".offload-test-{name}"
+    calls = wrappers / "calls"
+    bashrc = home / ".bashrc"
+    original = bashrc.read_bytes() if bashrc.exists() else None
+    try:
+        wrappers.mkdir(mode=0o755)
+        (wrappers / "sbatch").write_text(
+            textwrap.dedent(f"""\
+            #!/bin/sh
+            # offload integration test {name}: a site's sbatch wrapper that greets first, for this job only
+            script=$(cat)
+            case "$script" in *"--job-name={name}"*)
+                echo called >> {calls}
+                echo "Welcome to Leonardo"
+                echo
+                echo "WARNING: 95% of your 100 GB home quota is used" ;;
+            esac
+            for real in /usr/local/bin/sbatch /usr/bin/sbatch; do
+                if [ -x "$real" ]; then printf '%s\\n' "$script" | "$real" "$@"; exit $?; fi
+            done
+            echo "offload test wrapper: no sbatch found" >&2; exit 127
+        """)
+        )
+        (wrappers / "sbatch").chmod(0o755)
+        os.chown(wrappers, account.pw_uid, account.pw_gid)  # the site user writes the calls file
+        line = f'export PATH="{wrappers}:$PATH"  # offload integration test {name}, removed by it\n'.encode()
+        bashrc.write_bytes(line + (original or b""))
+        if original is None:
+            os.chown(bashrc, account.pw_uid, account.pw_gid)
+
+        job = site.submit(JobSpec(["sh", "-c", "echo ran"], name=name))
+        assert calls.exists(), (
+            "the banner wrapper was not used: bash did not read ~/.bashrc for ssh commands, so this test tested nothing"
+        )
+        assert job.id.isdigit(), job.id
+        assert "Welcome to Leonardo" in (Path(job.ref.jobdir) / "jobid").read_text()  # the banner was there
+        status = job.wait(timeout=120)
+        assert status.state is JobState.COMPLETED, status
+        assert job.tail().strip() == "ran"
+    finally:
+        if original is None:
+            bashrc.unlink(missing_ok=True)
+        else:
+            bashrc.write_bytes(original)  # the same file, owner and mode: only its bytes change back
+        shutil.rmtree(wrappers, ignore_errors=True)
+        subprocess.run(["scancel", f"--name={name}", f"--user={site_user}"], capture_output=True, timeout=60)

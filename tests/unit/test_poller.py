@@ -94,3 +94,16 @@ async def test_cached_answers_keep_the_rounds_going_for_their_job():
         await asyncio.sleep(0.02)
     assert (await poller.status(ref, refresh=False)).state is JobState.COMPLETED
     assert len(scheduler.calls) < 20
+
+
+async def test_a_job_accounting_calls_running_ends_when_its_exit_code_file_says_so():
+    """squeue forgot the job, sacct still says RUNNING (slurmdbd backlogged): the exit code file ends the wait."""
+    from offload.schedulers.slurm import SlurmScheduler
+
+    from .test_slurm import SITE, Replies
+
+    site = Replies(squeue=(0, "", ""), sacct=(0, "5|RUNNING|0:0|n1\n", ""), sh=(0, "/d/exitcode|0\nnow|100\n", ""))
+    scheduler = SlurmScheduler(SITE)
+    poller = Poller(lambda refs: scheduler.poll(site, refs), 0.02, lambda ref, status: None)
+    status = await asyncio.wait_for(poller.wait(JobRef("5", "/d")), 5)
+    assert (status.state, status.exit_code) == (JobState.COMPLETED, 0)

@@ -188,3 +188,57 @@ def test_the_profile_shebang_starts_the_script():
 
     site = offload.Site(SITE.with_overrides(shebang="#!/bin/bash -l", runtime="none"))
     assert site.job_script(JobSpec(["true"])).startswith("#!/bin/bash -l\n#SBATCH ")
+
+
+def test_the_job_id_is_found_among_a_site_wrappers_banner_lines():
+    """Site wrappers print banners and quota warnings around sbatch's answer: the job is in, so its id counts."""
+    s = SlurmScheduler(SITE)
+    assert s.job_ids("Welcome to Leonardo\n\n1234\n", None) == ["1234"]
+    assert s.job_ids("Welcome to Leonardo\n1234\nquota: 95% of 100 GB used\n", None) == ["1234"]
+    assert s.job_ids("WARNING: project ends in 3 days\n1234;c2\n", None) == ["1234;c2"]
+    assert s.job_ids("Submitted batch job 77\n", 2) == ["77_0", "77_1"]  # a wrapper that drops --parsable
+    assert s.job_ids("Welcome\nSubmitted batch job 77 on cluster c2\n", None) == ["77;c2"]
+    with pytest.raises(ValueError, match="instead of a job id") as err:
+        s.job_ids("Welcome to Leonardo\nyour quota: 85 GB used\n", None)
+    assert "Welcome to Leonardo" in str(err.value) and "85 GB used" in str(err.value)  # the whole output
+    assert s.ids_in("Welcome to Leonardo\nyour quota: 85 GB\n1234\n\n77;c2\n") == ["1234", "77;c2"]
+
+
+def test_the_secrets_sweep_reads_the_job_id_after_a_banner(tmp_path):
+    """The sweep reads the jobid files the submission program writes (all of sbatch's output, banner included):
+    a job that left the queue without starting loses its secrets file, a queued one keeps it."""
+    import os
+    import shlex
+    import subprocess
+    import time
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "squeue").write_text("#!/bin/sh\necho 556\n")  # only job 556 is still queued
+    (bin_dir / "squeue").chmod(0o755)
+    old = time.time() - 600
+    for name, jobid in (("gone", "Welcome to Leonardo\n555\n"), ("queued", "Welcome to Leonardo\n556;c2\n")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "jobid").write_text(jobid)
+        (tmp_path / name / "secrets.env").write_text("export T=v\n")
+        os.utime(tmp_path / name / "secrets.env", (old, old))
+    (line,) = SlurmScheduler(SITE).sweep_lines(str(tmp_path))
+    sweep = shlex.split(line)[3]  # the sweep itself, run here in the foreground: (setsid sh -c SWEEP ... &)
+    subprocess.run(["sh", "-c", sweep], check=True, env={"PATH": f"{bin_dir}:/usr/bin:/bin"}, timeout=30)
+    assert not (tmp_path / "gone" / "secrets.env").exists()
+    assert (tmp_path / "queued" / "secrets.env").exists()
+
+
+async def test_an_exit_code_file_ends_a_job_that_accounting_still_calls_running():
+    """slurmctld lost the job (state loss) and slurmdbd is backlogged: sacct says RUNNING for ever. The job's own
+    exit code file says it ended; without that file, accounting's word stands."""
+    t = Replies(
+        squeue=(0, "", ""),
+        sacct=(0, "5|RUNNING|0:0|n1\n6|RUNNING|0:0|n1\n7|PENDING|0:0|\n", ""),
+        sh=(0, "/d/exitcode|3\n/e/exitcode||1000\n/f/exitcode|0\nnow|1100\n", ""),
+    )
+    st = await SlurmScheduler(SITE).poll(t, [JobRef("5", "/d"), JobRef("6", "/e"), JobRef("7", "/f")])
+    assert (st["5"].state, st["5"].exit_code) == (JobState.FAILED, 3)
+    assert st["6"].state is JobState.RUNNING  # no file yet: still running as far as anyone knows
+    assert (st["7"].state, st["7"].exit_code) == (JobState.COMPLETED, 0)
+    assert [c[0] for c in t.calls] == ["squeue", "sacct", "sh"]  # one call each

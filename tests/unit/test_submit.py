@@ -91,3 +91,68 @@ def test_the_program_checks_every_write_and_writes_no_secret_twice(tmp_path):
     assert f"OFFLOAD_SUBMIT_FAIL {jobs}/j0/job.sh" in result.stdout
     assert "Is a directory" in result.stderr
     assert "OFFLOAD_SUBMIT 0 0" not in result.stdout and "OFFLOAD_SUBMIT 1 0" not in result.stdout
+
+
+async def test_a_banner_before_the_job_id_is_not_a_refusal(tmp_path, monkeypatch):
+    """The real program, run here by bash, with an sbatch wrapper that greets first (as on Leonardo): the job
+    got in, so its id is read past the banner instead of the submission being reported refused."""
+    from offload.transports.local import LocalTransport
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    scripts = {
+        "sbatch": "#!/bin/sh\ncat > /dev/null\necho 'Welcome to Leonardo'\necho\necho 4242\n",
+        "squeue": "#!/bin/sh\n",  # the program's secrets sweep asks; nothing is queued here
+        "scancel": f'#!/bin/sh\necho "$@" >> {tmp_path}/cancelled\n',
+    }
+    for name, text in scripts.items():
+        (fake / name).write_text(text)
+        (fake / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:/usr/bin:/bin")
+    jobs = tmp_path / "jobs"
+    subs = [Submission(JobSpec(["true"]), f"{jobs}/j0", "#!/bin/bash\ntrue\n", None, secrets={"T": "v"}),
+            Submission(JobSpec(["true"]), f"{jobs}/j1", "#!/bin/bash\ntrue\n", 3)]  # fmt: skip
+    await send(LocalTransport(), SlurmScheduler(SITE), "hpc", subs, str(jobs), lanes=1)
+    assert subs[0].ids == ["4242"] and subs[1].ids == ["4242_0", "4242_1", "4242_2"]
+    assert not (tmp_path / "cancelled").exists()
+
+
+class Unanswered(Lanes):
+    """The dying lane's program went on after its channel was lost: its sbatch got two jobs in, whose jobid
+    files were still empty when they were read at once. squeue lists them, by their job directories."""
+
+    def __init__(self, ended: bool = True) -> None:
+        super().__init__(dying_lane=1)
+        self.ended = ended
+
+    async def run(self, argv, *, input=None, check=True, timeout=None):
+        if any("squeue" in part for part in argv):
+            self.calls.append(list(argv))
+            out = "2001|/w/jobs/j1|\n2005|/w/jobs/j5|\n1002|/w/jobs/j2|\n999|/elsewhere/j1|\n"
+            return CommandResult(tuple(argv), 0, out, "")
+        if argv[0] == "sh" and any(part.endswith("/jobid") for part in argv):
+            self.calls.append(list(argv))
+            return CommandResult(tuple(argv), 0, f"ended {int(self.ended)}\n", "")
+        return await super().run(argv, input=input, check=check, timeout=timeout)
+
+
+async def test_after_a_lost_channel_the_queue_is_asked_once_what_got_in():
+    transport, subs = Unanswered(), submissions(100)
+    with pytest.raises(TransportError, match="connection lost") as err:
+        await send(transport, SlurmScheduler(SITE), "hpc", subs, "/w/jobs", lanes=4)
+    squeues = [call for call in transport.calls if any("squeue" in part for part in call)]
+    assert len(squeues) == 1  # one squeue for the whole batch, not one per job
+    waits = [i for i, call in enumerate(transport.calls) if call[0] == "sh" and "/w/jobs/j1/jobid" in call]
+    assert waits and waits[0] < transport.calls.index(squeues[0])  # it asks once the lost program has ended
+    assert "/w/jobs/j1/.submission-ended" in transport.calls[waits[0]]  # the lost lane's own end mark
+    assert {"2001", "2005"} <= set(transport.cancelled) and "999" not in transport.cancelled
+    message = str(err.value)
+    assert "2001" in message and "2005" in message and "cancelled" in message
+
+
+async def test_a_submission_program_still_running_after_the_wait_is_said_so():
+    transport = Unanswered(ended=False)
+    with pytest.raises(TransportError, match="no end mark within 60 s") as err:
+        await send(transport, SlurmScheduler(SITE), "hpc", submissions(100), "/w/jobs", lanes=4)
+    assert "/w/jobs" in str(err.value) and {"2001", "2005"} <= set(transport.cancelled)
+    assert "left queued" not in str(err.value).lower()  # it cannot know: it does not say so

@@ -7,7 +7,9 @@ slurmctld serves them in parallel where a local loop of ``sbatch`` waits for eac
 
 Every write is checked: a full disk or a quota fails the submission with the file's name and the shell's own
 error, before the scheduler ever sees that job. Whatever fails (a refusal, a write, a lost channel), the jobs of
-the batch that did get in are cancelled and their secrets removed, so nothing is left half-submitted.
+the batch that did get in are cancelled and their secrets removed, so nothing is left half-submitted. A program
+whose channel was lost may still be submitting: it leaves an end mark when it stops, and the cleanup waits for
+that mark (for a bounded time) before it asks the queue what got in, and says what it found and cancelled.
 
 Secrets go to ``secrets.env`` (one copy per array task: ``secrets.env.<i>``), each ending with a completeness
 mark the batch script checks before it runs the payload; the job removes its copy as soon as it has read it.
@@ -34,6 +36,9 @@ log = logging.getLogger("offload.submit")
 
 MARK = "OFFLOAD_SUBMIT"
 PARALLEL_SUBMISSIONS = 4  # channels a large batch of distinct jobs is spread over
+ENDED = ".submission-ended"  # end mark of a program, in its first job directory (a dot: no spec file has it)
+UNDO_WAIT = 60  # seconds the cleanup of a lost channel waits for the program to end before it asks the queue
+LISTED = 20  # job ids a cleanup message names; beyond that, how many more
 
 
 @dataclass
@@ -51,11 +56,20 @@ class Submission:
 
 
 def program(numbered: Sequence[tuple[int, Submission]], jobs_dir: str, scheduler: Scheduler) -> str:
-    """The shell program that submits ``numbered`` and reports each job's outcome on stdout."""
+    """The shell program that submits ``numbered`` and reports each job's outcome on stdout.
+
+    Each job's answer is all its submit line printed (a site's wrapper may greet before the job id), framed by
+    ``OFFLOAD_SUBMIT <n> <rc>`` and ``OFFLOAD_SUBMIT_END <n>``. Once its channel is gone, the program stops at its
+    next report (a trapped SIGPIPE, after the submission in flight), and whatever ends it, it leaves its end
+    mark (:func:`end_mark`): the cleanup of a lost channel knows from it that nothing more will be submitted."""
     lines = [
         "umask 077",
+        "trap 'exit 129' HUP; trap 'exit 141' PIPE; trap 'exit 143' TERM",
+        f"trap {shlex.quote(f': 2>/dev/null > {shlex.quote(end_mark(numbered))}')} EXIT",
         f'offload_fail() {{ printf "\\n{MARK}_FAIL %s\\n" "$1"; rm -f "$d"/secrets.env*; exit 93; }}',
         f'offload_missing() {{ printf "\\n{MARK}_MISSING %s\\n" "$1"; exit 94; }}',
+        # a file's lines, with shell builtins only (no fork per job)
+        """offload_answer() { while IFS= read -r l || [ -n "$l" ]; do printf '%s\\n' "$l"; done < "$1"; }""",
         "d=",
         f"mkdir -p {shlex.quote(jobs_dir)} || offload_fail {shlex.quote(jobs_dir)}",
         *scheduler.sweep_lines(jobs_dir),
@@ -87,11 +101,16 @@ def program(numbered: Sequence[tuple[int, Submission]], jobs_dir: str, scheduler
         mark = f"{MARK} {number}"
         lines += [
             f'{{ {submit}; }} > "$d/jobid" 2> "$d/submit.err"',
-            f'rc=$?; if [ "$rc" = 0 ]; then IFS= read -r out < "$d/jobid"; printf "{mark} 0 %s\\n" "$out"; '
-            f'else rm -f "$d"/secrets.env*; printf "{mark} %s\\n" "$rc"; cat "$d/submit.err" "$d/jobid"; '
-            f'printf "\\n{MARK}_END {number}\\n"; fi',
+            f'rc=$?; if [ "$rc" = 0 ]; then printf "{mark} 0\\n"; offload_answer "$d/jobid"; '
+            f'else rm -f "$d"/secrets.env*; printf "{mark} %s\\n" "$rc"; offload_answer "$d/submit.err"; '
+            f'offload_answer "$d/jobid"; fi; printf "\\n{MARK}_END {number}\\n"',
         ]
     return "\n".join(lines) + "\n"
+
+
+def end_mark(numbered: Sequence[tuple[int, Submission]]) -> str:
+    """The file the program of ``numbered`` leaves when it stops, however it stops (but a SIGKILL)."""
+    return f"{numbered[0][1].jobdir}/{ENDED}"
 
 
 def outcomes(results: Sequence[CommandResult]) -> tuple[dict[int, tuple[int, str]], list[str], list[str]]:
@@ -101,7 +120,7 @@ def outcomes(results: Sequence[CommandResult]) -> tuple[dict[int, tuple[int, str
     writes: list[str] = []
     missing: list[str] = []
     for result in results:
-        failing: int | None = None
+        current: int | None = None  # the job whose answer the lines are, until its end line
         for line in result.stdout.splitlines():
             if line.startswith(f"{MARK}_FAIL "):
                 error = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "no error text"
@@ -111,12 +130,12 @@ def outcomes(results: Sequence[CommandResult]) -> tuple[dict[int, tuple[int, str
             elif line.startswith(MARK + " "):
                 number, rc, *rest = line.split(" ", 3)[1:]
                 outcome[int(number)] = (int(rc), rest[0] if rest else "")
-                failing = int(number) if rc != "0" else None
+                current = int(number)
             elif line.startswith(f"{MARK}_END "):
-                failing = None
-            elif failing is not None:
-                rc, text = outcome[failing]
-                outcome[failing] = (rc, f"{text}\n{line}".strip())
+                current = None
+            elif current is not None:
+                rc, text = outcome[current]
+                outcome[current] = (rc, f"{text}\n{line}".strip())
     return outcome, writes, missing
 
 
@@ -133,9 +152,11 @@ async def send(
         return_exceptions=True,
     )  # fmt: skip
     lost = [r for r in results if isinstance(r, BaseException)]
+    lost_marks = [end_mark(numbered[lane::lanes]) for lane, r in enumerate(results) if isinstance(r, BaseException)]
     done = [r for r in results if isinstance(r, CommandResult)]
     outcome, writes, missing = outcomes(done)
     failures: list[str] = []
+    unknown: list[Submission] = []  # may be queued, but no id came back: their channel was lost, or no id line
     for number, sub in enumerate(submissions):
         rc, text = outcome.get(number, (-1, ""))
         if rc == 0:
@@ -143,52 +164,143 @@ async def send(
                 sub.ids = scheduler.job_ids(text, sub.array_size)
             except ValueError as exc:
                 failures.append(f"{sub.spec.name or 'job'}: {exc}")
+                unknown.append(sub)
         elif rc > 0:
             failures.append(text.strip())
+        elif lost:
+            unknown.append(sub)
     if not lost and not writes and not missing and not failures and all(sub.ids for sub in submissions):
         return
-    # All or nothing: cancel what got in, from the answers we have and from the jobid files on the site.
-    await undo(transport, scheduler, submissions, lost_channels=bool(lost))
+    # All or nothing: cancel what got in, from the answers we have and, for the rest, from the queue itself.
+    cleanup = await undo(transport, scheduler, submissions, jobs_dir, unknown, lost_marks)
     if lost:
         error = lost[0]
         if isinstance(error, OffloadError):
+            error.args = (f"{error}\n{cleanup}", *error.args[1:])  # same error, and what became of the batch
             raise error
-        raise TransportError(f"submitting to {site} failed: {error!r}") from error
+        raise TransportError(f"submitting to {site} failed: {error!r}\n{cleanup}") from error
     if missing:
         raise SubmissionError(
             f"site '{site}': the image {missing[0]} does not exist on the site (looked for on the login node, "
             "before queueing anything). Fix the path, or give a registry image (docker://...) if the site's "
-            "runtime pulls those; nothing was submitted.",
+            f"runtime pulls those.\n{cleanup}",
             scheduler_message=f"missing: {missing[0]}",
         )
     if writes:
         raise SubmissionError(
             f"site '{site}': {writes[0]}. The file system of the site's workdir is full or over its quota: free "
-            "space there (or set 'workdir' elsewhere) and submit again; nothing was left queued.",
+            f"space there (or set 'workdir' elsewhere) and submit again.\n{cleanup}",
             scheduler_message=writes[0],
         )
     message = (failures[0] if len(set(failures)) == 1 else "\n".join(sorted(set(failures)))) if failures else (
         "the submission stopped early: " + "\n".join(r.stderr.strip() for r in done if r.stderr.strip()))  # fmt: skip
     raise SubmissionError(
-        f"site '{site}' refused the job: {message}\n{scheduler.explain(message)}Nothing was left queued.",
+        f"site '{site}' refused the job: {message}\n{scheduler.explain(message)}{cleanup}",
         scheduler_message=message,
     )
 
 
-async def undo(transport: Transport, scheduler: Scheduler, submissions: list[Submission], lost_channels: bool) -> None:
-    """Cancel the jobs of a failed batch that got in, and remove their secrets: nothing is left behind."""
-    refs = [JobRef(i, s.jobdir) for s in submissions for i in s.ids]
+async def undo(
+    transport: Transport,
+    scheduler: Scheduler,
+    submissions: list[Submission],
+    jobs_dir: str,
+    unknown: Sequence[Submission] = (),
+    running: Sequence[str] = (),
+) -> str:
+    """Cancel the jobs of a failed batch that got in, remove their secrets, and say exactly what was found and
+    cancelled (the sentence ends the error the caller raises).
+
+    The ids the site answered are cancelled as they are. ``unknown`` submissions may be in although no id came
+    back: a program whose channel was lost may still be submitting (an ``sbatch`` in flight, the rest of its
+    batch), and its jobid files may be empty or half written. So the cleanup first waits (at most
+    :data:`UNDO_WAIT` s) for the end marks ``running`` of those programs, then reads their jobid files and asks
+    the queue once for the jobs whose working directory is one of theirs (each submission's own), and cancels
+    what it finds. It says nothing was left queued only when it knows."""
+    known = [JobRef(i, s.jobdir) for s in submissions for i in s.ids]
+    found: list[JobRef] = []
+    still_running = False
+    problems: list[str] = []
+    if unknown:
+        wait = (
+            "wait=$1 count=$2; shift 2; waited=0\n"
+            "while :; do\n"
+            "    ended=1; i=0\n"
+            '    for f; do i=$((i + 1)); [ "$i" -gt "$count" ] && break; [ -e "$f" ] || { ended=0; break; }; done\n'
+            '    if [ "$ended" = 1 ] || [ "$waited" -ge "$wait" ]; then break; fi\n'
+            "    sleep 1; waited=$((waited + 1))\n"
+            "done\n"
+            'echo "ended $ended"; shift "$count"\n'
+            'for f; do cat "$f" 2>/dev/null; echo; done\n'
+        )
+        argv = ["sh", "-c", wait, "sh", str(UNDO_WAIT), str(len(running)), *running,
+                *(f"{s.jobdir}/jobid" for s in unknown)]  # fmt: skip
+        try:
+            result = await transport.run(argv, timeout=UNDO_WAIT + 120)
+            first, _, answers = result.stdout.partition("\n")
+            still_running = bool(running) and first.strip() != "ended 1"
+            found += [JobRef(i, "") for i in scheduler.ids_in(answers)]
+        except OffloadError as exc:
+            problems.append(f"the jobid files could not be read ({exc})")
+        queued_in = getattr(scheduler, "queued_in", None)  # optional: a scheduler that can list by directory
+        if queued_in is not None:
+            try:
+                found += await queued_in(transport, [s.jobdir for s in unknown])
+            except OffloadError as exc:
+                problems.append(f"the queue could not be asked what got in ({exc})")
+    submitted = {_submitted(ref.id) for ref in known}
+    extra = list({_submitted(ref.id): ref for ref in found if _submitted(ref.id) not in submitted}.values())
+    cancelled = "cancelled"
+    if known or extra:
+        log.warning("the submission failed; cancelling the %d job(s) of the batch that got in", len(known) + len(extra))
+        try:
+            await scheduler.cancel(transport, [*known, *extra])
+        except OffloadError as exc:
+            cancelled = "NOT cancelled"
+            problems.append(f"cancelling them failed ({exc})")
     with contextlib.suppress(OffloadError):
-        if lost_channels:  # a channel died mid-way: its jobs' ids are only in their jobid files
-            paths = [f"{s.jobdir}/jobid" for s in submissions if not s.ids]
-            result = await transport.run(["sh", "-c", 'cat "$@" 2>/dev/null; true', "sh", *paths], timeout=120)
-            refs += [JobRef(i, "") for i in scheduler.ids_in(result.stdout)]
-        if refs:
-            log.warning("the submission failed; cancelling the %d job(s) of the batch that got in", len(refs))
-            await scheduler.cancel(transport, refs)
         dirs = [s.jobdir for s in submissions if s.secrets]
         if dirs:
             script = 'for d in "$@"; do rm -f "$d"/secrets.env "$d"/secrets.env.*; done'
             await transport.run(["sh", "-c", script, "sh", *dirs], timeout=120, check=False)
     for sub in submissions:
         sub.ids = []
+    said: list[str] = []
+    if known:
+        said.append(f"The {len(known)} job(s) of this batch whose ids the site answered were {cancelled} "
+                    f"({_ids(known)}).")  # fmt: skip
+    if unknown:
+        where = "in their jobid files" + (" or in the queue" if getattr(scheduler, "queued_in", None) else "")
+        said.append(
+            f"Of the {len(unknown)} submission(s) whose job id never came back, {len(extra)} job(s) were found "
+            f"{where} and {cancelled} ({_ids(extra)})." if extra else
+            f"Of the {len(unknown)} submission(s) whose job id never came back, no job was found {where}."
+        )  # fmt: skip
+    if still_running:
+        said.append(
+            f"The submission program left no end mark within {UNDO_WAIT} s (it may still be running, or have been "
+            "killed): a job it queues from now on is not cancelled. Look in the site's queue for jobs whose "
+            f"working directory is under {jobs_dir} (on SLURM: squeue -u $USER -o '%i %Z') and cancel them."
+        )
+    if problems:
+        said.append(
+            f"Jobs of this batch may be left queued: {'; '.join(problems)}. Look in the site's queue for jobs whose "
+            f"working directory is under {jobs_dir} and cancel them."
+        )
+    if not still_running and not problems:
+        said.append("Nothing was queued." if not known and not extra else "Nothing was left queued.")
+    return " ".join(said)
+
+
+def _submitted(job_id: str) -> str:
+    """``123_4;c2`` -> ``123;c2``: what names one submit command's job (its array tasks share it; the same
+    number on another cluster is another job)."""
+    bare, _, cluster = job_id.partition(";")
+    return bare.split("_", 1)[0] + (f";{cluster}" if cluster else "")
+
+
+def _ids(refs: Sequence[JobRef]) -> str:
+    """Up to :data:`LISTED` ids, then how many more."""
+    ids = [ref.id for ref in refs]
+    more = f" and {len(ids) - LISTED} more" if len(ids) > LISTED else ""
+    return ", ".join(ids[:LISTED]) + more

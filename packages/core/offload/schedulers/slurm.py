@@ -2,7 +2,8 @@
 
 Finished jobs are read back from ``squeue -t all`` while slurmctld remembers them (``MinJobAge``), then from
 ``sacct`` where the site keeps accounting, then from the exit code file the batch script leaves in the job
-directory; the exit code is the payload's own in every case.
+directory (which also ends a job accounting still calls running); the exit code is the payload's own in every
+case.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ STATES = {
 }
 
 _SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.,:@%+=/\[\]-]+$")
+# sbatch's answer: "123" or "123;cluster" (--parsable), or "Submitted batch job 123[ on cluster c2]" from a site
+# wrapper that drops --parsable. Any other line (a banner, a quota warning) is not the answer.
+_ANSWER = re.compile(r"(\d+)(?:;(\S+))?|Submitted batch job (\d+)(?: on cluster (\S+))?")
 _CHUNK = 500  # ids per squeue/sacct/scancel call, far below any command line limit
 LOST_AFTER = 600  # seconds a job may be gone from the queue without an exit code on a site with no accounting
 
@@ -169,16 +173,24 @@ class SlurmScheduler:
             'live=$(squeue --noheader --user="$(id -un)" --format=%F) || exit 0\n'
             "find . -mindepth 2 -maxdepth 2 -name 'secrets.env*' -mmin +2 | while read -r f; do\n"
             "    d=${f%/*}; id=\n"
-            '    [ -f "$d/jobid" ] && IFS=";" read -r id _ < "$d/jobid"\n'
-            '    case "$id" in ""|*[!0-9]*) continue ;; esac\n'
+            # the jobid file holds all sbatch printed, a site wrapper's banner too: its last id line is the id
+            '    [ -f "$d/jobid" ] && while IFS= read -r line || [ -n "$line" ]; do\n'
+            '        case "$line" in "Submitted batch job "*) line=${line#Submitted batch job }; '
+            "line=${line%% on cluster *} ;; esac\n"
+            "        line=${line%%;*}\n"
+            '        case "$line" in ""|*[!0-9]*) ;; *) id=$line ;; esac\n'
+            '    done < "$d/jobid"\n'
+            '    [ -n "$id" ] || continue\n'
             """    printf '%s\\n' "$live" | grep -qx "$id" || rm -f "$f"\n"""
             "done\n"
         )
         return [f"(setsid sh -c {shlex.quote(sweep)} </dev/null >/dev/null 2>&1 &)"]
 
     def ids_in(self, text: str) -> list[str]:
-        """Job ids in the answers of the submit command (e.g. jobid files read back after a lost channel)."""
-        return [line.split(";")[0].strip() for line in text.split() if line.split(";")[0].strip().isdigit()]
+        """Job ids in the answers of the submit command (e.g. jobid files read back after a lost channel): only
+        lines that are an answer count, never a number in a banner ("quota: 85 GB used"), which could name
+        another job of the user's."""
+        return _answers(text)
 
     def explain(self, message: str) -> str:
         """A line telling what to do about a refusal, when SLURM's words name a limit."""
@@ -206,30 +218,44 @@ class SlurmScheduler:
     def job_ids(self, output: str, array_size: int | None) -> list[str]:
         """``--parsable`` prints ``id`` or, on a multi-cluster site, ``id;cluster``: the cluster stays in the id
         (``123;c2``), so every later squeue, sacct and scancel asks that cluster (``--clusters``)."""
-        lines = [line for line in output.strip().splitlines() if line.strip()]
-        if not lines:
-            raise ValueError("sbatch printed no job id")
-        first, _, cluster = lines[-1].strip().partition(";")
-        if not first.isdigit():
-            raise ValueError(f"sbatch printed {first!r} instead of a job id")
-        suffix = f";{_value('cluster', cluster.strip())}" if cluster.strip() else ""
+        # A site's sbatch wrapper may print a banner or a quota warning around the answer: the job is in all the
+        # same, so the answer is looked for among all the lines (the last one, as sbatch prints it last).
+        answers = _answers(output)
+        if not answers:
+            raise ValueError(
+                f"sbatch printed {output.strip()!r} instead of a job id (no line of it is a number, 'number;cluster' "
+                "or 'Submitted batch job N')"
+            )
+        first, _, cluster = answers[-1].partition(";")
+        suffix = f";{_value('cluster', cluster)}" if cluster else ""
         return [f"{first}_{i}{suffix}" for i in range(array_size)] if array_size else [first + suffix]
 
     # -- status -----------------------------------------------------------------------------------------
 
     async def poll(self, transport: Transport, refs: Sequence[JobRef]) -> dict[str, JobStatus]:
         """A status for every ref, in as few calls as possible: squeue for what slurmctld remembers, then sacct,
-        then the job's own exit code file; UNKNOWN for a job none of them knows yet (never a guessed end)."""
+        then the job's own exit code file; UNKNOWN for a job none of them knows yet (never a guessed end).
+
+        This is the one place the three answers meet. While squeue lists a job, its word stands. For a job it no
+        longer lists, sacct's word stands only if it is final: after a slurmctld state loss, or with slurmdbd
+        backlogged, accounting may say RUNNING for ever, while the exit code file the batch script writes last
+        says the job ended (and how); without that file, sacct's RUNNING or PENDING stays."""
         statuses: dict[str, JobStatus] = {}
+        unsure: set[str] = set()  # not in squeue, and accounting's state is not final
         for cluster, group in _by_cluster(refs).items():
             for start in range(0, len(group), _CHUNK):
                 statuses.update(await self._squeue(transport, group[start : start + _CHUNK], cluster))
             missing = [ref for ref in group if ref.id not in statuses]
             for start in range(0, len(missing), _CHUNK):
-                statuses.update(await self._sacct(transport, missing[start : start + _CHUNK], cluster))
-        rest = [ref for ref in refs if ref.id not in statuses]
+                accounted = await self._sacct(transport, missing[start : start + _CHUNK], cluster)
+                statuses.update(accounted)
+                unsure.update(job_id for job_id, status in accounted.items() if not status.state.is_terminal)
+        rest = [ref for ref in refs if ref.id not in statuses or ref.id in unsure]
         for start in range(0, len(rest), _CHUNK):
-            statuses.update(await exit_code_files(transport, rest[start : start + _CHUNK], self._accounting))
+            for job_id, status in (await exit_code_files(transport, rest[start : start + _CHUNK],
+                                                         self._accounting)).items():  # fmt: skip
+                if job_id not in unsure or status.state.is_terminal:
+                    statuses[job_id] = status
         return statuses
 
     async def _squeue(self, transport: Transport, refs: Sequence[JobRef], cluster: str | None) -> dict[str, JobStatus]:
@@ -361,6 +387,24 @@ class SlurmScheduler:
                 refs.append((int(raw_id) if raw_id.isdigit() else 0, JobRef(array_id, workdir, index)))
         return [ref for _, ref in sorted(refs, key=lambda pair: pair[0], reverse=True)]
 
+    async def queued_in(self, transport: Transport, jobdirs: Sequence[str]) -> list[JobRef]:
+        """The user's jobs still queued or running whose working directory is one of ``jobdirs``, in one squeue
+        whatever their number: every submission has a job directory of its own (offload submits with --chdir),
+        so this is what a batch whose answers were lost really got in. Arrays come as their base id. Only the
+        login node's own cluster is asked (a job sent elsewhere is found by its jobid file)."""
+        wanted = set(jobdirs)
+        # --user of whoever we are: `--me` needs SLURM 20.11 or newer
+        argv = ["sh", "-c", 'exec squeue --user="$(id -un)" "$@"', "squeue", "--noheader",
+                "--Format=ArrayJobID:|,WorkDir:|"]  # fmt: skip
+        result = await transport.run(argv, timeout=120)
+        found: dict[str, JobRef] = {}
+        for line in result.stdout.splitlines():
+            job_id, _, rest = line.partition("|")
+            workdir = rest.rstrip().removesuffix("|").strip()
+            if job_id.strip().isdigit() and workdir in wanted:
+                found.setdefault(job_id.strip(), JobRef(job_id.strip(), workdir))
+        return list(found.values())
+
     async def cancel(self, transport: Transport, refs: Sequence[JobRef]) -> None:
         for cluster, group in _by_cluster(refs).items():
             await self._cancel(transport, group, cluster)
@@ -469,6 +513,17 @@ async def exit_code_files(
                 JobState.UNKNOWN, "not in the queue; no accounting record or exit code file (yet)"
             )
     return statuses
+
+
+def _answers(text: str) -> list[str]:
+    """The ids (``123`` or ``123;cluster``) of the lines of ``text`` that are sbatch answers, in order."""
+    found = []
+    for line in text.splitlines():
+        match = _ANSWER.fullmatch(line.strip())
+        if match:
+            number, cluster = (match[1], match[2]) if match[1] else (match[3], match[4])
+            found.append(f"{number};{cluster}" if cluster else number)
+    return found
 
 
 def _bare(job_id: str) -> str:
