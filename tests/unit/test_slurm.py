@@ -66,6 +66,8 @@ def test_an_uneven_split_over_per_node_syntax_is_refused_not_rounded():
 def test_secrets_mean_no_requeue_and_arrays_can_be_capped():
     d = SlurmScheduler(SITE).directives(JobSpec(["x"], secrets={"A": "1"}), "/w/jobs/j1", 10, 3)
     assert "#SBATCH --no-requeue" in d and "#SBATCH --array=0-9%3" in d
+    assert "--no-requeue" in directives(JobSpec(["x"], relay=True))  # a relay-only job (the hub's) too
+    assert "--no-requeue" not in directives(JobSpec(["x"]))
 
 
 def test_values_that_would_break_a_directive_are_refused():
@@ -214,10 +216,16 @@ def test_the_secrets_sweep_reads_the_job_id_after_a_banner(tmp_path):
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "squeue").write_text("#!/bin/sh\necho 556\n")  # only job 556 is still queued
+    # only job 556 is still queued on this cluster, and 557 on cluster c2 (which this cluster's queue never lists)
+    (bin_dir / "squeue").write_text('#!/bin/sh\ncase "$*" in *--clusters=c2*) echo 557 ;; *) echo 556 ;; esac\n')
     (bin_dir / "squeue").chmod(0o755)
     old = time.time() - 600
-    for name, jobid in (("gone", "Welcome to Leonardo\n555\n"), ("queued", "Welcome to Leonardo\n556;c2\n")):
+    for name, jobid in (
+        ("gone", "Welcome to Leonardo\n555\n"),
+        ("queued", "Welcome to Leonardo\n556\n"),
+        ("elsewhere", "557;c2\n"),
+        ("gone-there", "Submitted batch job 558 on cluster c2\n"),
+    ):
         (tmp_path / name).mkdir()
         (tmp_path / name / "jobid").write_text(jobid)
         (tmp_path / name / "secrets.env").write_text("export T=v\n")
@@ -227,6 +235,8 @@ def test_the_secrets_sweep_reads_the_job_id_after_a_banner(tmp_path):
     subprocess.run(["sh", "-c", sweep], check=True, env={"PATH": f"{bin_dir}:/usr/bin:/bin"}, timeout=30)
     assert not (tmp_path / "gone" / "secrets.env").exists()
     assert (tmp_path / "queued" / "secrets.env").exists()
+    assert (tmp_path / "elsewhere" / "secrets.env").exists()  # queued on c2: asked there (--clusters)
+    assert not (tmp_path / "gone-there" / "secrets.env").exists()
 
 
 async def test_an_exit_code_file_ends_a_job_that_accounting_still_calls_running():

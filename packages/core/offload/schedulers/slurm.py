@@ -88,8 +88,9 @@ class SlurmScheduler:
         own += [f"--output={jobdir}/output{suffix}", f"--chdir={jobdir}"]
         if array_size:
             own.append(f"--array=0-{array_size - 1}" + (f"%{parallelism}" if parallelism else ""))
-        if spec.secrets or spec.reach:
-            # The job removes its secrets once it has read them: a requeued run would start without them.
+        if spec.secrets or spec.reach or spec.relay:
+            # The job removes its secrets once it has read them, and a relay's step dies with the run it served:
+            # a requeued run would start without either.
             own.append("--no-requeue")
         opts = [f"--nodes={res.nodes}"]
         if res.tasks_per_node:
@@ -172,16 +173,23 @@ class SlurmScheduler:
             f"cd {shlex.quote(jobs_dir)} || exit 0\n"
             'live=$(squeue --noheader --user="$(id -un)" --format=%F) || exit 0\n'
             "find . -mindepth 2 -maxdepth 2 -name 'secrets.env*' -mmin +2 | while read -r f; do\n"
-            "    d=${f%/*}; id=\n"
+            "    d=${f%/*}; id=; cluster=\n"
             # the jobid file holds all sbatch printed, a site wrapper's banner too: its last id line is the id
             '    [ -f "$d/jobid" ] && while IFS= read -r line || [ -n "$line" ]; do\n'
+            "        c=\n"
+            '        case "$line" in "Submitted batch job "*" on cluster "*) c=${line##* on cluster } ;; esac\n'
             '        case "$line" in "Submitted batch job "*) line=${line#Submitted batch job }; '
             "line=${line%% on cluster *} ;; esac\n"
+            '        case "$line" in *";"*) c=${line#*;} ;; esac\n'
             "        line=${line%%;*}\n"
-            '        case "$line" in ""|*[!0-9]*) ;; *) id=$line ;; esac\n'
+            '        case "$line" in ""|*[!0-9]*) ;; *) id=$line; cluster=$c ;; esac\n'
             '    done < "$d/jobid"\n'
             '    [ -n "$id" ] || continue\n'
-            """    printf '%s\\n' "$live" | grep -qx "$id" || rm -f "$f"\n"""
+            # a job sent to another cluster (123;c2) is only in that cluster's queue: ask it, or keep the file
+            "    queue=$live\n"
+            '    if [ -n "$cluster" ]; then queue=$(squeue --noheader --user="$(id -un)" --format=%F '
+            '--clusters="$cluster") || continue; fi\n'
+            """    printf '%s\\n' "$queue" | grep -qx "$id" || rm -f "$f"\n"""
             "done\n"
         )
         return [f"(setsid sh -c {shlex.quote(sweep)} </dev/null >/dev/null 2>&1 &)"]
