@@ -5,6 +5,11 @@ port forwards keep listening meanwhile (:mod:`offload.transports.ssh_forward`), 
 changes networks carries on (the jobs keep running on the site meanwhile). A command is retried on a fresh
 connection only when it provably never started (its channel failed to open); a submission is never sent twice.
 
+sshd limits the session channels of a connection (``MaxSessions``): commands, the SFTP session and relay
+carriers share a budget of ``max_sessions`` and wait for a free slot beyond it; a channel the server refuses
+anyway waits too, and never takes the connection down with it. File operations are bounded by
+``command_timeout`` like commands, and a dead or stuck SFTP session is replaced.
+
 asyncssh and OS errors are mapped here, at the boundary, to offload's :mod:`offload.errors`.
 """
 
@@ -16,8 +21,9 @@ import logging
 import shlex
 import socket
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 import asyncssh
 
@@ -41,6 +47,78 @@ _CHUNKS_IN_FLIGHT = 2
 # defaults follow, for servers that allow neither.
 _CIPHERS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com", "aes256-ctr",
             "aes192-ctr", "aes128-ctr"]  # fmt: skip
+
+
+# The answers sshd gives to a session channel it will not open now: OpenSSH says "open failed",
+# administratively prohibited, beyond its MaxSessions. Other codes (an unknown channel type, a command or
+# subsystem the server would not start) are not about how many sessions are open.
+_REFUSALS = (asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, asyncssh.OPEN_CONNECT_FAILED, asyncssh.OPEN_RESOURCE_SHORTAGE)
+# An SFTP session that ended under an operation (its channel closed while SSH stayed up, or with it).
+_SFTP_GONE = (asyncssh.SFTPConnectionLost, asyncssh.SFTPNoConnection, asyncssh.DisconnectError, ConnectionError)
+
+_T = TypeVar("_T")
+
+
+class _Channel(Protocol):
+    """What a session channel's owner offers (asyncssh's processes and SFTP clients alike)."""
+
+    async def wait_closed(self) -> None: ...
+
+
+_C = TypeVar("_C", bound=_Channel)
+
+
+async def _finishes(task: asyncio.Future[object], limit: float, moved: Callable[[], int] | None) -> bool:
+    """Whether ``task`` ends before ``limit`` seconds pass, or with ``moved`` (bytes moved so far), before
+    ``limit`` seconds pass without a byte moving: a long transfer is fine while it moves."""
+    seen = moved() if moved else 0
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=limit)
+        if done:
+            return True
+        if moved is None or moved() == seen:
+            return False
+        seen = moved()
+
+
+class _SessionBudget:
+    """The session channels offload holds at once on one connection, kept within what its sshd allows.
+
+    sshd counts every session channel (a command, the SFTP session, a relay's carrier, a shell) against its
+    ``MaxSessions`` (10 unless the admins changed it) and refuses the one beyond; port forwards (direct-tcpip
+    channels) are not counted, so they are not budgeted here. A channel beyond the budget waits for a free
+    slot instead of being refused, and holds its slot for as long as it is open. If the server refuses one
+    anyway (its limit is below ours), the budget drops to what is open now, for the rest of the connection.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open = 0
+        self._freed = asyncio.Event()
+
+    async def acquire(self) -> None:
+        while self.open >= self.limit:
+            self._freed.clear()
+            await self._freed.wait()
+        self.open += 1
+
+    def release(self) -> None:
+        self.open -= 1
+        self._freed.set()
+
+    def refused(self) -> bool:
+        """The server refused a channel whose slot was just released: lower the limit to what is open. Whether
+        waiting for a slot can help (not when nothing else is open)."""
+        if self.open == 0:
+            return False
+        if self.open < self.limit:
+            log.warning(
+                "the site refused an SSH session with %d open: offload opens no more than that at once on this "
+                "connection from now on (the server's MaxSessions is below max_sessions)",
+                self.open,
+            )
+            self.limit = self.open
+        return True
 
 
 def known_hosts_path(config: SiteConfig) -> Path:
@@ -151,8 +229,12 @@ class SSHTransport:
         self.stats: Counter[str] = Counter()
         self._conn: asyncssh.SSHClientConnection | None = None
         self._lock: asyncio.Lock | None = None
-        self._sessions: asyncio.Semaphore | None = None
+        self._sftp_lock: asyncio.Lock | None = None
+        self._budget = _SessionBudget(config.max_sessions)
         self._sftp: asyncssh.SFTPClient | None = None
+        # Tasks that outlive the call that made them: each open session channel's, which gives its budget slot
+        # back when the channel closes, and file operations left to a session that stopped answering.
+        self._background: set[asyncio.Task[object]] = set()
         self._home: str | None = None
         self._forwards: set[SSHForward] = set()
         self._was_connected = False
@@ -166,7 +248,7 @@ class SSHTransport:
             return self._conn
         if self._lock is None:
             self._lock = asyncio.Lock()
-            self._sessions = asyncio.Semaphore(self.config.max_sessions)
+            self._sftp_lock = asyncio.Lock()
         async with self._lock:
             if self._conn is not None and not self._conn.is_closed():
                 return self._conn
@@ -185,6 +267,7 @@ class SSHTransport:
                     if isinstance(exc, HostKeyError) or attempt == len(delays):
                         raise
             self.stats["connects"] += 1
+            self._budget = _SessionBudget(self.config.max_sessions)
             self._was_connected = True
             self._watcher = asyncio.get_running_loop().create_task(self._watch(self._conn))
             return self._conn
@@ -233,13 +316,100 @@ class SSHTransport:
         """Bring port forwards back after a drop, without waiting for the next command."""
         with contextlib.suppress(Exception):
             await conn.wait_closed()
-        if not self._closed and self._forwards and self._conn is conn:
+        if not self._closed and self._forwards and self._conn in (conn, None):
             with contextlib.suppress(TransportError):
                 await self._connection()
 
     async def connect(self) -> None:
         """Open the connection now (it otherwise opens on first use)."""
         await self._connection()
+
+    # -- session channels -------------------------------------------------------------------------------
+
+    async def _open_session(
+        self,
+        what: str,
+        open_channel: Callable[[asyncssh.SSHClientConnection], Awaitable[_C]],
+        wait: float,
+        on_close: Callable[[_C], None] | None = None,
+    ) -> tuple[asyncssh.SSHClientConnection, _C]:
+        """Open a session channel within the connection's budget (:class:`_SessionBudget`), waiting up to
+        ``wait`` seconds for a free slot; the channel holds its slot until it closes, then ``on_close`` runs.
+
+        A refusal never closes the connection: the forwards, carriers and SFTP session on it carry on. Only a
+        channel that provably never opened is tried again: after a slot frees when the server refused it (its
+        MaxSessions), and once on a fresh connection when the connection itself was gone.
+        """
+        reconnected = idle_retry = False
+        while True:
+            conn = await self._connection()
+            budget = self._budget
+            try:
+                async with asyncio.timeout(wait):
+                    await budget.acquire()
+            except TimeoutError:
+                raise SiteNotAnswering(
+                    f"no SSH session free on {self.description} for {what} within {wait:g} s: the {budget.limit} "
+                    "offload opens at once there are all held by relays, file transfers or commands (max_sessions "
+                    f"in the profile of '{self.config.name}', and the server's MaxSessions). offload asks again "
+                    "later; close forwards or shells you no longer use, or raise max_sessions if the site allows"
+                ) from None
+            try:
+                channel = await open_channel(conn)
+            except asyncssh.ChannelOpenError as exc:
+                budget.release()
+                error: Exception = exc
+                if not (conn.is_closed() or self._conn is not conn):
+                    if exc.code not in _REFUSALS:
+                        raise TransportError(f"{self.description} would not open {what}: {exc.reason}") from None
+                    if budget.refused():
+                        continue  # wait for a slot to free, within the lowered budget
+                    if not idle_retry:
+                        # Nothing else is open; the server may not have counted out a channel that just closed.
+                        idle_retry = True
+                        await asyncio.sleep(0.2)
+                        continue
+                    raise TransportError(
+                        f"{self.description} refused {what} with no other session open ({exc.reason}): its sshd "
+                        "allows no commands or SFTP on a connection (MaxSessions 0, or a ForceCommand/Match "
+                        "rule). Ask the site's admins; port forwards are not affected."
+                    ) from None
+            except (asyncssh.DisconnectError, ConnectionError) as exc:
+                budget.release()
+                error = exc
+            except BaseException:
+                budget.release()
+                raise
+            else:
+                self._keep(self._hold(budget, channel, on_close))
+                return conn, channel
+            # The connection is gone and the channel never opened: safe to try once on a fresh connection.
+            self._drop(conn)
+            if reconnected:
+                raise TransportError(f"cannot open a channel on {self.description}: {error}") from None
+            reconnected = True
+
+    @staticmethod
+    async def _hold(budget: _SessionBudget, channel: _C, on_close: Callable[[_C], None] | None) -> None:
+        """Give the channel's slot back once it has closed (then the server no longer counts it either)."""
+        try:
+            with contextlib.suppress(Exception):
+                await channel.wait_closed()
+        finally:
+            budget.release()
+            if on_close is not None:
+                on_close(channel)
+
+    def _keep(self, work: Awaitable[object]) -> None:
+        """Run ``work`` past the call that started it; :meth:`close` ends what is left."""
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Future[object]) -> None:
+        self._background.discard(task)  # type: ignore[arg-type]
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("a background SSH task on %s ended: %r", self.description, task.exception())
 
     # -- commands ---------------------------------------------------------------------------------------
 
@@ -254,57 +424,56 @@ class SSHTransport:
         command = shlex.join(argv)
         data = input.encode() if isinstance(input, str) else input
         self.stats[f"run:{argv[0]}"] += 1
-        for attempt in range(2):
-            conn = await self._connection()
-            assert self._sessions is not None
-            async with self._sessions:
-                try:
-                    process = await conn.create_process(command, encoding=None)
-                except (asyncssh.ChannelOpenError, asyncssh.DisconnectError, ConnectionError) as exc:
-                    # The command never started: safe to retry once on a fresh connection.
-                    if attempt == 0:
-                        self._drop(conn)
-                        continue
-                    raise TransportError(f"cannot open a channel on {self.description}: {exc}") from None
-                limit = timeout if timeout is not None else self.config.command_timeout
-                try:
-                    stdout, stderr = await asyncio.wait_for(process.communicate(data), limit)
-                except TimeoutError:
-                    with contextlib.suppress(Exception):
-                        process.kill()  # a signal for the command, if sshd passes it on
-                    process.close()  # and the channel goes, so nothing waits on it
-                    raise SiteNotAnswering(
-                        f"the site is not answering: {argv[0]!r} on {self.description} did not finish within "
-                        f"{limit:g} s (command_timeout in the profile of '{self.config.name}'); offload asks again "
-                        "later, and the jobs keep running there"
-                    ) from None
-                except (asyncssh.Error, ConnectionError) as exc:
-                    self._drop(conn)
-                    raise TransportError(
-                        f"connection to {self.description} failed while running {argv[0]!r}: {exc}. "
-                        "The command may or may not have run on the site."
-                    ) from None
-            status = process.exit_status if process.exit_status is not None else 255
-            result = CommandResult(
-                tuple(argv),
-                status,
-                (stdout or b"").decode("utf-8", "replace"),
-                (stderr or b"").decode("utf-8", "replace"),
-            )
-            return result.check() if check else result
-        raise AssertionError("unreachable")
+        limit = timeout if timeout is not None else self.config.command_timeout
+        conn, process = await self._open_session(
+            repr(argv[0]), lambda conn: conn.create_process(command, encoding=None), limit
+        )
+        try:
+            stdout, stderr = await asyncio.wait_for(process.communicate(data), limit)
+        except TimeoutError:
+            with contextlib.suppress(Exception):
+                process.kill()  # a signal for the command, if sshd passes it on
+            process.close()  # and the channel goes, so nothing waits on it
+            raise SiteNotAnswering(
+                f"the site is not answering: {argv[0]!r} on {self.description} did not finish within "
+                f"{limit:g} s (command_timeout in the profile of '{self.config.name}'); offload asks again "
+                "later, and the jobs keep running there"
+            ) from None
+        except asyncio.CancelledError:
+            process.close()
+            raise
+        except (asyncssh.Error, ConnectionError) as exc:
+            self._drop(conn)
+            raise TransportError(
+                f"connection to {self.description} failed while running {argv[0]!r}: {exc}. "
+                "The command may or may not have run on the site."
+            ) from None
+        status = process.exit_status if process.exit_status is not None else 255
+        result = CommandResult(
+            tuple(argv),
+            status,
+            (stdout or b"").decode("utf-8", "replace"),
+            (stderr or b"").decode("utf-8", "replace"),
+        )
+        return result.check() if check else result
 
     async def start(self, argv: Sequence[str]) -> _SSHProcess:
-        conn = await self._connection()
         self.stats[f"start:{argv[0]}"] += 1
         try:
-            process = await conn.create_process(shlex.join(argv), encoding=None)
+            _, process = await self._open_session(
+                repr(argv[0]),
+                lambda conn: conn.create_process(shlex.join(argv), encoding=None),
+                self.config.command_timeout,
+            )
         except (asyncssh.Error, ConnectionError) as exc:
             raise TransportError(f"cannot start {argv[0]!r} on {self.description}: {exc}") from None
         return _SSHProcess(process)
 
     def _drop(self, conn: asyncssh.SSHClientConnection) -> None:
+        """End a connection that failed; the next call opens a new one (an aborted connection reads as open
+        until asyncssh has cleaned it up, so it is forgotten at once)."""
         if self._conn is conn:
+            self._conn = None
             conn.abort()
 
     async def interactive(self, argv: Sequence[str]) -> int:
@@ -314,13 +483,17 @@ class SSHTransport:
         import termios
         import tty
 
-        conn = await self._connection()
         tty_in = sys.stdin.isatty()
         size = shutil.get_terminal_size()
-        process = await conn.create_process(
-            shlex.join(argv), term_type=os.environ.get("TERM", "xterm") if tty_in else None,
-            term_size=(size.columns, size.lines) if tty_in else None, encoding=None,
-            stdin=_redirect(sys.stdin, "rb"), stdout=_redirect(sys.stdout, "wb"), stderr=_redirect(sys.stderr, "wb"),
+        _, process = await self._open_session(
+            repr(argv[0]),
+            lambda conn: conn.create_process(
+                shlex.join(argv), term_type=os.environ.get("TERM", "xterm") if tty_in else None,
+                term_size=(size.columns, size.lines) if tty_in else None, encoding=None,
+                stdin=_redirect(sys.stdin, "rb"), stdout=_redirect(sys.stdout, "wb"),
+                stderr=_redirect(sys.stderr, "wb"),
+            ),
+            self.config.command_timeout,
         )  # fmt: skip
         saved = termios.tcgetattr(sys.stdin.fileno()) if tty_in else None
         try:
@@ -335,34 +508,99 @@ class SSHTransport:
     # -- files ------------------------------------------------------------------------------------------
 
     async def _sftp_client(self) -> asyncssh.SFTPClient:
-        conn = await self._connection()
-        if self._sftp is None:
+        """The SFTP session: opened on first use, and again once it has ended (its channel closed while SSH
+        stayed up: an sftp-server that crashed or was killed, or one offload gave up on)."""
+        await self._connection()
+        assert self._sftp_lock is not None
+        async with self._sftp_lock:
+            if self._sftp is None:
+                limit = self.config.command_timeout
+                try:
+                    _, self._sftp = await self._open_session(
+                        "an SFTP session",
+                        lambda conn: asyncio.wait_for(conn.start_sftp_client(), limit),
+                        limit,
+                        on_close=self._forget_sftp,
+                    )
+                except TimeoutError:
+                    raise SiteNotAnswering(
+                        f"the site is not answering: the SFTP session on {self.description} did not start within "
+                        f"{limit:g} s (command_timeout in the profile of '{self.config.name}'); the home "
+                        "directory's file system may hang there. Try again later."
+                    ) from None
+                except asyncssh.Error as exc:
+                    raise TransportError(f"SFTP is not available on {self.description}: {exc}") from None
+            return self._sftp
+
+    def _forget_sftp(self, sftp: asyncssh.SFTPClient) -> None:
+        if self._sftp is sftp:
+            self._sftp = None
+
+    async def _file_op(
+        self,
+        what: str,
+        op: Callable[[asyncssh.SFTPClient], Awaitable[_T]],
+        moved: Callable[[], int] | None = None,
+    ) -> _T:
+        """Run one file operation on the SFTP session, bounded like a command.
+
+        sftp-server answers one request at a time, so a read stuck on a hung file system stalls every file
+        operation behind it: an operation that takes longer than ``command_timeout`` (a transfer, with
+        ``moved`` giving its bytes so far: one that moves nothing for that long) raises
+        :class:`SiteNotAnswering` and its session is given up; the next operation opens a new one. A session
+        that ends under an operation is reopened and the operation run again, once.
+        """
+        limit = self.config.command_timeout
+        for attempt in range(2):
+            sftp = await self._sftp_client()
+            task = asyncio.ensure_future(op(sftp))
             try:
-                self._sftp = await conn.start_sftp_client()
-            except asyncssh.Error as exc:
-                raise TransportError(f"SFTP is not available on {self.description}: {exc}") from None
-        return self._sftp
+                finished = await _finishes(task, limit, moved)
+            except BaseException:
+                task.cancel()
+                self._keep(task)
+                raise
+            if not finished:
+                self._forget_sftp(sftp)
+                sftp.exit()  # a server that answers again ends the session (and frees its slot) then
+                self._keep(task)  # the stuck request can only end with its session
+                stalled = f"moved no data for {limit:g} s" if moved else f"did not finish within {limit:g} s"
+                raise SiteNotAnswering(
+                    f"the site is not answering: {what} on {self.description} {stalled} (command_timeout in the "
+                    f"profile of '{self.config.name}'); a file system there may hang. offload gave up that SFTP "
+                    "session and opens a new one for the next file operation: try again later."
+                )
+            try:
+                return task.result()
+            except _SFTP_GONE as exc:
+                self._forget_sftp(sftp)
+                if attempt:
+                    raise TransportError(
+                        f"the SFTP session on {self.description} ended during {what}, and again on a new session "
+                        f"({exc}). Check that the site still accepts SFTP (sftp {self.config.host}), then try again."
+                    ) from None
+                log.info("the SFTP session on %s ended (%s); opening a new one", self.description, exc)
+        raise AssertionError("unreachable")
 
     async def home(self) -> str:
         if self._home is None:
-            sftp = await self._sftp_client()
-            self._home = await sftp.realpath(".")
+            self._home = await self._file_op("finding the home directory", lambda sftp: sftp.realpath("."))
         return self._home
 
     async def write_file(self, path: str, data: bytes, *, mode: int = 0o600) -> None:
-        sftp = await self._sftp_client()
-        self.stats["sftp:write"] += 1
-        try:
+        async def write(sftp: asyncssh.SFTPClient) -> None:
             async with sftp.open(path, "wb", attrs=asyncssh.SFTPAttrs(permissions=mode)) as f:
                 await f.write(data)
             await sftp.chmod(path, mode)
+
+        self.stats["sftp:write"] += 1
+        try:
+            await self._file_op(f"writing {path}", write)
         except asyncssh.SFTPError as exc:
             raise TransportError(f"cannot write {path} on {self.description}: {exc.reason}") from None
 
     async def read_file(self, path: str, offset: int = 0) -> bytes:
-        sftp = await self._sftp_client()
-        self.stats["sftp:read"] += 1
-        try:
+        async def read(sftp: asyncssh.SFTPClient) -> bytes:
             async with sftp.open(path, "rb") as f:
                 if offset < 0:  # the last -offset bytes
                     size = (await f.stat()).size or 0
@@ -370,6 +608,10 @@ class SSHTransport:
                 elif offset:
                     await f.seek(offset)
                 return await f.read()
+
+        self.stats["sftp:read"] += 1
+        try:
+            return await self._file_op(f"reading {path}", read)
         except asyncssh.SFTPNoSuchFile:
             return b""
         except asyncssh.SFTPError as exc:
@@ -379,27 +621,29 @@ class SSHTransport:
                   progress: Progress | None = None) -> None:  # fmt: skip
         import os
 
-        sftp = await self._sftp_client()
         self.stats["sftp:put"] += 1
         total = os.stat(local).st_size
-        start = 0
-        if resume:
-            with contextlib.suppress(asyncssh.SFTPNoSuchFile):
-                size = (await sftp.stat(remote)).size or 0
-                # Chunks go two at a time, so below the last two chunks of a partial copy everything is there.
-                start = max(0, (min(size, total) // _CHUNK - _CHUNKS_IN_FLIGHT) * _CHUNK)
-        done = start
-        offsets = iter(range(start, total, _CHUNK))
-        try:
+        moved = 0
+
+        async def send_file(sftp: asyncssh.SFTPClient) -> None:
+            start = 0
+            if resume:
+                with contextlib.suppress(asyncssh.SFTPNoSuchFile):
+                    size = (await sftp.stat(remote)).size or 0
+                    # Chunks go two at a time, so below the last two chunks of a partial copy everything is there.
+                    start = max(0, (min(size, total) // _CHUNK - _CHUNKS_IN_FLIGHT) * _CHUNK)
+            done = start
+            offsets = iter(range(start, total, _CHUNK))
             async with sftp.open(remote, "r+b" if start else "wb", attrs=asyncssh.SFTPAttrs(permissions=mode)) as f:
                 with open(local, "rb") as src:
 
                     async def send() -> None:
-                        nonlocal done
+                        nonlocal done, moved
                         for offset in offsets:
                             chunk = os.pread(src.fileno(), _CHUNK, offset)
                             await f.write(chunk, offset)
                             done += len(chunk)
+                            moved += len(chunk)
                             if progress:
                                 progress(done, total)
 
@@ -407,6 +651,9 @@ class SSHTransport:
                 if start and (await f.stat()).size != total:
                     await f.truncate(total)
             await sftp.chmod(remote, mode)
+
+        try:
+            await self._file_op(f"sending {local} to {remote}", send_file, moved=lambda: moved)
         except asyncssh.SFTPError as exc:
             raise TransportError(f"cannot write {remote} on {self.description}: {exc.reason}") from None
         except (asyncssh.Error, ConnectionError) as exc:
@@ -416,11 +663,20 @@ class SSHTransport:
             progress(0, 0)
 
     async def get(self, remote: str, local: str, *, progress: Progress | None = None) -> None:
-        sftp = await self._sftp_client()
         self.stats["sftp:get"] += 1
-        handler = (lambda _src, _dst, done, total: progress(done, total)) if progress else None
-        try:
+        moved = 0
+
+        def handler(_src: bytes, _dst: bytes, done: int, total: int) -> None:
+            nonlocal moved
+            moved = done
+            if progress:
+                progress(done, total)
+
+        async def fetch(sftp: asyncssh.SFTPClient) -> None:
             await sftp.get(remote, local, max_requests=128, progress_handler=handler)
+
+        try:
+            await self._file_op(f"fetching {remote}", fetch, moved=lambda: moved)
         except asyncssh.SFTPError as exc:
             raise TransportError(f"cannot read {remote} on {self.description}: {exc.reason}") from None
         except (asyncssh.Error, ConnectionError) as exc:
@@ -445,6 +701,14 @@ class SSHTransport:
                 await self._conn.wait_closed()
         if self._watcher is not None:
             self._watcher.cancel()
+        # With the connection closed, what was left on its channels ends on its own (slot holders, file operations
+        # a stuck session had): given a moment to, so asyncssh's own tasks under them end cleanly, then cancelled.
+        if self._background:
+            _, left = await asyncio.wait(list(self._background), timeout=1)
+            for task in left:
+                task.cancel()
+            if left:
+                await asyncio.wait(left, timeout=5)
 
 
 async def fetch_host_key(config: SiteConfig) -> asyncssh.SSHKey:
