@@ -58,7 +58,7 @@ def test_malformed_toml_names_the_file(tmp_path):
         ("env = {'A=1;touch /tmp/x;B' = '1'}", "not an environment variable name"),
         ("env = {OFFLOAD_JOB_DIR = '/x'}", "offload's own"),
         ("runtime = 'apptainr'", "did you mean 'apptainer'"),
-        ("scheduler = 'pbs'", "Known: local, slurm"),
+        ("scheduler = 'pbs'", "Known: gridengine, local, slurm"),
         ("shebang = 'bash'", "starting with '#!'"),
     ],
 )

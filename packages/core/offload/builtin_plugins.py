@@ -9,10 +9,12 @@ from offload.plugins import RuntimePlugin, SchedulerPlugin, TransportPlugin, hoo
 
 @hookimpl
 def offload_schedulers() -> Iterator[SchedulerPlugin]:
+    from offload.schedulers.gridengine import GridEngineScheduler
     from offload.schedulers.local import LocalScheduler
     from offload.schedulers.slurm import SlurmScheduler
 
     yield SchedulerPlugin("slurm", SlurmScheduler)
+    yield SchedulerPlugin("gridengine", GridEngineScheduler)
     yield SchedulerPlugin("local", LocalScheduler)
 
 

@@ -81,6 +81,8 @@ class SiteConfig:
     workdir: str = "~/offload"
     setup: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
+    # keys the site's scheduler plugin declares (its ``profile_keys``), e.g. Grid Engine's parallel_environment
+    scheduler_keys: dict[str, Any] = field(default_factory=dict)
     # where the profile came from, for error messages
     source: str = "<built-in>"
 
@@ -88,7 +90,7 @@ class SiteConfig:
         return dataclasses.replace(self, **changes)
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(SiteConfig) if f.name not in ("name", "source")}
+_FIELDS = {f.name: f for f in dataclasses.fields(SiteConfig) if f.name not in ("name", "source", "scheduler_keys")}
 _CHOICES = {
     "transport": ("ssh", "local"),
     "gpu_request": ("--gpus", "--gres", "--gpus-per-node"),
@@ -233,11 +235,22 @@ def _validate_site(
     given = [(key, value, where) for key, value in table.items()]
     for key, (var, value) in (overrides or {}).items():
         given.append((key, value, f"environment variable {var} (site {name!r})"))
+    scheduler = next((v for k, v, _ in reversed(given) if k == "scheduler"), base.scheduler)
+    plugin_keys = _scheduler_keys(scheduler)
+    extra: dict[str, Any] = {}
     for key, value, origin in given:
+        if key in plugin_keys and key not in _FIELDS:
+            if not isinstance(value, plugin_keys[key]) or isinstance(value, bool) is not (plugin_keys[key] is bool):
+                raise ConfigError(f"{origin}: key {key!r} must be a {plugin_keys[key].__name__}, got {value!r}")
+            extra[key] = value
+            continue
         if key not in _FIELDS:
-            valid = ", ".join(sorted(_FIELDS))
-            raise ConfigError(f"{origin}: unknown key {key!r}{_nearest(key, list(_FIELDS))}. Valid keys: {valid}.")
+            known = [*_FIELDS, *plugin_keys]
+            valid = ", ".join(sorted(known))
+            raise ConfigError(f"{origin}: unknown key {key!r}{_nearest(key, known)}. Valid keys: {valid}.")
         values[key] = _coerce(origin, key, value)
+    if extra:
+        values["scheduler_keys"] = {**base.scheduler_keys, **extra}
     if "transport" not in values and values.get("host") is None and base.host is None and name != LOCAL_SITE:
         raise ConfigError(f"{where}: no 'host'. Give the login node's name or an alias of ~/.ssh/config.")
     config = dataclasses.replace(base, source=str(file), **values)
@@ -263,6 +276,15 @@ def _validate_site(
         )
     _check_plugins(where, config)
     return config
+
+
+def _scheduler_keys(scheduler: Any) -> dict[str, type]:
+    """The profile keys a scheduler plugin declares (``profile_keys``: name -> type); none if it is unknown (the
+    unknown scheduler is reported on its own)."""
+    from offload.plugins import plugins
+
+    plugin = plugins().schedulers.get(scheduler) if isinstance(scheduler, str) else None
+    return dict(getattr(plugin.factory, "profile_keys", {})) if plugin else {}
 
 
 def _check_plugins(where: str, config: SiteConfig) -> None:

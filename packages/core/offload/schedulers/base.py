@@ -25,10 +25,15 @@ class NodeResources:
     cpus_used: int
     memory_mb: int
     memory_used_mb: int
+    # Whether the node takes new jobs, as its scheduler plugin reads its own state words; None: ``state`` is one
+    # of SLURM's (the default below reads those).
+    takes_jobs: bool | None = None
 
     @property
     def available(self) -> bool:
         """The node takes new jobs (not down, drained or failing)."""
+        if self.takes_jobs is not None:
+            return self.takes_jobs
         return self.state.rstrip("*~#!%$@^-") in ("idle", "mix", "mixed", "alloc", "allocated", "completing")
 
     @property
