@@ -142,11 +142,34 @@ def plugin(testsite_config, tmp_path_factory):
     plugin.stop()
 
 
+KUBE_API_ACCESS = "kube-api-access-q9z7w"
+
+
 def pod(name: str, containers: list[Container], *, init: list[Container] | None = None,
         volumes: list[Volume] | None = None, annotations: dict | None = None) -> dict:  # fmt: skip
+    """A pod as the API server stores it: the ServiceAccount admission plugin has added the projected
+    kube-api-access-* volume and mounted it into every container."""
     meta = ObjectMeta(name=name, namespace="default", uid=str(uuid.uuid4()), annotations=annotations)
     spec = PodSpec(containers=containers, initContainers=init, volumes=volumes, restartPolicy="Never")
-    return PodModel(apiVersion="v1", kind="Pod", metadata=meta, spec=spec).to_dict()
+    body = PodModel(apiVersion="v1", kind="Pod", metadata=meta, spec=spec).to_dict()
+    access = {
+        "name": KUBE_API_ACCESS,
+        "projected": {
+            "defaultMode": 420,
+            "sources": [
+                {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}},
+                {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+                {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"fieldPath": "metadata.namespace"}}]}},
+            ],
+        },
+    }
+    body["spec"]["volumes"] = [*(body["spec"].get("volumes") or []), access]
+    for c in [*(body["spec"].get("initContainers") or []), *body["spec"]["containers"]]:
+        c["volumeMounts"] = [
+            *(c.get("volumeMounts") or []),
+            {"name": KUBE_API_ACCESS, "readOnly": True, "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"},
+        ]
+    return body  # fmt: skip
 
 
 def sh(name: str, script: str, **kwargs: object) -> Container:
@@ -160,13 +183,12 @@ SECRET = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "creds", "n
 
 
 def retrieved(pod: dict, configmaps: list | None = None, secrets: list | None = None) -> dict:
-    """interLink's ``RetrievedPodData``: the pod, and per container (init first) what it uses; Go's nil
-    slices arrive as null."""
-    spec = pod["spec"]
-    return {"pod": pod, "jobConfig": {},
-            "container": [{"name": c["name"], "configMaps": configmaps, "secrets": secrets,
-                           "projectedvolumemaps": None, "emptyDirs": None}
-                          for c in [*(spec.get("initContainers") or []), *spec["containers"]]]}  # fmt: skip
+    """interLink's ``RetrievedPodData`` for ``pod``, built as the Virtual Kubelet and interLink build it: the unit
+    tests' builder (tests/unit/test_interlink.py ``data``, each step naming the Go function it mirrors), with the
+    VK's SkipDownwardAPIResolution on."""
+    from tests.unit.test_interlink import data
+
+    return data(pod, secrets, configmaps)
 
 
 def code(answer: dict, name: str, kind: str = "containers") -> int:
@@ -175,8 +197,8 @@ def code(answer: dict, name: str, kind: str = "containers") -> int:
 
 
 def test_pods_run_as_jobs_with_env_volumes_init_containers_and_limits(plugin, site):
-    code_, pong = plugin.call("GET", "/status", [])  # interLink's ping
-    assert (code_, json.loads(pong)) == (200, [])
+    code_, pong = plugin.call("GET", "/status", [])  # interLink's ping: a PingResponse with the site's capacity
+    assert code_ == 200 and json.loads(pong)["status"] == "ok" and json.loads(pong)["resources"]["cpu"]
 
     hello = pod("hello", [sh("main", "echo hello from $(hostname)")])
     tricky = 'it\'s "$HOME" `id` $(id) \\ end'
@@ -242,8 +264,9 @@ def test_pods_run_as_jobs_with_env_volumes_init_containers_and_limits(plugin, si
 
     pods = [hello, env, limits, failing, init_fails, pair]
     replies = {p["metadata"]["name"]: plugin.create(retrieved(p, [CONFIGMAP], [SECRET])) for p in pods}
-    assert all(r["PodJID"] for r in replies.values())
+    assert all(r["PodUID"] for r in replies.values())  # answered at once: the job id comes with /status
     answers = {p["metadata"]["name"]: plugin.wait(p) for p in pods}
+    replies = {name: {"PodJID": answer["JID"]} for name, answer in answers.items()}
 
     assert code(answers["hello"], "main") == 0
     assert "hello from" in plugin.logs(hello, "main")
@@ -259,7 +282,8 @@ def test_pods_run_as_jobs_with_env_volumes_init_containers_and_limits(plugin, si
     # the secret's value reached the container, but never the batch script
     job = site.job(replies["env-and-volumes"]["PodJID"])
     assert SECRET_TOKEN not in site.transport_run(["cat", f"{job.ref.jobdir}/job.sh"])
-    assert site.transport_run(["ls", f"{job.ref.jobdir}/volumes"]).split() == ["config", "scratch"]  # secrets gone
+    # secret and projected files (the service account token) gone with the pod
+    assert site.transport_run(["ls", f"{job.ref.jobdir}/volumes"]).split() == ["config", "scratch"]
 
     assert plugin.logs(limits, "main").strip() == "cpus=2 mem=256 gpus=0"
     assert code(answers["failing"], "main") == 3
@@ -308,22 +332,25 @@ def test_bad_pods_are_refused_with_what_to_change_and_nothing_is_queued(plugin, 
         code_, text = plugin.call("POST", "/create", retrieved(bad))
         assert code_ == 422 and words in text, (name, text)
         assert not queued_jobs(site_user, f"pod-{bad['metadata']['uid']}")
-    # a missing tag is the cache's words, before anything is queued
+    # a missing tag: /create answered at once; the cache's words become the pod's failure, and nothing is queued
     missing = pod("missing-image", [Container(name="main", image=f"{REGISTRY}/offload/test:nope", command=["true"])])
-    code_, text = plugin.call("POST", "/create", retrieved(missing))
-    assert code_ == 500 and "nope" in text, text
+    plugin.create(retrieved(missing))
+    (status,) = plugin.wait(missing)["containers"]
+    assert status["state"]["terminated"]["exitCode"] != 0 and "nope" in status["state"]["terminated"]["message"]
+    assert not queued_jobs(site_user, f"pod-{missing['metadata']['uid']}")
 
 
 def test_create_is_idempotent_survives_a_restart_and_delete_cancels(plugin, site_user):
     long = pod("long", [sh("main", "echo started; sleep 300")])
-    first = plugin.create(retrieved(long))
-    assert plugin.create(retrieved(long)) == first  # the Virtual Kubelet retried: the same job
-    plugin.wait(long, until="running")
+    plugin.create(retrieved(long))
+    plugin.create(retrieved(long))  # the Virtual Kubelet retried: the same job
+    first = plugin.wait(long, until="running")["JID"]
     plugin.stop()
     plugin.start()  # a new process: it knows the pod from the records
-    assert plugin.create(retrieved(long)) == first
+    plugin.create(retrieved(long))
     answer = plugin.wait(long, until="running")
-    assert answer["JID"] == first["PodJID"] and queued_jobs(site_user, f"pod-{long['metadata']['uid']}")
+    assert answer["JID"] == first and queued_jobs(site_user, f"pod-{long['metadata']['uid']}")
+    assert len(queued_jobs(site_user, f"pod-{long['metadata']['uid']}")) == 1
     assert "started" in plugin.logs(long, "main")
     plugin.delete(long)
     assert not queued_jobs(site_user, f"pod-{long['metadata']['uid']}")
@@ -377,7 +404,7 @@ def test_the_example_pod_runs_as_written(plugin):
     """examples/interlink/pod.yaml: its image mapped to the site's registry (--image-map), as an operator would."""
     configmap, example = yaml.safe_load_all(EXAMPLE.read_text())
     example["metadata"].update(namespace="default", uid=str(uuid.uuid4()))
-    plugin.create(retrieved(example, [configmap]))
+    plugin.create(retrieved(example, [configmap]))  # pod.yaml has no kube-api-access volume: as kubectl sent it
     answer = plugin.wait(example)
     assert code(answer, "fetch", "initContainers") == 0 and code(answer, "train") == 0
     assert plugin.logs(example, "train").splitlines() == ["GPUs: 0", "epochs: 3", "data for run first"]

@@ -266,6 +266,11 @@ def test_env_values_are_secrets_and_need_no_object_sent_with_the_pod(apptainer):
     script = apptainer.job_script(job)
     assert "t0k" not in script and "p1ain" not in script
     assert sorted(job.secrets.values()) == sorted(["t0k'$en", "p1ain", "t0k'$en"])
+    # the VK's envFrom makes variables of every key, "app.ini" too: not one a shell can set, said in the log
+    cfg = {"metadata": {"name": "cfg"}, "data": {"app.ini": "[x]"}}
+    dotted = sh("main", "true", envFrom=[{"configMapRef": {"name": "cfg"}}])
+    assert "app.ini'\"'\"' is no shell variable name" in plan_pod(apptainer, data(pod([dotted]), configmaps=[cfg]),
+                                                            {"busybox:1": "busybox:1"}).command[2]  # fmt: skip
     # a value next to a reference the plugin cannot follow: the value counts
     both = sh("main", "true", env=[{**token, "value": "given"}])
     assert list(plan_pod(apptainer, data(pod([both])), {"busybox:1": "busybox:1"}).secrets.values()) == ["given"]
@@ -602,3 +607,15 @@ async def test_malformed_pods_get_the_reason_and_leave_nothing_behind(site, body
                                   headers={"Content-Type": "application/json"})  # fmt: skip
         assert answer.status == 400
     assert not server._locks and not server._pending
+
+
+def test_the_token_file_is_read_once_and_an_empty_one_is_refused(tmp_path):
+    from interlink_offload.server import read_token
+
+    (tmp_path / "token").write_text("s3cret\n")
+    assert read_token(tmp_path / "token") == "s3cret"
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(offload.ConfigError, match="empty"):
+        read_token(tmp_path / "empty")
+    with pytest.raises(offload.ConfigError, match="readable"):
+        read_token(tmp_path / "absent")

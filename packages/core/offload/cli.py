@@ -816,7 +816,12 @@ def interlink() -> None:
 @click.option("--image-map", "image_map", multiple=True, metavar="IMAGE=REF",
               help="Run the pods' IMAGE as REF (a pin, a pushed image's name, a site path); repeatable.")  # fmt: skip
 @click.option("--public", is_flag=True, help="Allow a non-loopback --listen (interLink sends no credentials).")
-def interlink_serve(site_name: str | None, listen: str, image_map: tuple[str, ...], public: bool) -> None:
+@click.option("--public-name", "public_names", multiple=True, metavar="NAME",
+              help="A host name interLink reaches the plugin by (checked in Host); repeatable.")  # fmt: skip
+@click.option("--token-file", type=click.Path(dir_okay=False),
+              help="Require 'Authorization: Bearer <token>' (the file's content) on every request.")  # fmt: skip
+def interlink_serve(site_name: str | None, listen: str, image_map: tuple[str, ...], public: bool,
+                    public_names: tuple[str, ...], token_file: str | None) -> None:  # fmt: skip
     """Serve interLink's plugin API: /create, /status, /getLogs, /delete. Stopping it leaves the pods' jobs
     running; started again, it answers for them."""
     import asyncio
@@ -833,7 +838,8 @@ def interlink_serve(site_name: str | None, listen: str, image_map: tuple[str, ..
             if not (sep and pod_image and ref):
                 raise ConfigError(f"--image-map {item!r}: give IMAGE=REF, e.g. python:3.11=/site/images/python.sqfs")
             mapping[pod_image] = ref
-        asyncio.run(interlink_offload.serve(load_site(site_name), listen, image_map=mapping, public=public))
+        asyncio.run(interlink_offload.serve(load_site(site_name), listen, image_map=mapping, public=public,
+                                            hosts=public_names, token_file=token_file))  # fmt: skip
 
 
 if __name__ == "__main__":

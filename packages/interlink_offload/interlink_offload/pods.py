@@ -283,8 +283,9 @@ def _container_run(site: offload.Site, container: dict, index: int, images: dict
 
     def put(var: str, value: str) -> None:
         # every value as a secret: the VK has put Secret keys into env[].value, and nothing says which were
-        if not ENV_NAME.match(var):
-            raise ConfigError(f"container {name!r}: {var!r} is not an environment variable name")
+        if not ENV_NAME.match(var):  # e.g. a ConfigMap's "app.ini" the VK's envFrom made a variable of
+            exports.append(f"echo {shlex.quote(f'offload: {var!r} is no shell variable name: not set')} >&2")
+            return
         names.append(var)
         slot = f"POD_SECRET_{index}_{len(secrets)}"
         secrets[slot] = value
