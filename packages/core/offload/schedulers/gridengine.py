@@ -414,8 +414,9 @@ def parse_qstat(text: str) -> dict[tuple[str, int | None], JobStatus]:
 
 def parse_qacct(text: str) -> dict[tuple[str, int | None], JobStatus]:
     """``qacct -j`` records, keyed by ``(number, task)``. ``failed`` 0 is the script's own end (its exit status
-    is the payload's); ``failed`` 100 with a signal is a kill (qdel, or h_rt when ``ru_wallclock`` reached it);
-    any other ``failed`` is Grid Engine failing to start the job, with its reason."""
+    is the payload's); 37 is the qmaster enforcing h_rt; 100 with a signal is a kill (qdel, or h_rt where the
+    execd enforced it: ``ru_wallclock`` reached it); any other ``failed`` is Grid Engine failing to start the job,
+    with its reason."""
     found: dict[tuple[str, int | None], JobStatus] = {}
     for block in re.split(r"^=+$", text, flags=re.M):
         fields: dict[str, str] = {}
@@ -440,8 +441,10 @@ def parse_qacct(text: str) -> dict[tuple[str, int | None], JobStatus]:
         signal = code - 128 if code is not None and code > 128 else None
         limit = _h_rt(fields.get("category", ""))
         wall = _seconds(fields.get("ru_wallclock", ""))
-        if failed == 100 and limit and wall is not None and wall >= limit:
-            found[(number, task)] = JobStatus(JobState.TIMEOUT, f"h_rt={limit} reached", None, host, signal)
+        if failed == 37 or (failed == 100 and limit and wall is not None and wall >= limit):
+            # 37: the qmaster enforced h_rt (or h_cpu, h_vmem: its words are kept)
+            reason = f"h_rt={limit} reached" if failed == 100 else f"failed {failed_text}"
+            found[(number, task)] = JobStatus(JobState.TIMEOUT, reason, None, host, signal)
         elif failed == 100:
             found[(number, task)] = JobStatus(JobState.FAILED, "killed (failed 100: assumedly after job)", None, host,
                                               signal)  # fmt: skip
@@ -473,7 +476,7 @@ def parse_capacities(text: str, resource: str) -> dict[str, int]:
     """Each exec host's configured amount of ``resource`` from ``qconf -se`` output (several hosts in a row)."""
     capacities: dict[str, int] = {}
     host = ""
-    for line in text.splitlines():
+    for line in re.sub(r"\\\n\s*", "", text).splitlines():  # qconf continues long values with a backslash
         key, _, value = line.strip().partition(" ")
         if key == "hostname":
             host = value.strip()
