@@ -1,6 +1,7 @@
 """OffloadSpawner without a hub: what the spawn form offers and accepts, and how the hub's environment is split
 into plain values, secrets and reach targets. The hub itself runs in tests/integration/test_hub.py."""
 
+import asyncio
 from types import SimpleNamespace
 
 import pytest
@@ -62,7 +63,7 @@ def test_the_token_is_a_secret_and_the_hub_api_a_reach_target(local):
     assert spec.env["JUPYTERHUB_USER"] == "alice" and "PATH" not in spec.env  # nothing of the hub's own env
     assert spec.name == "jupyterhub-alice-default" and spec.relay
     assert spec.command[-1] == "hub"
-    assert spec.prologue == ("mkdir -p -m 700 /work/hub/alice/notebooks",)
+    assert spec.prologue == ("(umask 077 && mkdir -p /work/hub/alice/notebooks)",)
     assert "secret-token-value" not in offload.load_site("local").job_script(spec)
 
 
@@ -116,3 +117,187 @@ async def test_a_job_left_from_a_spawn_the_hub_lost_is_cancelled_before_the_next
         assert any(f"Cancelled job {lost.id}" in news for news in s._news)
     finally:
         await site.acancel([lost, other])
+
+
+# -- the hub's own settings ---------------------------------------------------------------------------------------
+
+
+def hub_config(tmp_path, text: str):
+    """The hub's config as JupyterHub loads it: a jupyterhub_config.py read by traitlets' PyFileConfigLoader (what
+    ``Application.load_config_file`` uses); the spawner then gets it as ``config=``, as ``User._new_spawner``
+    passes it."""
+    from traitlets.config.loader import PyFileConfigLoader
+
+    (tmp_path / "jupyterhub_config.py").write_text(text)
+    return PyFileConfigLoader("jupyterhub_config.py", str(tmp_path)).load_config()
+
+
+# The "single-user server" of these tests: prints the argv and environment it was started with, as JSON.
+PRINT_ARGV = "import json, os, sys; print('ARGV ' + json.dumps([sys.argv[1:], dict(os.environ)]), flush=True)"
+
+
+async def test_the_hubs_cmd_args_notebook_dir_and_default_url_reach_the_server_quoted(local, tmp_path):
+    """c.Spawner.cmd runs with Spawner.get_args() after it (as batchspawner and KubeSpawner run cmd + get_args()),
+    each argument arriving as the admin wrote it through the batch script's shell; notebook_dir is the server's
+    root (after offload's own --ServerApp.root_dir) and default_url reaches it as JupyterHub passes it."""
+    import json
+    import sys
+
+    config = hub_config(tmp_path, f"""
+c.Spawner.cmd = [{sys.executable!r}, "-c", {PRINT_ARGV!r}]
+c.Spawner.args = ["--x=$(touch {tmp_path}/pwned)", "two words", "it's \\"q\\" `id`", "a;b|c&d", "*"]
+c.Spawner.notebook_dir = {str(tmp_path / "nb-{username}")!r}
+c.Spawner.default_url = "/lab/tree/{{username}}"
+""")  # fmt: skip
+    s = spawner(config=config)
+    s._site_key = ("local", None, None)
+    site = s._site()
+    spec = s._spec(await site.aworkdir(), s._profile())
+    job = await site.asubmit(spec)
+    try:
+        status = await job.finished(timeout=60)
+        out = await job.atail(200)
+    finally:
+        await site.acancel([job])
+    assert status.state is offload.JobState.COMPLETED, out
+    (line,) = [line for line in out.splitlines() if line.startswith("ARGV ")]
+    argv, env = json.loads(line[5:])
+    assert argv[-len(s.get_args()) :] == s.get_args()  # Spawner.get_args(): what the hub passes after cmd
+    assert not (tmp_path / "pwned").exists()
+    roots = [a.split("=", 1)[1] for a in argv if a.startswith("--ServerApp.root_dir=")]
+    assert roots[-1] == str(tmp_path / "nb-alice") and (tmp_path / "nb-alice").is_dir()
+    assert env["JUPYTERHUB_DEFAULT_URL"] == "/lab/tree/alice"
+
+
+def test_the_default_command_is_jupyterhub_singleuser(local):
+    """Spawner.cmd's default, jupyterhub-singleuser, runs as the container's ``python3 -m jupyterhub.singleuser``
+    (the same program, found even when the image's bin directory is not on PATH)."""
+    s = spawner()
+    assert s.cmd == ["jupyterhub-singleuser"] and s.get_args() == []
+    s._site_key = ("local", None, None)
+    spec = s._spec("/work", s._profile())
+    assert spec.command[3] == "[null, []]"  # no command of the hub's own: the launcher's jupyterhub.singleuser
+
+
+def test_mem_and_cpu_limits_are_the_jobs_unless_the_profile_sets_them_and_profiles_set_account_and_qos(local, tmp_path):
+    """The base Spawner's mem_limit and cpu_limit (as KubeSpawner maps them to the pod's limits) become the job's
+    memory and cores, cores rounded up (SLURM gives whole cores); a profile's own memory/cpus win."""
+    config = hub_config(tmp_path, """
+c.Spawner.mem_limit = "3G"
+c.Spawner.cpu_limit = 2.5
+c.OffloadSpawner.profiles = [
+    {"display_name": "Small", "slug": "small", "default": True},
+    {"display_name": "Big", "slug": "big", "memory": "64G", "cpus": 16, "account": "proj1", "qos": "long"},
+]
+""")  # fmt: skip
+    s = spawner(config=config)
+    s._site_key = ("local", None, None)
+    s.user_options = {}
+    small = s._spec("/work", s._profile()).resources
+    assert (small.memory_mb, small.cpus, small.account, small.qos) == (3072, 3, None, None)
+    s.user_options = {"profile": "big"}
+    big = s._spec("/work", s._profile())
+    assert (big.resources.memory_mb, big.resources.cpus) == (64 * 1024, 16)
+    assert (big.resources.account, big.resources.qos) == ("proj1", "long")
+    # what jupyter-resource-usage shows is the job's, not the hub-wide limit
+    assert big.env["MEM_LIMIT"] == str(64 * 1024**3) and big.env["CPU_LIMIT"] == "16"
+
+
+async def test_profiles_may_be_a_callable_per_spawner_sync_or_async(local):
+    """As KubeSpawner's profile_list: a callable taking the spawner, which may be a coroutine function; the spawn
+    page (JupyterHub's Spawner.get_options_form) and the spawn both ask it."""
+
+    async def per_user(spawner):
+        return [{"display_name": f"{spawner.user.name}'s GPU", "slug": "mine", "gpus": 2, "account": "team-a"}]
+
+    for profiles in (per_user, lambda spawner: [{"display_name": "GPU", "slug": "mine", "gpus": 2}]):
+        s = spawner(profiles=profiles)
+        form = await s.get_options_form()
+        assert 'value="mine"' in form
+        s.user_options = s.options_from_form({"profile": ["mine"]})
+        assert (await s._chosen_profile())["gpus"] == 2
+    s = spawner(profiles=lambda spawner: [{"display_name": "GPU", "gpu": 2}])
+    s.user_options = {}
+    with pytest.raises(ValueError, match="'gpu'.*gpus"):
+        await s._chosen_profile()
+
+
+async def test_stop_now_returns_without_waiting_for_the_job_to_end(local):
+    """Spawner.stop(now=True) must not wait for the server to go: the cancel is sent and the call returns (as
+    batchspawner's does), while stop() waits for the job's end. A stand-in job whose cancel takes 30 s (a slow
+    scancel and a job slow to end) shows which one waited."""
+
+    class SlowJob:
+        id = "42"
+        started = finished = False
+
+        async def acancel(self):
+            SlowJob.started = True
+            await asyncio.sleep(30)
+            SlowJob.finished = True
+
+    s = spawner()
+    s.job = SlowJob()
+    await asyncio.wait_for(s.stop(now=True), 2)
+    await asyncio.sleep(0.1)
+    assert SlowJob.started and not SlowJob.finished
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(s.stop(), 0.5)
+    for task in list(s._cancels):  # the test's end: the stand-in's 30 s cancel is not waited for
+        task.cancel()
+
+
+def test_a_profile_with_an_unknown_key_is_refused_when_the_config_loads(local, tmp_path):
+    """Not at every visit of the spawn page (an HTTP 500 for every user): when the spawner is made from the hub's
+    config, naming the profile, the key and the keys offload knows."""
+    from traitlets import TraitError
+
+    config = hub_config(tmp_path, """
+c.OffloadSpawner.profiles = [{"display_name": "GPU", "slug": "gpu", "gpu": 1}]
+""")  # fmt: skip
+    with pytest.raises(TraitError, match=r"profiles\[0\] \('gpu'\).*'gpu'.*known keys.*'gpus'"):
+        spawner(config=config)
+
+
+def test_a_kubespawner_profile_is_mapped_where_the_meaning_is_the_same(local, tmp_path):
+    """One profile list for a hub that also runs KubeSpawner: kubespawner_override's cpu_limit, mem_limit, image
+    and extra_resource_limits {"nvidia.com/gpu": N} become cpus, memory, image and gpus."""
+    from traitlets import TraitError
+
+    config = hub_config(tmp_path, """
+c.OffloadSpawner.profiles = [
+    {
+        "display_name": "2 GPUs",
+        "slug": "gpu2",
+        "description": "training",
+        "kubespawner_override": {
+            "cpu_limit": 7.5,
+            "mem_limit": "32G",
+            "image": "ghcr.io/me/lab:1",
+            "extra_resource_limits": {"nvidia.com/gpu": "2"},
+        },
+    },
+]
+""")  # fmt: skip
+    s = spawner(config=config)
+    assert s.profiles == [{"display_name": "2 GPUs", "slug": "gpu2", "description": "training", "cpus": 8,
+                           "memory": "32768M", "image": "ghcr.io/me/lab:1", "gpus": 2}]  # fmt: skip
+    s._site_key = ("local", None, None)
+    s.user_options = {}
+    res = s._spec("/work", s._profile()).resources
+    assert (res.gpus, res.cpus, res.memory_mb) == (2, 8, 32 * 1024)
+
+    refused = {
+        "node_selector": r"kubespawner_override key 'node_selector'.*cpu_limit -> cpus.*partition",
+        "mem_guarantee": r"kubespawner_override key 'mem_guarantee'.*mem_limit -> memory",
+        "extra_resource_limits": r"extra_resource_limits key 'example.com/fpga'.*nvidia.com/gpu",
+    }
+    for key, message in refused.items():
+        value = {"example.com/fpga": 1} if key == "extra_resource_limits" else "x"
+        with pytest.raises(TraitError, match=message):
+            spawner(profiles=[{"display_name": "K", "kubespawner_override": {key: value}}])
+    with pytest.raises(TraitError, match=r"'profile_options'.*'images'"):
+        spawner(profiles=[{"display_name": "K", "profile_options": {}}])
+    with pytest.raises(TraitError, match=r"'gpus' twice"):
+        spawner(profiles=[{"display_name": "K", "gpus": 1, "kubespawner_override": {
+            "extra_resource_limits": {"nvidia.com/gpu": 2}}}])  # fmt: skip

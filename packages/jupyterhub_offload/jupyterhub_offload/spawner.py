@@ -13,20 +13,28 @@ compute node to the hub:
 One SSH connection per site account, shared by every hub user mapped to it; one poller per connection (one
 ``squeue`` per interval for all of their sessions). The job id and the forward's local port are the spawner's
 state, so a restarted hub finds its running sessions and forwards them again on the same ports.
+
+The hub's own settings hold as they do for batchspawner and KubeSpawner: ``cmd`` followed by ``get_args()``,
+``notebook_dir``, ``default_url``, ``mem_limit`` and ``cpu_limit``; ``profiles`` takes KubeSpawner-shaped entries
+where their meaning is the same on a SLURM site (see :func:`check_profiles`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import html
 import json
+import math
 import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from jupyterhub.spawner import Spawner
-from traitlets import Callable, Dict, Integer, List, Unicode, Union, default
+from jupyterhub.traitlets import ByteSpecification
+from jupyterhub.utils import maybe_future
+from traitlets import Callable, Dict, Integer, List, TraitError, Unicode, Union, default, validate
 
 import offload
 from offload import jupyter as jupyter_mod
@@ -40,7 +48,47 @@ REACH_ENV = ("JUPYTERHUB_API_URL", "JUPYTERHUB_ACTIVITY_URL")
 # Set by the job itself (the port is picked free on the node).
 DROPPED_ENV = ("JUPYTERHUB_SERVICE_URL",)
 PROFILE_KEYS = {"display_name", "slug", "description", "default", "gpus", "cpus", "memory", "walltime",
-                "partition", "image", "images", "site"}  # fmt: skip
+                "partition", "account", "qos", "image", "images", "site"}  # fmt: skip
+# KubeSpawner's profile_list entries share display_name, slug, description and default with offload's profiles.
+# Of the keys of their kubespawner_override, these mean the same on a SLURM site (whose allocation is at once the
+# job's request and its limit); the rest (node selectors, volumes, guarantees, ...) have no meaning here.
+KUBESPAWNER_KEYS = {"cpu_limit": "cpus", "mem_limit": "memory", "image": "image", "extra_resource_limits": "gpus"}
+GPU_RESOURCE = "nvidia.com/gpu"
+KUBESPAWNER_MAPPING = (f"offload maps cpu_limit -> cpus (rounded up to whole cores), mem_limit -> memory, "
+                       f"image -> image, extra_resource_limits {{{GPU_RESOURCE!r}: N}} -> gpus")  # fmt: skip
+# What the hub may not know it can say instead, for the keys of KubeSpawner's profiles that offload refuses.
+KUBESPAWNER_HINTS = {
+    "profile_options": "offload's one choice within a profile is 'images', a list of images the user may pick",
+    "cpu_guarantee": "a SLURM job gets what it asks for: give cpu_limit (or offload's cpus)",
+    "mem_guarantee": "a SLURM job gets what it asks for: give mem_limit (or offload's memory)",
+    "node_selector": "where a session runs is offload's partition, account and qos keys",
+    "node_affinity_required": "where a session runs is offload's partition, account and qos keys",
+    "tolerations": "where a session runs is offload's partition, account and qos keys",
+}
+
+# How the hub's command starts under offload's Jupyter launcher (offload.jupyter.LAUNCHER, which gives the
+# server job-private Jupyter directories and a free port on its node's loopback, reported in jupyter.json, then
+# execs ``python -m jupyterhub.singleuser OPTIONS``). Run as ``python -c HUB_LAUNCHER '[cmd, args]' LAUNCHER
+# ROOT hub``: it wraps os.execvp so that the last step runs ``CMD OPTIONS ARGS`` instead (the launcher's options
+# first, so that the hub's args come last and win), with no copy of the launcher to drift from it. Spawner's
+# notebook_dir (JUPYTERHUB_ROOT_DIR, ~ expanded in the container as jupyterhub-singleuser does) is the root.
+HUB_LAUNCHER = r"""
+import json, os, sys
+cmd, args = json.loads(sys.argv.pop(1))
+launcher = sys.argv.pop(1)
+if os.environ.get("JUPYTERHUB_ROOT_DIR"):
+    sys.argv[1] = os.path.expanduser(os.environ["JUPYTERHUB_ROOT_DIR"])
+execvp = os.execvp
+def run_hub_command(file, argv):
+    if argv[1:3] != ["-m", "jupyterhub.singleuser"]:
+        sys.exit("offload's Jupyter launcher no longer ends in 'python -m jupyterhub.singleuser': update "
+                 "jupyterhub_offload to the installed offload")
+    argv = (cmd or argv[:3]) + argv[3:] + args
+    execvp(argv[0], argv)
+os.execvp = run_hub_command
+exec(compile(launcher, "offload-jupyter-launcher", "exec"))
+"""
+DEFAULT_CMD = ["jupyterhub-singleuser"]
 
 # SLURM's pending reasons, in words for the spawn page (the reason itself is shown too).
 PENDING_WORDS = {
@@ -83,12 +131,20 @@ class OffloadSpawner(Spawner):
         config=True
     )
     gpus = Integer(0, help="GPUs for a session (a profile may change it).").tag(config=True)
-    cpus = Integer(None, allow_none=True, help="CPU cores for a session.").tag(config=True)
-    memory = Unicode(None, allow_none=True, help="Memory for a session, e.g. 16G.").tag(config=True)
+    cpus = Integer(None, allow_none=True, help="CPU cores for a session (default: Spawner.cpu_limit rounded up).").tag(
+        config=True
+    )
+    memory = Unicode(None, allow_none=True, help="Memory for a session, e.g. 16G (default: Spawner.mem_limit).").tag(
+        config=True
+    )
     walltime = Unicode("08:00:00", help="Walltime of a session: the server ends when it ends.").tag(config=True)
     partition = Unicode(None, allow_none=True, help="Partition (default: the site's; its GPU one with GPUs).").tag(
         config=True
     )
+    account = Unicode(None, allow_none=True, help="Account charged for a session (default: the site's).").tag(
+        config=True
+    )
+    qos = Unicode(None, allow_none=True, help="Quality of service of a session (default: the site's).").tag(config=True)
     secrets = Dict(help="More secrets for the server's environment (never in scripts or logs).").tag(config=True)
     site_user = Union(
         [Unicode(), Callable()], allow_none=True, default_value=None,
@@ -100,11 +156,13 @@ class OffloadSpawner(Spawner):
         help="The private key file of that account: a path, or a callable taking the spawner. Default: the "
              "profile's identity_files.",
     ).tag(config=True)  # fmt: skip
-    profiles = List(
-        Dict(),
-        help="Choices on the spawn page, as KubeSpawner's profile_list: each a dict with display_name, slug, "
-             "description, default, and overrides of gpus, cpus, memory, walltime, partition, image; 'images' "
-             "(a list) lets the user pick one of those images.",
+    profiles = Union(
+        [List(Dict()), Callable()], default_value=[],
+        help="Choices on the spawn page: a list, or a callable taking the spawner (it may be async) that returns "
+             "one, as KubeSpawner's profile_list. Each is a dict with display_name, slug, description, default, "
+             "and overrides of gpus, cpus, memory, walltime, partition, account, qos, image, site; 'images' (a "
+             "list) lets the user pick one of those images. KubeSpawner's kubespawner_override is taken where "
+             "its meaning is the same: cpu_limit, mem_limit, image, extra_resource_limits {'nvidia.com/gpu': N}.",
     ).tag(config=True)  # fmt: skip
     notebooks = Unicode(
         "hub/{username}/notebooks", help="Where a user's notebooks live, under the site's workdir."
@@ -127,6 +185,18 @@ class OffloadSpawner(Spawner):
     def _env_keep(self) -> list[str]:
         return []  # the hub's PATH, venv and locale mean nothing in a container on a compute node
 
+    @validate("profiles")
+    def _check_profiles(self, proposal: dict[str, Any]) -> Any:
+        """A profile offload cannot honour is refused when the hub makes the spawner from its config (at its
+        start for the users it knows), not on the spawn page, where it would fail every user's visit."""
+        value = proposal["value"]
+        if callable(value):
+            return value  # checked when called, for the spawner it is called with
+        try:
+            return check_profiles(value, f"{type(self).__name__}.profiles")
+        except ValueError as exc:
+            raise TraitError(str(exc)) from None
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.job: offload.Job | None = None
@@ -135,6 +205,7 @@ class OffloadSpawner(Spawner):
         self._forward: offload.Forward | None = None
         self._site_key: tuple[str | None, str | None, str | None] = (None, None, None)
         self._news: list[str] = []
+        self._cancels: set[asyncio.Future[None]] = set()
 
     # -- who and where ------------------------------------------------------------------------------------
 
@@ -149,13 +220,19 @@ class OffloadSpawner(Spawner):
 
     @default("options_form")
     def _options_form(self) -> Any:
+        if callable(self.profiles):
+            return self._render_form_of_callable  # JupyterHub awaits it for each spawn page
         return self._render_form if self.profiles else ""
 
-    def _render_form(self, spawner: Spawner) -> str:
+    async def _render_form_of_callable(self, spawner: Spawner) -> str:
+        return self._render_form(spawner, await self._profile_list())
+
+    def _render_form(self, spawner: Spawner, profiles: list[dict[str, Any]] | None = None) -> str:
+        profiles = self.profiles if profiles is None else profiles
         rows = []
-        for i, (slug, profile) in enumerate(zip(self._slugs(), self.profiles, strict=True)):
+        for i, (slug, profile) in enumerate(zip(self._slugs(profiles), profiles, strict=True)):
             checked = " checked" if profile.get("default") or (i == 0 and not any(p.get("default") for p in
-                                                                                  self.profiles)) else ""  # fmt: skip
+                                                                                  profiles)) else ""  # fmt: skip
             images = "".join(f'<option value="{html.escape(img)}">{html.escape(img)}</option>'
                              for img in profile.get("images", []))  # fmt: skip
             choose = f'<select name="image-{html.escape(slug)}">{images}</select>' if images else ""
@@ -175,25 +252,32 @@ class OffloadSpawner(Spawner):
                 options["image"] = image[0]
         return options
 
-    def _slugs(self) -> list[str]:
-        slugs = []
-        for i, profile in enumerate(self.profiles):
-            unknown = set(profile) - PROFILE_KEYS
-            if unknown:
-                raise ValueError(f"OffloadSpawner.profiles[{i}] has unknown keys {sorted(unknown)}")
-            slugs.append(profile.get("slug") or _slug(profile.get("display_name", f"profile-{i}")))
-        return slugs
+    def _slugs(self, profiles: list[dict[str, Any]] | None = None) -> list[str]:
+        profiles = self.profiles if profiles is None else profiles
+        return [profile.get("slug") or _slug(profile.get("display_name", f"profile-{i}"))
+                for i, profile in enumerate(profiles)]  # fmt: skip
 
-    def _profile(self) -> dict[str, Any]:
+    async def _profile_list(self) -> list[dict[str, Any]]:
+        """The profiles offered to this spawner: the configured list, or what the callable returns for it (checked
+        as a configured list is, each time, since it may differ per user)."""
+        if not callable(self.profiles):
+            return self.profiles
+        return check_profiles(await maybe_future(self.profiles(self)), f"{type(self).__name__}.profiles(spawner)")
+
+    async def _chosen_profile(self) -> dict[str, Any]:
+        return self._profile(await self._profile_list())
+
+    def _profile(self, profiles: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """The chosen profile (checked against the admin's list: a user cannot ask for what is not offered)."""
-        if not self.profiles:
+        profiles = self.profiles if profiles is None else profiles
+        if not profiles:
             return {}
         wanted = self.user_options.get("profile")
-        slugs = self._slugs()
+        slugs = self._slugs(profiles)
         if wanted is None:  # the form was not used (the REST API without options): the default profile
-            defaults = [slug for slug, p in zip(slugs, self.profiles, strict=True) if p.get("default")]
+            defaults = [slug for slug, p in zip(slugs, profiles, strict=True) if p.get("default")]
             wanted = (defaults or slugs)[0]
-        for slug, profile in zip(slugs, self.profiles, strict=True):
+        for slug, profile in zip(slugs, profiles, strict=True):
             if wanted == slug:
                 chosen = dict(profile)
                 image = self.user_options.get("image")
@@ -206,8 +290,32 @@ class OffloadSpawner(Spawner):
 
     # -- the session's job --------------------------------------------------------------------------------
 
+    def _resources(self, profile: dict[str, Any]) -> offload.Resources:
+        """What the session asks SLURM for: the profile's value, else this spawner's, else (for cores and memory)
+        the hub's Spawner.cpu_limit and mem_limit, which KubeSpawner makes the pod's limits: a SLURM allocation is
+        that limit. Checked here, so a bad value is a clear error on the spawn page."""
+        cpus = profile.get("cpus", self.cpus)
+        if cpus is None and self.cpu_limit:
+            cpus = math.ceil(self.cpu_limit)  # SLURM allocates whole cores
+        memory = profile.get("memory", self.memory)
+        if memory is None and self.mem_limit:
+            memory = _megabytes(self.mem_limit)
+        return offload.Resources(
+            gpus=int(profile.get("gpus", self.gpus)), cpus=cpus, memory=memory,
+            walltime=profile.get("walltime", self.walltime), partition=profile.get("partition", self.partition),
+            account=profile.get("account", self.account), qos=profile.get("qos", self.qos),
+        )  # fmt: skip
+
     def _spec(self, workdir: str, profile: dict[str, Any]) -> offload.JobSpec:
+        resources = self._resources(profile)
         env = self.get_env()
+        # What the server (and jupyter-resource-usage) is told it has: the job's allocation, not the hub-wide limit
+        env.pop("MEM_LIMIT", None)
+        env.pop("CPU_LIMIT", None)
+        if resources.memory_mb:
+            env["MEM_LIMIT"] = str(resources.memory_mb * 2**20)
+        if resources.cpus:
+            env["CPU_LIMIT"] = str(resources.cpus)
         secrets = {name: env.pop(name) for name in SECRET_ENV if env.get(name)}
         secrets.update(self.secrets)
         reach = {name: env.pop(name) for name in REACH_ENV if env.get(name)}
@@ -215,17 +323,28 @@ class OffloadSpawner(Spawner):
             env.pop(name, None)
         site = self._site()
         server = self.name or "default"
-        return jupyter_mod.session_spec(
+        spec = jupyter_mod.session_spec(
             site, workdir, mode="hub", notebooks=self.notebooks.format(username=self.user.name, servername=server),
-            gpus=int(profile.get("gpus", self.gpus)), cpus=profile.get("cpus", self.cpus),
-            memory=profile.get("memory", self.memory), walltime=profile.get("walltime", self.walltime),
-            partition=profile.get("partition", self.partition), image=profile.get("image", self.image),
-            env={k: str(v) for k, v in env.items() if v is not None}, secrets=secrets, reach=reach,
-            name=_slug(f"jupyterhub-{self.user.name}-{server}"),
+            image=profile.get("image", self.image), env={k: str(v) for k, v in env.items() if v is not None},
+            secrets=secrets, reach=reach, name=_slug(f"jupyterhub-{self.user.name}-{server}"),
         )  # fmt: skip
+        return dataclasses.replace(spec, resources=resources, command=self._command(spec.command))
+
+    def _command(self, launcher: tuple[str, ...]) -> list[str]:
+        """The hub's ``cmd`` followed by ``get_args()`` (as batchspawner and KubeSpawner run them), started by
+        offload's Jupyter launcher (``launcher``: ``python -c LAUNCHER ROOT hub``) through :data:`HUB_LAUNCHER`.
+        Every part is one argv element, which the batch script quotes for the shell: the hub's arguments reach
+        the server as written, ``$(...)`` and all. The default command, jupyterhub-singleuser, stays the
+        launcher's ``python -m jupyterhub.singleuser`` (the same program, found without the image's PATH)."""
+        python, flag, code, *rest = launcher
+        if flag != "-c" or rest[-1:] != ["hub"]:
+            raise RuntimeError(f"offload's Jupyter launcher is not 'python -c CODE ROOT hub' but {launcher[:2]}...: "
+                               "update jupyterhub_offload to the installed offload")  # fmt: skip
+        cmd = None if list(self.cmd) in ([], DEFAULT_CMD) else list(self.cmd)
+        return [python, "-c", HUB_LAUNCHER, json.dumps([cmd, list(self.get_args())]), code, *rest]
 
     async def start(self) -> tuple[str, int]:
-        profile = self._profile()
+        profile = await self._chosen_profile()
         self._site_key = (profile.get("site", self.site), self._resolve(self.site_user),
                           self._resolve(self.ssh_identity))  # fmt: skip
         site = self._site()
@@ -311,7 +430,21 @@ class OffloadSpawner(Spawner):
         return None
 
     async def stop(self, now: bool = False) -> None:
-        await self._cancel()
+        """Cancel the session's job and return once it ended; with ``now`` (JupyterHub's "terminate
+        immediately"), return at once and let the cancel run on: the job's end is SLURM's to see, and a job
+        the cancel missed is found by name and cancelled at this server's next spawn."""
+        if not now:
+            await self._cancel()
+            return
+        task = asyncio.ensure_future(self._cancel())
+        self._cancels.add(task)  # a reference, or the task may be collected before it ran
+        task.add_done_callback(self._cancel_done)
+
+    def _cancel_done(self, task: asyncio.Future[None]) -> None:
+        self._cancels.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.log.error("%s: cancelling its job failed: %s; it runs until its walltime, or 'offload cancel' "
+                           "it", self._log_name, task.exception())  # fmt: skip
 
     async def _cancel(self) -> None:
         if self._forward is not None:
@@ -344,6 +477,74 @@ class OffloadSpawner(Spawner):
         self.remote_port = self.local_port = None
         self._forward = None
         self._news = []
+
+
+def check_profiles(profiles: Any, where: str) -> list[dict[str, Any]]:
+    """``profiles`` as offload's profiles, or a ValueError naming the profile, the key, and what to write instead.
+
+    A KubeSpawner-shaped profile (its ``kubespawner_override``) is mapped to offload's keys where the meaning is
+    the same (:data:`KUBESPAWNER_KEYS`), so a hub that also runs KubeSpawner can keep one list; anything else
+    is refused rather than silently dropped: a session without the GPUs its profile promised is worse."""
+    if not isinstance(profiles, list):
+        raise ValueError(f"{where} must be a list of dicts, got {type(profiles).__name__}")
+    return [_check_profile(profile, f"{where}[{i}]") for i, profile in enumerate(profiles)]
+
+
+def _check_profile(profile: Any, where: str) -> dict[str, Any]:
+    if not isinstance(profile, dict):
+        raise ValueError(f"{where} must be a dict (display_name, slug, gpus, ...), got {type(profile).__name__}")
+    label = f"{where} ({profile.get('slug') or profile.get('display_name')!r})"
+    known = ", ".join(repr(key) for key in sorted(PROFILE_KEYS | {"kubespawner_override"}))
+    checked = {}
+    for key, value in profile.items():
+        if key == "kubespawner_override":
+            continue
+        if key not in PROFILE_KEYS:
+            hint = f" ({KUBESPAWNER_HINTS[key]})" if key in KUBESPAWNER_HINTS else ""
+            raise ValueError(f"{label} has the key {key!r}, which offload does not know{hint}; its known keys are "
+                             f"{known}")  # fmt: skip
+        checked[key] = value
+    override = profile.get("kubespawner_override") or {}
+    if not isinstance(override, dict):
+        raise ValueError(f"{label}: kubespawner_override must be a dict, got {type(override).__name__}")
+    for key, value in override.items():
+        name, mapped = _from_kubespawner(key, value, label)
+        if name in checked:
+            raise ValueError(f"{label} sets {name!r} twice: as {name} and through kubespawner_override's {key}; "
+                             "keep one")  # fmt: skip
+        checked[name] = mapped
+    return checked
+
+
+def _from_kubespawner(key: str, value: Any, label: str) -> tuple[str, Any]:
+    """One key of a ``kubespawner_override`` as offload's profile key and value."""
+    where = f"{label}: kubespawner_override key {key!r}"
+    if key not in KUBESPAWNER_KEYS:
+        hint = f" ({KUBESPAWNER_HINTS[key]})" if key in KUBESPAWNER_HINTS else ""
+        raise ValueError(f"{where} has no meaning on an offload site{hint}; {KUBESPAWNER_MAPPING}, and where a "
+                         "session runs is offload's partition, account and qos keys")  # fmt: skip
+    if callable(value):
+        raise ValueError(f"{where} is a callable: give its value, or make the profiles a callable of the spawner")
+    if key == "extra_resource_limits":
+        others = sorted(set(value) - {GPU_RESOURCE}) if isinstance(value, dict) else []
+        if others:
+            raise ValueError(f"{label}: extra_resource_limits key {others[0]!r} has no meaning on an offload site; "
+                             f"{KUBESPAWNER_MAPPING}")  # fmt: skip
+    try:
+        if key == "cpu_limit":
+            return "cpus", math.ceil(float(value))
+        if key == "mem_limit":
+            return "memory", _megabytes(ByteSpecification().validate(None, value))
+        if key == "image":
+            return "image", str(value)
+        return "gpus", int(value.get(GPU_RESOURCE, 0))
+    except (AttributeError, TypeError, ValueError, TraitError) as exc:
+        raise ValueError(f"{where}: {value!r} is not a value it takes ({exc})") from None
+
+
+def _megabytes(size: int) -> str:
+    """A byte count (JupyterHub's ByteSpecification: mem_limit) as offload's memory, in whole megabytes."""
+    return f"{math.ceil(size / 2**20)}M"
 
 
 def _slug(text: str) -> str:
