@@ -619,3 +619,25 @@ def test_the_token_file_is_read_once_and_an_empty_one_is_refused(tmp_path):
         read_token(tmp_path / "empty")
     with pytest.raises(offload.ConfigError, match="readable"):
         read_token(tmp_path / "absent")
+
+
+async def test_logs_with_tail_or_limit_read_only_the_end_or_the_start():
+    """`kubectl logs --tail=1` of a 300 MiB log read all of it (916 MiB more in the plugin): now only the end."""
+    from interlink_offload.server import _read_shown
+
+    log = b"".join(b"line %d\n" % i for i in range(2_000_000))  # about 25 MiB
+
+    class Job:
+        asked: list[tuple[int, int | None]] = []
+
+        async def aget(self, name, offset=0, size=None):
+            self.asked.append((offset, size))
+            data = log[offset:]  # a negative offset: that many bytes from the end, as the transports read
+            return data if size is None else data[:size]
+
+    job = Job()
+    assert await _read_shown(job, "main.log", 2, 0) == b"line 1999998\nline 1999999\n"
+    assert all(offset < 0 and -offset <= 64 * 1024 for offset, _ in job.asked)
+    job.asked.clear()
+    assert await _read_shown(job, "main.log", 0, 12) == b"line 0\nline "
+    assert job.asked == [(0, 12)]

@@ -21,9 +21,9 @@ class Host:
     async def finished(self, ref):
         return JobStatus(JobState.COMPLETED)
 
-    async def read(self, path, offset=0):
+    async def read(self, path, offset=0, size=None):
         self.reads += 1
-        return self.output[offset:]
+        return self.output[offset:] if size is None else self.output[offset : offset + size]
 
 
 def job(host: Host) -> Job:
@@ -59,3 +59,22 @@ async def test_a_wait_that_times_out_says_the_state_it_saw():
 
     with pytest.raises(TimeoutError, match=r"did not end within 0.1 s: it is PENDING \(Resources\)"):
         await job(Queued(b"", JobState.PENDING))._finished(0.1, check=False)
+
+
+async def test_a_follower_far_behind_reads_in_bounded_pieces():
+    """A restarted follower of a long log (an Airflow triggerer, kubectl logs) never asks for all of it at once."""
+    from offload.jobs import READ_CHUNK
+
+    sizes = []
+
+    class Recording(Host):
+        async def read(self, path, offset=0, size=None):
+            sizes.append(size)
+            return await super().read(path, offset, size)
+
+    log = b"x" * 100 + b"\n"
+    lines = [
+        line async for line in job(Recording(log * (3 * READ_CHUNK // len(log)), JobState.RUNNING))._read_lines(True)
+    ]
+    assert len(lines) == 3 * READ_CHUNK // len(log)
+    assert sizes and all(size == READ_CHUNK for size in sizes)

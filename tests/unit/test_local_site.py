@@ -135,8 +135,8 @@ def test_tail_reads_only_the_end_of_a_big_log(site, monkeypatch):
     read = []
     original = site.transport.read_file
 
-    async def spy(path, offset=0):
-        data = await original(path, offset)
+    async def spy(path, offset=0, size=None):
+        data = await original(path, offset, size)
         read.append(len(data))
         return data
 

@@ -20,6 +20,7 @@ from offload.errors import ConfigError, JobFailedError, OffloadError
 from offload.spec import RESERVED_FILES
 
 MAX_LINE = 1 << 20  # bytes: a longer line (no newline yet) is handed on in pieces of this size
+READ_CHUNK = 4 << 20  # bytes a log follower reads at once: memory stays bounded however far behind it starts
 
 if TYPE_CHECKING:
     from offload.site import Site
@@ -93,8 +94,9 @@ class JobHost(Protocol):
 
     async def cancel(self, refs: list[JobRef]) -> None: ...
 
-    async def read(self, path: str, offset: int = 0) -> bytes:
-        """The bytes of ``path`` from ``offset`` (negative: that many from the end); empty if it is missing."""
+    async def read(self, path: str, offset: int = 0, size: int | None = None) -> bytes:
+        """The bytes of ``path`` from ``offset`` (negative: that many from the end), at most ``size`` of them;
+        empty if it is missing."""
         ...
 
     async def write(self, path: str, data: bytes, mode: int) -> None: ...
@@ -269,7 +271,7 @@ class Job:
         try:
             while True:
                 ended = watcher is None or watcher.done()
-                chunk = await host.read(self.ref.output_path, offset)
+                chunk = await host.read(self.ref.output_path, offset, READ_CHUNK)  # a 300 MiB log: in pieces
                 offset += len(chunk)
                 pending += chunk
                 *complete, pending = pending.split(b"\n")
@@ -318,14 +320,15 @@ class Job:
         """Sync form of :meth:`aput`."""
         _loop.run(self._host.write(self._path(name), data, mode))
 
-    async def aget(self, name: str, offset: int = 0) -> bytes:
-        """The bytes of the file ``name`` in the job's directory from byte ``offset`` on (empty if it does not
-        exist): a follower of a file the job writes keeps its own place, as with :meth:`aoutput`."""
-        return await _loop.bridge(self._host.read(self._path(name), offset))
+    async def aget(self, name: str, offset: int = 0, size: int | None = None) -> bytes:
+        """The bytes of the file ``name`` in the job's directory from byte ``offset`` on (negative: that many
+        from its end), at most ``size`` of them (empty if it does not exist): a follower of a file the job writes
+        keeps its own place, as with :meth:`aoutput`, and a reader of a big log's end reads only that."""
+        return await _loop.bridge(self._host.read(self._path(name), offset, size))
 
-    def get(self, name: str, offset: int = 0) -> bytes:
+    def get(self, name: str, offset: int = 0, size: int | None = None) -> bytes:
         """Sync form of :meth:`aget`."""
-        return _loop.run(self._host.read(self._path(name), offset))
+        return _loop.run(self._host.read(self._path(name), offset, size))
 
     async def aupload(self, local: str | os.PathLike[str], name: str | None = None,
                       progress: Progress | None = None) -> None:  # fmt: skip

@@ -571,8 +571,8 @@ class _JobHost:
     async def cancel(self, refs: list[JobRef]) -> None:
         await self._site._cancel(refs)
 
-    async def read(self, path: str, offset: int = 0) -> bytes:
-        return await self._site._transport.read_file(path, offset)
+    async def read(self, path: str, offset: int = 0, size: int | None = None) -> bytes:
+        return await self._site._transport.read_file(path, offset, size)
 
     async def write(self, path: str, data: bytes, mode: int) -> None:
         await self._site._transport.write_file(path, data, mode=mode)

@@ -453,17 +453,18 @@ class PodServer:
             if pending is not None:
                 raise BadRequest(400, f"container {container!r} is waiting to start: ContainerCreating")
             raise BadRequest(404, f"offload has no job for pod {asked.get('PodName')!r} ({uid})")
+        tail, limit = int(opts.get("Tail") or 0), int(opts.get("Bytes") or opts.get("LimitBytes") or 0)
         try:
             name = log_file(container)
+            if not opts.get("Follow"):  # read only what is shown: `kubectl logs --tail=1` of a 300 MiB log
+                shown = await _read_shown(job, name, tail, limit)
+                return web.Response(body=shown, content_type="text/plain", charset="utf-8")
             data = await job.aget(name)
         except offload.ConfigError as exc:
             raise BadRequest(400, str(exc)) from None
-        tail, limit = int(opts.get("Tail") or 0), int(opts.get("Bytes") or opts.get("LimitBytes") or 0)
         shown = _tail(data, tail)
         if limit:
             shown = shown[:limit]
-        if not opts.get("Follow"):
-            return web.Response(body=shown, content_type="text/plain", charset="utf-8")
         # Headers go now: interLink's client waits 120 s for them (ResponseHeaderTimeout), then nothing times the
         # body out (no http.Client Timeout, no WriteTimeout on interLink's or the VK's servers, TCP keep-alive from
         # their dialers), and interLink copies every byte into `kubectl logs -f`. So a silent container sends
@@ -536,6 +537,21 @@ class PodServer:
         pending = self._pending.get(uid)
         if pending is not None and (pending.task is None or pending.task.done()):
             del self._pending[uid]
+
+
+async def _read_shown(job: offload.Job, name: str, lines: int, limit: int) -> bytes:
+    """The last ``lines`` lines of a container's log (all of it if 0), cut at ``limit`` bytes (0: no cut),
+    reading from the end only as much as they need."""
+    if not lines:
+        return await job.aget(name, 0, limit or None)
+    size = 64 * 1024
+    while True:
+        data = await job.aget(name, -size)
+        if len(data) < size or data.count(b"\n") > lines:
+            break
+        size *= 4
+    shown = _tail(data, lines)
+    return shown[:limit] if limit else shown
 
 
 def _tail(data: bytes, lines: int) -> bytes:

@@ -92,9 +92,9 @@ class Transport(Protocol):
         """Create or replace ``path`` with ``data``, created with ``mode`` (never briefly wider)."""
         ...
 
-    async def read_file(self, path: str, offset: int = 0) -> bytes:
-        """The bytes of ``path`` from ``offset`` on (negative: the last ``-offset`` bytes); empty if the file does
-        not exist yet."""
+    async def read_file(self, path: str, offset: int = 0, size: int | None = None) -> bytes:
+        """The bytes of ``path`` from ``offset`` on (negative: the last ``-offset`` bytes), at most ``size`` of
+        them; empty if the file does not exist yet."""
         ...
 
     async def put(

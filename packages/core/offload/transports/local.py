@@ -104,14 +104,14 @@ class LocalTransport:
             f.write(data)
         os.chmod(path, mode)
 
-    async def read_file(self, path: str, offset: int = 0) -> bytes:
+    async def read_file(self, path: str, offset: int = 0, size: int | None = None) -> bytes:
         try:
             with open(path, "rb") as f:
                 if offset < 0:  # the last -offset bytes
                     f.seek(max(0, os.fstat(f.fileno()).st_size + offset))
                 else:
                     f.seek(offset)
-                return f.read()
+                return f.read(-1 if size is None else size)
         except FileNotFoundError:
             return b""
 

@@ -599,15 +599,15 @@ class SSHTransport:
         except asyncssh.SFTPError as exc:
             raise TransportError(f"cannot write {path} on {self.description}: {exc.reason}") from None
 
-    async def read_file(self, path: str, offset: int = 0) -> bytes:
+    async def read_file(self, path: str, offset: int = 0, size: int | None = None) -> bytes:
         async def read(sftp: asyncssh.SFTPClient) -> bytes:
             async with sftp.open(path, "rb") as f:
                 if offset < 0:  # the last -offset bytes
-                    size = (await f.stat()).size or 0
-                    await f.seek(max(0, size + offset))
+                    total = (await f.stat()).size or 0
+                    await f.seek(max(0, total + offset))
                 elif offset:
                     await f.seek(offset)
-                return await f.read()
+                return await f.read(-1 if size is None else size)
 
         self.stats["sftp:read"] += 1
         try:
