@@ -20,6 +20,10 @@ c.JupyterHub.allow_named_servers = True
 c.JupyterHub.spawner_class = "offload"
 c.OffloadSpawner.site = "testsite"  # an offload site profile
 c.OffloadSpawner.walltime = "04:00:00"
+# The hub's own Spawner settings hold: mem_limit and cpu_limit are a session's memory and cores unless its profile
+# sets them; cmd and args (quoted for the job's shell), notebook_dir and default_url reach the server.
+c.Spawner.mem_limit = "8G"
+c.Spawner.default_url = "/lab"
 # Site accounts: here every hub user is the profile's one account; a site with an account per person maps
 # them, each with their own key (one SSH connection per account, shared by that account's sessions):
 # c.OffloadSpawner.site_user = lambda spawner: spawner.user.name
@@ -43,7 +47,12 @@ c.OffloadSpawner.profiles = [
         # `offload image push ./lab-rootfs --name my-lab-image`
         "images": ["/var/lib/offload-testsite/images/default", "my-lab-image"],
     },
+    # A profile written for KubeSpawner works where its keys mean the same on a SLURM site (cpu_limit, mem_limit,
+    # image, extra_resource_limits {"nvidia.com/gpu": N}); any other key is refused when the hub loads it:
+    # {"display_name": "4 GPUs", "kubespawner_override": {"cpu_limit": 32, "mem_limit": "256G",
+    #                                                    "extra_resource_limits": {"nvidia.com/gpu": "4"}}},
 ]
+# profiles may also be a callable (async or not) taking the spawner, e.g. a list per group of the user.
 
 # Idle HPC sessions are culled (their activity reaches the hub through offload), freeing the allocation.
 c.JupyterHub.services = [
