@@ -121,7 +121,7 @@ def session_spec(site: Site, workdir: str, *, mode: str = "lab", notebooks: str 
     prologue: tuple[str, ...] = ()
     if root is None:
         folder = f"{workdir}/{notebooks}"
-        prologue = (f"mkdir -p -m 700 {shlex.quote(folder)}",)
+        prologue = (f"(umask 077 && mkdir -p {shlex.quote(folder)})",)  # every new parent 0700 too
         root = site.bind_target(folder)
         if root != folder or site.config.runtime != "none":
             mounts = (Mount(folder, root),)
