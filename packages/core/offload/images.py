@@ -239,6 +239,9 @@ class Images:
         pull = is_pull(image) and self._site.config.pull == "login"
         if not pull and not is_pushed_name(image):
             return image
+        now = time.monotonic()
+        for old in [k for k, (t, f) in self._resolving.items() if f.done() and now - t >= RESOLVED_FOR]:
+            del self._resolving[old]  # a long-lived server resolves many images over months: keep the fresh ones
         when, running = self._resolving.get(image, (0.0, None))
         fresh = running is not None and (not running.done() or time.monotonic() - when < RESOLVED_FOR)
         if not fresh or (running.done() and running.exception() is not None):

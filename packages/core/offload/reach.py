@@ -238,6 +238,15 @@ class Relays:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _serve(self, ref: JobRef, targets: list[tuple[str, int]]) -> None:
+        try:
+            await self._serve_until_end(ref, targets)
+        finally:  # a hub or plugin serves relays for months: nothing of an ended job stays
+            self._attached.pop(ref.id, None)
+            self._muxes.pop(ref.id, None)
+            if self._tasks.get(ref.id) is asyncio.current_task():
+                del self._tasks[ref.id]
+
+    async def _serve_until_end(self, ref: JobRef, targets: list[tuple[str, int]]) -> None:
         site, delay = self._site, 1.0
         while True:
             status = await site._poller.status(ref, refresh=False)
