@@ -87,7 +87,7 @@ def test_a_job_in_the_container_prints_and_exits_with_its_code(site):
         jobs.append(job := site.submit(JobSpec(["python3", "-c", code], name=_name("ge-hello"))))
         status = job.wait(timeout=120)
         assert status.state is JobState.FAILED and status.exit_code == 3, status
-        assert status.node in ("ge1", "ge2")
+        assert status.node in ("ge1", "ge2", "")  # "" when the exit code file told the end before qacct did
         log = "".join(job.logs())
         assert "hello /mnt/9" in log and "Debian" in log, log  # ch-run's job dir, in the image
     finally:

@@ -61,7 +61,9 @@ async def _checks(site: Site, network: bool = True) -> list[Check]:
         result = await transport.run([*shell_argv, "-c", "\n".join([*config.setup, script])], check=False)
         return result.exit_status, (result.stdout + result.stderr).strip()
 
-    for command in _SCHEDULER_COMMANDS.get(config.scheduler, ()):
+    # the scheduler plugin names its commands (and adds its own checks below); SLURM's are still listed here
+    commands = getattr(site._scheduler, "commands", None) or _SCHEDULER_COMMANDS.get(config.scheduler, ())
+    for command in commands:
         rc, out = await shell(f"command -v {command}")
         if rc == 0:
             results.append(Check(command, "ok", out.splitlines()[-1]))
@@ -75,6 +77,12 @@ async def _checks(site: Site, network: bool = True) -> list[Check]:
             if rc == 0
             else Check("sacct", "skip", "no accounting: exit codes come from the job's exit code file")
         )
+    own_checks = getattr(site._scheduler, "doctor_checks", None)
+    if own_checks is not None:
+        try:
+            results += [Check(*check) for check in await own_checks(transport)]
+        except OffloadError as exc:
+            results.append(Check(config.scheduler, "fail", str(exc), "check that the scheduler's commands answer"))
 
     binary = _RUNTIME_BINARY.get(config.runtime)
     if binary:

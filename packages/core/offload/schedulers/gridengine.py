@@ -353,8 +353,9 @@ class GridEngineScheduler:
     async def doctor_checks(self, transport: Transport) -> list[tuple[str, str, str, str]]:
         """Grid Engine's own checks for ``offload doctor``: accounting readable, the parallel environment there."""
         checks = []
-        result = await transport.run(["sh", "-c", "qacct -j 0 2>&1 | head -n 1"], check=False)
-        readable = "not found" in result.stdout or "job id" in result.stdout
+        # a job name nobody uses: "not found" once the accounting file is readable, "can't open" where it is not
+        result = await transport.run(["sh", "-c", "qacct -j offload-doctor-probe 2>&1 | head -n 1"], check=False)
+        readable = "not found" in result.stdout
         checks.append(("qacct", "ok", "accounting readable", "") if readable else
                       ("qacct", "skip", f"no accounting ({result.stdout.strip()[:100]}): exit codes come from the "
                        "job's exit code file", ""))  # fmt: skip
