@@ -324,3 +324,28 @@ def test_the_script_is_strict_and_names_a_failing_line():
     assert subprocess.run(["bash", "-n", str(SCRIPT)]).returncode == 0
     usage = subprocess.run([str(SCRIPT), "bogus"], capture_output=True, text=True)
     assert usage.returncode == 2 and "up|install|down|purge|status" in usage.stderr
+
+
+def test_the_secrets_sweep_keeps_queued_jobs_secrets_only(tmp_path):
+    """The submission program's sweep (the same as SLURM's, with qstat's list and qsub's answers): a job that left
+    the queue without starting loses its secrets file, a queued one (an array, '28.1-3:1') keeps it."""
+    import os
+    import shlex
+    import time
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    # qstat -u USER's layout: two header lines, then one line per job (job 28 still queued)
+    (bin_dir / "qstat").write_text("#!/bin/sh\nprintf 'job-ID prior name\\n-----\\n     28 0.5 x hpcuser qw\\n'\n")
+    (bin_dir / "qstat").chmod(0o755)
+    old = time.time() - 600
+    for name, jobid in (("gone", "Your job 27 has been submitted\n27\n"), ("queued", "28.1-3:1\n")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "jobid").write_text(jobid)
+        (tmp_path / name / "secrets.env").write_text("export T=v\n")
+        os.utime(tmp_path / name / "secrets.env", (old, old))
+    (line,) = GridEngineScheduler(SiteConfig(name="x", host="h", scheduler="gridengine")).sweep_lines(str(tmp_path))
+    subprocess.run(["sh", "-c", shlex.split(line)[3]], check=True, env={"PATH": f"{bin_dir}:/usr/bin:/bin"},
+                   timeout=30)  # fmt: skip
+    assert not (tmp_path / "gone" / "secrets.env").exists()
+    assert (tmp_path / "queued" / "secrets.env").exists()

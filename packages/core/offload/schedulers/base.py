@@ -3,6 +3,7 @@ answer, state queries, cancel, steps, limits); :mod:`offload.submit` and :class:
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -118,3 +119,27 @@ class Scheduler(Protocol):
         """Jobs of this user with this name still known to the scheduler, newest first (optional: without
         it, offload looks in this machine's job records)."""
         ...
+
+
+def secrets_sweep(jobs_dir: str, live: str, parse: str, queue: str = "    queue=$live\n") -> list[str]:
+    """The submission program's background sweep, for a scheduler's ``sweep_lines``: the secrets files of jobs
+    that left the queue without starting (cancelled while pending, nobody watching) are removed. Only files
+    older than 2 minutes, and only if the queue answered, so a job being submitted is never touched.
+
+    ``live`` prints the ids of the user's queued jobs; ``parse`` is shell lines that set ``id`` from one
+    ``$line`` of a job's ``jobid`` file (all the submit command printed, a site wrapper's banner too: the last
+    line that is an answer wins); ``queue`` sets ``$queue``, the ids ``$id`` is looked for in."""
+    sweep = (
+        f"cd {shlex.quote(jobs_dir)} || exit 0\n"
+        f"live=$({live}) || exit 0\n"
+        "find . -mindepth 2 -maxdepth 2 -name 'secrets.env*' -mmin +2 | while read -r f; do\n"
+        "    d=${f%/*}; id=; cluster=\n"
+        '    [ -f "$d/jobid" ] && while IFS= read -r line || [ -n "$line" ]; do\n'
+        f"{parse}"
+        '    done < "$d/jobid"\n'
+        '    [ -n "$id" ] || continue\n'
+        f"{queue}"
+        """    printf '%s\\n' "$queue" | grep -qx "$id" || rm -f "$f"\n"""
+        "done\n"
+    )
+    return [f"(setsid sh -c {shlex.quote(sweep)} </dev/null >/dev/null 2>&1 &)"]

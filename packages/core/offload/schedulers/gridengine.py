@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from offload.config import SiteConfig
 from offload.errors import ConfigError, RemoteCommandError
 from offload.jobs import JobRef, JobState, JobStatus
-from offload.schedulers.base import NodeResources
+from offload.schedulers.base import NodeResources, secrets_sweep
 from offload.schedulers.slurm import exit_code_files
 from offload.spec import JobSpec, Resources, parse_walltime
 from offload.transports.base import Transport
@@ -172,23 +172,8 @@ class GridEngineScheduler:
         return f"qsub -terse {script_path}"
 
     def sweep_lines(self, jobs_dir: str) -> list[str]:
-        """Remove, in the background, the secrets files of jobs that left the queue without starting (qdel'd
-        while pending with no offload process watching). Only files older than 2 minutes, only if qstat
-        answered."""
-        sweep = (
-            f"cd {shlex.quote(jobs_dir)} || exit 0\n"
-            """live=$(qstat -u "$(id -un)" | awk 'NR > 2 {print $1}') || exit 0\n"""
-            "find . -mindepth 2 -maxdepth 2 -name 'secrets.env*' -mmin +2 | while read -r f; do\n"
-            "    d=${f%/*}; id=\n"
-            '    [ -f "$d/jobid" ] && while IFS= read -r line || [ -n "$line" ]; do\n'
-            "        line=${line%%.*}\n"
-            '        case "$line" in ""|*[!0-9]*) ;; *) id=$line ;; esac\n'
-            '    done < "$d/jobid"\n'
-            '    [ -n "$id" ] || continue\n'
-            """    printf '%s\\n' "$live" | grep -qx "$id" || rm -f "$f"\n"""
-            "done\n"
-        )
-        return [f"(setsid sh -c {shlex.quote(sweep)} </dev/null >/dev/null 2>&1 &)"]
+        parse = '        line=${line%%.*}\n        case "$line" in ""|*[!0-9]*) ;; *) id=$line ;; esac\n'
+        return secrets_sweep(jobs_dir, """qstat -u "$(id -un)" | awk 'NR > 2 {print $1}'""", parse)
 
     def ids_in(self, text: str) -> list[str]:
         """Job numbers in qsub's answers (jobid files read back after a lost channel); a whole array as one."""

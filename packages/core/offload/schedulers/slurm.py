@@ -11,13 +11,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-import shlex
 from collections.abc import Sequence
 
 from offload.config import SiteConfig
 from offload.errors import ConfigError, RemoteCommandError
 from offload.jobs import JobRef, JobState, JobStatus
-from offload.schedulers.base import NodeResources
+from offload.schedulers.base import NodeResources, secrets_sweep
 from offload.spec import JobSpec, Resources, format_walltime, parse_walltime
 from offload.transports.base import Transport
 
@@ -166,16 +165,7 @@ class SlurmScheduler:
         return f"sbatch --parsable < {script_path}"
 
     def sweep_lines(self, jobs_dir: str) -> list[str]:
-        """A background sweep in the submission program: the secrets files of jobs that left the queue
-        without starting (cancelled while pending, with no offload process watching) are removed. Only files
-        older than 2 minutes, and only if squeue answered, so a job being submitted is never touched."""
-        sweep = (
-            f"cd {shlex.quote(jobs_dir)} || exit 0\n"
-            'live=$(squeue --noheader --user="$(id -un)" --format=%F) || exit 0\n'
-            "find . -mindepth 2 -maxdepth 2 -name 'secrets.env*' -mmin +2 | while read -r f; do\n"
-            "    d=${f%/*}; id=; cluster=\n"
-            # the jobid file holds all sbatch printed, a site wrapper's banner too: its last id line is the id
-            '    [ -f "$d/jobid" ] && while IFS= read -r line || [ -n "$line" ]; do\n'
+        parse = (
             "        c=\n"
             '        case "$line" in "Submitted batch job "*" on cluster "*) c=${line##* on cluster } ;; esac\n'
             '        case "$line" in "Submitted batch job "*) line=${line#Submitted batch job }; '
@@ -183,16 +173,14 @@ class SlurmScheduler:
             '        case "$line" in *";"*) c=${line#*;} ;; esac\n'
             "        line=${line%%;*}\n"
             '        case "$line" in ""|*[!0-9]*) ;; *) id=$line; cluster=$c ;; esac\n'
-            '    done < "$d/jobid"\n'
-            '    [ -n "$id" ] || continue\n'
-            # a job sent to another cluster (123;c2) is only in that cluster's queue: ask it, or keep the file
+        )
+        # a job sent to another cluster (123;c2) is only in that cluster's queue: ask it, or keep the file
+        queue = (
             "    queue=$live\n"
             '    if [ -n "$cluster" ]; then queue=$(squeue --noheader --user="$(id -un)" --format=%F '
             '--clusters="$cluster") || continue; fi\n'
-            """    printf '%s\\n' "$queue" | grep -qx "$id" || rm -f "$f"\n"""
-            "done\n"
         )
-        return [f"(setsid sh -c {shlex.quote(sweep)} </dev/null >/dev/null 2>&1 &)"]
+        return secrets_sweep(jobs_dir, 'squeue --noheader --user="$(id -un)" --format=%F', parse, queue)
 
     def ids_in(self, text: str) -> list[str]:
         """Job ids in the answers of the submit command (e.g. jobid files read back after a lost channel): only
