@@ -262,3 +262,24 @@ def test_a_directory_of_a_thousand_files_goes_in_the_one_round_trip(site, tmp_pa
         assert job.tail().split() == ["1001", "deep", "999"]
     finally:
         fresh.close()
+
+
+def test_a_burst_beyond_sshds_max_sessions_waits_for_slots_and_keeps_the_connection(site):
+    """The test site's sshd keeps OpenSSH's MaxSessions (10): 30 commands at once, beside the SFTP session, all
+    answer (they queue for a slot of offload's budget), and the one shared connection survives them."""
+    import asyncio
+
+    from offload import _loop
+
+    workdir = site.workdir()
+
+    async def burst():
+        transport = site.transport
+        await transport.read_file(f"{workdir}/nothing-here")  # the SFTP session holds a channel too
+        connection = transport._conn
+        results = await asyncio.gather(*(transport.run(["sh", "-c", f"sleep 1; echo {i}"]) for i in range(30)))
+        return [r.stdout.strip() for r in results], connection is transport._conn
+
+    answers, same_connection = _loop.run(burst())
+    assert answers == [str(i) for i in range(30)]
+    assert same_connection

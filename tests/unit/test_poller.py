@@ -107,3 +107,21 @@ async def test_a_job_accounting_calls_running_ends_when_its_exit_code_file_says_
     poller = Poller(lambda refs: scheduler.poll(site, refs), 0.02, lambda ref, status: None)
     status = await asyncio.wait_for(poller.wait(JobRef("5", "/d")), 5)
     assert (status.state, status.exit_code) == (JobState.COMPLETED, 0)
+
+
+async def test_a_job_the_site_never_knew_is_forgotten_once_nobody_asks(monkeypatch):
+    """A hub or plugin lives for months: a job that stays UNKNOWN (purged from accounting) and that nobody waits
+    for or asks about is no longer asked about every round; asked again, it is watched again."""
+    monkeypatch.setattr(poller_mod, "FORGET_UNKNOWN_AFTER", 0.3)
+    scheduler = Scheduler()
+    scheduler.states = {"lost": JobState.UNKNOWN, "queued": JobState.PENDING}
+    poller = Poller(scheduler.poll, 0.02, lambda ref, status: None)
+    lost, queued = JobRef("lost", "/d"), JobRef("queued", "/d")
+    assert (await poller.status(lost)).state is JobState.UNKNOWN
+    waiter = asyncio.ensure_future(poller.wait(queued))
+    await asyncio.sleep(0.8)
+    recent = scheduler.calls[-5:]
+    assert all(call == ["queued"] for call in recent)  # the lost one left the rounds, the waited one did not
+    assert (await poller.status(lost)).state is JobState.UNKNOWN
+    assert "lost" in scheduler.calls[-1]
+    waiter.cancel()

@@ -34,6 +34,7 @@ MAX_PENDING_INTERVAL = 60.0  # seconds between questions about a job long pendin
 MAX_RUNNING_INTERVAL = 5.0  # ... and about one long running (its end is seen at most this late)
 BACKOFF_AFTER = 30.0  # seconds without a change before the interval grows...
 BACKOFF_SLOPE = 0.1  # ... to this share of the quiet time (10 min quiet: asked once a minute)
+FORGET_UNKNOWN_AFTER = 3600.0  # seconds a job nobody asks about stays watched while the site knows nothing of it
 REMEMBERED = 10_000  # final statuses kept for jobs nobody watches any more
 
 
@@ -56,6 +57,7 @@ class Poller:
         self._changed: dict[str, float] = {}
         self._due: dict[str, float] = {}
         self._watchers: Counter[str] = Counter()
+        self._asked: dict[str, float] = {}  # when a caller last asked about a job
         self._forced: set[str] = set()
         self._current: _Round | None = None
         self._upcoming: _Round | None = None
@@ -81,6 +83,7 @@ class Poller:
         current = self._status.get(ref.id)
         if current is not None and current.state.is_terminal:
             return current
+        self._asked[ref.id] = time.monotonic()
         self._track(ref)
         if current is not None and not refresh:  # the last round's answer; the rounds go on for it
             self._ensure_running()
@@ -227,6 +230,14 @@ class Poller:
                     except Exception:  # a record-keeping failure must not stop polling
                         log.exception("recording the end of job %s failed", ref.id)
         self._reschedule([ref for ref in refs if ref.id in self._refs])
+        for ref in refs:  # a long-lived process must not ask for ever about jobs the site never knew
+            status = self._status.get(ref.id)
+            unknown_since = (
+                self._changed.get(ref.id, now) if status is None or status.state is JobState.UNKNOWN else now
+            )
+            if (ref.id in self._refs and not self._watchers[ref.id] and now - unknown_since > FORGET_UNKNOWN_AFTER
+                    and now - self._asked.get(ref.id, 0.0) > FORGET_UNKNOWN_AFTER):  # fmt: skip
+                self._drop(ref.id)  # asked again later, it is watched again
         while len(self._status) > REMEMBERED + len(self._refs):
             oldest = next(iter(self._status))
             if oldest in self._refs:
@@ -245,6 +256,7 @@ class Poller:
         self._refs.pop(job_id, None)
         self._due.pop(job_id, None)
         self._changed.pop(job_id, None)
+        self._asked.pop(job_id, None)
 
 
 def _unseen() -> JobStatus:
