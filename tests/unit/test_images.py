@@ -89,7 +89,11 @@ def members(upload):
 def test_which_images_the_cache_handles():
     assert is_pull("docker://ghcr.io/me/img:1")
     assert not is_pull("oras://ghcr.io/me/img:1") and not is_pull("/sw/img.sif")
-    assert is_pushed_name("my-model.v2") and not is_pushed_name("/sw/img") and not is_pushed_name("a/b")
+    assert is_pushed_name("my-model.v2") and not is_pushed_name("/sw/img")
+    # the names `docker tag` takes: parts joined by '/', an optional tag
+    assert all(is_pushed_name(n) for n in ("me/train:1", "group/sub/name:tag", "a/b", "train:2026-01_rc.1"))
+    for bad in ("docker://x", "a/../b", "a//b", "a/", "./a", "a:b:c", "a:", "-a", "a/.hidden", "x" * 256):
+        assert not is_pushed_name(bad), bad
     assert split_ref("docker://python:3.11") == ("registry-1.docker.io", "library/python", "3.11")
     assert split_ref("docker://10.0.0.1:5000/offload/test:1") == ("10.0.0.1:5000", "offload/test", "1")
     assert split_ref("docker://ghcr.io/me/img") == ("ghcr.io", "me/img", "latest")
@@ -195,8 +199,8 @@ def test_a_failed_conversion_leaves_no_half_image(site, tmp_path, monkeypatch):
 
 
 def test_bad_names_and_kinds_are_refused_before_anything_is_sent(site, tmp_path):
-    with pytest.raises(ConfigError, match="image name"):
-        site.images.push(tmp_path, "a/b")
+    with pytest.raises(ConfigError, match="image name .* as for `docker tag`"):
+        site.images.push(tmp_path, "a/../b")
     sif = tmp_path / "img.sif"
     sif.write_bytes(b"#!/usr/bin/env run-singularity\n")
     with pytest.raises(ConfigError, match="charliecloud runs directories and SquashFS files, not a sif"):
@@ -250,3 +254,13 @@ def test_a_rootfs_unpacks_without_device_files(tmp_path):
     assert done.returncode == 0, done.stderr
     assert (dest / "etc/marker").read_text() == "m" and not (dest / "dev/null").exists()
     assert (dest / "etc/hosts").exists() and (dest / "mnt/9").is_dir() and not (tmp_path / "entry.tmp").exists()
+
+
+def test_a_pushed_image_may_be_named_as_docker_tag_names_go(site, tmp_path):
+    """`me/train:1`, as users name images with `docker tag`; the cache keeps it apart from `me/train:2`."""
+    one = site.images.push(rootfs(tmp_path / "one"), "me/train:1")
+    two = site.images.push(rootfs(tmp_path / "two", marker="other"), "me/train:2")
+    assert (one.name, two.name) == ("me/train:1", "me/train:2")
+    assert site.images.resolve("me/train:1") == one.path
+    assert "me/train:1" in [image.name for image in site.images.list()]
+    site.validate(offload.JobSpec(["true"], image="me/train:2"))

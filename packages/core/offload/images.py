@@ -62,7 +62,10 @@ def _on_site_loop(method: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Co
 
 
 SOURCE = inspect.getsource(images_site)
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# A pushed image's name, as `docker tag` names go (OCI's reference: path components, then an optional tag):
+# `model.v2`, `me/train:1`, `group/sub/name:tag`. Never a scheme, an absolute path or a `..` component.
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*(:[A-Za-z0-9_][A-Za-z0-9._-]{0,127})?$")
+_NAME_MAX = 255
 # A resolved registry image is trusted for this long in one process (then its tag is asked for again): a
 # submission of 1000 jobs, or a Dask cluster scaling up, asks the registry once, not per job.
 RESOLVED_FOR = 300.0
@@ -96,8 +99,9 @@ def is_pull(image: str | None) -> bool:
 
 
 def is_pushed_name(image: str | None) -> bool:
-    """A bare name (no ``/``, no scheme): perhaps an image pushed with ``offload image push --name``."""
-    return bool(image) and _NAME.match(image) is not None
+    """A name like ``docker tag``'s (``train``, ``me/train:1``; no scheme, not a path from ``/``): perhaps an
+    image pushed with ``offload image push --name``."""
+    return bool(image) and len(image) <= _NAME_MAX and _NAME.match(image) is not None
 
 
 def _pushed_ref(name: str) -> str:
@@ -291,8 +295,11 @@ class Images:
         connection in large parallel blocks, resumes where an interrupted push of the same content stopped, and
         is converted on the login node to what the runtime runs best. Content that is there already is not
         sent again."""
-        if not isinstance(name, str) or not _NAME.match(name):
-            raise ConfigError(f"image name {name!r}: use up to 64 letters, digits, '.', '_' and '-' (no '/')")
+        if not isinstance(name, str) or not is_pushed_name(name):
+            raise ConfigError(
+                f"image name {name!r}: name it as for `docker tag`: letters, digits, '.', '_' and '-' in parts "
+                "joined by '/', then an optional ':tag' (e.g. me/train:1), at most 255 characters"
+            )
         progress = progress or _log_progress
         local = Path(path)
         runtime = self._site.runtime
