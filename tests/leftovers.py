@@ -26,6 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 RUN_MARK = "OFFLOAD_TEST_RUN"
+# A process a fixture owns across tests (a server a test may restart) carries this too: the per-test check leaves
+# it to its fixture, the end of the run does not.
+FIXTURE_MARK = "OFFLOAD_TEST_FIXTURE"
 os.environ.setdefault(RUN_MARK, uuid.uuid4().hex)
 _MARK = f"{RUN_MARK}={os.environ[RUN_MARK]}".encode()
 GRACE = 15.0  # seconds a job or process gets to end by itself after its test (a cancel takes a few)
@@ -38,6 +41,7 @@ class Proc:
     ppid: int
     started: int  # clock ticks since boot: a pid reused later is another process
     cmdline: str
+    fixture: bool = False  # started with FIXTURE_MARK: its fixture stops it
 
     def __str__(self) -> str:
         return f"pid {self.pid}: {self.cmdline[:200]}"
@@ -59,15 +63,17 @@ def run_processes() -> dict[int, Proc]:
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            if _MARK not in (entry / "environ").read_bytes().split(b"\0"):
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            if _MARK not in environ:
                 continue
+            fixture = any(v.startswith(FIXTURE_MARK.encode() + b"=") for v in environ)
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
         except OSError:
             continue
         stat = _stat(int(entry.name))
         if stat is None or stat[0] in ("Z", "X"):
             continue
-        found[int(entry.name)] = Proc(int(entry.name), stat[1], stat[2], cmdline)
+        found[int(entry.name)] = Proc(int(entry.name), stat[1], stat[2], cmdline, fixture)
     return found
 
 
@@ -113,7 +119,9 @@ def _cancel(user: str, jobs: list[str]) -> None:
             time.sleep(0.5)
 
 
-def leftovers(user: str | None, jobs_before: set[str], procs_before: dict[int, Proc]) -> tuple[list[str], list[Proc]]:
+def leftovers(
+    user: str | None, jobs_before: set[str], procs_before: dict[int, Proc], per_test: bool = True
+) -> tuple[list[str], list[Proc]]:
     """What appeared since the snapshot and is still there after the grace: jobs, and processes the test itself
     started (a child of a process that was there before, such as a fixture's server, belongs to that one)."""
     deadline = time.monotonic() + GRACE
@@ -122,6 +130,8 @@ def leftovers(user: str | None, jobs_before: set[str], procs_before: dict[int, P
         now = run_processes()
         new = {pid: p for pid, p in now.items() if not _was_there(procs_before, p)}
         owned = {pid: p for pid, p in new.items() if p.ppid not in now or not _was_there(procs_before, now[p.ppid])}
+        if per_test:  # a fixture's own process is the fixture's to stop
+            owned = {pid: p for pid, p in owned.items() if not p.fixture}
         if (not jobs and not owned) or time.monotonic() >= deadline:
             return sorted(jobs.values()), sorted(owned.values(), key=lambda p: p.pid)
         time.sleep(0.5)
@@ -162,7 +172,7 @@ def guard(nodeid: str, user: str | None):
 
 def check_session(session, user: str | None) -> None:
     """For ``pytest_sessionfinish``: the whole run leaves nothing behind, else it fails, naming what it was."""
-    jobs, procs = leftovers(user, set(), {})
+    jobs, procs = leftovers(user, set(), {}, per_test=False)
     if jobs or procs:
         left = clean_up(user, jobs, procs)
         session.config.get_terminal_writer().line(f"\nLEFT BEHIND by this run (now cleaned up):\n{left}", red=True)

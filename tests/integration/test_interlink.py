@@ -44,6 +44,8 @@ from lightkube.models.core_v1 import (
 from lightkube.models.core_v1 import Pod as PodModel
 from lightkube.models.meta_v1 import ObjectMeta
 
+from tests import leftovers
+
 from .conftest import STATE, queued_jobs
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "interlink" / "pod.yaml"
@@ -66,7 +68,9 @@ class Plugin:
         log = open(self.tmp / f"plugin-{time.time_ns()}.log", "w")  # noqa: SIM115 (the process keeps it)
         argv = [sys.executable, "-m", "offload.cli", "interlink", "serve", "--site", "testsite", "--listen",
                 f"127.0.0.1:{self.port}", "--image-map", f"python:3.12-slim=docker://{IMAGE}"]  # fmt: skip
-        self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        # the module's fixture owns the plugin, also when a test restarts it (tests/leftovers.py)
+        env = {**os.environ, leftovers.FIXTURE_MARK: "interlink-plugin"}
+        self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
         self.log = Path(log.name)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:

@@ -266,7 +266,7 @@ def test_env_values_are_secrets_and_need_no_object_sent_with_the_pod(apptainer):
     script = apptainer.job_script(job)
     assert "t0k" not in script and "p1ain" not in script
     assert sorted(job.secrets.values()) == sorted(["t0k'$en", "p1ain", "t0k'$en"])
-    # the VK's envFrom makes variables of every key, "app.ini" too: not one a shell can set, said in the log
+    # the VK's envFrom makes variables of every key, "app.ini" too: not one a shell can set, said in the job's output
     cfg = {"metadata": {"name": "cfg"}, "data": {"app.ini": "[x]"}}
     dotted = sh("main", "true", envFrom=[{"configMapRef": {"name": "cfg"}}])
     assert "app.ini'\"'\"' is no shell variable name" in plan_pod(apptainer, data(pod([dotted]), configmaps=[cfg]),

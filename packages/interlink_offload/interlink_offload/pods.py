@@ -219,12 +219,12 @@ def plan_pod(site: offload.Site, data: dict, images: dict[str, str]) -> offload.
         lines.append(f"trap {shlex.quote(f'rm -rf {paths}')} EXIT")
     if any(c.get(k) for c in init + main for k in ("livenessProbe", "readinessProbe", "startupProbe", "lifecycle")):
         notes.append("offload: probes and lifecycle hooks of this pod are ignored (the job's own state counts)")
-    for note in notes:
-        lines.append(f"echo {shlex.quote(note)} >&2")
     runs = []
     for index, container in enumerate(init + main):
         runs.append(_container_run(site, container, index, images, volumes, configmaps, secrets_data,
-                                   secrets))  # fmt: skip
+                                   secrets, notes))  # fmt: skip
+    for note in notes:  # in the job's own output, as Kubernetes says such things in events, not in a container's log
+        lines.append(f"echo {shlex.quote(note)} >&2")
     for container, run in zip(init, runs[: len(init)], strict=True):
         name = shlex.quote(container["name"])
         lines += [f"{run} ", f'rc=$?; if [ "$rc" != 0 ]; then echo "offload: init container "{name}" failed with '
@@ -266,7 +266,7 @@ def _driver_head() -> list[str]:
 
 
 def _container_run(site: offload.Site, container: dict, index: int, images: dict[str, str], volumes: dict,
-                   configmaps: dict, secrets_data: dict, secrets: dict[str, str]) -> str:  # fmt: skip
+                   configmaps: dict, secrets_data: dict, secrets: dict[str, str], notes: list[str]) -> str:  # fmt: skip
     """The shell line that runs one container, recording its start, output and exit."""
     name = _safe(container.get("name", ""))
     image = images.get(container.get("image", ""))
@@ -284,7 +284,7 @@ def _container_run(site: offload.Site, container: dict, index: int, images: dict
     def put(var: str, value: str) -> None:
         # every value as a secret: the VK has put Secret keys into env[].value, and nothing says which were
         if not ENV_NAME.match(var):  # e.g. a ConfigMap's "app.ini" the VK's envFrom made a variable of
-            exports.append(f"echo {shlex.quote(f'offload: {var!r} is no shell variable name: not set')} >&2")
+            notes.append(f"offload: container {name!r}: {var!r} is no shell variable name: not set")
             return
         names.append(var)
         slot = f"POD_SECRET_{index}_{len(secrets)}"
