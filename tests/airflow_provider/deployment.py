@@ -18,6 +18,8 @@ import time
 import uuid
 from pathlib import Path
 
+from tests import leftovers
+
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 
 
@@ -49,6 +51,8 @@ class Deployment:
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
             "AIRFLOW__SCHEDULER__TRIGGERER_HEALTH_CHECK_THRESHOLD": "15",
             "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+            # the deployment's processes are its fixture's, also those a test restarts (tests/leftovers.py)
+            leftovers.FIXTURE_MARK: "airflow-deployment",
         }
         self.processes: dict[str, subprocess.Popen] = {}
         self.db = home / "airflow.db"
