@@ -10,6 +10,7 @@ import io
 import json
 import tarfile
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -641,3 +642,24 @@ async def test_logs_with_tail_or_limit_read_only_the_end_or_the_start():
     job.asked.clear()
     assert await _read_shown(job, "main.log", 0, 12) == b"line 0\nline "
     assert job.asked == [(0, 12)]
+
+
+async def test_deleting_a_pod_removes_its_volumes_even_if_its_driver_never_ran(site):
+    """A pod cancelled while it queued never ran its driver, whose EXIT trap removes the secret files: the
+    deletion removes the pod's volumes itself (here: the job ended, and its secret is back as if never removed)."""
+    async with TestClient(TestServer(PodServer(site).app())) as client:
+        # (the local site runs no container to bind a volume into: the secret volume is put in place below)
+        p = pod([sh("main", "true")], automount=False)
+        assert (await client.post("/create", json=data(p))).status == 200
+        for _ in range(100):
+            (answer,) = await (await client.get("/status", json=[p])).json()
+            if answer.get("JID") and all("terminated" in c["state"] for c in answer["containers"]):
+                break
+            await asyncio.sleep(0.2)
+        job = site.job(answer["JID"])
+        left = Path(job.ref.jobdir) / "volumes" / "creds"
+        left.mkdir(parents=True, exist_ok=True)
+        (left / "token").write_text("t0k'$en")  # as a driver that never ran would have left it
+        assert (await client.post("/delete", json=p)).status == 200
+        assert not (Path(job.ref.jobdir) / "volumes").exists()
+        assert (Path(job.ref.jobdir) / "output").exists()  # the job's own files stay

@@ -529,7 +529,20 @@ class PodServer:
         if not status.state.is_terminal:
             await self.site.acancel([job], timeout=30)
             log.info("pod %s/%s (%s) deleted: job %s cancelled", meta.get("namespace"), meta.get("name"), uid, job.id)
+        await self._remove_volumes(job)
         return web.Response(text=f"job {job.id} of pod {uid} cancelled")
+
+    async def _remove_volumes(self, job: offload.Job) -> None:
+        """Kubernetes deletes a pod's volumes with the pod. The driver removes its secret and projected ones when
+        it ends, but a job cancelled before it started never ran its driver: so the deletion removes them all
+        (the containers' logs stay, beside them in the job's directory)."""
+        if not job.ref.jobdir:
+            return
+        argv = ["rm", "-rf", "--", f"{job.ref.jobdir}/volumes"]
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.site.transport_run, argv)
+        except offload.OffloadError as exc:
+            log.warning("could not remove the volumes of job %s (%s): remove %s/volumes", job.id, exc, job.ref.jobdir)
 
     def _forget(self, uid: str) -> None:
         for known in (self._jobs, self._final, self._missing):
