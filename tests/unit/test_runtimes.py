@@ -117,3 +117,21 @@ def test_the_job_directory_is_bound_where_offload_job_dir_says():
     assert runtime("charliecloud").command(["x"], ctx)[:4] == [
         "ch-run", "-b", "/home/u/offload/jobs/j1:/mnt/9", "--set-env=OFFLOAD_JOB_DIR=/mnt/9",
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize("scheduler,own,other", [("slurm", "SLURM_JOB_ID", "SGE_TASK_ID"),
+                                                 ("gridengine", "SGE_TASK_ID", "SLURM_JOB_ID")])  # fmt: skip
+def test_a_clean_environment_container_gets_what_its_scheduler_tells_the_job(tmp_path, monkeypatch, scheduler, own,
+                                                                             other):  # fmt: skip
+    """Apptainer runs with --cleanenv: the scheduler plugin names what the job is told (SLURM_* or Grid Engine's
+    JOB_ID, SGE_TASK_ID...), the runtime passes those in; the runtime knows no scheduler's words itself."""
+    import offload
+
+    (tmp_path / "sites.toml").write_text(
+        f"[sites.s]\nhost = 'login.invalid'\nscheduler = '{scheduler}'\nruntime = 'apptainer'\nimage = '/i.sif'\n"
+        "workdir = '/w'\n" + ("parallel_environment = 'pe'\n" if scheduler == "gridengine" else "")
+    )
+    monkeypatch.setenv("OFFLOAD_CONFIG", str(tmp_path / "sites.toml"))
+    script = offload.load_site("s").job_script(offload.JobSpec(["true"]))
+    assert f"APPTAINERENV_{own}=" in script and f"APPTAINERENV_{other}=" not in script
+    assert "APPTAINERENV_CUDA_VISIBLE_DEVICES=" in script  # the node's own, whatever the scheduler

@@ -119,6 +119,7 @@ class Site:
             workdir=spec.workdir,
             gpus=spec.resources.total_gpus,
             jobdir=jobdir,
+            scheduler_env=tuple(getattr(self._scheduler, "job_env", ())),
         )
 
     def validate(self, spec: JobSpec) -> None:
@@ -173,7 +174,7 @@ class Site:
         Checked as a spec's container is (a :class:`ConfigError` says what the runtime cannot do); the variables
         named in ``env_names`` are passed in from the caller's environment."""
         ctx = ContainerContext(image=image, mounts=tuple(mounts), env_names=tuple(env_names), workdir=workdir,
-                               gpus=gpus)  # fmt: skip
+                               gpus=gpus, scheduler_env=tuple(getattr(self._scheduler, "job_env", ())))  # fmt: skip
         self._runtime.validate(ctx)
         return ContainerCommand(prelude=tuple(self._runtime.prelude(ctx)),
                                 argv=tuple(self._runtime.command(argv, ctx)))  # fmt: skip

@@ -6,7 +6,7 @@ import shlex
 from collections.abc import Sequence
 
 from offload.errors import ConfigError
-from offload.runtimes.base import PASSTHROUGH, ContainerContext, check_bind_paths, require_image, unpack_rootfs
+from offload.runtimes.base import ContainerContext, check_bind_paths, require_image, unpack_rootfs
 
 
 class ApptainerRuntime:
@@ -50,7 +50,7 @@ class ApptainerRuntime:
     def prelude(self, ctx: ContainerContext) -> list[str]:
         # --cleanenv drops the host environment; <PREFIX>NAME puts NAME back inside, and keeps values off argv.
         lines = [f'export {self.env_prefix}{name}="${{{name}}}"' for name in ctx.env_names]
-        lines += [f'[ -n "${{{name}+x}}" ] && export {self.env_prefix}{name}="${{{name}}}"' for name in PASSTHROUGH]
+        lines += [f'[ -n "${{{name}+x}}" ] && export {self.env_prefix}{name}="${{{name}}}"' for name in ctx.passed]
         return lines
 
     def command(self, argv: Sequence[str], ctx: ContainerContext) -> list[str]:

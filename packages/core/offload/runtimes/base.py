@@ -26,23 +26,12 @@ from typing import Protocol
 from offload.errors import ConfigError
 from offload.spec import Mount
 
-# Variables the scheduler sets for the job that the payload needs to see inside the container.
+# Variables of the job's node that the payload needs to see inside the container, whatever the scheduler (each
+# scheduler adds its own, ``Scheduler.job_env``, through ContainerContext.scheduler_env).
 PASSTHROUGH = (
     "CUDA_VISIBLE_DEVICES",
     "ROCR_VISIBLE_DEVICES",
     "GPU_DEVICE_ORDINAL",
-    "SLURM_JOB_ID",
-    "SLURM_ARRAY_JOB_ID",
-    "SLURM_ARRAY_TASK_ID",
-    "SLURM_JOB_NODELIST",
-    "SLURM_CPUS_PER_TASK",
-    "SLURM_MEM_PER_NODE",
-    "SLURM_PROCID",
-    "SLURM_NODEID",
-    "SLURM_LOCALID",
-    "SLURM_NTASKS",
-    "SLURM_NNODES",
-    "SLURMD_NODENAME",
     "OFFLOAD_JOB_DIR",
     "OFFLOAD_TASK_INDEX",
     # what each copy of a multi-node job is told (torchrun, torch.distributed, jax and friends read these)
@@ -64,6 +53,12 @@ class ContainerContext:
     workdir: str | None = None
     gpus: int = 0
     jobdir: str | None = None  # the job's directory on the site, to be visible at $OFFLOAD_JOB_DIR inside
+    scheduler_env: tuple[str, ...] = ()  # what the scheduler tells the job (SLURM_JOB_ID, ...), passed in too
+
+    @property
+    def passed(self) -> tuple[str, ...]:
+        """Every variable a runtime passes into the container when the node's environment has it."""
+        return (*PASSTHROUGH, *self.scheduler_env)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import shlex
 from collections.abc import Sequence
 
 from offload.errors import ConfigError
-from offload.runtimes.base import PASSTHROUGH, ContainerContext, check_bind_paths, require_image
+from offload.runtimes.base import ContainerContext, check_bind_paths, require_image
 
 
 class PodmanRuntime:
@@ -57,6 +57,6 @@ class PodmanRuntime:
             args += ["-v", f"{mount.source}:{mount.destination}" + (":ro" if mount.read_only else "")]
         if ctx.workdir or ctx.jobdir:
             args += ["-w", ctx.workdir or ctx.jobdir]
-        for name in (*ctx.env_names, *PASSTHROUGH):
+        for name in (*ctx.env_names, *ctx.passed):
             args += ["-e", name]  # a bare name copies the value from the job's environment, if set
         return [*args, *self.options, require_image(self.name, ctx), *argv]

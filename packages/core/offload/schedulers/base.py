@@ -52,6 +52,7 @@ class Scheduler(Protocol):
     task_index: str  # shell expression for the array task index inside the batch script
 
     copy_env: dict[str, str]  # for multi-node jobs: variable -> shell expression each copy evaluates (RANK...)
+    job_env: tuple[str, ...]  # what the scheduler tells a job that its payload may need inside the container
     first_node: str  # shell expression naming the job's first node (MASTER_ADDR), in the batch script
 
     def directives(

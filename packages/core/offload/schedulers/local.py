@@ -33,6 +33,7 @@ class LocalScheduler:
     runs_on_client = True  # jobs are processes of this machine: they reach its services directly
     supports_arrays = False
     task_index = ""
+    job_env = ()  # a local job is a process of this machine: nothing of a scheduler's to pass on
 
     def __init__(self, config: SiteConfig) -> None:
         self.config = config

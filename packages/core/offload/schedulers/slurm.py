@@ -68,6 +68,10 @@ class SlurmScheduler:
     name = "slurm"
     supports_arrays = True
     task_index = "${SLURM_ARRAY_TASK_ID:-}"
+    # What SLURM tells a job that its payload may need inside the container.
+    job_env = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_NODELIST",
+               "SLURM_CPUS_PER_TASK", "SLURM_MEM_PER_NODE", "SLURM_PROCID", "SLURM_NODEID", "SLURM_LOCALID",
+               "SLURM_NTASKS", "SLURM_NNODES", "SLURMD_NODENAME")  # fmt: skip
 
     def __init__(self, config: SiteConfig) -> None:
         self.config = config
