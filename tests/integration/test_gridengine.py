@@ -199,8 +199,6 @@ def test_sites_gpus_lists_the_exec_hosts(testsite_config):
     env = {**os.environ, "OFFLOAD_CONFIG": str(CONFIG)}
     out = subprocess.run([sys.executable, "-m", "offload.cli", "sites", "gpus", "gridengine", "--json"],
                          capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
-    if out.returncode != 0 and "No module named offload.cli" in out.stderr:
-        pytest.skip("offload.cli is not runnable as a module here")
     assert out.returncode == 0, out.stderr
     import json
 
@@ -228,3 +226,14 @@ def test_a_command_runs_inside_a_running_job(site):
         assert result.stdout.strip() == f"in {job.id} on {status.node} a  b", (result.stdout, result.stderr)
     finally:
         _qdel(jobs)
+
+
+def test_doctor_passes_with_grid_engines_own_checks(testsite_config):
+    """The doctor knows no scheduler: Grid Engine's plugin names its commands and adds its checks."""
+    env = {**os.environ, "OFFLOAD_CONFIG": str(CONFIG)}
+    out = subprocess.run([sys.executable, "-m", "offload.cli", "doctor", "gridengine"], capture_output=True,
+                         text=True, env=env, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    for check in ("connection", "qsub", "qstat", "qacct", "parallel environment", "runtime"):
+        assert any(line.startswith("PASS") and check in line for line in out.stdout.splitlines()), (check, out.stdout)
+    assert "sbatch" not in out.stdout and "sacct" not in out.stdout

@@ -198,8 +198,8 @@ def test_trust_records_the_host_key_then_connections_work(tmp_path, testsite_con
 def test_doctor_passes_on_the_test_site(testsite_config):
     result = run_cli(["doctor", "testsite"], testsite_config)
     assert result.returncode == 0, result.stdout
-    for check in ("connection", "host key", "sbatch", "runtime", "image", "workdir", "partitions", "gpus",
-                  "node network"):  # fmt: skip
+    for check in ("connection", "host key", "sbatch", "squeue", "scancel", "sacct", "runtime", "image", "workdir",
+                  "partitions", "gpus", "node network"):  # fmt: skip
         assert any(line.startswith("PASS") and check in line for line in result.stdout.splitlines()), check
     assert "gpu: 2 node(s), GPUs" in result.stdout
     assert "no outbound network" in result.stdout  # the test site's nodes are fenced off, as real ones

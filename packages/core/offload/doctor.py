@@ -21,7 +21,6 @@ from offload.site import Site
 from offload.spec import JobSpec, Resources
 
 _RUNTIME_BINARY = {"apptainer": "apptainer", "singularity": "singularity", "charliecloud": "ch-run", "podman": "podman"}
-_SCHEDULER_COMMANDS = {"slurm": ("sbatch", "squeue", "scancel")}
 
 
 @dataclass(frozen=True)
@@ -61,26 +60,18 @@ async def _checks(site: Site, network: bool = True) -> list[Check]:
         result = await transport.run([*shell_argv, "-c", "\n".join([*config.setup, script])], check=False)
         return result.exit_status, (result.stdout + result.stderr).strip()
 
-    # the scheduler plugin names its commands (and adds its own checks below); SLURM's are still listed here
-    commands = getattr(site._scheduler, "commands", None) or _SCHEDULER_COMMANDS.get(config.scheduler, ())
-    for command in commands:
+    # the scheduler plugin names its commands and adds its own checks: the doctor knows no scheduler's words
+    for command in getattr(site._scheduler, "commands", ()):
         rc, out = await shell(f"command -v {command}")
         if rc == 0:
             results.append(Check(command, "ok", out.splitlines()[-1]))
         else:
             setup = "; ".join(config.setup) or "nothing"
             results.append(Check(command, "fail", "not on PATH", f"add a 'setup' line (now: {setup}) or PATH"))
-    if config.scheduler == "slurm":
-        rc, out = await shell("sacct --noheader -X --starttime now-1minutes --format=JobID >/dev/null 2>&1")
-        results.append(
-            Check("sacct", "ok", "accounting available")
-            if rc == 0
-            else Check("sacct", "skip", "no accounting: exit codes come from the job's exit code file")
-        )
     own_checks = getattr(site._scheduler, "doctor_checks", None)
     if own_checks is not None:
         try:
-            results += [Check(*check) for check in await own_checks(transport)]
+            results += [Check(*check) for check in await own_checks(transport, shell)]
         except OffloadError as exc:
             results.append(Check(config.scheduler, "fail", str(exc), "check that the scheduler's commands answer"))
 

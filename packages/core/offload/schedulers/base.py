@@ -4,7 +4,7 @@ answer, state queries, cancel, steps, limits); :mod:`offload.submit` and :class:
 from __future__ import annotations
 
 import shlex
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -44,6 +44,11 @@ class NodeResources:
     @property
     def cpus_free(self) -> int:
         return max(0, self.cpus - self.cpus_used) if self.available else 0
+
+
+# Runs a shell script as a job's script would run on the login node (the profile's shell after its setup lines):
+# its exit status and output. What offload doctor hands a scheduler's own checks.
+Shell = Callable[[str], Awaitable[tuple[int, str]]]
 
 
 class Scheduler(Protocol):

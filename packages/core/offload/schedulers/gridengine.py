@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from offload.config import SiteConfig
 from offload.errors import ConfigError, RemoteCommandError
 from offload.jobs import JobRef, JobState, JobStatus
-from offload.schedulers.base import NodeResources, secrets_sweep
+from offload.schedulers.base import NodeResources, Shell, secrets_sweep
 from offload.schedulers.slurm import exit_code_files
 from offload.spec import JobSpec, Resources, parse_walltime
 from offload.transports.base import Transport
@@ -335,7 +335,7 @@ class GridEngineScheduler:
                         stderr=result.stderr,
                     )
 
-    async def doctor_checks(self, transport: Transport) -> list[tuple[str, str, str, str]]:
+    async def doctor_checks(self, transport: Transport, shell: Shell) -> list[tuple[str, str, str, str]]:
         """Grid Engine's own checks for ``offload doctor``: accounting readable, the parallel environment there."""
         checks = []
         # a job name nobody uses: "not found" once the accounting file is readable, "can't open" where it is not

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from offload.config import SiteConfig
 from offload.errors import ConfigError, RemoteCommandError
 from offload.jobs import JobRef, JobState, JobStatus
-from offload.schedulers.base import NodeResources, secrets_sweep
+from offload.schedulers.base import NodeResources, Shell, secrets_sweep
 from offload.spec import JobSpec, Resources, format_walltime, parse_walltime
 from offload.transports.base import Transport
 
@@ -68,6 +68,7 @@ class SlurmScheduler:
     name = "slurm"
     supports_arrays = True
     task_index = "${SLURM_ARRAY_TASK_ID:-}"
+    commands = ("sbatch", "squeue", "scancel")  # what offload doctor looks for on the login node
     # What SLURM tells a job that its payload may need inside the container.
     job_env = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_NODELIST",
                "SLURM_CPUS_PER_TASK", "SLURM_MEM_PER_NODE", "SLURM_PROCID", "SLURM_NODEID", "SLURM_LOCALID",
@@ -204,6 +205,13 @@ class SlurmScheduler:
             return "The array is larger than the site allows (MaxArraySize).\n"
         return (f"Check the resources against the site's limits ('offload doctor {self.config.name}' lists "
                 "partitions and their free GPUs).\n")  # fmt: skip
+
+    async def doctor_checks(self, transport: Transport, shell: Shell) -> list[tuple[str, str, str, str]]:
+        """SLURM's own check for ``offload doctor``: whether accounting answers (else exit code files only)."""
+        rc, _ = await shell("sacct --noheader -X --starttime now-1minutes --format=JobID >/dev/null 2>&1")
+        if rc == 0:
+            return [("sacct", "ok", "accounting available", "")]
+        return [("sacct", "skip", "no accounting: exit codes come from the job's exit code file", "")]
 
     async def limits(self, transport: Transport) -> dict[str, int]:
         """The site's limits offload plans with (``MaxArraySize``), read once per site."""
