@@ -20,8 +20,6 @@ from offload.schedulers.base import NodeResources
 from offload.site import Site
 from offload.spec import JobSpec, Resources
 
-_RUNTIME_BINARY = {"apptainer": "apptainer", "singularity": "singularity", "charliecloud": "ch-run", "podman": "podman"}
-
 
 @dataclass(frozen=True)
 class Check:
@@ -75,7 +73,7 @@ async def _checks(site: Site, network: bool = True) -> list[Check]:
         except OffloadError as exc:
             results.append(Check(config.scheduler, "fail", str(exc), "check that the scheduler's commands answer"))
 
-    binary = _RUNTIME_BINARY.get(config.runtime)
+    binary = getattr(site._runtime, "binary", None)  # the runtime plugin names the program it runs
     if binary:
         rc, out = await shell(f"command -v {binary}")
         results.append(

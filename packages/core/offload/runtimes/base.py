@@ -71,6 +71,7 @@ class ContainerCommand:
 
 class Runtime(Protocol):
     name: str
+    binary: str | None  # the program it runs on the nodes (what offload doctor looks for); None: none
     # What an image in the site's cache is called after its digest: "" (a directory), ".sif", ...
     cache_suffix: str
 

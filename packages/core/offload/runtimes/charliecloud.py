@@ -18,6 +18,7 @@ BIND_SLOT = "/mnt/8"
 
 class CharliecloudRuntime:
     name = "charliecloud"
+    binary = "ch-run"
     cache_suffix = ""  # a directory: ch-run starts it at once, without FUSE or a conversion on the node
 
     def __init__(self, options: Sequence[str] = ()) -> None:

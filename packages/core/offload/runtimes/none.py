@@ -14,6 +14,7 @@ log = logging.getLogger("offload")
 
 class NoRuntime:
     name = "none"
+    binary = None  # the payload runs as it is
     cache_suffix = ""
 
     def __init__(self, options: Sequence[str] = ()) -> None:

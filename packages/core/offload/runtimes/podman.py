@@ -11,6 +11,7 @@ from offload.runtimes.base import ContainerContext, check_bind_paths, require_im
 
 class PodmanRuntime:
     name = "podman"
+    binary = "podman"
     cache_suffix = ".oci.tar"  # an OCI archive on the shared file system: nodes need no registry nor store
 
     def __init__(self, options: Sequence[str] = ()) -> None:
