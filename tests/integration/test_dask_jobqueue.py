@@ -60,7 +60,7 @@ def test_every_jobqueue_keyword_reaches_the_job_or_its_workers(site_user, tmp_pa
             job = next(job for job in cluster.jobs if job is not cluster.scheduler.job)
             control = scontrol(job.id)
             assert control["Comment"] == "from-jobqueue" and control["Partition"] == "cpu"
-            assert control["MinMemoryCPU"] == "256M"  # --mem skipped: the site's DefMemPerCPU applies
+            assert control["MinMemoryCPU"] == "1G"  # --mem skipped: the site's DefMemPerCPU applies
             jobdir = Path(job.ref.jobdir)
             assert (jobdir / "prologue").read_text().strip() == "prologue ran"
             assert (jobdir / "job.sh").read_text().startswith("#!/bin/bash -l\n")

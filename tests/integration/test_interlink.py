@@ -266,7 +266,12 @@ def test_pods_run_as_jobs_with_env_volumes_init_containers_and_limits(plugin, si
                            volumeMounts=[VolumeMount(name="shared", mountPath="/shared")])],
                volumes=[Volume(name="shared", emptyDir=EmptyDirVolumeSource())])  # fmt: skip
 
-    pods = [hello, env, limits, failing, init_fails, pair]
+    # from interLink's own test set: 200 MB under a 50 MB limit is killed, as a site's memory enforcement does
+    hungry = pod("hungry", [sh("main", "python3 -c \"b = bytearray(200 << 20); b[::4096] = b'x' * len(b[::4096]); "
+                                       "import time; time.sleep(30)\"",
+                               resources=ResourceRequirements(limits={"memory": "50Mi"}))])  # fmt: skip
+
+    pods = [hello, env, limits, failing, init_fails, pair, hungry]
     replies = {p["metadata"]["name"]: plugin.create(retrieved(p, [CONFIGMAP], [SECRET])) for p in pods}
     assert all(r["PodUID"] for r in replies.values())  # answered at once: the job id comes with /status
     answers = {p["metadata"]["name"]: plugin.wait(p) for p in pods}
@@ -298,6 +303,9 @@ def test_pods_run_as_jobs_with_env_volumes_init_containers_and_limits(plugin, si
     assert "no input" in plugin.logs(init_fails, "check") and plugin.logs(init_fails, "main") == ""
     assert code(answers["pair"], "writer") == 0 and code(answers["pair"], "reader") == 0
     assert plugin.logs(pair, "reader").strip() == "ready"
+    (oom,) = answers["hungry"]["containers"]
+    assert oom["state"]["terminated"]["exitCode"] == 137, oom  # Kubernetes' code for OOMKilled
+    assert "OUT_OF_MEMORY" in oom["state"]["terminated"]["message"], oom
 
 
 def test_bad_pods_are_refused_with_what_to_change_and_nothing_is_queued(plugin, site_user):

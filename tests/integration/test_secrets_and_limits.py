@@ -169,3 +169,22 @@ def test_an_interrupted_submission_leaves_no_job(testsite_config, site_user):
     finally:
         fault("clear")
     wait_until(lambda: queued_jobs(site_user, name) == [], timeout=60, what="the jobs that got in to be cancelled")
+
+
+def test_a_job_over_its_memory_is_killed_and_reported_out_of_memory(site):
+    """The test site enforces memory as a site does (jobacct_gather/linux with OverMemoryKill): a payload that
+    takes 300 MiB under a 100 MiB request is killed, and the status says why, in its container or not."""
+    grow = "b = bytearray(300 << 20); b[::4096] = b'x' * len(b[::4096]); import time; time.sleep(30)"
+    small = Resources(memory="100M")
+    jobs = [
+        site.submit(JobSpec(["python3", "-c", grow], resources=small, container=c, name=unique("oom")))
+        for c in (True, False)
+    ]
+    fits = site.submit(
+        JobSpec(["python3", "-c", grow.replace("300", "50")], resources=Resources(memory="200M"), name=unique("fits"))
+    )
+    for job in jobs:
+        status = job.wait(timeout=180)
+        assert status.state is JobState.FAILED and status.reason.startswith("OUT_OF_MEMORY"), status.describe()
+        assert "of the 100 MiB" in status.reason
+    assert fits.wait(timeout=180).state is JobState.COMPLETED

@@ -117,7 +117,26 @@ async def test_one_squeue_call_maps_states_reasons_and_exact_exit_codes():
     assert (st["8"].state, st["8"].reason, st["8"].exit_code) == (JobState.PENDING, "Priority", None)
     assert (st["9"].state, st["9"].signal) == (JobState.CANCELLED, 15)
     assert st["10"].state is JobState.TIMEOUT
-    assert st["11"].state is JobState.FAILED and st["11"].reason == "OutOfMemory"
+    assert st["11"].state is JobState.FAILED and st["11"].reason == "OUT_OF_MEMORY"  # one word, however said
+
+
+async def test_a_job_killed_by_memory_polling_is_out_of_memory_from_its_accounting():
+    """OverMemoryKill (jobacct_gather/linux) kills the step: squeue says FAILED, JobLaunchFailure, signal 9, as
+    Slurm 22.05 on the test site does; sacct's steps show the peak that reached the allocation."""
+    t = Replies(
+        squeue=(0, "21|FAILED|JobLaunchFailure|9|node1|\n22|FAILED|NonZeroExitCode|9|node1|\n", ""),
+        sacct=(
+            0,
+            "21||billing=1,cpu=1,mem=50M,node=1\n21.batch|211549K|\n21.extern|0|\n"
+            "22||billing=2,cpu=2,mem=2G,node=2\n22.batch|900M|\n22.0|1000M|\n",
+            "",
+        ),
+    )
+    st = await SlurmScheduler(SITE).poll(t, [JobRef("21", "/d"), JobRef("22", "/d")])
+    assert st["21"].state is JobState.FAILED and st["21"].signal == 9
+    assert st["21"].reason.startswith("OUT_OF_MEMORY") and "207 MiB of the 50 MiB" in st["21"].reason
+    assert st["22"].reason == "NonZeroExitCode"  # 1000 MiB of 1024 per node: killed for another reason
+    assert [c[0] for c in t.calls] == ["squeue", "sacct"] and "--jobs=21,22" in t.calls[1]
 
 
 async def test_jobs_gone_from_the_queue_are_read_from_sacct_then_exit_code_files():

@@ -17,7 +17,7 @@ from offload.config import SiteConfig
 from offload.errors import ConfigError, RemoteCommandError
 from offload.jobs import JobRef, JobState, JobStatus
 from offload.schedulers.base import NodeResources, Shell, secrets_sweep
-from offload.spec import JobSpec, Resources, format_walltime, parse_walltime
+from offload.spec import JobSpec, Resources, format_walltime, parse_memory, parse_walltime
 from offload.transports.base import Transport
 
 log = logging.getLogger("offload.slurm")
@@ -264,7 +264,45 @@ class SlurmScheduler:
                                                          self._accounting)).items():  # fmt: skip
                 if job_id not in unsure or status.state.is_terminal:
                     statuses[job_id] = status
+        killed = [ref for ref in refs if _killed_outright(statuses.get(ref.id))]
+        for cluster, group in _by_cluster(killed).items():
+            for start in range(0, len(group), _CHUNK):
+                for job_id, words in (await self._over_memory(transport, group[start : start + _CHUNK],
+                                                              cluster)).items():  # fmt: skip
+                    statuses[job_id] = dataclasses.replace(statuses[job_id], reason=words)
         return statuses
+
+    async def _over_memory(self, transport: Transport, refs: Sequence[JobRef], cluster: str | None) -> dict[str, str]:
+        """Which of ``refs`` (ended by SIGKILL) the site killed for their memory, with words saying so.
+
+        A site that enforces memory with cgroups says ``OUT_OF_MEMORY`` itself. One that enforces it by polling
+        (``JobAcctGatherParams=OverMemoryKill``) kills the step and leaves ``FAILED``, signal 9, and a reason such
+        as ``JobLaunchFailure``: accounting then shows a step whose peak memory reached the job's allocation per
+        node, and that is what is reported, as ``OUT_OF_MEMORY``. A step whose record has not reached accounting
+        yet is left as the queue said it."""
+        if self._accounting is False:
+            return {}
+        argv = ["sacct", "--noheader", "--parsable2", "--format=JobID,MaxRSS,AllocTRES", *_clusters(cluster),
+                "--jobs=" + ",".join(_bare(r.id) for r in refs)]  # fmt: skip
+        result = await transport.run(argv, check=False)
+        if result.exit_status != 0:
+            return {}
+        wanted = {_bare(ref.id): ref.id for ref in refs}
+        allocated: dict[str, int] = {}
+        peak: dict[str, int] = {}
+        for line in result.stdout.splitlines():
+            fields = line.split("|")
+            if len(fields) < 3:
+                continue
+            job, _, step = fields[0].partition(".")
+            tres = dict(item.partition("=")[::2] for item in fields[2].split(",") if "=" in item)
+            if not step and job in wanted and tres.get("mem"):
+                allocated[job] = _mib(tres["mem"]) // max(1, int(tres.get("node") or 1))
+            elif step and fields[1]:
+                peak[job] = max(peak.get(job, 0), _mib(fields[1]))
+        killed = [job for job in allocated if peak.get(job, 0) >= allocated[job] > 0]
+        said = "OUT_OF_MEMORY: a step of the job reached {} MiB of the {} MiB it had per node, and the site killed it"
+        return {wanted[job]: said.format(peak[job], allocated[job]) for job in killed}
 
     async def _squeue(self, transport: Transport, refs: Sequence[JobRef], cluster: str | None) -> dict[str, JobStatus]:
         argv = [
@@ -467,7 +505,7 @@ def _status(state: str, reason: str, exit_code: int | None, signal: int | None, 
     if base in ("NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "PREEMPTED", "DEADLINE", "REVOKED"):
         # SLURM's own word says more than the state offload maps it to: keep it in front of the reason
         same = reason.lower().replace("_", "") == base.lower().replace("_", "")
-        reason = reason if same else (f"{base}: {reason}" if reason else base)
+        reason = base if same or not reason else f"{base}: {reason}"
     if not mapped.is_terminal:
         exit_code = signal = None
     elif exit_code == 0 and base != "COMPLETED":
@@ -521,6 +559,20 @@ async def exit_code_files(
                 JobState.UNKNOWN, "not in the queue; no accounting record or exit code file (yet)"
             )
     return statuses
+
+
+def _killed_outright(status: JobStatus | None) -> bool:
+    """A job that failed by SIGKILL with no word from the scheduler on why memory had a part in it."""
+    return (status is not None and status.state is JobState.FAILED and status.signal == 9
+            and "OUT_OF_MEMORY" not in status.reason)  # fmt: skip
+
+
+def _mib(size: str) -> int:
+    """sacct's sizes (``211549K``, ``50M``, ``1.50G``) in MiB; 0 for none (``0``, empty) or no size."""
+    try:
+        return parse_memory(size) or 0 if size.strip()[-1:].isalpha() else 0
+    except ConfigError:
+        return 0
 
 
 def _answers(text: str) -> list[str]:
