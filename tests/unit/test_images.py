@@ -9,12 +9,13 @@ import json
 import subprocess
 import tarfile
 import time
+import urllib.error
 
 import pytest
 
 import offload
-from offload import ConfigError, ImageError
-from offload.images import _prepare, is_pull, is_pushed_name
+from offload import ConfigError, ImageError, images_site
+from offload.images import _image, _prepare, is_pull, is_pushed_name
 from offload.images_site import key_of, split_ref
 from offload.plugins import plugins
 
@@ -64,11 +65,16 @@ def add(tar, name, data):
     tar.addfile(info, io.BytesIO(data))
 
 
-def oci_archive(path, layers):
+def oci_archive(path, layers, config=None):
     blobs = {}
     for data in layers:
         blobs["sha256:" + hashlib.sha256(data).hexdigest()] = data
-    manifest = json.dumps({"layers": [{"digest": d} for d in blobs]}).encode()
+    found = {"layers": [{"digest": d} for d in blobs]}
+    if config is not None:
+        config_blob = json.dumps(config).encode()
+        found["config"] = {"digest": "sha256:" + hashlib.sha256(config_blob).hexdigest()}
+        blobs[found["config"]["digest"]] = config_blob
+    manifest = json.dumps(found).encode()
     manifest_digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
     index = json.dumps({"manifests": [{"digest": manifest_digest}]}).encode()
     with tarfile.open(path, "w") as tar:
@@ -103,10 +109,10 @@ def test_which_images_the_cache_handles():
 
 def test_a_directory_is_packed_the_same_way_twice_without_device_files(tmp_path):
     folder = rootfs(tmp_path / "root")
-    kind, first = _prepare(folder)
+    kind, first, run = _prepare(folder)
     time.sleep(1.1)  # a timestamp in the gzip header would differ now
-    _, second = _prepare(folder)
-    assert kind == "rootfs"
+    second = _prepare(folder)[1]
+    assert kind == "rootfs" and run == {"entrypoint": [], "cmd": []}  # a directory carries no config
     assert first.read_bytes() == second.read_bytes()
     assert members(first)["etc/marker"] == b"hello"
     link = tmp_path / "link"
@@ -117,35 +123,49 @@ def test_a_directory_is_packed_the_same_way_twice_without_device_files(tmp_path)
 def test_an_oci_archive_is_flattened_with_its_whiteouts(tmp_path):
     base = layer({"etc": None, "etc/marker": b"old", "etc/gone": b"x", "opt": None, "opt/a": b"a", "opt/b": b"b"})
     top = layer({"etc/marker": b"new", "etc/.wh.gone": b"", "opt/.wh..wh..opq": b"", "opt/c": b"c"})
-    kind, upload = _prepare(oci_archive(tmp_path / "img.oci.tar", [base, top]))
+    config = {"config": {"Entrypoint": ["/bin/tool"], "Cmd": None}}
+    kind, upload, run = _prepare(oci_archive(tmp_path / "img.oci.tar", [base, top], config))
     files = members(upload)
-    assert kind == "rootfs"
+    assert kind == "rootfs" and run == {"entrypoint": ["/bin/tool"], "cmd": []}
     assert files["etc/marker"] == b"new"
     assert "etc/gone" not in files and "etc/.wh.gone" not in files
     assert "opt/a" not in files and "opt/b" not in files and files["opt/c"] == b"c"
 
 
-def test_a_docker_save_archive_is_flattened(tmp_path):
-    path = tmp_path / "saved.tar"
+def docker_save(path, config):
+    """A ``docker save`` archive of two layers and the image config ``config``."""
     with tarfile.open(path, "w") as tar:
-        add(tar, "manifest.json", json.dumps([{"Layers": ["l1/layer.tar", "l2/layer.tar"]}]).encode())
-        add(tar, "l1/layer.tar", layer({"etc": None, "etc/marker": b"one"}))
-        add(tar, "l2/layer.tar", layer({"etc/marker": b"two"}))
-    assert members(_prepare(path)[1])["etc/marker"] == b"two"
+        add(tar, "manifest.json", json.dumps([{"Config": "c0ffee.json", "Layers": ["l1/layer.tar", "l2/layer.tar"]}]
+                                             ).encode())  # fmt: skip
+        add(tar, "c0ffee.json", json.dumps(config).encode())
+        add(tar, "l1/layer.tar", layer({"etc": None, "etc/marker": b"one", "bin": None}))
+        add(tar, "l2/layer.tar", layer({"etc/marker": b"two", "bin/tool": b"#!/bin/sh\necho tool\n"}))
+    return path
+
+
+def test_a_docker_save_archive_is_flattened_with_its_entrypoint_and_cmd(tmp_path):
+    config = {"architecture": "amd64", "config": {"Entrypoint": ["/bin/tool", "--serve"], "Cmd": ["--port", "80"]}}
+    _, upload, run = _prepare(docker_save(tmp_path / "saved.tar", config))
+    assert members(upload)["etc/marker"] == b"two"
+    assert run == {"entrypoint": ["/bin/tool", "--serve"], "cmd": ["--port", "80"]}
+    # what a container would run: nothing but lists of strings
+    with pytest.raises(ImageError, match="saved.tar's config .* not lists of strings"):
+        _prepare(docker_save(tmp_path / "saved.tar", {"config": {"Entrypoint": "/bin/tool --serve"}}))
 
 
 def test_tarballs_sif_files_and_what_is_neither(tmp_path):
     plain = tmp_path / "root.tar"
     with tarfile.open(plain, "w") as tar:
         add(tar, "./etc/marker", b"plain")
-    kind, upload = _prepare(plain)
+    kind, upload, _ = _prepare(plain)
     assert kind == "rootfs" and upload != plain and upload.read_bytes()[:2] == b"\x1f\x8b"
     gz = tmp_path / "root.tar.gz"
     gz.write_bytes(gzip.compress(plain.read_bytes()))
-    assert _prepare(gz) == ("rootfs", gz)  # sent as it is
+    none = {"entrypoint": [], "cmd": []}
+    assert _prepare(gz) == ("rootfs", gz, none)  # sent as it is
     sif = tmp_path / "img.sif"
     sif.write_bytes(b"#!/usr/bin/env run-singularity\n" + b"\0" * 64)
-    assert _prepare(sif) == ("sif", sif)
+    assert _prepare(sif) == ("sif", sif, none)
     junk = tmp_path / "notes.txt"
     junk.write_text("not an image")
     with pytest.raises(ConfigError, match="not a directory, a tarball"):
@@ -264,3 +284,144 @@ def test_a_pushed_image_may_be_named_as_docker_tag_names_go(site, tmp_path):
     assert site.images.resolve("me/train:1") == one.path
     assert "me/train:1" in [image.name for image in site.images.list()]
     site.validate(offload.JobSpec(["true"], image="me/train:2"))
+
+
+def test_a_pushed_archive_keeps_its_entrypoint_and_cmd_in_the_cache(site, tmp_path):
+    config = {"config": {"Entrypoint": ["/bin/tool"], "Cmd": ["--once"]}}
+    pushed = site.images.push(docker_save(tmp_path / "saved.tar", config), "tool")
+    assert (pushed.entrypoint, pushed.cmd) == (("/bin/tool",), ("--once",))
+    cached = site.images.cached("tool")  # the record of the image aresolve runs
+    assert (cached.path, cached.entrypoint, cached.cmd) == (pushed.path, ("/bin/tool",), ("--once",))
+    assert site.images.cached("/sw/img") is None  # a path on the site: its config is not offload's to know
+    plain = site.images.push(rootfs(tmp_path / "root"), "plain")  # a directory carries no config
+    assert (plain.entrypoint, plain.cmd) == ((), ())
+    with pytest.raises(images_site.Failed, match="not lists of strings"):  # the login node checks what it is told
+        images_site.import_upload(str(tmp_path / "work/images"), "local://x", pushed.digest, "", "", "true",
+                                  '{"entrypoint": "/bin/tool", "cmd": []}')  # fmt: skip
+    with pytest.raises(ImageError, match="not lists of strings"):  # and so does the client, of what it prints
+        _image({"ref": "local://x", "digest": pushed.digest, "path": "/x", "entrypoint": [1], "cmd": []})
+
+
+class Response(io.BytesIO):
+    def __init__(self, body: bytes, headers: dict | None = None) -> None:
+        super().__init__(body)
+        self.headers = headers or {}
+
+
+class Registry:
+    """A registry's API as the login node reads it (``/v2/<path>/manifests/<ref>``, ``/v2/<path>/blobs/<digest>``,
+    an anonymous bearer token), answering images_site's one network call, ``_get``."""
+
+    CHALLENGE = 'Bearer realm="https://auth.example/token",service="reg",scope="repository:me/app:pull"'
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self.asked: list[str] = []
+        self.unreachable: tuple[str, ...] = ()  # parts of URLs that cannot be reached
+
+    def put(self, what: str, document: dict | bytes) -> str:
+        body = document if isinstance(document, bytes) else json.dumps(document).encode()
+        digest = "sha256:" + hashlib.sha256(body).hexdigest()
+        self.files[what.replace("DIGEST", digest)] = body
+        return digest
+
+    def image(self, config: dict) -> str:
+        """A multi-platform image ``me/app:1`` whose linux/amd64 manifest has ``config``: its index's digest."""
+        config_digest = self.put("blobs/DIGEST", config)
+        arm = self.put("manifests/DIGEST", {"config": {"digest": "sha256:" + "0" * 64}, "layers": []})
+        amd = self.put("manifests/DIGEST", {"config": {"digest": config_digest}, "layers": [{"size": 7}]})
+        index = {"manifests": [{"digest": arm, "platform": {"architecture": "arm64"}},
+                               {"digest": amd, "platform": {"architecture": "amd64"}}]}  # fmt: skip
+        self.put("manifests/1", index)
+        return self.put("manifests/DIGEST", index)
+
+    def __call__(self, url: str, headers: dict) -> Response:
+        self.asked.append(url)
+        if any(part in url for part in self.unreachable):
+            raise urllib.error.URLError("no route to host")
+        if url.startswith("https://auth.example/token?"):
+            return Response(b'{"token": "t0"}')
+        if headers.get("Authorization") != "Bearer t0":
+            raise urllib.error.HTTPError(url, 401, "Unauthorized", {"WWW-Authenticate": self.CHALLENGE}, io.BytesIO())
+        what = url.removeprefix("https://reg.example/v2/me/app/")
+        if what not in self.files:
+            body = b'{"errors": [{"code": "MANIFEST_UNKNOWN", "message": "not here"}]}'
+            raise urllib.error.HTTPError(url, 404, "Not Found", {}, io.BytesIO(body))
+        return Response(self.files[what])
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    found = Registry()
+    monkeypatch.setattr(images_site, "_get", found)
+    return found
+
+
+def ensure(cache, capsys, script='mkdir "$OFFLOAD_DEST"') -> dict:
+    """``ensure`` of docker://reg.example/me/app:1 on this machine as a login node: the record it prints."""
+    images_site.main(["ensure", str(cache), "docker://reg.example/me/app:1", "", script])
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("offload-record ")]
+    return json.loads(line.removeprefix("offload-record "))
+
+
+def test_a_pull_records_the_entrypoint_and_cmd_of_its_platforms_config(tmp_path, registry, capsys):
+    digest = registry.image({"architecture": "amd64", "config": {"Entrypoint": ["python3"], "Cmd": ["app.py"]}})
+    record = ensure(tmp_path / "cache", capsys)
+    assert record["digest"] == digest and (record["entrypoint"], record["cmd"]) == (["python3"], ["app.py"])
+    assert (_image(record).entrypoint, _image(record).cmd) == (("python3",), ("app.py",))
+    assert images_site.digest("docker://reg.example/me/app:1", with_size=True) == (digest, 7)  # the same manifest
+    # an image whose config has neither: empty lists, which a pod without a command is told about
+    registry.image({"config": {"Env": ["PATH=/bin"]}})
+    other = ensure(tmp_path / "other", capsys)
+    assert (other["entrypoint"], other["cmd"]) == ([], [])
+
+
+def test_a_record_from_before_learns_its_entrypoint_and_cmd_once(tmp_path, registry, capsys):
+    registry.image({"config": {"Entrypoint": ["/serve"], "Cmd": None}})
+    cache = tmp_path / "cache"
+    record = ensure(cache, capsys)
+    path = cache / "refs" / f"{record['key']}.json"
+    old = {k: v for k, v in record.items() if k not in ("key", "entrypoint", "cmd")}
+    path.write_text(json.dumps(old))  # as an offload that kept no ENTRYPOINT wrote it
+    registry.unreachable = ("/blobs/",)  # the registry answers for the tag, not for the config: it stays as it was
+    assert "entrypoint" not in ensure(cache, capsys, script="exit 1")
+    assert "entrypoint" not in json.loads(path.read_text())
+    registry.unreachable = ()
+    registry.asked.clear()
+    learnt = ensure(cache, capsys, script="exit 1")  # the image is not pulled again: its record is written back
+    assert (learnt["entrypoint"], learnt["cmd"]) == (["/serve"], [])
+    assert json.loads(path.read_text())["entrypoint"] == ["/serve"]
+    assert sum("/blobs/" in url for url in registry.asked) == 1
+    registry.asked.clear()
+    assert ensure(cache, capsys, script="exit 1")["entrypoint"] == ["/serve"]
+    assert not any("/blobs/" in url for url in registry.asked)  # known now: not asked again
+
+
+@pytest.mark.parametrize(
+    ("config", "words"),
+    [
+        ({"config": {"Entrypoint": "python3 app.py"}}, "not lists of strings"),
+        ({"config": {"Cmd": ["app.py", 3]}}, "not lists of strings"),
+        ({"config": ["python3"]}, "no image config"),
+        (b"not json", "no JSON"),
+    ],
+)
+def test_a_bad_config_is_refused_and_nothing_is_pulled(tmp_path, registry, capsys, config, words):
+    registry.image({"config": {}})
+    registry.files[next(k for k in registry.files if k.startswith("blobs/"))] = (
+        config if isinstance(config, bytes) else json.dumps(config).encode()
+    )  # served under the digest of another body: refused for that first
+    with pytest.raises(images_site.Failed, match="sent a config of me/app that is not sha256:"):
+        ensure(tmp_path / "cache", capsys)
+    registry.image(config)  # now under its own digest: refused for what it says
+    with pytest.raises(images_site.Failed, match=words):
+        ensure(tmp_path / "cache", capsys)
+    assert not list((tmp_path / "cache").glob("sha256-*")) and not list((tmp_path / "cache/refs").iterdir())
+
+
+def test_the_registry_token_goes_to_the_registry_only(monkeypatch):
+    """A blob is often served by a redirect to a CDN or a bucket's signed URL: the bearer token stays behind."""
+    sent = []
+    monkeypatch.setattr(images_site.urllib.request, "urlopen", lambda request, **_: sent.append(request))
+    images_site._get("https://reg.example/v2/me/app/blobs/x", {"Accept": "*/*", "Authorization": "Bearer t0"})
+    assert sent[0].unredirected_hdrs == {"Authorization": "Bearer t0"} and "Authorization" not in sent[0].headers

@@ -379,6 +379,31 @@ async def test_the_plugin_api_end_to_end_on_the_local_site(site):
         assert bad.status == 422 and "command" in await bad.text()
 
 
+@pytest.mark.parametrize(
+    ("given", "runs"),
+    [
+        ({}, "/entry -v default"),  # the image's ENTRYPOINT and CMD
+        ({"args": ["mine"]}, "/entry -v mine"),  # args replace CMD
+        ({"command": ["python3"]}, "python3"),  # command replaces ENTRYPOINT, and CMD goes with it
+        ({"command": ["python3"], "args": ["app.py"]}, "python3 app.py"),
+    ],
+    ids=["neither", "args", "command", "both"],
+)
+def test_command_and_args_meet_the_images_entrypoint_and_cmd_as_in_kubernetes(apptainer, given, runs):
+    p = pod([{"name": "main", "image": "x", **given}], automount=False)
+    commands = {"x": (("/entry", "-v"), ("default",))}
+    driver = plan_pod(apptainer, data(p), {"x": "/images/x.sif"}, commands).command[2]
+    assert f"exec apptainer exec --cleanenv /images/x.sif {runs} ) > " in driver
+
+
+def test_a_container_with_no_command_and_nothing_to_run_is_refused_with_why(apptainer):
+    p = pod([{"name": "main", "image": "x"}], automount=False)
+    with pytest.raises(offload.ConfigError, match="image 'x' has no ENTRYPOINT or CMD.*Give 'command'"):
+        plan_pod(apptainer, data(p), {"x": "/images/x.sif"}, {"x": ((), ())})
+    with pytest.raises(offload.ConfigError, match="does not know the ENTRYPOINT and CMD of its image 'x'.*a path on"):
+        plan_pod(apptainer, data(p), {"x": "/images/x.sif"})  # not from offload's cache: its config is unknown
+
+
 def test_on_apptainer_each_container_is_one_apptainer_exec_with_its_binds_and_env(apptainer):
     """Apptainer has no package here: its path is checked by the exact command line the driver runs."""
     p = pod([{"name": "main", "image": "x", "command": ["python3", "app.py"], "env": [{"name": "A", "value": "1"}],
@@ -454,9 +479,9 @@ async def _until(client: TestClient, p: dict, state: str) -> dict:
 def slow_pull(monkeypatch):
     """The site's image cache, held at its pull until the test lets it go (a cold pull takes minutes)."""
     release, calls = asyncio.Event(), []
-    real = offload.images.Images.aresolve
+    real = offload.images.Images.acached  # what aresolve asks too
 
-    async def aresolve(self, image, progress=None):
+    async def acached(self, image, progress=None):
         calls.append(image)
         await release.wait()
         if isinstance(release.failure, BaseException):
@@ -464,7 +489,7 @@ def slow_pull(monkeypatch):
         return await real(self, image, progress)
 
     release.failure = None
-    monkeypatch.setattr(offload.images.Images, "aresolve", aresolve)
+    monkeypatch.setattr(offload.images.Images, "acached", acached)
     return release
 
 
@@ -507,6 +532,28 @@ async def test_delete_during_a_slow_create_submits_nothing(site, slow_pull):
         assert not site.records(name) and not await site.afind(name), "a job for a deleted pod"
         answer = await _status(client, p)
         assert answer["containers"][0]["state"]["terminated"]["exitCode"] == 143
+
+
+async def test_a_container_with_no_command_runs_what_its_cached_image_says(site, monkeypatch):
+    """/create cannot know a cached image's ENTRYPOINT before the pull, so it takes the pod; the job runs what the
+    cache's record says. A site path's config is never known: such a pod is refused at once."""
+    record = offload.CachedImage("local://app", "sha256:" + "a" * 64, "/", 1, 0.0, 0.0, ("sh", "-c", 'echo "$0"'),
+                                 ("from-the-image",))  # fmt: skip
+
+    async def acached(self, image, progress=None):
+        return record if image == "app" else None
+
+    monkeypatch.setattr(offload.images.Images, "acached", acached)
+    async with TestClient(TestServer(PodServer(site, {"app:1": "app"}).app())) as client:  # a pushed image
+        p = pod([{"name": "main", "image": "app:1"}], automount=False)
+        assert (await client.post("/create", json=data(p))).status == 200
+        assert (await _until(client, p, "terminated"))["containers"][0]["state"]["terminated"]["exitCode"] == 0
+        body = {"PodUID": p["metadata"]["uid"], "PodName": "p", "Namespace": "default", "ContainerName": "main",
+                "Opts": {}}  # fmt: skip
+        assert await (await client.get("/getLogs", json=body)).text() == "from-the-image\n"
+        on_site = pod([{"name": "main", "image": "/sw/img.sif"}], automount=False)
+        refused = await client.post("/create", json=data(on_site))
+        assert refused.status == 422 and "a path on the site has not" in await refused.text()
 
 
 async def test_a_site_that_hiccups_is_asked_again_before_the_reply_fails(site, monkeypatch):

@@ -78,7 +78,8 @@ _LINK_HOPS = 40  # symbolic links followed on one path of an image before it is 
 @dataclass(frozen=True)
 class CachedImage:
     """An image in a site's cache: the ref it is known by, its digest, its path on the site, its size in
-    bytes, and when it was pulled and last used (seconds since the epoch)."""
+    bytes, when it was pulled and last used (seconds since the epoch), and what it runs when given no command
+    (its config's ENTRYPOINT and CMD: empty where it has none, or where the cache does not know them)."""
 
     ref: str
     digest: str
@@ -86,6 +87,8 @@ class CachedImage:
     size: int
     pulled: float
     used: float
+    entrypoint: tuple[str, ...] = ()
+    cmd: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -112,8 +115,13 @@ def checked_digest(value: object, source: str) -> str:
     """``value`` if it is a sha256 digest, else :class:`ImageError` naming ``source``: the same check as the
     login node's (:func:`offload.images_site.check_digest`), on this side, for every digest that comes from
     elsewhere (the login node, an archive's index) before it names a file or goes into a command."""
+    return _site_check(images_site.check_digest, value, source)
+
+
+def _site_check(check: Callable[[Any, str], T], value: object, source: str) -> T:
+    """One of the login node's checks of data from elsewhere, here: :class:`ImageError` where it fails."""
     try:
-        return images_site.check_digest(value, source)
+        return check(value, source)
     except images_site.Failed as exc:
         raise ImageError(str(exc)) from None
 
@@ -240,9 +248,22 @@ class Images:
         """The image a job should name: a registry image (where the site pulls on its login node) is pulled
         once and run from the cache; a name given to ``offload image push`` is that image's cache path; any
         other image (a path on the site, or a ref the runtime pulls itself) is left as it is."""
+        cached = await self.acached(image, progress)
+        return image if cached is None else self._site.runtime.cached_image(cached.path)
+
+    def resolve(self, image: str, progress: Progress | None = None) -> str:
+        """Sync form of :meth:`aresolve`."""
+        return _loop.run(self.aresolve(image, progress))
+
+    @_on_site_loop
+    async def acached(self, image: str, progress: Progress | None = None) -> CachedImage | None:
+        """The cache's record of ``image`` where a job runs it from the cache (:meth:`aresolve`): a registry image
+        the site pulls on its login node (pulled now if need be) or a pushed name; None for any other image (a
+        path on the site, a ref the runtime pulls itself, a name of its own store), whose config offload does not
+        know. It is :meth:`aresolve`'s own lookup: asking both for one image pulls or finds it once."""
         pull = is_pull(image) and self._site.config.pull == "login"
         if not pull and not is_pushed_name(image):
-            return image
+            return None
         now = time.monotonic()
         for old in [k for k, (t, f) in self._resolving.items() if f.done() and now - t >= RESOLVED_FOR]:
             del self._resolving[old]  # a long-lived server resolves many images over months: keep the fresh ones
@@ -252,18 +273,17 @@ class Images:
             running = asyncio.ensure_future(self.apull(image, progress) if pull else self._find_pushed(image))
             self._resolving[image] = (time.monotonic(), running)
         cached = await asyncio.shield(running)
-        if cached is None:  # a bare name that is no pushed image: a name of the runtime's own store, or a mistake
-            if self._site.runtime.image_path(_just_image(image)) is None:
-                return image
+        # a bare name that is no pushed image: a name of the runtime's own store, or a mistake
+        if cached is None and self._site.runtime.image_path(_just_image(image)) is not None:
             raise ImageError(
                 f"no image named {image!r} in the cache of site '{self._site.name}': push it with 'offload image "
                 f"push PATH --name {image} --site {self._site.name}' ('offload image ls' lists what is there)"
             )
-        return self._site.runtime.cached_image(cached.path)
+        return cached
 
-    def resolve(self, image: str, progress: Progress | None = None) -> str:
-        """Sync form of :meth:`aresolve`."""
-        return _loop.run(self.aresolve(image, progress))
+    def cached(self, image: str, progress: Progress | None = None) -> CachedImage | None:
+        """Sync form of :meth:`acached`."""
+        return _loop.run(self.acached(image, progress))
 
     async def _find_pushed(self, name: str) -> CachedImage | None:
         try:
@@ -305,7 +325,7 @@ class Images:
         runtime = self._site.runtime
         loop = asyncio.get_running_loop()
         progress(f"{name}: preparing {local}")
-        kind, upload = await loop.run_in_executor(None, _prepare, local)
+        kind, upload, run = await loop.run_in_executor(None, _prepare, local)
         made = upload.name.startswith(_MADE)
         script = runtime.import_script(kind)  # refuses a kind the runtime cannot run, before the upload
         try:
@@ -325,7 +345,7 @@ class Images:
             if made:
                 upload.unlink(missing_ok=True)
         found = await self._helper("import", _pushed_ref(name), digest, runtime.cache_suffix, remote, script,
-                                   progress=lambda line: progress(f"{name}: {line}"))  # fmt: skip
+                                   json.dumps(run), progress=lambda line: progress(f"{name}: {line}"))  # fmt: skip
         if not found:
             raise ImageError(f"pushed {name}, but the cache on the login node gave no record of it")
         self._resolving.pop(name, None)
@@ -370,9 +390,14 @@ def _log_progress(line: str) -> None:
 
 
 def _image(record: dict) -> CachedImage:
-    return CachedImage(record["ref"], checked_digest(record.get("digest"), "the site's image cache"), record["path"],
-                       int(record.get("size", 0)),
-                       float(record.get("pulled", 0)), float(record.get("used", 0)))  # fmt: skip
+    """A record the login node printed: data from the site, checked before a digest names anything or an
+    ENTRYPOINT becomes a container's argv. A record from before offload kept ENTRYPOINT and CMD has neither."""
+    source = "the site's image cache"
+    run = _site_check(images_site.checked_run, {"entrypoint": record.get("entrypoint", []),
+                                                "cmd": record.get("cmd", [])}, source)  # fmt: skip
+    return CachedImage(record["ref"], checked_digest(record.get("digest"), source), record["path"],
+                       int(record.get("size", 0)), float(record.get("pulled", 0)), float(record.get("used", 0)),
+                       tuple(run["entrypoint"]), tuple(run["cmd"]))  # fmt: skip
 
 
 def _done(image: CachedImage) -> asyncio.Future[CachedImage]:
@@ -407,29 +432,34 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _prepare(local: Path) -> tuple[str, Path]:
+Run = dict[str, list[str]]  # what an image runs when given no command: {"entrypoint": [...], "cmd": [...]}
+_NO_RUN: Run = {"entrypoint": [], "cmd": []}
+
+
+def _prepare(local: Path) -> tuple[str, Path, Run]:
     """What to upload: ``("sif", file)`` for a SIF, else ``("rootfs", tar.gz)`` of a root file system: made from a
-    directory, taken as it is from a gzipped rootfs tarball, or flattened from a ``docker save`` / OCI archive.
-    What is made is made the same way each time (sorted, no timestamps in the gzip header), so pushing the same
-    image again is recognised and not sent twice."""
+    directory, taken as it is from a gzipped rootfs tarball, or flattened from a ``docker save`` / OCI archive;
+    and what the image runs when given no command (an archive's ENTRYPOINT and CMD; none for the others, which
+    carry no config). What is made is made the same way each time (sorted, no timestamps in the gzip header), so
+    pushing the same image again is recognised and not sent twice."""
     local = local.expanduser()
     if not local.exists():
         raise ConfigError(f"{local}: no such file or directory here")
     if local.is_dir():
-        return "rootfs", _tar_directory(local)
+        return "rootfs", _tar_directory(local), _NO_RUN
     with local.open("rb") as f:
         head = f.read(128)
     if head.startswith(b"#!/usr/bin/env run-singularity") or b"SIF_MAGIC" in head:
-        return "sif", local
+        return "sif", local, _NO_RUN
     if not tarfile.is_tarfile(local):
         raise ConfigError(f"{local}: not a directory, a tarball, a 'docker save'/OCI archive or a .sif")
     with tarfile.open(local) as archive:
         names = {name.removeprefix("./") for name in archive.getnames()}
         if "manifest.json" in names or "oci-layout" in names:
-            return "rootfs", _flatten(archive, names, local.name)
+            return "rootfs", *_flatten(archive, names, local.name)
     if head[:2] == b"\x1f\x8b":  # already a gzipped tarball of a root file system
-        return "rootfs", local
-    return "rootfs", _gzip(local)
+        return "rootfs", local, _NO_RUN
+    return "rootfs", _gzip(local), _NO_RUN
 
 
 def _tar_directory(folder: Path) -> Path:
@@ -455,10 +485,11 @@ def _gzip(local: Path) -> Path:
     return Path(name)
 
 
-def _flatten(archive: tarfile.TarFile, names: set[str], label: str) -> Path:
+def _flatten(archive: tarfile.TarFile, names: set[str], label: str) -> tuple[Path, Run]:
     """The layers of a ``docker save`` (``manifest.json``) or OCI (``index.json``) archive applied in order, with
-    their whiteouts, into one root file system. An archive is data from anywhere: nothing in it is followed out of
-    the scratch root (see :func:`_apply`)."""
+    their whiteouts, into one root file system, and the ENTRYPOINT and CMD of its config (a pod that gives no
+    command runs them). An archive is data from anywhere: nothing in it is followed out of the scratch root (see
+    :func:`_apply`), and its config must hold lists of strings."""
 
     def read(member: str) -> bytes:
         for candidate in (member, "./" + member):
@@ -472,19 +503,22 @@ def _flatten(archive: tarfile.TarFile, names: set[str], label: str) -> Path:
         return "blobs/" + checked_digest(digest, f"{label}'s index").replace(":", "/", 1)
 
     if "manifest.json" in names:
-        layers = json.loads(read("manifest.json"))[0]["Layers"]
+        manifest = json.loads(read("manifest.json"))[0]
+        layers, config = manifest["Layers"], manifest.get("Config")
     else:
         found = json.loads(read("index.json"))
         while "manifests" in found:  # an index (of a multi-platform image, say): its first manifest
             found = json.loads(read(blob(found["manifests"][0]["digest"])))
         layers = [blob(layer["digest"]) for layer in found["layers"]]
+        config = blob(found["config"]["digest"]) if found.get("config") else None
+    run = _NO_RUN if config is None else _site_check(images_site.run_of, json.loads(read(config)), f"{label}'s config")
     root = Path(tempfile.mkdtemp(prefix="offload-rootfs-"))
     try:
         for layer in layers:
             with tarfile.open(fileobj=io.BytesIO(read(layer))) as tar:
                 for member in tar:
                     _apply(tar, member, root, f"{label}, layer {layer}")
-        return _tar_directory(root)
+        return _tar_directory(root), run
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -3,8 +3,10 @@ so each cache operation is one command over the site's connection.
 
     digest CACHE REF                       the registry's digest of REF now, and its download size
     ensure CACHE REF SUFFIX SCRIPT         REF (docker://...) in the cache: its registry digest now, pulled by
-                                           SCRIPT unless that digest is there already
-    import CACHE REF DIGEST SUFFIX UPLOAD SCRIPT   an uploaded image turned into a cache entry by SCRIPT
+                                           SCRIPT unless that digest is there already; its record keeps the
+                                           image's ENTRYPOINT and CMD (from its config blob)
+    import CACHE REF DIGEST SUFFIX UPLOAD SCRIPT RUN   an uploaded image turned into a cache entry by SCRIPT; RUN is
+                                           ``{"entrypoint": [...], "cmd": [...]}`` (JSON), kept in its record
     find CACHE REF                         the record of REF (marked used now)
     list CACHE                             every record
     remove CACHE WANTED                    forget a ref (its image goes when no other ref uses it)
@@ -20,8 +22,10 @@ laptops, a triggerer and a hub) never pull the same image twice. A SCRIPT builds
 renames it to ``$OFFLOAD_DEST``: an entry is there whole or not at all.
 
 What a registry says is not trusted: every digest is checked (:func:`check_digest`) where it comes in, before it
-names a file, a lock or a command's argument, and a record is acted on only when its path is an entry of this
-cache (:func:`is_entry`). Every directory made here is 0700 (:func:`private_dir`): a pushed image may be private.
+names a file, a lock or a command's argument, an image config must hash to its digest and hold lists of strings
+(:func:`checked_run`) before it becomes a container's argv, and a record is acted on only when its path is an
+entry of this cache (:func:`is_entry`). Every directory made here is 0700 (:func:`private_dir`): a pushed image
+may be private.
 """
 
 import contextlib
@@ -133,7 +137,10 @@ def split_ref(ref):
 
 
 def _get(url, headers):
-    request = urllib.request.Request(url, headers=headers)
+    request = urllib.request.Request(url)
+    for name, value in headers.items():  # a bearer token stays with the registry: a blob's redirect (to a CDN,
+        # a bucket's signed URL) gets none, which such a URL would refuse or an untrusted host would receive
+        (request.add_unredirected_header if name == "Authorization" else request.add_header)(name, value)
     return urllib.request.urlopen(request, timeout=60, context=ssl.create_default_context())
 
 
@@ -149,15 +156,15 @@ def _token(challenge):
     return body.get("token") or body.get("access_token")
 
 
-def _manifest(registry, path, reference, headers):
-    """(digest, body) of a manifest; Failed with the registry's own words."""
-    url = f"https://{registry}/v2/{path}/manifests/{reference}"
+def _registry_get(registry, path, what, headers):
+    """(``Docker-Content-Digest`` or None, body) of ``GET /v2/PATH/WHAT`` (``manifests/REF``, ``blobs/DIGEST``),
+    with an anonymous bearer token when the registry asks for one (kept in HEADERS for the next call); Failed
+    with the registry's own words."""
+    url = f"https://{registry}/v2/{path}/{what}"
     for _ in range(2):
         try:
             with _get(url, headers) as response:
-                body = response.read()
-                found = response.headers.get("Docker-Content-Digest") or "sha256:" + hashlib.sha256(body).hexdigest()
-                return check_digest(found, f"the registry {registry} (for {path}:{reference})"), body
+                return response.headers.get("Docker-Content-Digest"), response.read()
         except urllib.error.HTTPError as exc:
             challenge = exc.headers.get("WWW-Authenticate", "")
             if exc.code == 401 and challenge.lower().startswith("bearer") and "Authorization" not in headers:
@@ -167,11 +174,30 @@ def _manifest(registry, path, reference, headers):
             with contextlib.suppress(ValueError, AttributeError):
                 errors = json.loads(detail).get("errors") or []
                 detail = "; ".join(f"{e.get('code')}: {e.get('message')}" for e in errors) or detail
-            raise Failed(f"the registry {registry} says {exc.code} for {path}:{reference}: {detail}") from None
+            raise Failed(f"the registry {registry} says {exc.code} for {path} ({what}): {detail}") from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise Failed(f"cannot reach the registry {registry} from the login node: {reason}") from None
     raise Failed(f"the registry {registry} refused an anonymous token for {path}")
+
+
+def _manifest(registry, path, reference, headers):
+    """(digest, body) of a manifest; Failed with the registry's own words."""
+    found, body = _registry_get(registry, path, f"manifests/{reference}", headers)
+    found = found or "sha256:" + hashlib.sha256(body).hexdigest()
+    return check_digest(found, f"the registry {registry} (for {path}:{reference})"), body
+
+
+def _platform_manifest(registry, path, body, headers):
+    """The manifest in BODY, or for a multi-platform index the one of this machine's platform (linux/amd64):
+    the one whose layers a pull takes and whose config it runs."""
+    manifest = json.loads(body.decode())
+    if "manifests" in manifest:
+        chosen = [m for m in manifest["manifests"] if m.get("platform", {}).get("architecture") in ("amd64", None)]
+        wanted = check_digest((chosen or manifest["manifests"])[0].get("digest"), f"the index of {registry}/{path}")
+        _, body = _manifest(registry, path, wanted, headers)
+        manifest = json.loads(body.decode())
+    return manifest
 
 
 def digest(ref, with_size=False):
@@ -186,13 +212,52 @@ def digest(ref, with_size=False):
     found, body = _manifest(registry, path, tag, headers)
     if not with_size:
         return found, 0
-    manifest = json.loads(body.decode())
-    if "manifests" in manifest:  # an index: the manifest of this machine's platform
-        chosen = [m for m in manifest["manifests"] if m.get("platform", {}).get("architecture") in ("amd64", None)]
-        wanted = check_digest((chosen or manifest["manifests"])[0].get("digest"), f"the index of {registry}/{path}")
-        _, body = _manifest(registry, path, wanted, headers)
-        manifest = json.loads(body.decode())
+    manifest = _platform_manifest(registry, path, body, headers)
     return found, sum(layer.get("size", 0) for layer in manifest.get("layers", []))
+
+
+def checked_run(run, source):
+    """RUN if it is ``{"entrypoint": [...], "cmd": [...]}`` of strings, else Failed naming SOURCE. What an image
+    runs when given no command becomes a container's argv: it comes from a registry, an archive or a record, and
+    nothing but lists of strings may go there."""
+    if (not isinstance(run, dict) or sorted(run) != ["cmd", "entrypoint"]
+            or not all(isinstance(v, list) and all(isinstance(s, str) for s in v) for v in run.values())):  # fmt: skip
+        raise Failed(
+            f"{source} gave {str(run)[:200]!r} as an image's ENTRYPOINT and CMD, which are not lists of strings: "
+            "refused. Check what that registry (or archive) serves"
+        )
+    return {"entrypoint": list(run["entrypoint"]), "cmd": list(run["cmd"])}
+
+
+def run_of(config, source):
+    """``{"entrypoint": [...], "cmd": [...]}`` of an image config (OCI's and Docker's: its ``config`` object's
+    ``Entrypoint`` and ``Cmd``, empty where it has none): what Kubernetes runs when a container gives no
+    command. Failed naming SOURCE for anything else."""
+    settings = config.get("config") if isinstance(config, dict) else "no JSON object"
+    settings = {} if settings is None else settings
+    if not isinstance(settings, dict):
+        raise Failed(f"{source} is no image config (its 'config' is {str(settings)[:100]!r}): refused")
+    return checked_run({"entrypoint": settings.get("Entrypoint") or [], "cmd": settings.get("Cmd") or []}, source)
+
+
+def image_run(ref, digest_):
+    """What the image REF (the manifest DIGEST_, the one being pulled) runs when given no command, from its
+    config blob: the blob's digest is checked before it names a URL, and its body must hash to it, so what a
+    container runs is what that manifest says."""
+    registry, path, _ = split_ref(ref)
+    headers = {"Accept": ACCEPT}
+    _, body = _manifest(registry, path, check_digest(digest_, "the image cache's caller"), headers)
+    manifest = _platform_manifest(registry, path, body, headers)
+    source = f"the manifest of {registry}/{path}"
+    config = check_digest((manifest.get("config") or {}).get("digest"), source)
+    _, blob = _registry_get(registry, path, f"blobs/{config}", headers)
+    if "sha256:" + hashlib.sha256(blob).hexdigest() != config:
+        raise Failed(f"the registry {registry} sent a config of {path} that is not {config}: refused")
+    try:
+        found = json.loads(blob.decode())
+    except ValueError:
+        raise Failed(f"the config {config} of {registry}/{path} is no JSON: refused") from None
+    return run_of(found, f"the config {config} of {registry}/{path}")
 
 
 def key_of(ref):
@@ -274,8 +339,9 @@ def locked(cache, name):
         yield
 
 
-def build(cache, ref, digest_, dest, script, extra_env):
-    """Run SCRIPT to make ``dest`` unless it is there; record REF as the image at ``dest``."""
+def build(cache, ref, digest_, dest, script, extra_env, run):
+    """Run SCRIPT to make ``dest`` unless it is there; record REF as the image at ``dest``, with RUN (what it
+    runs when given no command: :func:`checked_run`)."""
     name = os.path.basename(dest)
     with locked(cache, name):
         if not os.path.exists(dest):
@@ -289,13 +355,16 @@ def build(cache, ref, digest_, dest, script, extra_env):
                 raise Failed(f"the runtime's conversion exited with status {code}")
         now = time.time()
         old = find(cache, ref) or {}
-        rec = {"ref": ref, "digest": digest_, "path": dest, "size": size_of(dest), "pulled": now, "used": now}
+        rec = {"ref": ref, "digest": digest_, "path": dest, "size": size_of(dest), "pulled": now, "used": now, **run}
         if old.get("path") == dest:
             rec["pulled"] = old.get("pulled", now)
         emit(write_record(cache, rec))
 
 
 def ensure(cache, ref, suffix, script):
+    """REF in the cache at the registry's digest now, and its record. A record written before offload kept the
+    image's ENTRYPOINT and CMD learns them here, once (its config is asked for, then written back); where the
+    registry does not answer, the record stays as it was and the image runs all the same."""
     known = find(cache, ref)
     try:
         digest_, _ = digest(ref)
@@ -304,19 +373,36 @@ def ensure(cache, ref, suffix, script):
             raise
         print("{}; running the cached {}".format(exc, known["digest"][:19]), flush=True)
         return used(cache, known)
-    if known is not None and known["digest"] == digest_ and os.path.exists(known["path"]):
+    fresh = known is not None and known["digest"] == digest_ and os.path.exists(known["path"])
+    if fresh and "entrypoint" in known:
         return used(cache, known)
-    build(cache, ref, digest_, entry_path(cache, digest_, suffix), script, {})
+    try:
+        run = image_run(ref, digest_)
+    except Failed as exc:
+        if not fresh:
+            raise
+        print(f"{exc}; the image's ENTRYPOINT and CMD stay unknown for now", flush=True)
+        run = {}
+    if fresh:
+        known.update(run)
+        return used(cache, known)
+    build(cache, ref, digest_, entry_path(cache, digest_, suffix), script, {}, run)
 
 
-def import_upload(cache, ref, digest_, suffix, upload, script):
+def import_upload(cache, ref, digest_, suffix, upload, script, run):
+    """The upload turned into the image REF by SCRIPT; RUN (JSON) is what it runs when given no command, which
+    the client read from a ``docker save`` or OCI archive (empty lists for a directory or a plain tarball)."""
     check_digest(digest_, "the client")
+    try:
+        run = checked_run(json.loads(run), "the client")
+    except ValueError:
+        raise Failed(f"the client gave {run[:200]!r} as an image's ENTRYPOINT and CMD, which is no JSON") from None
     uploads = os.path.join(os.path.abspath(cache), "uploads")
     if upload and (os.path.dirname(os.path.abspath(upload)) != uploads
                    or not os.path.basename(upload).startswith(digest_[7:] + ".")):  # fmt: skip
         raise Failed(f"the upload {upload!r} is not this image's file in {uploads}: nothing imported or deleted")
     try:
-        build(cache, ref, digest_, entry_path(cache, digest_, suffix), script, {"OFFLOAD_UPLOAD": upload})
+        build(cache, ref, digest_, entry_path(cache, digest_, suffix), script, {"OFFLOAD_UPLOAD": upload}, run)
     finally:
         with contextlib.suppress(OSError):
             os.remove(upload)
@@ -368,7 +454,7 @@ def main(argv):
     elif mode == "ensure":
         ensure(cache, argv[2], argv[3], argv[4])
     elif mode == "import":
-        import_upload(cache, argv[2], argv[3], argv[4], argv[5], argv[6])
+        import_upload(cache, argv[2], argv[3], argv[4], argv[5], argv[6], argv[7])
     elif mode == "find":
         rec = find(cache, argv[2])
         if rec is None:

@@ -7,8 +7,11 @@ job's directory and its start and exit to ``pod-state``, which ``/status`` and `
 
 What a pod may hold, and how it lands:
 
-* ``command``/``args``: the argv (``command`` + ``args``); a runtime that cannot run an image's entrypoint
-  (Charliecloud) needs one of them;
+* ``command``/``args``, as Kubernetes has them: ``command`` replaces the image's ENTRYPOINT (and drops its CMD),
+  ``args`` replace its CMD; the driver always names the whole argv, so Apptainer and Charliecloud (which runs no
+  entrypoint itself) run what Kubernetes would (``podman run`` still puts the image's ENTRYPOINT before it). The
+  image's ENTRYPOINT and CMD are known for images from offload's cache (pulled on the login node, or pushed from
+  an archive); a container of any other image (a path on the site) needs ``command``;
 * ``env`` values. The Virtual Kubelet has already turned ``envFrom`` (always) and ``valueFrom`` ConfigMap and
   Secret keys (with its ``SkipDownwardAPIResolution``) into plain values, so any value may be a Secret's: every
   value travels as an offload secret (a 0600 file read and removed by the job), never in the batch script. A
@@ -33,6 +36,7 @@ import math
 import re
 import shlex
 import tarfile
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -185,9 +189,12 @@ def _volume_files(volume: dict, configmaps: dict, secrets: dict, projected: dict
                           "Secret, projected and emptyDir volumes only")  # fmt: skip
 
 
-def plan_pod(site: offload.Site, data: dict, images: dict[str, str]) -> offload.JobSpec:
+def plan_pod(site: offload.Site, data: dict, images: dict[str, str],
+             commands: Mapping[str, tuple[Sequence[str], Sequence[str]]] | None = None) -> offload.JobSpec:  # fmt: skip
     """The job for interLink's ``RetrievedPodData`` ``data``; ``images`` maps each container's image to what the
-    site runs (already resolved: cache paths). Raises ConfigError, with what to change, for what it cannot run."""
+    site runs (already resolved: cache paths), ``commands`` maps it to the image's (ENTRYPOINT, CMD) where offload
+    knows them (images from its cache), for containers that give no ``command``. Raises ConfigError, with what to
+    change, for what it cannot run."""
     pod = data.get("pod") or {}
     meta, spec = pod.get("metadata") or {}, pod.get("spec") or {}
     uid = meta.get("uid")
@@ -221,8 +228,8 @@ def plan_pod(site: offload.Site, data: dict, images: dict[str, str]) -> offload.
         notes.append("offload: probes and lifecycle hooks of this pod are ignored (the job's own state counts)")
     runs = []
     for index, container in enumerate(init + main):
-        runs.append(_container_run(site, container, index, images, volumes, configmaps, secrets_data,
-                                   secrets, notes))  # fmt: skip
+        runs.append(_container_run(site, container, index, images, commands or {}, volumes, configmaps,
+                                   secrets_data, secrets, notes))  # fmt: skip
     for note in notes:  # in the job's own output, as Kubernetes says such things in events, not in a container's log
         lines.append(f"echo {shlex.quote(note)} >&2")
     for container, run in zip(init, runs[: len(init)], strict=True):
@@ -265,19 +272,35 @@ def _driver_head() -> list[str]:
     ]
 
 
-def _container_run(site: offload.Site, container: dict, index: int, images: dict[str, str], volumes: dict,
-                   configmaps: dict, secrets_data: dict, secrets: dict[str, str], notes: list[str]) -> str:  # fmt: skip
+def _argv(name: str, container: dict, image_run: tuple[Sequence[str], Sequence[str]] | None) -> list[str]:
+    """A container's argv by Kubernetes' rule: ``command`` replaces the image's ENTRYPOINT and drops its CMD,
+    ``args`` replace its CMD; ``image_run`` is the image's (ENTRYPOINT, CMD), None where offload does not know
+    them. ConfigError where that leaves nothing to run."""
+    command, args = container.get("command") or [], container.get("args") or []
+    entrypoint, cmd = image_run or ((), ())
+    argv = [*(command or entrypoint), *(args if command or args else cmd)]
+    if argv:
+        return argv
+    image = container.get("image")
+    if image_run is None:
+        why = (f"offload does not know the ENTRYPOINT and CMD of its image {image!r}: only images from offload's "
+               "cache (pulled on the login node, or pushed with 'offload image push') have their config known, a "
+               "path on the site has not")  # fmt: skip
+    else:
+        why = (f"its image {image!r} has no ENTRYPOINT or CMD in offload's image cache (an image pushed before "
+               "offload kept them has none there: push it again)")  # fmt: skip
+    raise ConfigError(f'container {name!r} gives no command, and {why}. Give \'command\', e.g. ["python3", "app.py"]')
+
+
+def _container_run(site: offload.Site, container: dict, index: int, images: dict[str, str],
+                   commands: Mapping[str, tuple[Sequence[str], Sequence[str]]], volumes: dict, configmaps: dict,
+                   secrets_data: dict, secrets: dict[str, str], notes: list[str]) -> str:  # fmt: skip
     """The shell line that runs one container, recording its start, output and exit."""
     name = _safe(container.get("name", ""))
     image = images.get(container.get("image", ""))
     if not image:
         raise ConfigError(f"container {name!r} names no image")
-    argv = [*(container.get("command") or []), *(container.get("args") or [])]
-    if not argv:
-        raise ConfigError(
-            f"container {name!r} has neither command nor args: offload starts containers with an explicit "
-            'command (give \'command\', e.g. ["python3", "app.py"])'
-        )
+    argv = _argv(name, container, commands.get(container.get("image", "")))
     exports: list[str] = []
     names: list[str] = []
 

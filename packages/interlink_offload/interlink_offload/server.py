@@ -58,8 +58,10 @@ FORGET_AFTER = 600.0
 # fails the pod for good on any reply but 200.
 RETRY_WITHIN = 10.0
 RETRY_PAUSES = (0.5, 1.0, 2.0, 4.0)
-# Where a pod's image stands when /create checks the pod before its images are pulled: the cache's path later.
+# Where a pod's image stands when /create checks the pod before its images are pulled: the cache's path later;
+# and its ENTRYPOINT, for a container with no command: the image's config is known only once it is pulled.
 _STAND_IN_IMAGE = "/offload-image-cache/stand-in"
+_STAND_IN_RUN = (("/offload-image-cache/stand-in-entrypoint",), ())
 
 
 class BadRequest(Exception):
@@ -325,8 +327,11 @@ class PodServer:
         images = [c.get("image") or "" for c in [*(spec.get("initContainers") or []), *spec["containers"]]]
         if "" in images:
             raise BadRequest(422, "every container of the pod needs an image")
+        cached = {image for image in images if self._through_cache(image)}
+        stand_ins = {image: _STAND_IN_IMAGE if image in cached else site_image(image, self.image_map)
+                     for image in images}  # fmt: skip
         try:  # what offload cannot run is refused now, before anything is pulled or queued
-            plan_pod(self.site, data, {image: self._stand_in(image) for image in images})
+            plan_pod(self.site, data, stand_ins, dict.fromkeys(cached, _STAND_IN_RUN))
         except offload.ConfigError as exc:
             raise BadRequest(422, str(exc)) from None
         pending = self._pending[uid] = _Pending()
@@ -335,10 +340,11 @@ class PodServer:
                  meta.get("name"), uid)  # fmt: skip
         return web.json_response({"PodUID": uid, "PodJID": ""})
 
-    def _stand_in(self, image: str) -> str:
+    def _through_cache(self, image: str) -> bool:
+        """Whether the pod's ``image`` comes through the site's image cache (pulled on its login node, or pushed):
+        its path and its ENTRYPOINT and CMD are known only once it is there."""
         ref = site_image(image, self.image_map)
-        cached = is_pushed_name(ref) or (is_pull(ref) and self.site.config.pull == "login")
-        return _STAND_IN_IMAGE if cached else ref
+        return is_pushed_name(ref) or (is_pull(ref) and self.site.config.pull == "login")
 
     async def _prepare(self, uid: str, data: dict, pending: _Pending) -> None:
         """The background half of /create: find the pod's job (a repeat after a restart) or pull its images and
@@ -368,8 +374,10 @@ class PodServer:
         spec = data["pod"]["spec"]
         wanted = {c["image"] for c in [*(spec.get("initContainers") or []), *spec["containers"]]}
         refs = {image: site_image(image, self.image_map) for image in wanted}
-        resolved = await asyncio.gather(*(self.site.images.aresolve(ref) for ref in refs.values()))
-        planned = plan_pod(self.site, data, dict(zip(refs, resolved, strict=True)))
+        found = dict(zip(refs, await asyncio.gather(*(self._site_image(ref) for ref in refs.values())), strict=True))
+        images = {image: path for image, (path, _) in found.items()}
+        commands = {image: (c.entrypoint, c.cmd) for image, (_, c) in found.items() if c is not None}
+        planned = plan_pod(self.site, data, images, commands)
         async with self._locked(uid):  # /delete waits here, and after it nothing is submitted
             if pending.deleted:
                 log.info("pod %s was deleted while its images were pulled: no job submitted", uid)
@@ -378,6 +386,12 @@ class PodServer:
             self._jobs[uid] = job
             self._missing.pop(uid, None)
             return job
+
+    async def _site_image(self, ref: str) -> tuple[str, offload.CachedImage | None]:
+        """What the site runs for ``ref``, and its record in the site's image cache (None for an image that does
+        not come through it): one pull or lookup, which aresolve shares with acached."""
+        cached = await self.site.images.acached(ref)
+        return await self.site.images.aresolve(ref), cached
 
     # -- GET /status ----------------------------------------------------------------------------------------
 
