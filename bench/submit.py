@@ -23,7 +23,7 @@ import asyncssh
 from common import TESTSITE, Comparison, alternate
 
 import offload
-from offload.config import load_profiles
+from offload import load_profiles
 
 JOBS = 200
 PER_CONNECTION_JOBS = 40  # the connection-per-job approach is slow; its rate is measured on fewer jobs

@@ -57,7 +57,7 @@ def leftovers_guard(testsite_config):
 
 @pytest.fixture
 def site(testsite_config):
-    from offload.config import load_profiles
+    from offload import load_profiles
     from offload.site import Site
 
     site = Site(load_profiles(CONFIG).get("gridengine"))

@@ -53,7 +53,7 @@ def offload_read(site, path: str) -> str:
 
 def test_a_hundred_jobs_over_one_connection_with_one_squeue_per_poll(testsite_config):
     # A fresh Site, so its counters are this test's alone.
-    from offload.config import load_profiles
+    from offload import load_profiles
 
     site = offload.Site(load_profiles().get("testsite"))
     try:

@@ -2,8 +2,7 @@ import textwrap
 
 import pytest
 
-from offload import ConfigError
-from offload.config import load_profiles
+from offload import ConfigError, load_profiles
 
 
 def write(tmp_path, text):

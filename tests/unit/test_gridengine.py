@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from offload.config import SiteConfig, profile_from_table
+from offload import SiteConfig, profile_from_table
 from offload.errors import ConfigError
 from offload.jobs import JobRef, JobState
 from offload.schedulers.gridengine import (

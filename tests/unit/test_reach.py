@@ -14,7 +14,8 @@ import sys
 import pytest
 
 from offload import ConfigError, JobSpec, reach_node
-from offload.reach import _ClientMux, node_targets, parse_target, targets_of
+from offload.reach import _ClientMux
+from offload.reach_targets import node_targets, parse_target, targets_of
 
 
 def test_targets_and_what_the_payload_sees():

@@ -13,7 +13,7 @@ from typing import TypeVar
 import asyncssh
 import pytest
 
-from offload.config import load_profiles
+from offload import load_profiles
 from offload.errors import SiteNotAnswering, TransportError
 from offload.plugins import plugins
 from offload.transports.ssh import SSHTransport

@@ -22,9 +22,10 @@ from offload.errors import (
     SubmissionError,
     TransportError,
 )
+from offload.hookspecs import RuntimePlugin, SchedulerPlugin, TransportPlugin, hookimpl
 from offload.images import CachedImage, Images
 from offload.jobs import Job, JobState, JobStatus
-from offload.plugins import RuntimePlugin, SchedulerPlugin, TransportPlugin, hookimpl
+from offload.profiles import SiteProfiles, load_profiles, profile_from_table
 from offload.runtimes.base import ContainerCommand
 from offload.schedulers.base import NodeResources
 from offload.script import BatchScript
@@ -59,10 +60,13 @@ __all__ = [
     "Site",
     "SiteConfig",
     "SiteNotAnswering",
+    "SiteProfiles",
     "SubmissionError",
     "TransportError",
     "TransportPlugin",
     "archive",
     "hookimpl",
+    "load_profiles",
     "load_site",
+    "profile_from_table",
 ]

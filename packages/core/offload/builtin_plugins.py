@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from offload.plugins import RuntimePlugin, SchedulerPlugin, TransportPlugin, hookimpl
+from offload.hookspecs import RuntimePlugin, SchedulerPlugin, TransportPlugin, hookimpl
 
 
 @hookimpl

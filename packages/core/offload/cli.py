@@ -19,9 +19,9 @@ from typing import Any
 import click
 
 from offload import _loop
-from offload.config import load_profiles
 from offload.errors import ConfigError, OffloadError
 from offload.jobs import Job, JobState, JobStatus
+from offload.profiles import load_profiles
 from offload.records import JobRecords, write_private
 from offload.schedulers.base import NodeResources
 from offload.site import Site, load_site

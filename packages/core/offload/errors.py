@@ -7,6 +7,8 @@ Each message says what went wrong and what to do next.
 
 from __future__ import annotations
 
+import difflib
+
 
 class OffloadError(Exception):
     """Base of every error offload raises on purpose."""
@@ -68,3 +70,10 @@ class JobFailedError(OffloadError):
 
 class JobNotFoundError(OffloadError):
     """No job with this id is known to the site or to the local job records."""
+
+
+def did_you_mean(word: str, candidates: list[str]) -> str:
+    """`` (did you mean 'x'?)`` for the candidate nearest a mistyped ``word``, else nothing: the one way offload's
+    messages suggest a fix for a typo (a key, a site, a plugin's name)."""
+    close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -12,18 +12,37 @@ every plugin and their results collected; two plugins claiming one name is an er
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 if TYPE_CHECKING:
     from offload.config import SiteConfig
-    from offload.plugins import RuntimePlugin, SchedulerPlugin, TransportPlugin
     from offload.script import BatchScript
     from offload.spec import JobSpec
 
 hookspec = pluggy.HookspecMarker("offload")
+hookimpl = pluggy.HookimplMarker("offload")  # what a plugin marks its hook functions with
+
+
+@dataclass(frozen=True)
+class SchedulerPlugin:
+    name: str
+    factory: Callable[[Any], Any]
+
+
+@dataclass(frozen=True)
+class RuntimePlugin:
+    name: str
+    factory: Callable[[tuple[str, ...]], Any]
+
+
+@dataclass(frozen=True)
+class TransportPlugin:
+    name: str
+    factory: Callable[[Any], Any]
 
 
 @hookspec

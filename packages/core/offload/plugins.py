@@ -5,34 +5,13 @@ every hook implementation matches a spec, so a misspelt hook fails loudly instea
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import pluggy
 
 from offload import hookspecs
 from offload.errors import PluginError
-
-hookimpl = pluggy.HookimplMarker("offload")
-
-
-@dataclass(frozen=True)
-class SchedulerPlugin:
-    name: str
-    factory: Callable[[Any], Any]
-
-
-@dataclass(frozen=True)
-class RuntimePlugin:
-    name: str
-    factory: Callable[[tuple[str, ...]], Any]
-
-
-@dataclass(frozen=True)
-class TransportPlugin:
-    name: str
-    factory: Callable[[Any], Any]
+from offload.hookspecs import RuntimePlugin, SchedulerPlugin, TransportPlugin
 
 
 class Plugins:

@@ -24,14 +24,15 @@ import time
 import weakref
 from collections.abc import Sequence
 
-from offload import _loop, submit
+from offload import _loop, reach_targets, submit
 from offload import reach as reach_mod
-from offload.config import SiteConfig, load_profiles
+from offload.config import SiteConfig
 from offload.errors import ConfigError, JobNotFoundError
 from offload.images import Images, is_pull, is_pushed_name
 from offload.jobs import Job, JobRef, JobState, JobStatus
 from offload.plugins import Plugins, plugins
 from offload.poller import Poller
+from offload.profiles import load_profiles
 from offload.records import JobRecord, JobRecords
 from offload.runtimes.base import ContainerCommand, ContainerContext, Runtime
 from offload.schedulers.base import NodeResources
@@ -110,7 +111,7 @@ class Site:
     # -- building scripts -------------------------------------------------------------------------------
 
     def _context(self, spec: JobSpec, jobdir: str | None = None) -> ContainerContext:
-        reach = [*spec.reach, *reach_mod.PROXY_NAMES] if spec.reach else []
+        reach = [*spec.reach, *reach_targets.PROXY_NAMES] if spec.reach else []
         env_names = tuple(dict.fromkeys([*self.config.env, *spec.env, *spec.secrets, *reach]))
         return ContainerContext(
             image=spec.image or self.config.image,
@@ -307,9 +308,9 @@ class Site:
                     index_offset: int = 0, parallelism: int | None = None) -> Submission:  # fmt: skip
         secrets, files = dict(spec.secrets), {}
         if (spec.reach or spec.relay) and self._relays_needed:
-            targets = reach_mod.targets_of(dict(spec.reach))
-            secrets["OFFLOAD_REACH"] = reach_mod.node_targets(targets)  # URLs may hold credentials
-            files["reach.json"] = reach_mod.client_targets(targets)  # what any client needs to serve the relay
+            targets = reach_targets.targets_of(dict(spec.reach))
+            secrets["OFFLOAD_REACH"] = reach_targets.node_targets(targets)  # URLs may hold credentials
+            files["reach.json"] = reach_targets.client_targets(targets)  # what any client needs to serve the relay
         elif spec.reach:
             secrets.update(spec.reach)  # the job runs here: it reaches the services directly
         files.update(spec.files)
@@ -343,7 +344,7 @@ class Site:
             if sub.secrets:
                 self._secret_dirs[sub.jobdir] = set(sub.ids)
             if (sub.spec.reach or sub.spec.relay) and self._relays_needed:
-                targets = [(t.host, t.port) for t in reach_mod.targets_of(dict(sub.spec.reach))]
+                targets = [(t.host, t.port) for t in reach_targets.targets_of(dict(sub.spec.reach))]
                 for index in indices:
                     job = jobs[index]
                     assert job is not None

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from offload.errors import ConfigError
+from offload.reach_targets import targets_of
 
 _WALLTIME = re.compile(r"^(?:(?P<d>\d+)-)?(?P<rest>\d+(?::\d+){0,2})$")
 _MEMORY = re.compile(r"^(?P<n>\d+(?:\.\d+)?)\s*(?P<unit>[KMGT]?)(?:i?B)?$", re.IGNORECASE)
@@ -253,8 +254,6 @@ class JobSpec:
             if overlap:
                 raise ConfigError(f"{sorted(overlap)} given both as {one} and as {other}: keep each name in one place")
         if reach:
-            from offload.reach import targets_of
-
             targets_of(dict(reach))  # a bad URL fails here, before anything is submitted
         if isinstance(self.prologue, str) or not all(isinstance(line, str) for line in self.prologue):
             raise ConfigError("JobSpec.prologue is a list of shell lines, e.g. ['module load cuda']")

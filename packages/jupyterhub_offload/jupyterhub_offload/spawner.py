@@ -38,7 +38,6 @@ from traitlets import Callable, Dict, Integer, List, TraitError, Unicode, Union,
 
 import offload
 from offload import jupyter as jupyter_mod
-from offload.config import load_profiles
 
 # What the hub gives a single-user server that must not travel as plain environment: secrets instead
 # (read from a 0600 file by the job and removed before the server starts).
@@ -111,7 +110,7 @@ def site_for(name: str | None, user: str | None, identity: str | None) -> offloa
     key = (name or "", user, identity)
     site = _sites.get(key)
     if site is None:
-        config = load_profiles().get(name)
+        config = offload.load_profiles().get(name)
         changes: dict[str, Any] = {}
         if user:
             changes["user"] = user

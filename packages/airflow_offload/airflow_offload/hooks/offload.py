@@ -23,7 +23,6 @@ from typing import Any
 
 import offload
 from airflow_offload.version_compat import BaseHook
-from offload.config import load_profiles, profile_from_table
 from offload.doctor import run_checks
 
 # Extras that are not site profile keys.
@@ -86,7 +85,7 @@ class OffloadHook(BaseHook):
         """
         try:
             if self.offload_conn_id is None:
-                config = load_profiles().get(self.site_name)
+                config = offload.load_profiles().get(self.site_name)
             else:
                 config = site_config(self.offload_conn_id, self.get_connection(self.offload_conn_id), self.site_name)
             checks = list(run_checks(config, network=False))
@@ -114,7 +113,7 @@ def site_config(conn_id: str, connection: Any, site: str | None = None) -> offlo
     if getattr(connection, "conn_type", "offload") == "ssh":
         fields = {k: v for k, v in fields.items() if k not in _SSH_PROVIDER_EXTRAS}
     base_name = fields.get("site") or site
-    base = load_profiles().get(base_name) if base_name else None
+    base = offload.load_profiles().get(base_name) if base_name else None
     table = {k: v for k, v in fields.items() if k not in _KEY_FIELDS}
     if connection.host:
         table["host"] = connection.host
@@ -130,7 +129,7 @@ def site_config(conn_id: str, connection: Any, site: str | None = None) -> offlo
         host = table.get("host") or (base.host if base else None)
         port = table.get("port") or (base.port if base else None)
         table["host_keys"] = _known_hosts(where, host, port, fields["host_key"])
-    return profile_from_table(base.name if base else f"airflow-{conn_id}", table, where, base)
+    return offload.profile_from_table(base.name if base else f"airflow-{conn_id}", table, where, base)
 
 
 def _known_hosts(where: str, host: str | None, port: int | None, value: str) -> str:
