@@ -53,6 +53,8 @@ EXAMPLE = Path(__file__).parents[2] / "examples" / "interlink" / "pod.yaml"
 REGISTRY = os.environ.get("OFFLOAD_TESTSITE_REGISTRY", "10.231.77.1:5000")
 IMAGE = f"{REGISTRY}/offload/test:1"  # as a pod names it: no scheme
 SECRET_TOKEN = "s3cr3t-'quoted' $HOME `id`"
+# The site's own image (root's, read-only to the cluster user, as a site's shared images are), by a pod name
+SITE_IMAGE_NAME, SITE_IMAGE = "site/shared:1", "/var/lib/offload-testsite/images/default"
 
 
 class Plugin:
@@ -67,7 +69,8 @@ class Plugin:
     def start(self) -> None:
         log = open(self.tmp / f"plugin-{time.time_ns()}.log", "w")  # noqa: SIM115 (the process keeps it)
         argv = [sys.executable, "-m", "offload.cli", "interlink", "serve", "--site", "testsite", "--listen",
-                f"127.0.0.1:{self.port}", "--image-map", f"python:3.12-slim=docker://{IMAGE}"]  # fmt: skip
+                f"127.0.0.1:{self.port}", "--image-map", f"python:3.12-slim=docker://{IMAGE}",
+                "--image-map", f"{SITE_IMAGE_NAME}={SITE_IMAGE}"]  # fmt: skip
         # the module's fixture owns the plugin, also when a test restarts it (tests/leftovers.py)
         env = {**os.environ, leftovers.FIXTURE_MARK: "interlink-plugin"}
         self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -423,3 +426,78 @@ def test_the_example_pod_runs_as_written(plugin):
     answer = plugin.wait(example)
     assert code(answer, "fetch", "initContainers") == 0 and code(answer, "train") == 0
     assert plugin.logs(example, "train").splitlines() == ["GPUs: 0", "epochs: 3", "data for run first"]
+
+
+def push_with_entrypoint(tag: str, entrypoint: list[str], cmd: list[str]) -> str:
+    """``offload/test:TAG`` in the site's registry: offload/test:1's layer with a config holding ENTRYPOINT and
+    CMD, as ``docker build`` writes them (config.Entrypoint, config.Cmd), pushed as ``docker push`` does: the
+    config blob by a monolithic upload (POST then PUT ?digest=, the OCI distribution spec), then the manifest."""
+    import hashlib
+    import urllib.request
+
+    base = f"https://{REGISTRY}/v2/offload/test"
+    kinds = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json"
+
+    def call(method: str, url: str, body: bytes | None = None, headers: dict | None = None):
+        request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+        return urllib.request.urlopen(request, timeout=30)
+
+    with call("GET", f"{base}/manifests/1", headers={"Accept": kinds}) as reply:
+        manifest, media = json.loads(reply.read()), reply.headers["Content-Type"]
+    with call("GET", f"{base}/blobs/{manifest['config']['digest']}") as reply:
+        config = json.loads(reply.read())
+    config.setdefault("config", {}).update(Entrypoint=entrypoint, Cmd=cmd)
+    blob = json.dumps(config).encode()
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    with call("POST", f"{base}/blobs/uploads/", b"") as reply:
+        location = reply.headers["Location"]
+    location = location if location.startswith("https://") else f"https://{REGISTRY}{location}"
+    sep = "&" if "?" in location else "?"
+    call("PUT", f"{location}{sep}digest={digest}", blob, {"Content-Type": "application/octet-stream"}).close()
+    manifest["config"].update(digest=digest, size=len(blob))
+    call("PUT", f"{base}/manifests/{tag}", json.dumps(manifest).encode(), {"Content-Type": media}).close()
+    return f"{REGISTRY}/offload/test:{tag}"
+
+
+def test_a_container_without_command_runs_its_images_entrypoint_and_cmd(plugin):
+    """Kubernetes' rule with an image whose config has ENTRYPOINT and CMD (read from the cache's record of it):
+    neither given -> both; args -> ENTRYPOINT + args; command -> command alone."""
+    image = push_with_entrypoint(f"entry-{uuid.uuid4().hex[:6]}", ["sh", "-c", 'echo "from-entrypoint $*"', "ep"],
+                                 ["default-cmd"])  # fmt: skip
+    pods = {
+        "neither": pod("entry-neither", [Container(name="main", image=image)]),
+        "args": pod("entry-args", [Container(name="main", image=image, args=["given", "two"])]),
+        "command": pod("entry-command", [Container(name="main", image=image, command=["echo", "command-only"])]),
+    }
+    for p in pods.values():
+        plugin.create(retrieved(p))
+    answers = {name: plugin.wait(p) for name, p in pods.items()}
+    assert all(code(a, "main") == 0 for a in answers.values()), answers
+    assert plugin.logs(pods["neither"], "main") == "from-entrypoint default-cmd\n"
+    assert plugin.logs(pods["args"], "main") == "from-entrypoint given two\n"
+    assert plugin.logs(pods["command"], "main") == "command-only\n"
+
+
+def test_init_containers_share_an_empty_dir_on_a_read_only_image(plugin):
+    """On the site's own image (root's: the job may not add directories to it), an emptyDir is a writable
+    directory of the job bound into each container; one whose mount point the image lacks stops with what to do,
+    not with ch-run's "Read-only file system"."""
+    shared = [VolumeMount(name="work", mountPath="/srv")]
+    ok = pod("shared-srv", [Container(name="main", image=SITE_IMAGE_NAME, command=["cat", "/srv/made"],
+                                      volumeMounts=shared)],
+             init=[Container(name="first", image=SITE_IMAGE_NAME, command=["sh", "-c", "echo by-first > /srv/made"],
+                             volumeMounts=shared),
+                   Container(name="second", image=SITE_IMAGE_NAME, command=["sh", "-c", "echo by-second >> /srv/made"],
+                             volumeMounts=shared)],
+             volumes=[Volume(name="work", emptyDir=EmptyDirVolumeSource())])  # fmt: skip
+    lacking = pod("no-mount-point", [Container(name="main", image=SITE_IMAGE_NAME, command=["true"],
+                                               volumeMounts=[VolumeMount(name="work", mountPath="/scratch")])],
+                  volumes=[Volume(name="work", emptyDir=EmptyDirVolumeSource())])  # fmt: skip
+    plugin.create(retrieved(ok))
+    plugin.create(retrieved(lacking))
+    answer = plugin.wait(ok)
+    assert code(answer, "first", "initContainers") == 0 and code(answer, "second", "initContainers") == 0, answer
+    assert code(answer, "main") == 0 and plugin.logs(ok, "main") == "by-first\nby-second\n"
+    assert code(plugin.wait(lacking), "main") == 1
+    said = plugin.logs(lacking, "main")
+    assert "has no directory /scratch" in said and "Read-only file system" not in said, said

@@ -74,7 +74,10 @@ def test_podman_command_line():
     assert cmd[5:7] == ["--device", "nvidia.com/gpu=all"]
     assert "-v" in cmd and "/scratch/data set:/data:ro" in cmd
     assert cmd[cmd.index("TOKEN") - 1 : cmd.index("TOKEN") + 1] == ["-e", "TOKEN"]
-    assert cmd[-2:] == ["docker://ghcr.io/me/img:1", "python3"]
+    # the argv replaces the image's ENTRYPOINT, as apptainer exec and ch-run run it (no entrypoint in front)
+    assert cmd[-2:] == ['--entrypoint=["python3"]', "docker://ghcr.io/me/img:1"]
+    spaced = runtime("podman").command(["/opt/my tool", "-x", "y z"], CTX)
+    assert spaced[-4:] == ['--entrypoint=["/opt/my tool"]', "docker://ghcr.io/me/img:1", "-x", "y z"]
 
 
 def test_charliecloud_command_line():
@@ -82,6 +85,26 @@ def test_charliecloud_command_line():
     assert runtime("charliecloud").command(["python3", "x.py"], ctx) == [
         "ch-run", "-b", "/data:/in", "-c", "/in", "/images/debian", "--", "python3", "x.py",
     ]  # fmt: skip
+
+
+def test_charliecloud_makes_the_mount_points_an_image_lacks_or_says_why_it_cannot(tmp_path):
+    """ch-run binds only onto directories the image has, and fails with "can't mkdir: Read-only file system"
+    otherwise: the prelude makes them where it may, and where it may not stops with what to do."""
+    image = tmp_path / "image"
+    (image / "tmp").mkdir(parents=True)
+    (image / "mnt").write_text("a file where a directory would go: mkdir fails, as in a read-only image")
+    mounts = (Mount("/site/a", "/tmp"), Mount("/site/b", "/scratch/deep"), Mount("/site/c", "/mnt/x"))
+    lines = runtime("charliecloud").prelude(ContainerContext(image=str(image), mounts=mounts[:2]))
+    done = subprocess.run(["bash", "-c", "\n".join([*lines, "echo payload"])], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout == "payload\n", done.stderr
+    assert (image / "scratch" / "deep").is_dir()
+    lines = runtime("charliecloud").prelude(ContainerContext(image=str(image), mounts=mounts))
+    done = subprocess.run(["bash", "-c", "\n".join([*lines, "echo payload"])], capture_output=True, text=True)
+    assert done.returncode == 1 and "payload" not in done.stdout
+    assert f"the image {image} has no directory /mnt/x to mount /site/c on" in done.stderr
+    assert "under /mnt or /tmp" in done.stderr
+    quoted = runtime("charliecloud").prelude(ContainerContext(image="/img/it's", mounts=(Mount("/a", "/b c"),)))
+    assert shlex.split(quoted[0])[:5] == ["if", "[", "-d", "/img/it's", "]"]
 
 
 @pytest.mark.parametrize("name", ["apptainer", "singularity", "podman", "charliecloud"])

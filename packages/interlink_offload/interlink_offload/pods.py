@@ -8,8 +8,8 @@ job's directory and its start and exit to ``pod-state``, which ``/status`` and `
 What a pod may hold, and how it lands:
 
 * ``command``/``args``, as Kubernetes has them: ``command`` replaces the image's ENTRYPOINT (and drops its CMD),
-  ``args`` replace its CMD; the driver always names the whole argv, so Apptainer and Charliecloud (which runs no
-  entrypoint itself) run what Kubernetes would (``podman run`` still puts the image's ENTRYPOINT before it). The
+  ``args`` replace its CMD; the driver always names the whole argv, which every runtime runs as the whole
+  command (``apptainer exec``, ``ch-run``, ``podman run --entrypoint``), so what runs is what Kubernetes runs. The
   image's ENTRYPOINT and CMD are known for images from offload's cache (pulled on the login node, or pushed from
   an archive); a container of any other image (a path on the site) needs ``command``;
 * ``env`` values. The Virtual Kubelet has already turned ``envFrom`` (always) and ``valueFrom`` ConfigMap and
@@ -367,12 +367,9 @@ def _container_run(site: offload.Site, container: dict, index: int, images: dict
             raise ConfigError(f"container {name!r} mounts {volume!r}, which the pod does not declare")
         source = f"$d/volumes/{volume}"
         prepare.append(f'mkdir -p "{source}"')
-        mounts.append(offload.Mount(f"{_JOBDIR}/volumes/{volume}", mount["mountPath"],
-                                    bool(mount.get("readOnly")) and site.config.runtime != "charliecloud"))  # fmt: skip
-        if site.config.runtime == "charliecloud":
-            # ch-run binds only onto directories the image has: make the mount point in a directory image
-            prepare.append(f'[ -d {shlex.quote(image)} ] && [ -w {shlex.quote(image)} ] && '
-                           f'mkdir -p {shlex.quote(image.rstrip("/") + mount["mountPath"])}')  # fmt: skip
+        # readOnly where the runtime can (Charliecloud cannot: its binds are as writable as the directory)
+        read_only = bool(mount.get("readOnly")) and site.runtime.read_only_binds
+        mounts.append(offload.Mount(f"{_JOBDIR}/volumes/{volume}", mount["mountPath"], read_only))
     gpus = _needs(container)[2]
     run = site.container_command(argv, image=image, mounts=mounts, env_names=names,
                                  workdir=container.get("workingDir") or None, gpus=gpus)  # fmt: skip

@@ -13,6 +13,7 @@ class ApptainerRuntime:
     """``apptainer exec`` (or ``singularity exec``): ``.sif`` files, ``docker://``, ``oras://`` and sandboxes."""
 
     cache_suffix = ".sif"
+    read_only_binds = True
 
     def __init__(self, name: str = "apptainer", options: Sequence[str] = ()) -> None:
         self.name = name

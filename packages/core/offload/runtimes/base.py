@@ -74,6 +74,7 @@ class Runtime(Protocol):
     binary: str | None  # the program it runs on the nodes (what offload doctor looks for); None: none
     # What an image in the site's cache is called after its digest: "" (a directory), ".sif", ...
     cache_suffix: str
+    read_only_binds: bool  # whether a Mount(read_only=True) is honoured (else validate refuses it)
 
     def validate(self, ctx: ContainerContext) -> None:
         """Raise :class:`ConfigError` for a context this runtime cannot run (before submission)."""

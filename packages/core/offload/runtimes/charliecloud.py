@@ -1,7 +1,10 @@
 """Charliecloud: ``ch-run`` on a directory or SquashFS image; the environment passes through unchanged.
 
 ``ch-run`` binds only onto directories that exist in the image, so the job's directory goes to ``/mnt/9``
-(``ch-image`` creates ``/mnt/0`` to ``/mnt/9`` in every image for this) and ``OFFLOAD_JOB_DIR`` says so.
+(``ch-image`` creates ``/mnt/0`` to ``/mnt/9`` in every image for this) and ``OFFLOAD_JOB_DIR`` says so. A
+mount whose destination the image lacks gets its directory made in the image first, where the job's user may
+write there (images of offload's cache are the user's); in an image nobody may change (a site's shared image)
+the job stops before ``ch-run`` with what to do, not with ch-run's "can't mkdir: Read-only file system".
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ class CharliecloudRuntime:
     name = "charliecloud"
     binary = "ch-run"
     cache_suffix = ""  # a directory: ch-run starts it at once, without FUSE or a conversion on the node
+    read_only_binds = False  # ch-run's binds are writable where the host directory is
 
     def __init__(self, options: Sequence[str] = ()) -> None:
         self.options = tuple(options)
@@ -68,7 +72,18 @@ class CharliecloudRuntime:
         return BIND_SLOT  # ch-run binds only onto directories the image has: /mnt/8 is offload's spare one
 
     def prelude(self, ctx: ContainerContext) -> list[str]:
-        return []  # ch-run passes the whole environment into the container
+        """The mount points the image lacks, made (ch-run passes the whole environment: nothing else to do)."""
+        image = require_image(self.name, ctx).rstrip("/")
+        lines = []
+        for mount in ctx.mounts:
+            point = shlex.quote(image + mount.destination)
+            why = (f"offload: the image {image} has no directory {mount.destination} to mount {mount.source} on, "
+                   "and this job may not make one there (Charliecloud binds only onto directories an image has). "
+                   "Mount it on a directory the image has (under /mnt or /tmp), or run an image of offload's cache "
+                   "(pulled or pushed), where the job makes it")  # fmt: skip
+            lines.append(f"if [ -d {shlex.quote(image)} ] && [ ! -d {point} ]; then mkdir -p {point} 2>/dev/null || "
+                         f"{{ echo {shlex.quote(why)} >&2; exit 1; }}; fi")  # fmt: skip
+        return lines
 
     def command(self, argv: Sequence[str], ctx: ContainerContext) -> list[str]:
         args = ["ch-run"]

@@ -16,6 +16,7 @@ class NoRuntime:
     name = "none"
     binary = None  # the payload runs as it is
     cache_suffix = ""
+    read_only_binds = True
 
     def __init__(self, options: Sequence[str] = ()) -> None:
         self._warned: set[str] = set()

@@ -1,7 +1,12 @@
-"""Podman (for sites that offer it): host network, CDI GPUs, values passed by name with ``-e NAME``."""
+"""Podman (for sites that offer it): host network, CDI GPUs, values passed by name with ``-e NAME``.
+
+offload's argv is the whole command, as ``apptainer exec`` and ``ch-run`` run it: the image's ENTRYPOINT is
+replaced (``--entrypoint``), never put in front of it (what ``podman run IMAGE ARGV`` would do).
+"""
 
 from __future__ import annotations
 
+import json
 import shlex
 from collections.abc import Sequence
 
@@ -13,6 +18,7 @@ class PodmanRuntime:
     name = "podman"
     binary = "podman"
     cache_suffix = ".oci.tar"  # an OCI archive on the shared file system: nodes need no registry nor store
+    read_only_binds = True
 
     def __init__(self, options: Sequence[str] = ()) -> None:
         self.options = tuple(options)
@@ -60,4 +66,5 @@ class PodmanRuntime:
             args += ["-w", ctx.workdir or ctx.jobdir]
         for name in (*ctx.env_names, *ctx.passed):
             args += ["-e", name]  # a bare name copies the value from the job's environment, if set
-        return [*args, *self.options, require_image(self.name, ctx), *argv]
+        entrypoint = "--entrypoint=" + json.dumps(list(argv[:1]))  # JSON: one program, whatever its characters
+        return [*args, *self.options, entrypoint, require_image(self.name, ctx), *argv[1:]]
