@@ -1,44 +1,36 @@
 """The ``offload`` command: run a container on N GPUs, follow it, and manage sites.
 
 User errors print one line of cause and remedy and exit 2; ``run`` exits with the job's own exit code.
+
+Plugins add sub-commands through the entry point group ``offload.cli`` (a name -> a ``click.Command`` or
+``click.Group``), so the core never imports an adapter: ``offload interlink`` is interlink_offload's. Their
+names are listed without importing them, and a plugin is imported only when its command runs: one whose extra is
+not installed cannot break ``offload --help`` or the other commands.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
-import logging
 import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import click
 
 from offload import _loop
-from offload.errors import ConfigError, OffloadError
+from offload.cli_common import SITE_HELP, fail, log_to_stderr, user_errors
+from offload.errors import ConfigError
 from offload.jobs import Job, JobState, JobStatus
 from offload.profiles import load_profiles
 from offload.records import JobRecords, write_private
 from offload.schedulers.base import NodeResources
 from offload.site import Site, load_site
 from offload.spec import JobSpec, Mount, Resources
-
-
-def _fail(message: str) -> None:
-    click.echo(f"offload: error: {message}", err=True)
-    sys.exit(2)
-
-
-@contextmanager
-def _user_errors() -> Iterator[None]:
-    try:
-        yield
-    except OffloadError as exc:
-        _fail(str(exc))
 
 
 def _env_pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
@@ -74,26 +66,92 @@ def _local_files(items: tuple[str, ...]) -> dict[str, bytes]:
     return staged
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+# -- commands from plugins -----------------------------------------------------------------------------
+
+ENTRY_POINT_GROUP = "offload.cli"
+
+
+def _entry_points() -> list[importlib.metadata.EntryPoint]:
+    """The installed ``offload.cli`` entry points (the one place the CLI asks for them)."""
+    return list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+
+
+def _plugin_name(entry_point: importlib.metadata.EntryPoint) -> str:
+    """How a message names a plugin: its entry point, and the package that declares it."""
+    package = f" (package {entry_point.dist.name})" if entry_point.dist else ""
+    return f"'{entry_point.name} = {entry_point.value}'{package}"
+
+
+class _PluginCommand(click.Command):
+    """A plugin's command as the listing shows it: a name and a short help, so ``offload --help`` imports no
+    plugin. The plugin is imported when its command runs or shows its own help; if it cannot be (its extra is
+    not installed), the command fails then with the plugin's ImportError, which says what to install, and no
+    other command notices."""
+
+    def __init__(self, name: str, entry_points: list[importlib.metadata.EntryPoint]) -> None:
+        packages = ", ".join(sorted({ep.module.partition(".")[0] for ep in entry_points}))
+        super().__init__(name, short_help=f"From the plugin {packages}.")
+        self.entry_points = entry_points
+
+    def make_context(
+        self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any
+    ) -> click.Context:
+        return self.load().make_context(info_name, args, parent=parent, **extra)
+
+    def load(self) -> click.Command:
+        if len(self.entry_points) > 1:
+            plugins = " and ".join(_plugin_name(ep) for ep in self.entry_points)
+            fail(f"the command '{self.name}' is provided by both {plugins}: uninstall one of them")
+        entry_point = self.entry_points[0]
+        try:
+            command = entry_point.load()
+        except ImportError as exc:  # an adapter's says which extra to install
+            fail(f"'offload {self.name}' cannot run: {exc}")
+        if not isinstance(command, click.Command):
+            fail(f"the plugin {_plugin_name(entry_point)} names a {type(command).__name__}, not a click command")
+        return command
+
+
+class _OffloadGroup(click.Group):
+    """offload's own commands, then one per ``offload.cli`` entry point (found once per invocation, by name)."""
+
+    def _plugins(self, ctx: click.Context) -> dict[str, _PluginCommand]:
+        meta = ctx.find_root().meta
+        if ENTRY_POINT_GROUP not in meta:
+            found: dict[str, list[importlib.metadata.EntryPoint]] = {}
+            for entry_point in _entry_points():
+                if entry_point.name in self.commands:
+                    click.echo(
+                        f"offload: error: the plugin {_plugin_name(entry_point)} is refused: '{entry_point.name}' "
+                        "is one of offload's own commands; uninstall the plugin or ask its authors to rename it",
+                        err=True,
+                    )
+                    continue
+                found.setdefault(entry_point.name, []).append(entry_point)
+            meta[ENTRY_POINT_GROUP] = {name: _PluginCommand(name, eps) for name, eps in found.items()}
+        return meta[ENTRY_POINT_GROUP]
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self._plugins(ctx)])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        plugins = self._plugins(ctx)  # first, so a refused plugin is said whichever command runs
+        return super().get_command(ctx, cmd_name) or plugins.get(cmd_name)
+
+
+# -- the command ---------------------------------------------------------------------------------------
+
+
+@click.group(cls=_OffloadGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="offload")
 def main() -> None:
     """Run containerised work as jobs on remote HPC sites, over one SSH connection."""
     # offload's own news (connecting..., a site that stops answering) on stderr, as the CLI's other lines
-    _log_to_stderr("offload", "offload")
+    log_to_stderr("offload", "offload")
     # SIGTERM is Ctrl-C from the start, not only once a job is followed: one that comes mid-submission then
     # cancels what got in (a default SIGTERM would end the process while sbatch still runs, and the job would
     # land later, unrecorded).
     signal.signal(signal.SIGTERM, _raise_interrupt)
-
-
-def _log_to_stderr(logger_name: str, prefix: str) -> None:
-    logger = logging.getLogger(logger_name)
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(f"{prefix}: %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
 
 
 # -- sites ---------------------------------------------------------------------------------------------
@@ -107,7 +165,7 @@ def sites() -> None:
 @sites.command("list")
 def sites_list() -> None:
     """The configured sites (and the built-in 'local')."""
-    with _user_errors():
+    with user_errors():
         profiles = load_profiles()
     default = profiles.get(None).name
     click.echo(f"# {profiles.path}")
@@ -123,7 +181,7 @@ def sites_show(name: str | None) -> None:
     """Every key of one site profile as TOML you can paste into the config; defaults are marked."""
     from offload.config import SiteConfig, local_site_config
 
-    with _user_errors():
+    with user_errors():
         config = load_profiles().get(name)
     base = local_site_config() if config.name == "local" else SiteConfig(name=config.name)
     click.echo(f"# {config.source}")
@@ -163,7 +221,7 @@ def _toml(value: Any) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: partitions and nodes with free/total counts.")
 def sites_gpus(name: str | None, as_json: bool) -> None:
     """Free and total GPUs per partition and per node, from one scheduler call."""
-    with _user_errors():
+    with user_errors():
         site = load_site(name)
         nodes = site.nodes()
     report = gpu_report(nodes)
@@ -207,7 +265,7 @@ def sites_trust(name: str, yes: bool, replace: bool) -> None:
     """Show a site's SSH host key fingerprint and record it in known_hosts."""
     from offload.transports.ssh import fetch_host_key, known_hosts_line, known_hosts_path
 
-    with _user_errors():
+    with user_errors():
         config = load_profiles().get(name)
         if config.transport != "ssh":
             raise ConfigError(f"site '{name}' is not reached over SSH: nothing to trust")
@@ -222,12 +280,12 @@ def sites_trust(name: str, yes: bool, replace: bool) -> None:
         pattern = line.split()[0]
         others = [entry for entry in existing if entry.split()[:1] == [pattern]]
         if others and not replace:
-            _fail(
+            fail(
                 f"{path} already trusts a different key for {pattern}. If the site really changed its key "
                 "(ask its admins), run again with --replace; otherwise someone may be intercepting the connection"
             )
         if not yes and not click.confirm("Compare it with the fingerprint your site publishes. Trust it?"):
-            _fail("not trusted; nothing was written")
+            fail("not trusted; nothing was written")
         kept = [entry for entry in existing if entry not in others]
         write_private(path, "".join(f"{entry}\n" for entry in kept) + line)
         click.echo(f"recorded in {path}" + (f" (replacing {len(others)} old key(s))" if others else ""))
@@ -244,7 +302,7 @@ def doctor(site_name: str | None, no_job: bool) -> None:
     and (with a one-minute job) whether compute nodes have outbound network."""
     from offload.doctor import run_checks
 
-    with _user_errors():
+    with user_errors():
         config = load_profiles().get(site_name)
     failed = 0
     for check in run_checks(config, network=not no_job):
@@ -264,16 +322,13 @@ def image() -> None:
     """A site's image cache: pull a registry image once on the login node, push one made here, list, remove."""
 
 
-_SITE_HELP = "Site profile (default: $OFFLOAD_SITE, the config's default, 'local')."
-
-
 @image.command("pull")
 @click.argument("ref")
-@click.option("--site", "site_name", help=_SITE_HELP)
+@click.option("--site", "site_name", help=SITE_HELP)
 def image_pull(ref: str, site_name: str | None) -> None:
     """Pull REF (docker://HOST/REPO:TAG) on the site's login node into its cache, converted for its runtime.
     Jobs naming REF then run the cached image; a tag whose digest is cached already is not pulled again."""
-    with _user_errors():
+    with user_errors():
         cached = load_site(site_name).images.pull(ref)
     click.echo(f"{cached.ref}  {cached.digest}  {_size(cached.size)}  {cached.path}")
 
@@ -281,21 +336,21 @@ def image_pull(ref: str, site_name: str | None) -> None:
 @image.command("push")
 @click.argument("path", type=click.Path(exists=True, dir_okay=True, path_type=str))
 @click.option("--name", required=True, help="What jobs call it: --image NAME, image=NAME.")
-@click.option("--site", "site_name", help=_SITE_HELP)
+@click.option("--site", "site_name", help=SITE_HELP)
 def image_push(path: str, name: str, site_name: str | None) -> None:
     """Send the image at PATH to the site as NAME: a root file system (a directory or a tarball), a 'docker
     save' or OCI archive, or a .sif. An interrupted push of the same image carries on where it stopped."""
-    with _user_errors():
+    with user_errors():
         cached = load_site(site_name).images.push(path, name)
     click.echo(f"{cached.name}  {cached.digest}  {_size(cached.size)}  {cached.path}")
 
 
 @image.command("ls")
-@click.option("--site", "site_name", help=_SITE_HELP)
+@click.option("--site", "site_name", help=SITE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image.")
 def image_ls(site_name: str | None, as_json: bool) -> None:
     """The site's cached images: name, digest, size, last used."""
-    with _user_errors():
+    with user_errors():
         images = load_site(site_name).images.list()
     if as_json:
         for cached in images:
@@ -308,10 +363,10 @@ def image_ls(site_name: str | None, as_json: bool) -> None:
 
 @image.command("rm")
 @click.argument("images", metavar="IMAGE...", nargs=-1, required=True)
-@click.option("--site", "site_name", help=_SITE_HELP)
+@click.option("--site", "site_name", help=SITE_HELP)
 def image_rm(images: tuple[str, ...], site_name: str | None) -> None:
     """Forget images (by name, ref or digest); their files go when no other name uses them."""
-    with _user_errors():
+    with user_errors():
         site = load_site(site_name)
         for wanted in images:
             for gone in site.images.remove(wanted):
@@ -321,10 +376,10 @@ def image_rm(images: tuple[str, ...], site_name: str | None) -> None:
 @image.command("prune")
 @click.option("--older-than", "days", type=float, default=0, help="Remove images unused for this many days.")
 @click.option("--max-size", help="Then remove the least recently used until the cache holds at most this, e.g. 50G.")
-@click.option("--site", "site_name", help=_SITE_HELP)
+@click.option("--site", "site_name", help=SITE_HELP)
 def image_prune(days: float, max_size: str | None, site_name: str | None) -> None:
     """Free the cache: images unused for a while, then the oldest beyond a size."""
-    with _user_errors():
+    with user_errors():
         if not days and not max_size:
             raise ConfigError("give --older-than DAYS and/or --max-size SIZE")
         limit = _bytes(max_size) if max_size else 0
@@ -372,7 +427,7 @@ class _CommandAfterDashes(click.Command):
 
 
 @main.command(cls=_CommandAfterDashes)
-@click.option("--site", "site_name", help="Site profile (default: $OFFLOAD_SITE, the config's default, 'local').")
+@click.option("--site", "site_name", help=SITE_HELP)
 @click.option("--gpus", type=int, default=0, show_default=True, help="GPUs for the whole job.")
 @click.option("--cpus", type=int, help="CPU cores for each copy of the payload.")
 @click.option("--memory", help="Memory per node, e.g. 16G.")
@@ -439,7 +494,7 @@ def run(
 
     Put the command after '--':  offload run --gpus 2 -- python3 train.py --epochs 3
     """
-    with _user_errors():
+    with user_errors():
         spec = JobSpec(
             command=command,
             image=image,
@@ -492,7 +547,7 @@ def _follow(job: Job, cancel_on_interrupt: bool) -> int:
     """Show the queue state, stream the output, return the exit code for the CLI."""
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        with _user_errors():
+        with user_errors():
             _show_pending(job)
             for line in job.logs(follow=True):
                 click.echo(line)
@@ -503,7 +558,7 @@ def _follow(job: Job, cancel_on_interrupt: bool) -> int:
             click.echo(f"\noffload: stopped following; job {job.id} keeps running", err=True)
             return code
         click.echo(f"\noffload: interrupted; cancelling job {job.id}", err=True)
-        with _user_errors():
+        with user_errors():
             job.cancel()
         click.echo(f"offload: job {job.id} cancelled", err=True)
         return code
@@ -586,7 +641,7 @@ def jupyter(
     def progress(text: str) -> None:
         click.echo(f"offload: {text}", err=True)
 
-    with _user_errors():
+    with user_errors():
         if attach_job:
             job = _resolve(attach_job, site_name)
             token = jl.saved_token(job.site, job.id)
@@ -602,14 +657,14 @@ def jupyter(
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     session = None
     try:
-        with _user_errors():
+        with user_errors():
             session = jl.connect(job, token, progress)
         click.echo(session.url)
         ending = "Ctrl-C disconnects (the server keeps running)" if attach_job else "Ctrl-C ends it"
         click.echo(f"offload: JupyterLab is up (job {job.id}). {ending}", err=True)
         if not no_browser:
             session.open_browser()
-        with _user_errors():
+        with user_errors():
             status = job.wait()
         session.close(cancel=False)
         click.echo(f"offload: the Jupyter job ended {status.describe()}", err=True)
@@ -631,7 +686,7 @@ def jupyter(
 @click.option("--site", "site_name")
 def relay(job_id: str, site_name: str | None) -> None:
     """Serve a job's reach relay from here until the job ends (for jobs started with --detach)."""
-    with _user_errors():
+    with user_errors():
         job = _resolve(job_id, site_name)
         click.echo(f"offload: relaying job {job.id}'s connections until it ends (Ctrl-C stops)", err=True)
         try:
@@ -647,7 +702,7 @@ def relay(job_id: str, site_name: str | None) -> None:
 @click.argument("command", nargs=-1)
 def shell(job_id: str, site_name: str | None, command: tuple[str, ...]) -> None:
     """An interactive shell (or COMMAND) inside a running job's container, on its node."""
-    with _user_errors():
+    with user_errors():
         job = _resolve(job_id, site_name)
         code = job.site.shell(job, list(command) or ["bash", "-l"])
     sys.exit(code)
@@ -679,7 +734,7 @@ def _resolve(job_id: str, site_name: str | None) -> Job:
 @click.option("--limit", type=int, default=20, show_default=True)
 def status(job_id: str | None, site_name: str | None, name: str | None, limit: int) -> None:
     """The state of one job, or of the jobs this machine submitted (newest first)."""
-    with _user_errors():
+    with user_errors():
         if job_id:
             job = _resolve(job_id, site_name)
             st = job.status()
@@ -719,7 +774,7 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
 @click.option("-f", "--follow", is_flag=True, help="Keep streaming until the job ends.")
 def logs(job_id: str, site_name: str | None, follow: bool) -> None:
     """Print a job's output (stdout and stderr together)."""
-    with _user_errors():
+    with user_errors():
         job = _resolve(job_id, site_name)
         if not job.ref.jobdir:
             raise ConfigError(f"job {job_id} was not submitted by offload from this machine: its log is unknown")
@@ -738,7 +793,7 @@ def logs(job_id: str, site_name: str | None, follow: bool) -> None:
 def put(job_id: str, local: str, name: str | None, site_name: str | None) -> None:
     """Copy the local file LOCAL into a job's directory as NAME (default: its own name); the job sees it at
     $OFFLOAD_JOB_DIR/NAME. Large files are streamed in parallel blocks, with progress."""
-    with _user_errors():
+    with user_errors():
         job = _resolve(job_id, site_name)
         job.upload(local, name, progress=_transfer_progress(os.path.basename(local)))
 
@@ -750,7 +805,7 @@ def put(job_id: str, local: str, name: str | None, site_name: str | None) -> Non
 @click.option("--site", "site_name")
 def get(job_id: str, name: str, local: str | None, site_name: str | None) -> None:
     """Copy the file NAME of a job's directory to LOCAL (default: ./NAME), with progress."""
-    with _user_errors():
+    with user_errors():
         job = _resolve(job_id, site_name)
         job.download(name, local or name, progress=_transfer_progress(name))
 
@@ -783,7 +838,7 @@ def _transfer_progress(label: str) -> Callable[[int, int], None]:
 @click.option("--name", help="Cancel every unfinished job with this name (e.g. what a crashed Dask client left).")
 def cancel(job_ids: tuple[str, ...], site_name: str | None, name: str | None) -> None:
     """Cancel jobs, by id or by name, in one scheduler call per site."""
-    with _user_errors():
+    with user_errors():
         if not job_ids and not name:
             raise ConfigError("give job ids, or --name NAME")
         jobs = [_resolve(j, site_name) for j in job_ids]
@@ -799,47 +854,6 @@ def cancel(job_ids: tuple[str, ...], site_name: str | None, name: str | None) ->
             click.echo(f"cancelled {len(site_jobs)} job(s) on {site}: {' '.join(j.id for j in site_jobs)}")
         if not jobs:
             click.echo("nothing to cancel")
-
-
-# -- interLink ---------------------------------------------------------------------------------------------
-
-
-@main.group()
-def interlink() -> None:
-    """offload as an interLink plugin: Kubernetes pods run as jobs on a site."""
-
-
-@interlink.command("serve")
-@click.option("--site", "site_name", help=_SITE_HELP)
-@click.option("--listen", default="127.0.0.1:4000", show_default=True,
-              help="HOST:PORT or unix:///path.sock: what interLink's SidecarURL/SidecarPort point at.")  # fmt: skip
-@click.option("--image-map", "image_map", multiple=True, metavar="IMAGE=REF",
-              help="Run the pods' IMAGE as REF (a pin, a pushed image's name, a site path); repeatable.")  # fmt: skip
-@click.option("--public", is_flag=True, help="Allow a non-loopback --listen (interLink sends no credentials).")
-@click.option("--public-name", "public_names", multiple=True, metavar="NAME",
-              help="A host name interLink reaches the plugin by (checked in Host); repeatable.")  # fmt: skip
-@click.option("--token-file", type=click.Path(dir_okay=False),
-              help="Require 'Authorization: Bearer <token>' (the file's content) on every request.")  # fmt: skip
-def interlink_serve(site_name: str | None, listen: str, image_map: tuple[str, ...], public: bool,
-                    public_names: tuple[str, ...], token_file: str | None) -> None:  # fmt: skip
-    """Serve interLink's plugin API: /create, /status, /getLogs, /delete. Stopping it leaves the pods' jobs
-    running; started again, it answers for them."""
-    import asyncio
-
-    try:
-        import interlink_offload
-    except ImportError as exc:  # it says which extra to install
-        _fail(str(exc))
-    _log_to_stderr("interlink_offload", "offload interlink")
-    with _user_errors():
-        mapping = {}
-        for item in image_map:
-            pod_image, sep, ref = item.partition("=")
-            if not (sep and pod_image and ref):
-                raise ConfigError(f"--image-map {item!r}: give IMAGE=REF, e.g. python:3.11=/site/images/python.sqfs")
-            mapping[pod_image] = ref
-        asyncio.run(interlink_offload.serve(load_site(site_name), listen, image_map=mapping, public=public,
-                                            hosts=public_names, token_file=token_file))  # fmt: skip
 
 
 if __name__ == "__main__":
