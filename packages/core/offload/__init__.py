@@ -9,6 +9,7 @@ for line in job.logs(follow=True):
 """
 
 from offload.config import SiteConfig
+from offload.doctor import run_checks
 from offload.errors import (
     ConfigError,
     HostKeyError,
@@ -30,11 +31,12 @@ from offload.runtimes.base import ContainerCommand
 from offload.schedulers.base import NodeResources
 from offload.script import BatchScript
 from offload.site import Forward, Site, load_site
-from offload.spec import JobSpec, Mount, Resources, archive
+from offload.spec import ENV_NAME, JobSpec, Mount, Resources, archive
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ENV_NAME",
     "BatchScript",
     "CachedImage",
     "ConfigError",
@@ -69,4 +71,5 @@ __all__ = [
     "load_profiles",
     "load_site",
     "profile_from_table",
+    "run_checks",
 ]

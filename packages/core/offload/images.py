@@ -255,15 +255,21 @@ class Images:
         """Sync form of :meth:`aresolve`."""
         return _loop.run(self.aresolve(image, progress))
 
+    def through_cache(self, image: str) -> bool:
+        """Whether a job runs ``image`` from this site's cache: a registry image the site pulls on its login node
+        (``pull = "login"``), or a name given to ``offload image push``. Its path, ENTRYPOINT and CMD are known
+        only once it is there (:meth:`acached`); any other image is run as it is named."""
+        return (is_pull(image) and self._site.config.pull == "login") or is_pushed_name(image)
+
     @_on_site_loop
     async def acached(self, image: str, progress: Progress | None = None) -> CachedImage | None:
         """The cache's record of ``image`` where a job runs it from the cache (:meth:`aresolve`): a registry image
         the site pulls on its login node (pulled now if need be) or a pushed name; None for any other image (a
         path on the site, a ref the runtime pulls itself, a name of its own store), whose config offload does not
         know. It is :meth:`aresolve`'s own lookup: asking both for one image pulls or finds it once."""
-        pull = is_pull(image) and self._site.config.pull == "login"
-        if not pull and not is_pushed_name(image):
+        if not self.through_cache(image):
             return None
+        pull = is_pull(image)
         now = time.monotonic()
         for old in [k for k, (t, f) in self._resolving.items() if f.done() and now - t >= RESOLVED_FOR]:
             del self._resolving[old]  # a long-lived server resolves many images over months: keep the fresh ones

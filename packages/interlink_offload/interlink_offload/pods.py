@@ -42,7 +42,6 @@ from typing import Any
 
 import offload
 from offload import ConfigError
-from offload.spec import ENV_NAME
 
 FLAGS_ANNOTATION = "slurm-job.vk.io/flags"
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -306,7 +305,7 @@ def _container_run(site: offload.Site, container: dict, index: int, images: dict
 
     def put(var: str, value: str) -> None:
         # every value as a secret: the VK has put Secret keys into env[].value, and nothing says which were
-        if not ENV_NAME.match(var):  # e.g. a ConfigMap's "app.ini" the VK's envFrom made a variable of
+        if not offload.ENV_NAME.match(var):  # e.g. a ConfigMap's "app.ini" the VK's envFrom made a variable of
             notes.append(f"offload: container {name!r}: {var!r} is no shell variable name: not set")
             return
         names.append(var)
@@ -328,7 +327,7 @@ def _container_run(site: offload.Site, container: dict, index: int, images: dict
             raise ConfigError(f"container {name!r}: envFrom {kind} {ref.get('name')!r} was not sent with the pod "
                               "(interLink sends the objects the pod mounts as volumes)")  # fmt: skip
         for key, value in values.items():
-            if ENV_NAME.match(prefix + key):  # as Kubernetes does: keys that are no variable name are skipped
+            if offload.ENV_NAME.match(prefix + key):  # as Kubernetes does: keys that are no variable name are skipped
                 put(prefix + key, value.decode())
     for env in container.get("env") or []:
         ref = env.get("valueFrom")

@@ -43,7 +43,6 @@ from interlink_offload.pods import (
     parse_state,
     plan_pod,
 )
-from offload.images import is_pull, is_pushed_name
 
 log = logging.getLogger("interlink_offload")
 
@@ -343,8 +342,7 @@ class PodServer:
     def _through_cache(self, image: str) -> bool:
         """Whether the pod's ``image`` comes through the site's image cache (pulled on its login node, or pushed):
         its path and its ENTRYPOINT and CMD are known only once it is there."""
-        ref = site_image(image, self.image_map)
-        return is_pushed_name(ref) or (is_pull(ref) and self.site.config.pull == "login")
+        return self.site.images.through_cache(site_image(image, self.image_map))
 
     async def _prepare(self, uid: str, data: dict, pending: _Pending) -> None:
         """The background half of /create: find the pod's job (a repeat after a restart) or pull its images and

@@ -23,7 +23,6 @@ from typing import Any
 
 import offload
 from airflow_offload.version_compat import BaseHook
-from offload.doctor import run_checks
 
 # Extras that are not site profile keys.
 _KEY_FIELDS = ("private_key", "key_file", "host_key", "site", "private_key_passphrase")
@@ -88,7 +87,7 @@ class OffloadHook(BaseHook):
                 config = offload.load_profiles().get(self.site_name)
             else:
                 config = site_config(self.offload_conn_id, self.get_connection(self.offload_conn_id), self.site_name)
-            checks = list(run_checks(config, network=False))
+            checks = list(offload.run_checks(config, network=False))
         except Exception as exc:  # an unknown connection id, a bad profile, an unexpected error: all are messages
             return False, str(exc) or type(exc).__name__
         failed = [check for check in checks if check.outcome == "fail"]
