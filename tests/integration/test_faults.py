@@ -107,6 +107,7 @@ def test_a_node_failure_fails_its_job_with_the_reason(site, fault):
     fault("node-down", status.node)
     final = job.wait(timeout=180)
     assert final.state is JobState.FAILED and "NODE_FAIL" in final.describe()
+    assert final.cause is offload.EndCause.NODE_FAILURE
 
 
 def test_a_forked_child_submits_and_waits(site):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import offload
-from offload import JobSpec, JobState, Resources, SubmissionError
+from offload import EndCause, JobSpec, JobState, Resources, SubmissionError
 
 from .conftest import queued_jobs, wait_until
 
@@ -185,6 +185,7 @@ def test_a_job_over_its_memory_is_killed_and_reported_out_of_memory(site):
     )
     for job in jobs:
         status = job.wait(timeout=180)
-        assert status.state is JobState.FAILED and status.reason.startswith("OUT_OF_MEMORY"), status.describe()
+        assert status.state is JobState.FAILED and status.cause is EndCause.OUT_OF_MEMORY, status.describe()
+        assert status.reason.startswith("OUT_OF_MEMORY")
         assert "of the 100 MiB" in status.reason
     assert fits.wait(timeout=180).state is JobState.COMPLETED

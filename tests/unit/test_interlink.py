@@ -335,6 +335,12 @@ def test_a_job_that_ended_early_gives_its_containers_a_code_kubernetes_keeps():
     assert c["state"]["terminated"]["exitCode"] == 124
     pending = container_statuses(["a"], {}, offload.JobStatus(offload.JobState.PENDING, "Resources"), {})
     assert pending[0]["state"]["waiting"]["reason"] == "Resources"
+    # the cause is data the scheduler plugin sets, whatever its words: OOMKilled's 137, a lost node's 255
+    oom = offload.JobStatus(offload.JobState.FAILED, "JobLaunchFailure", None, "n1", 9, offload.EndCause.OUT_OF_MEMORY)
+    lost = offload.JobStatus(offload.JobState.FAILED, "", None, "n1", None, offload.EndCause.NODE_FAILURE)
+    failed = offload.JobStatus(offload.JobState.FAILED, "mentions OUT_OF_MEMORY in passing", 3)
+    codes = [container_statuses(["a"], {}, s, {})[0]["state"]["terminated"]["exitCode"] for s in (oom, lost, failed)]
+    assert codes == [137, 255, 3]
 
 
 async def test_the_plugin_api_end_to_end_on_the_local_site(site):

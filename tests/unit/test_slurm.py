@@ -3,7 +3,7 @@ tests/integration)."""
 
 import pytest
 
-from offload import ConfigError, JobSpec, JobState, Resources
+from offload import ConfigError, EndCause, JobSpec, JobState, Resources
 from offload.config import SiteConfig
 from offload.jobs import JobRef
 from offload.schedulers.slurm import SlurmScheduler
@@ -118,6 +118,7 @@ async def test_one_squeue_call_maps_states_reasons_and_exact_exit_codes():
     assert (st["9"].state, st["9"].signal) == (JobState.CANCELLED, 15)
     assert st["10"].state is JobState.TIMEOUT
     assert st["11"].state is JobState.FAILED and st["11"].reason == "OUT_OF_MEMORY"  # one word, however said
+    assert st["11"].cause is EndCause.OUT_OF_MEMORY and st["7_0"].cause is None
 
 
 async def test_a_job_killed_by_memory_polling_is_out_of_memory_from_its_accounting():
@@ -135,6 +136,7 @@ async def test_a_job_killed_by_memory_polling_is_out_of_memory_from_its_accounti
     st = await SlurmScheduler(SITE).poll(t, [JobRef("21", "/d"), JobRef("22", "/d")])
     assert st["21"].state is JobState.FAILED and st["21"].signal == 9
     assert st["21"].reason.startswith("OUT_OF_MEMORY") and "207 MiB of the 50 MiB" in st["21"].reason
+    assert st["21"].cause is EndCause.OUT_OF_MEMORY and st["22"].cause is None
     assert st["22"].reason == "NonZeroExitCode"  # 1000 MiB of 1024 per node: killed for another reason
     assert [c[0] for c in t.calls] == ["squeue", "sacct"] and "--jobs=21,22" in t.calls[1]
 

@@ -25,7 +25,7 @@ from offload.errors import (
 )
 from offload.hookspecs import RuntimePlugin, SchedulerPlugin, TransportPlugin, hookimpl
 from offload.images import CachedImage, Images
-from offload.jobs import Job, JobState, JobStatus
+from offload.jobs import EndCause, Job, JobState, JobStatus
 from offload.profiles import SiteProfiles, load_profiles, profile_from_table
 from offload.runtimes.base import ContainerCommand
 from offload.schedulers.base import NodeResources
@@ -41,6 +41,7 @@ __all__ = [
     "CachedImage",
     "ConfigError",
     "ContainerCommand",
+    "EndCause",
     "Forward",
     "HostKeyError",
     "ImageError",

@@ -42,15 +42,27 @@ class JobState(enum.Enum):
         return self in (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, JobState.TIMEOUT)
 
 
+class EndCause(enum.Enum):
+    """Why a job ended that its payload did not end itself, beyond what its :class:`JobState` says (a TIMEOUT
+    or a CANCELLED is its state): set by the scheduler plugin from its own data, so what reads it (a pod's exit
+    code, a retry policy) needs no scheduler's words."""
+
+    OUT_OF_MEMORY = "OUT_OF_MEMORY"  # killed by the site's memory enforcement
+    NODE_FAILURE = "NODE_FAILURE"  # its node was lost (or never booted)
+    PREEMPTED = "PREEMPTED"  # made way for other work
+
+
 @dataclass(frozen=True)
 class JobStatus:
-    """What the scheduler last said about a job. ``reason`` is the scheduler's own (e.g. ``Priority``)."""
+    """What the scheduler last said about a job. ``reason`` is the scheduler's own (e.g. ``Priority``), for
+    people; ``cause`` is the same knowledge as data, for code."""
 
     state: JobState
     reason: str = ""
     exit_code: int | None = None
     node: str = ""
     signal: int | None = None
+    cause: EndCause | None = None
 
     def describe(self) -> str:
         """``PENDING (Resources)``, ``FAILED (NonZeroExitCode), exit code 3``, ``CANCELLED (signal 15)``."""

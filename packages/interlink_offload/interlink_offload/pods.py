@@ -46,7 +46,8 @@ from offload import ConfigError
 FLAGS_ANNOTATION = "slurm-job.vk.io/flags"
 GPU_RESOURCE = "nvidia.com/gpu"
 # Exit codes that carry a job's end into Kubernetes, where the Virtual Kubelet keeps only exit codes.
-EXIT_CODES = {"TIMEOUT": 124, "CANCELLED": 143, "OUT_OF_MEMORY": 137, "NODE_FAIL": 255, "LOST": 255}
+EXIT_CODES = {offload.JobState.TIMEOUT: 124, offload.JobState.CANCELLED: 143, offload.EndCause.OUT_OF_MEMORY: 137,
+              offload.EndCause.NODE_FAILURE: 255, offload.EndCause.PREEMPTED: 143}  # fmt: skip
 # Where the job's directory goes in a container's command line, until the driver knows it ("$d")
 _JOBDIR = "/offload-job-directory"
 
@@ -435,7 +436,5 @@ def container_statuses(names: list[str], images: dict[str, str], status: offload
 def _end_code(status: offload.JobStatus) -> int:
     if status.state is offload.JobState.COMPLETED:
         return 0
-    for key, code in EXIT_CODES.items():
-        if key in status.state.value or key in (status.reason or "").upper().replace(" ", "_"):
-            return code
-    return status.exit_code if status.exit_code else 1
+    code = EXIT_CODES.get(status.cause if status.cause is not None else status.state)
+    return code or status.exit_code or 1

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from offload.config import SiteConfig
 from offload.errors import ConfigError, RemoteCommandError
-from offload.jobs import JobRef, JobState, JobStatus
+from offload.jobs import EndCause, JobRef, JobState, JobStatus
 from offload.schedulers.base import NodeResources, Shell, secrets_sweep
 from offload.spec import JobSpec, Resources, format_walltime, parse_memory, parse_walltime
 from offload.transports.base import Transport
@@ -48,6 +48,10 @@ STATES = {
     "CANCELLED": JobState.CANCELLED,
     "TIMEOUT": JobState.TIMEOUT,
 }
+
+# SLURM's end states that say more than their JobState: as data (JobStatus.cause)
+_CAUSES = {"OUT_OF_MEMORY": EndCause.OUT_OF_MEMORY, "NODE_FAIL": EndCause.NODE_FAILURE,
+           "BOOT_FAIL": EndCause.NODE_FAILURE, "PREEMPTED": EndCause.PREEMPTED}  # fmt: skip
 
 _SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.,:@%+=/\[\]-]+$")
 # sbatch's answer: "123" or "123;cluster" (--parsable), or "Submitted batch job 123[ on cluster c2]" from a site
@@ -269,7 +273,7 @@ class SlurmScheduler:
             for start in range(0, len(group), _CHUNK):
                 for job_id, words in (await self._over_memory(transport, group[start : start + _CHUNK],
                                                               cluster)).items():  # fmt: skip
-                    statuses[job_id] = dataclasses.replace(statuses[job_id], reason=words)
+                    statuses[job_id] = dataclasses.replace(statuses[job_id], reason=words, cause=EndCause.OUT_OF_MEMORY)
         return statuses
 
     async def _over_memory(self, transport: Transport, refs: Sequence[JobRef], cluster: str | None) -> dict[str, str]:
@@ -502,6 +506,7 @@ def _status(state: str, reason: str, exit_code: int | None, signal: int | None, 
         log.warning("unknown SLURM state %r", state)
     if reason in ("None", "(null)"):
         reason = ""
+    cause = _CAUSES.get(base)
     if base in ("NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "PREEMPTED", "DEADLINE", "REVOKED"):
         # SLURM's own word says more than the state offload maps it to: keep it in front of the reason
         same = reason.lower().replace("_", "") == base.lower().replace("_", "")
@@ -510,7 +515,7 @@ def _status(state: str, reason: str, exit_code: int | None, signal: int | None, 
         exit_code = signal = None
     elif exit_code == 0 and base != "COMPLETED":
         exit_code = None  # a job killed (cancelled, timed out, its node lost) has no exit code of its own
-    return JobStatus(mapped, reason, exit_code, node, signal)
+    return JobStatus(mapped, reason, exit_code, node, signal, cause)
 
 
 async def exit_code_files(
@@ -563,8 +568,7 @@ async def exit_code_files(
 
 def _killed_outright(status: JobStatus | None) -> bool:
     """A job that failed by SIGKILL with no word from the scheduler on why memory had a part in it."""
-    return (status is not None and status.state is JobState.FAILED and status.signal == 9
-            and "OUT_OF_MEMORY" not in status.reason)  # fmt: skip
+    return status is not None and status.state is JobState.FAILED and status.signal == 9 and status.cause is None
 
 
 def _mib(size: str) -> int:
