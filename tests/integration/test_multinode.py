@@ -83,7 +83,7 @@ def test_a_copy_failing_on_the_second_node_fails_the_job_with_its_exit_code(site
 
 
 def test_gpu_requests_are_exact_in_every_syntax():
-    site = offload.Site(offload.load_site("testsite").config.with_overrides(gpu_request="--gres"))
+    site = offload.Site(offload.load_site("testsite").config.with_overrides(scheduler_keys={"gpu_request": "--gres"}))
     try:
         script = site.job_script(JobSpec(["true"], resources=Resources(nodes=2, gpus=4)))
         assert "#SBATCH --gres=gpu:2" in script  # 2 per node on 2 nodes: the 4 asked for

@@ -117,3 +117,28 @@ def test_default_site_must_exist(tmp_path):
     path = write(tmp_path, "default_site = 'nope'\n")
     with pytest.raises(ConfigError, match="names no site"):
         load_profiles(path)
+
+
+def test_a_schedulers_own_keys_are_its_plugins_to_check(tmp_path):
+    """gpu_request is SLURM's: its choices come from the SLURM plugin, and a Grid Engine site does not have it."""
+    path = write(
+        tmp_path,
+        """
+        [sites.s]
+        host = "a"
+        gpu_request = "--gpus-per-nod"
+        [sites.g]
+        host = "b"
+        scheduler = "gridengine"
+        gpu_request = "--gres"
+        [sites.ok]
+        host = "c"
+        gpu_request = "--gres"
+        """,
+    )
+    profiles = load_profiles(path)
+    with pytest.raises(ConfigError, match="of scheduler 'slurm' must be one of.*did you mean '--gpus-per-node'"):
+        profiles.get("s")
+    with pytest.raises(ConfigError, match="unknown key 'gpu_request'.*gpu_resource"):
+        profiles.get("g")
+    assert profiles.get("ok").scheduler_keys == {"gpu_request": "--gres"}

@@ -32,7 +32,7 @@ def test_cpu_job_uses_the_default_partition_and_own_walltime():
 
 
 def test_gres_syntax_and_array_outputs():
-    site = SITE.with_overrides(gpu_request="--gres")
+    site = SITE.with_overrides(scheduler_keys={"gpu_request": "--gres"})
     d = directives(JobSpec(["x"], resources=Resources(gpus=4)), site, array=10)
     assert "--gres=gpu:4" in d and "--array=0-9" in d and "--output=/w/jobs/j1/output.%a" in d
 
@@ -53,12 +53,14 @@ def test_more_gpus_than_a_node_has_says_how_many_nodes():
     ],
 )
 def test_gpu_requests_are_exactly_what_was_asked(syntax, resources, expected):
-    assert expected in directives(JobSpec(["x"], resources=resources), SITE.with_overrides(gpu_request=syntax))
+    site = SITE.with_overrides(scheduler_keys={"gpu_request": syntax})
+    assert expected in directives(JobSpec(["x"], resources=resources), site)
 
 
 def test_an_uneven_split_over_per_node_syntax_is_refused_not_rounded():
     with pytest.raises(ConfigError, match="cannot be split evenly over 2 nodes"):
-        directives(JobSpec(["x"], resources=Resources(gpus=5, nodes=2)), SITE.with_overrides(gpu_request="--gres"))
+        site = SITE.with_overrides(scheduler_keys={"gpu_request": "--gres"})
+        directives(JobSpec(["x"], resources=Resources(gpus=5, nodes=2)), site)
     with pytest.raises(ConfigError, match="disagree"):
         Resources(gpus=5, gpus_per_node=2, nodes=2)
 

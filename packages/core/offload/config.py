@@ -51,7 +51,6 @@ class SiteConfig:
     qos: str | None = None
     walltime: str | None = None
     gpus_per_node: int | None = None
-    gpu_request: str = "--gpus"
     scheduler_options: tuple[str, ...] = ()
     poll_interval: float = 2.0
     # the container runtime
@@ -76,7 +75,6 @@ class SiteConfig:
 FIELDS = {f.name: f for f in dataclasses.fields(SiteConfig) if f.name not in ("name", "source", "scheduler_keys")}
 CHOICES = {
     "transport": ("ssh", "local"),
-    "gpu_request": ("--gpus", "--gres", "--gpus-per-node"),
     "pull": ("login", "node"),
 }
 

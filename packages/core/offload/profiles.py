@@ -155,9 +155,7 @@ def _validate_site(
     extra: dict[str, Any] = {}
     for key, value, origin in given:
         if key in plugin_keys and key not in FIELDS:
-            if not isinstance(value, plugin_keys[key]) or isinstance(value, bool) is not (plugin_keys[key] is bool):
-                raise ConfigError(f"{origin}: key {key!r} must be a {plugin_keys[key].__name__}, got {value!r}")
-            extra[key] = value
+            extra[key] = _plugin_value(origin, scheduler, key, plugin_keys[key], value)
             continue
         if key not in FIELDS:
             known = [*FIELDS, *plugin_keys]
@@ -193,9 +191,22 @@ def _validate_site(
     return config
 
 
-def _scheduler_keys(scheduler: Any) -> dict[str, type]:
-    """The profile keys a scheduler plugin declares (``profile_keys``: name -> type); none if it is unknown (the
-    unknown scheduler is reported on its own)."""
+def _plugin_value(origin: str, scheduler: str, key: str, kind: type | tuple[str, ...], value: Any) -> Any:
+    """A value of a key the scheduler plugin declares: of its type, or one of its choices (a tuple of strings)."""
+    if isinstance(kind, tuple):
+        if value not in kind:
+            hint = did_you_mean(value, list(kind)) if isinstance(value, str) else ""
+            raise ConfigError(f"{origin}: key {key!r} of scheduler {scheduler!r} must be one of {', '.join(kind)}, "
+                              f"got {value!r}{hint}")  # fmt: skip
+        return value
+    if not isinstance(value, kind) or isinstance(value, bool) is not (kind is bool):
+        raise ConfigError(f"{origin}: key {key!r} must be a {kind.__name__}, got {value!r}")
+    return value
+
+
+def _scheduler_keys(scheduler: Any) -> dict[str, type | tuple[str, ...]]:
+    """The profile keys a scheduler plugin declares (``profile_keys``: name -> a type, or a tuple of the strings
+    it may be); none if it is unknown (the unknown scheduler is reported on its own)."""
     plugin = plugins().schedulers.get(scheduler) if isinstance(scheduler, str) else None
     return dict(getattr(plugin.factory, "profile_keys", {})) if plugin else {}
 

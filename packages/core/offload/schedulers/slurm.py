@@ -73,6 +73,8 @@ class SlurmScheduler:
     supports_arrays = True
     task_index = "${SLURM_ARRAY_TASK_ID:-}"
     commands = ("sbatch", "squeue", "scancel")  # what offload doctor looks for on the login node
+    # How the site wants GPUs asked for: SLURM's own choices, checked when the profile is read
+    profile_keys = {"gpu_request": ("--gpus", "--gres", "--gpus-per-node")}
     # What SLURM tells a job that its payload may need inside the container.
     job_env = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_NODELIST",
                "SLURM_CPUS_PER_TASK", "SLURM_MEM_PER_NODE", "SLURM_PROCID", "SLURM_NODEID", "SLURM_LOCALID",
@@ -130,24 +132,25 @@ class SlurmScheduler:
     def _gpu_request(self, res: Resources) -> str:
         """Exactly the GPUs asked for, in the site's syntax, or a ConfigError saying why it cannot be said."""
         site, gpus, nodes = self.config, res.total_gpus, res.nodes
+        syntax = str(site.scheduler_keys.get("gpu_request") or "--gpus")
         per_node = res.gpus_per_node if res.gpus_per_node is not None else (gpus if nodes == 1 else None)
         capacity = site.gpus_per_node
         if capacity is not None and (per_node or -(-gpus // nodes)) > capacity:
             raise ConfigError(
                 f"{gpus} GPUs asked on {nodes} node(s), but site '{site.name}' has {capacity} per node: "
-                + _more_nodes(gpus, capacity, site.gpu_request)
+                + _more_nodes(gpus, capacity, syntax)
             )
-        if per_node is None and site.gpu_request != "--gpus":
+        if per_node is None and syntax != "--gpus":
             if gpus % nodes:
                 raise ConfigError(
                     f"{gpus} GPUs cannot be split evenly over {nodes} nodes, and site '{site.name}' asks for GPUs "
-                    f"per node (gpu_request = {site.gpu_request!r}): ask for gpus_per_node instead (CLI: "
+                    f"per node (gpu_request = {syntax!r}): ask for gpus_per_node instead (CLI: "
                     "--gpus-per-node), or a multiple of the node count"
                 )
             per_node = gpus // nodes
-        if site.gpu_request == "--gres":
+        if syntax == "--gres":
             return f"--gres=gpu:{per_node}"
-        if site.gpu_request == "--gpus-per-node" or (res.gpus_per_node is not None and nodes > 1):
+        if syntax == "--gpus-per-node" or (res.gpus_per_node is not None and nodes > 1):
             return f"--gpus-per-node={per_node}"
         return f"--gpus={gpus}"
 
