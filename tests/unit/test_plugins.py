@@ -1,7 +1,9 @@
+import dataclasses
 import inspect
 
 import pytest
 
+import offload
 from offload import PluginError, RuntimePlugin, SchedulerPlugin, hookimpl, hookspecs
 from offload.plugins import Plugins, new_manager
 from offload.runtimes.none import NoRuntime
@@ -59,3 +61,34 @@ def test_unknown_plugin_name_lists_the_known_ones():
     registry = Plugins(new_manager(entry_points=False))
     with pytest.raises(PluginError, match="known: .*apptainer"):
         registry.runtime("dockerd")
+
+
+class SmallScheduler(offload.Scheduler):
+    """A scheduler plugin that gives only what it must: the rest are offload.Scheduler's defaults."""
+
+    name = "small"
+
+
+class NotDerived:
+    def __init__(self, config):
+        self.config = config
+
+
+class TwoSchedulers:
+    @hookimpl
+    def offload_schedulers(self):
+        yield SchedulerPlugin("small", SmallScheduler)
+        yield SchedulerPlugin("bare", NotDerived)
+
+
+def test_a_plugin_derives_from_the_base_class_and_gets_its_defaults(tmp_path):
+    registry = Plugins(new_manager(TwoSchedulers(), entry_points=False))
+    config = offload.SiteConfig(name="s", transport="local", scheduler="small", runtime="none", workdir=str(tmp_path))
+    site = offload.Site(config, registry=registry)
+    assert site.scheduler.job_env == () and site.scheduler.commands == () and not site.scheduler.runs_on_client
+    with pytest.raises(NotImplementedError, match="'small' does not give directives"):
+        site.scheduler.directives(offload.JobSpec(["x"]), "/d", None)
+    with pytest.raises(PluginError, match="'bare' made a NotDerived, which does not derive from offload.Scheduler"):
+        offload.Site(dataclasses.replace(config, scheduler="bare"), registry=registry)
+    assert not site.runtime.runs_containers and site.runtime.read_only_binds
+    site.close()

@@ -27,8 +27,9 @@ from offload.hookspecs import RuntimePlugin, SchedulerPlugin, TransportPlugin, h
 from offload.images import CachedImage, Images
 from offload.jobs import EndCause, Job, JobState, JobStatus
 from offload.profiles import SiteProfiles, load_profiles, profile_from_table
-from offload.runtimes.base import ContainerCommand
-from offload.schedulers.base import NodeResources
+from offload.retry import Retry, RetryPolicy
+from offload.runtimes.base import ContainerCommand, Runtime
+from offload.schedulers.base import NodeResources, Scheduler
 from offload.script import BatchScript
 from offload.site import Forward, Site, load_site
 from offload.spec import ENV_NAME, JobSpec, Mount, Resources, archive
@@ -58,7 +59,11 @@ __all__ = [
     "PluginError",
     "RemoteCommandError",
     "Resources",
+    "Retry",
+    "RetryPolicy",
+    "Runtime",
     "RuntimePlugin",
+    "Scheduler",
     "SchedulerPlugin",
     "Site",
     "SiteConfig",

@@ -59,21 +59,19 @@ async def _checks(site: Site, network: bool = True) -> list[Check]:
         return result.exit_status, (result.stdout + result.stderr).strip()
 
     # the scheduler plugin names its commands and adds its own checks: the doctor knows no scheduler's words
-    for command in getattr(site._scheduler, "commands", ()):
+    for command in site.scheduler.commands:
         rc, out = await shell(f"command -v {command}")
         if rc == 0:
             results.append(Check(command, "ok", out.splitlines()[-1]))
         else:
             setup = "; ".join(config.setup) or "nothing"
             results.append(Check(command, "fail", "not on PATH", f"add a 'setup' line (now: {setup}) or PATH"))
-    own_checks = getattr(site._scheduler, "doctor_checks", None)
-    if own_checks is not None:
-        try:
-            results += [Check(*check) for check in await own_checks(transport, shell)]
-        except OffloadError as exc:
-            results.append(Check(config.scheduler, "fail", str(exc), "check that the scheduler's commands answer"))
+    try:
+        results += [Check(*check) for check in await site.scheduler.doctor_checks(transport, shell)]
+    except OffloadError as exc:
+        results.append(Check(config.scheduler, "fail", str(exc), "check that the scheduler's commands answer"))
 
-    binary = getattr(site._runtime, "binary", None)  # the runtime plugin names the program it runs
+    binary = site.runtime.binary  # the runtime plugin names the program it runs
     if binary:
         rc, out = await shell(f"command -v {binary}")
         results.append(

@@ -123,7 +123,7 @@ def session_spec(site: Site, workdir: str, *, mode: str = "lab", notebooks: str 
         folder = f"{workdir}/{notebooks}"
         prologue = (f"(umask 077 && mkdir -p {shlex.quote(folder)})",)  # every new parent 0700 too
         root = site.bind_target(folder)
-        if root != folder or site.config.runtime != "none":
+        if root != folder or site.runtime.runs_containers:
             mounts = (Mount(folder, root),)
     return JobSpec(
         [site.python, "-c", LAUNCHER, root, mode], image=image, mounts=mounts, prologue=prologue,

@@ -23,25 +23,39 @@ import sys
 import time
 import weakref
 from collections.abc import Sequence
+from typing import TypeVar
 
 from offload import _loop, reach_targets, submit
 from offload import reach as reach_mod
 from offload.config import SiteConfig
-from offload.errors import ConfigError, JobNotFoundError
+from offload.errors import ConfigError, JobNotFoundError, PluginError
 from offload.images import Images, is_pull, is_pushed_name
 from offload.jobs import Job, JobRef, JobState, JobStatus
 from offload.plugins import Plugins, plugins
 from offload.poller import Poller
 from offload.profiles import load_profiles
 from offload.records import JobRecord, JobRecords
+from offload.retry import RetryPolicy
 from offload.runtimes.base import ContainerCommand, ContainerContext, Runtime
-from offload.schedulers.base import NodeResources
+from offload.schedulers.base import NodeResources, Scheduler
 from offload.script import BatchScript
 from offload.spec import JobSpec, Mount
 from offload.submit import Submission
 from offload.transports.base import PortForward, Progress, Transport
 
 log = logging.getLogger("offload")
+T = TypeVar("T")
+# A locked SQLite file (another process writing) is tried 5 times in about 3 s before the error is logged.
+_RECORD = RetryPolicy(first=0.2, factor=2.0, cap=1.6, attempts=5)
+
+
+def _plugin_made(base: type[T], kind: str, name: str, made: object) -> T:
+    """What a plugin's factory made, if it derives from offload's base class for its kind (which gives every
+    method the core calls, with defaults); else a PluginError saying so, before any job is planned."""
+    if not isinstance(made, base):
+        raise PluginError(f"the {kind} plugin {name!r} made a {type(made).__name__}, which does not derive from "
+                          f"offload.{base.__name__}: derive it, so it has every method offload calls")  # fmt: skip
+    return made
 
 
 class Site:
@@ -53,11 +67,13 @@ class Site:
         self.name = config.name
         self._hook = registry.manager.hook
         self._new_transport = registry.transport(config.transport).factory
-        self._scheduler = registry.scheduler(config.scheduler).factory(config)
-        self._runtime = registry.runtime(config.runtime).factory(config.runtime_options)
+        self._scheduler = _plugin_made(Scheduler, "scheduler", config.scheduler,
+                                       registry.scheduler(config.scheduler).factory(config))  # fmt: skip
+        self._runtime = _plugin_made(Runtime, "runtime", config.runtime,
+                                     registry.runtime(config.runtime).factory(config.runtime_options))  # fmt: skip
         self._records = records or JobRecords()
         # Jobs on another machine reach this one's services through a relay; local jobs reach them directly.
-        self._relays_needed = not getattr(self._scheduler, "runs_on_client", False)
+        self._relays_needed = not self._scheduler.runs_on_client
         self._workdir: str | None = None
         self._job_host = _JobHost(self)
         self._start()
@@ -85,13 +101,18 @@ class Site:
     def python(self) -> str:
         """The Python a payload should call: this very interpreter when jobs run on this machine without a
         container (the local site), else ``python3`` from the job's image."""
-        local = self.config.transport == "local" and self.config.runtime == "none"
+        local = self.config.transport == "local" and not self._runtime.runs_containers
         return sys.executable if local else "python3"
 
     @property
     def job_host(self) -> _JobHost:
         """The narrow interface this site's :class:`Job` handles use (status, wait, cancel, files)."""
         return self._job_host
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The site's scheduler plugin (how jobs are submitted, queried and cancelled there)."""
+        return self._scheduler
 
     @property
     def runtime(self) -> Runtime:
@@ -120,7 +141,7 @@ class Site:
             workdir=spec.workdir,
             gpus=spec.resources.total_gpus,
             jobdir=jobdir,
-            scheduler_env=tuple(getattr(self._scheduler, "job_env", ())),
+            scheduler_env=self._scheduler.job_env,
         )
 
     def validate(self, spec: JobSpec) -> None:
@@ -175,7 +196,7 @@ class Site:
         Checked as a spec's container is (a :class:`ConfigError` says what the runtime cannot do); the variables
         named in ``env_names`` are passed in from the caller's environment."""
         ctx = ContainerContext(image=image, mounts=tuple(mounts), env_names=tuple(env_names), workdir=workdir,
-                               gpus=gpus, scheduler_env=tuple(getattr(self._scheduler, "job_env", ())))  # fmt: skip
+                               gpus=gpus, scheduler_env=self._scheduler.job_env)  # fmt: skip
         self._runtime.validate(ctx)
         return ContainerCommand(prelude=tuple(self._runtime.prelude(ctx)),
                                 argv=tuple(self._runtime.command(argv, ctx)))  # fmt: skip
@@ -354,17 +375,16 @@ class Site:
 
     async def _record(self, rows: list) -> None:
         """Record submitted jobs; a locked or broken database delays that, but never loses the jobs."""
-        for attempt in range(5):
-            try:
-                self._records.add(rows)
-                return
-            except sqlite3.Error as exc:
-                if attempt == 4:
-                    ids = " ".join(row[1] for row in rows)
-                    log.error("could not record %d submitted job(s) in %s (%s); they run on %s: %s", len(rows),
-                              self._records.path, exc, self.name, ids)  # fmt: skip
-                    return
-                await asyncio.sleep(0.2 * 2**attempt)
+
+        async def add() -> None:
+            self._records.add(rows)
+
+        try:
+            await _RECORD.call(add, lambda exc: isinstance(exc, sqlite3.Error))
+        except sqlite3.Error as exc:
+            ids = " ".join(row[1] for row in rows)
+            log.error("could not record %d submitted job(s) in %s (%s); they run on %s: %s", len(rows),
+                      self._records.path, exc, self.name, ids)  # fmt: skip
 
     def _relay_step_argv(self, ref: JobRef) -> list[str]:
         """The carrier: the relay program in ``carry`` mode, with the node's python3 or else the image's."""
@@ -464,10 +484,8 @@ class Site:
         return await _loop.bridge(self._job(str(job_id), jobdir, index))
 
     async def _find(self, name: str) -> list[Job]:
-        find = getattr(self._scheduler, "find", None)
-        if find is not None:
-            refs = await find(self._transport, name)
-        else:
+        refs = await self._scheduler.find(self._transport, name)
+        if refs is None:  # the scheduler cannot say: this machine's records can
             refs = [JobRef(r.job_id, r.jobdir, r.task_index) for r in self._records.find(self.name, name, 1000)]
         return [Job(self, ref, name=name) for ref in refs]
 

@@ -219,7 +219,7 @@ async def undo(
     what it finds. It says nothing was left queued only when it knows."""
     known = [JobRef(i, s.jobdir) for s in submissions for i in s.ids]
     found: list[JobRef] = []
-    still_running = False
+    still_running = asked_queue = False
     problems: list[str] = []
     if unknown:
         wait = (
@@ -242,12 +242,13 @@ async def undo(
             found += [JobRef(i, "") for i in scheduler.ids_in(answers)]
         except OffloadError as exc:
             problems.append(f"the jobid files could not be read ({exc})")
-        queued_in = getattr(scheduler, "queued_in", None)  # optional: a scheduler that can list by directory
-        if queued_in is not None:
-            try:
-                found += await queued_in(transport, [s.jobdir for s in unknown])
-            except OffloadError as exc:
-                problems.append(f"the queue could not be asked what got in ({exc})")
+        try:  # a scheduler that can list jobs by directory says which got in (None: it cannot)
+            listed = await scheduler.queued_in(transport, [s.jobdir for s in unknown])
+            asked_queue = listed is not None
+            found += listed or []
+        except OffloadError as exc:
+            asked_queue = True
+            problems.append(f"the queue could not be asked what got in ({exc})")
     submitted = {_submitted(ref.id) for ref in known}
     extra = list({_submitted(ref.id): ref for ref in found if _submitted(ref.id) not in submitted}.values())
     cancelled = "cancelled"
@@ -270,7 +271,7 @@ async def undo(
         said.append(f"The {len(known)} job(s) of this batch whose ids the site answered were {cancelled} "
                     f"({_ids(known)}).")  # fmt: skip
     if unknown:
-        where = "in their jobid files" + (" or in the queue" if getattr(scheduler, "queued_in", None) else "")
+        where = "in their jobid files" + (" or in the queue" if asked_queue else "")
         said.append(
             f"Of the {len(unknown)} submission(s) whose job id never came back, {len(extra)} job(s) were found "
             f"{where} and {cancelled} ({_ids(extra)})." if extra else

@@ -6,10 +6,10 @@ import shlex
 from collections.abc import Sequence
 
 from offload.errors import ConfigError
-from offload.runtimes.base import ContainerContext, check_bind_paths, require_image, unpack_rootfs
+from offload.runtimes.base import ContainerContext, Runtime, check_bind_paths, require_image, unpack_rootfs
 
 
-class ApptainerRuntime:
+class ApptainerRuntime(Runtime):
     """``apptainer exec`` (or ``singularity exec``): ``.sif`` files, ``docker://``, ``oras://`` and sandboxes."""
 
     cache_suffix = ".sif"

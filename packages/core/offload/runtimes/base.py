@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 from offload.errors import ConfigError
 from offload.spec import Mount
@@ -69,45 +68,53 @@ class ContainerCommand:
     argv: tuple[str, ...]
 
 
-class Runtime(Protocol):
-    name: str
-    binary: str | None  # the program it runs on the nodes (what offload doctor looks for); None: none
+class Runtime:
+    """The base of every runtime plugin: it must give :meth:`command`, and may override the defaults of the rest
+    (those of a runtime that runs images by path, binds where asked, and neither pulls nor imports)."""
+
+    name: str = ""
+    binary: str | None = None  # the program it runs on the nodes (what offload doctor looks for); None: none
     # What an image in the site's cache is called after its digest: "" (a directory), ".sif", ...
-    cache_suffix: str
-    read_only_binds: bool  # whether a Mount(read_only=True) is honoured (else validate refuses it)
+    cache_suffix: str = ""
+    read_only_binds: bool = True  # whether a Mount(read_only=True) is honoured (else validate refuses it)
+    runs_containers: bool = True  # False: the payload runs on the node as it is (no image, no binds)
 
     def validate(self, ctx: ContainerContext) -> None:
         """Raise :class:`ConfigError` for a context this runtime cannot run (before submission)."""
-        ...
+        require_image(self.name, ctx)
 
     def image_path(self, ctx: ContainerContext) -> str | None:
         """The image as a path on the site's file system, if it is one (checked before submitting), else None."""
-        ...
+        return None
 
     def pull_script(self, ref: str) -> str:
         """Shell lines, run on the login node, that pull the registry image ``ref`` (``docker://...``) into the
         cache entry ``"$OFFLOAD_DEST"``. The entry must appear whole or not at all: build ``"$OFFLOAD_DEST.tmp"``,
         then rename it. Raise :class:`ConfigError` if this runtime cannot pull."""
-        ...
+        raise ConfigError(f"runtime {self.name!r} cannot pull registry images: give the path of an image on the site")
 
     def import_script(self, kind: str) -> str:
         """Shell lines that turn the uploaded ``"$OFFLOAD_UPLOAD"`` into the cache entry ``"$OFFLOAD_DEST"`` (the
         same rules). ``kind`` is ``rootfs`` (a gzipped tar of a root file system: what ``offload image push``
         makes of directories and OCI/Docker archives) or ``sif``; raise ConfigError for a kind it cannot run."""
-        ...
+        raise ConfigError(f"runtime {self.name!r} cannot import pushed images: give the path of an image on the site")
 
     def cached_image(self, path: str) -> str:
         """What a job names to run the cache entry at ``path`` (the path itself, or a transport prefix)."""
-        ...
+        return path
 
     def bind_target(self, source: str) -> str:
         """Where to bind the site's directory ``source`` in the container when the caller has no preference
         (the same path where the runtime can create mount points; a spare existing directory where not)."""
-        ...
+        return source
 
-    def prelude(self, ctx: ContainerContext) -> list[str]: ...
+    def prelude(self, ctx: ContainerContext) -> list[str]:
+        """Shell lines placed before the command (exports, mount points). Default: none."""
+        return []
 
-    def command(self, argv: Sequence[str], ctx: ContainerContext) -> list[str]: ...
+    def command(self, argv: Sequence[str], ctx: ContainerContext) -> list[str]:
+        """The argv that runs ``argv`` in the container."""
+        raise NotImplementedError(f"the runtime plugin {self.name or type(self).__name__!r} does not give command()")
 
 
 def unpack_rootfs(target: str) -> str:

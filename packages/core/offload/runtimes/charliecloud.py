@@ -13,13 +13,13 @@ import shlex
 from collections.abc import Sequence
 
 from offload.errors import ConfigError
-from offload.runtimes.base import ContainerContext, check_bind_paths, require_image, unpack_rootfs
+from offload.runtimes.base import ContainerContext, Runtime, check_bind_paths, require_image, unpack_rootfs
 
 JOB_DIR = "/mnt/9"
 BIND_SLOT = "/mnt/8"
 
 
-class CharliecloudRuntime:
+class CharliecloudRuntime(Runtime):
     name = "charliecloud"
     binary = "ch-run"
     cache_suffix = ""  # a directory: ch-run starts it at once, without FUSE or a conversion on the node
@@ -64,9 +64,6 @@ class CharliecloudRuntime:
                 "directory, a tarball, or a 'docker save'/OCI archive)"
             )
         return f'{unpack_rootfs(chr(34) + "$OFFLOAD_DEST.tmp" + chr(34))} && mv "$OFFLOAD_DEST.tmp" "$OFFLOAD_DEST"'
-
-    def cached_image(self, path: str) -> str:
-        return path
 
     def bind_target(self, source: str) -> str:
         return BIND_SLOT  # ch-run binds only onto directories the image has: /mnt/8 is offload's spare one

@@ -7,16 +7,16 @@ import shlex
 from collections.abc import Sequence
 
 from offload.errors import ConfigError
-from offload.runtimes.base import ContainerContext
+from offload.runtimes.base import ContainerContext, Runtime
 
 log = logging.getLogger("offload")
 
 
-class NoRuntime:
+class NoRuntime(Runtime):
     name = "none"
     binary = None  # the payload runs as it is
     cache_suffix = ""
-    read_only_binds = True
+    runs_containers = False
 
     def __init__(self, options: Sequence[str] = ()) -> None:
         self._warned: set[str] = set()
@@ -28,20 +28,11 @@ class NoRuntime:
         if ctx.mounts:
             raise ConfigError("mounts need a container runtime; this site runs commands directly on the node")
 
-    def image_path(self, ctx: ContainerContext) -> str | None:
-        return None
-
     def pull_script(self, ref: str) -> str:
         raise ConfigError('this site runs no container (runtime "none"): it has no images to pull')
 
     def import_script(self, kind: str) -> str:
         raise ConfigError('this site runs no container (runtime "none"): it has no images to push')
-
-    def cached_image(self, path: str) -> str:
-        return path
-
-    def bind_target(self, source: str) -> str:
-        return source  # no container: the payload sees the site's own paths
 
     def prelude(self, ctx: ContainerContext) -> list[str]:
         return [f"cd {shlex.quote(ctx.workdir)}"] if ctx.workdir else []

@@ -11,10 +11,10 @@ import shlex
 from collections.abc import Sequence
 
 from offload.errors import ConfigError
-from offload.runtimes.base import ContainerContext, check_bind_paths, require_image
+from offload.runtimes.base import ContainerContext, Runtime, check_bind_paths, require_image
 
 
-class PodmanRuntime:
+class PodmanRuntime(Runtime):
     name = "podman"
     binary = "podman"
     cache_suffix = ".oci.tar"  # an OCI archive on the shared file system: nodes need no registry nor store

@@ -6,11 +6,15 @@ from __future__ import annotations
 import shlex
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, ClassVar
 
+from offload.errors import ConfigError
 from offload.jobs import JobRef, JobStatus
 from offload.spec import JobSpec, Resources
 from offload.transports.base import Transport
+
+if TYPE_CHECKING:
+    from offload.config import SiteConfig
 
 
 @dataclass(frozen=True)
@@ -51,80 +55,106 @@ class NodeResources:
 Shell = Callable[[str], Awaitable[tuple[int, str]]]
 
 
-class Scheduler(Protocol):
-    name: str
-    supports_arrays: bool
-    task_index: str  # shell expression for the array task index inside the batch script
+class Scheduler:
+    """The base of every scheduler plugin. A plugin owns its whole protocol: it must give the methods that raise
+    here (directives, submission, state queries, cancel, steps), and it may override the defaults of the rest
+    (the defaults are what a scheduler that offers nothing more does). The core reads everything through these
+    names, never through a plugin's own; what a scheduler calls things (states, reasons, commands) stays in it.
+    """
 
-    copy_env: dict[str, str]  # for multi-node jobs: variable -> shell expression each copy evaluates (RANK...)
-    job_env: tuple[str, ...]  # what the scheduler tells a job that its payload may need inside the container
-    first_node: str  # shell expression naming the job's first node (MASTER_ADDR), in the batch script
+    name: str = ""
+    supports_arrays: bool = False
+    task_index: str = ""  # shell expression for the array task index inside the batch script
+    # For multi-node jobs: variable -> shell expression each copy evaluates (RANK...)
+    copy_env: ClassVar[dict[str, str]] = {}
+    job_env: tuple[str, ...] = ()  # what the scheduler tells a job that its payload may need inside the container
+    first_node: str = ""  # shell expression naming the job's first node (MASTER_ADDR), in the batch script
+    commands: tuple[str, ...] = ()  # the programs offload doctor looks for on the login node
+    # Profile keys of its own: name -> a type, or a tuple of the strings it may be (checked by offload.profiles)
+    profile_keys: ClassVar[dict[str, type | tuple[str, ...]]] = {}
+    runs_on_client: bool = False  # its jobs are processes of the client's machine (no relay, no step)
+
+    def __init__(self, config: SiteConfig) -> None:
+        self.config = config
+
+    def _missing(self, what: str) -> NotImplementedError:
+        return NotImplementedError(f"the scheduler plugin {self.name or type(self).__name__!r} does not give {what}")
 
     def directives(
         self, spec: JobSpec, jobdir: str, array_size: int | None, parallelism: int | None = None
     ) -> list[str]:
         """Header lines of the batch script (e.g. ``#SBATCH --gpus=2``); ``parallelism`` caps the array tasks
         running at once. Raise ConfigError for bad values."""
-        ...
+        raise self._missing("directives()")
 
     def launcher(self, res: Resources) -> list[str]:
         """The argv prefix that starts one copy of the payload per task of the job's allocation (``srun``)."""
-        ...
+        raise self._missing("launcher()")
 
     def submit_line(self, script_path: str) -> str:
         """A shell line that submits ``script_path`` and prints the job id (the path is already quoted)."""
-        ...
+        raise self._missing("submit_line()")
 
     def job_ids(self, output: str, array_size: int | None) -> list[str]:
         """The ids of the submitted job (one per array task) from the submit line's output."""
-        ...
+        raise self._missing("job_ids()")
 
     def ids_in(self, text: str) -> list[str]:
         """Every job id in ``text`` made of submit-line answers (jobid files read back after a lost channel)."""
-        ...
+        raise self._missing("ids_in()")
 
     def sweep_lines(self, jobs_dir: str) -> list[str]:
         """Shell lines for the submission program that remove, in the background, the secrets files of jobs
-        that ended without ever starting (so without removing them themselves)."""
-        ...
+        that ended without ever starting (so without removing them themselves). Default: none."""
+        return []
 
     def explain(self, message: str) -> str:
         """What the user can do about a refusal whose words are ``message`` ('' if nothing to add)."""
-        ...
+        return ""
 
     async def limits(self, transport: Transport) -> dict[str, int]:
-        """Limits submission plans with; ``max_array_size`` is the most tasks one array may have."""
-        ...
+        """Limits submission plans with; ``max_array_size`` is the most tasks one array may have. Default: none."""
+        return {}
 
     async def poll(self, transport: Transport, refs: Sequence[JobRef]) -> dict[str, JobStatus]:
-        """Statuses of ``refs`` in as few scheduler calls as possible (ideally one)."""
-        ...
+        """Statuses of ``refs`` in as few scheduler calls as possible (ideally one); UNKNOWN, never a guess."""
+        raise self._missing("poll()")
 
     async def cancel(self, transport: Transport, refs: Sequence[JobRef]) -> None:
         """Cancel all ``refs`` in one call."""
-        ...
+        raise self._missing("cancel()")
 
     async def interactive(self, transport: Transport, ref: JobRef, argv: list[str], pty: bool = True) -> list[str]:
         """The argv that runs ``argv`` inside the running job ``ref``, on a terminal if ``pty``."""
-        ...
+        raise ConfigError(f"scheduler {self.name!r} has no way to run a command inside a running job")
 
     async def nodes(self, transport: Transport) -> list[NodeResources]:
         """Every node with its GPUs, CPUs and memory, total and in use, in one scheduler call."""
-        ...
+        raise self._missing("nodes()")
 
     async def step(self, transport: Transport, ref: JobRef, node: str, argv: list[str]) -> list[str] | None:
         """The argv that runs ``argv`` as a step of the running job ``ref`` on ``node``, its stdin and stdout
         streamed (a reach relay's carrier). None: the job runs on the client's machine (reach goes direct)."""
-        ...
+        return None
 
     def first_host(self, nodelist: str) -> str:
         """The first host of the scheduler's node list of a job (where its batch script runs)."""
-        ...
+        return nodelist.split(",")[0]
 
-    async def find(self, transport: Transport, name: str) -> list[JobRef]:
-        """Jobs of this user with this name still known to the scheduler, newest first (optional: without
-        it, offload looks in this machine's job records)."""
-        ...
+    async def find(self, transport: Transport, name: str) -> list[JobRef] | None:
+        """Jobs of this user with this name still known to the scheduler, newest first; None where the scheduler
+        cannot say (offload then looks in this machine's job records)."""
+        return None
+
+    async def queued_in(self, transport: Transport, jobdirs: Sequence[str]) -> list[JobRef] | None:
+        """The queued jobs whose directory is one of ``jobdirs`` (what got in of an interrupted submission); None
+        where the scheduler cannot list jobs by directory."""
+        return None
+
+    async def doctor_checks(self, transport: Transport, shell: Shell) -> list[tuple[str, str, str, str]]:
+        """The scheduler's own checks for offload doctor, each ``(name, "ok"|"fail"|"skip", detail, fix)``;
+        ``shell`` runs a script as a job's script would on the login node. Default: none."""
+        return []
 
 
 def secrets_sweep(jobs_dir: str, live: str, parse: str, queue: str = "    queue=$live\n") -> list[str]:

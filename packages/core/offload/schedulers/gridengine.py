@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from offload.config import SiteConfig
 from offload.errors import ConfigError, RemoteCommandError
 from offload.jobs import JobRef, JobState, JobStatus
-from offload.schedulers.base import NodeResources, Shell, secrets_sweep
+from offload.schedulers.base import NodeResources, Scheduler, Shell, secrets_sweep
 from offload.schedulers.slurm import exit_code_files
 from offload.spec import JobSpec, Resources, parse_walltime
 from offload.transports.base import Transport
@@ -61,7 +61,7 @@ def _split(job_id: str) -> tuple[str, int | None]:
     return match[1], int(match[2]) if match[2] else None
 
 
-class GridEngineScheduler:
+class GridEngineScheduler(Scheduler):
     name = "gridengine"
     supports_arrays = True
     # the batch script's first lines set offload_ge_task (0-based) for an array task; unset for a single job

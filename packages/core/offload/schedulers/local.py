@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from offload.config import SiteConfig
 from offload.errors import ConfigError
 from offload.jobs import JobRef, JobState, JobStatus
-from offload.schedulers.base import NodeResources
+from offload.schedulers.base import NodeResources, Scheduler
 from offload.schedulers.slurm import exit_code_files
 from offload.spec import JobSpec, Resources
 from offload.transports.base import Transport
@@ -28,7 +28,7 @@ _STARTED = (
 _OURS = _STARTED + 'ours() { [ ! -s "$2/started" ] || [ "$(started "$1" 2>/dev/null)" = "$(cat "$2/started")" ]; }; '
 
 
-class LocalScheduler:
+class LocalScheduler(Scheduler):
     name = "local"
     runs_on_client = True  # jobs are processes of this machine: they reach its services directly
     supports_arrays = False

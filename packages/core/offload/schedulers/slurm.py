@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from offload.config import SiteConfig
 from offload.errors import ConfigError, RemoteCommandError
 from offload.jobs import EndCause, JobRef, JobState, JobStatus
-from offload.schedulers.base import NodeResources, Shell, secrets_sweep
+from offload.schedulers.base import NodeResources, Scheduler, Shell, secrets_sweep
 from offload.spec import JobSpec, Resources, format_walltime, parse_memory, parse_walltime
 from offload.transports.base import Transport
 
@@ -68,7 +68,7 @@ def _value(option: str, value: object) -> str:
     return text
 
 
-class SlurmScheduler:
+class SlurmScheduler(Scheduler):
     name = "slurm"
     supports_arrays = True
     task_index = "${SLURM_ARRAY_TASK_ID:-}"
