@@ -5,6 +5,7 @@ and a read that hangs on a stuck parallel file system. Host keys are checked aga
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import shlex
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
@@ -14,7 +15,7 @@ import asyncssh
 import pytest
 
 from offload import load_profiles
-from offload.errors import SiteNotAnswering, TransportError
+from offload.errors import HostKeyError, SiteNotAnswering, TransportError
 from offload.plugins import plugins
 from offload.transports.ssh import SSHTransport
 
@@ -360,3 +361,59 @@ async def test_put_resumes_and_get_fetches_within_the_bounds(site, tmp_path):
     await transport.get("big.bin", str(back))
     assert back.read_bytes() == local.read_bytes()
     assert len(site.sftp_sessions) == 1
+
+
+# -- 5. a connection that drops -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fast_reconnect(monkeypatch):
+    """offload's reconnect policy as it is, with its pauses cut to milliseconds."""
+    from offload.transports import ssh as ssh_mod
+
+    policy = ssh_mod._RECONNECT
+    monkeypatch.setattr(ssh_mod, "_RECONNECT", dataclasses.replace(policy, first=0.001, cap=0.004))
+    return policy
+
+
+async def test_a_dropped_connection_comes_back_with_backoff(site, fast_reconnect, monkeypatch, caplog):
+    transport = site.transport()
+    assert (await transport.run(["echo", "one"])).stdout.strip() == "one"
+    connect, failures = transport._connect, iter([TransportError("cannot reach it")] * 2)
+
+    async def flaky() -> object:
+        for failure in failures:
+            raise failure
+        return await connect()
+
+    monkeypatch.setattr(transport, "_connect", flaky)
+    transport._conn.close()  # the laptop slept; the site's sshd restarted
+    await transport._conn.wait_closed()
+    with caplog.at_level("WARNING", logger="offload.ssh"):
+        assert (await transport.run(["echo", "two"])).stdout.strip() == "two"
+    assert [r.getMessage().split(" in ")[0] for r in caplog.records] == [
+        f"connection to {transport.description} lost; reconnecting"
+    ] * 2
+    assert transport.stats["connects"] == 2
+
+
+async def test_a_dropped_connection_is_given_up_after_the_policys_attempts(site, fast_reconnect, monkeypatch):
+    transport = site.transport()
+    await transport.run(["echo", "one"])
+    tries: list[type] = []
+
+    async def refused(error: Exception) -> object:
+        tries.append(type(error))
+        raise error
+
+    monkeypatch.setattr(transport, "_connect", lambda: refused(TransportError("cannot reach it")))
+    transport._conn.close()
+    await transport._conn.wait_closed()
+    with pytest.raises(TransportError, match="cannot reach it"):
+        await transport.run(["echo", "two"])
+    assert len(tries) == fast_reconnect.attempts == 8
+    tries.clear()
+    monkeypatch.setattr(transport, "_connect", lambda: refused(HostKeyError("another host key")))
+    with pytest.raises(HostKeyError):
+        await transport.run(["echo", "three"])
+    assert tries == [HostKeyError]  # never asked again: trusting a key is the user's act

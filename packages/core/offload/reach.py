@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 from offload import reach_node
 from offload.errors import OffloadError, TransportError
 from offload.jobs import JobRef, JobState
+from offload.retry import RetryPolicy
 
 if TYPE_CHECKING:
     from offload.site import Site
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("offload.reach")
 
 SOURCE = inspect.getsource(reach_node)
+# A carrier that stopped is started again while its job runs, pausing from 1 s up to 30 s; never given up.
+_RESTARTS = RetryPolicy(first=1.0, factor=2.0, cap=30.0)
 
 
 def base_key(jobdir: str) -> str:
@@ -160,7 +163,7 @@ class Relays:
                 del self._tasks[ref.id]
 
     async def _serve_until_end(self, ref: JobRef, targets: list[tuple[str, int]]) -> None:
-        site, delay = self._site, 1.0
+        site, restarts = self._site, _RESTARTS.start()
         while True:
             status = await site._poller.status(ref, refresh=False)
             while status.state in (JobState.PENDING, JobState.UNKNOWN):
@@ -178,9 +181,9 @@ class Relays:
             except (OffloadError, OSError, asyncio.IncompleteReadError) as exc:
                 log.debug("reach: the carrier of job %s stopped (%s)", ref.id, exc)
             if asyncio.get_running_loop().time() - started > 60:
-                delay = 1.0
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 30.0)
+                restarts.reset()  # it carried for a while: a new trouble, the pauses start short again
+            restarts.failed()
+            await restarts.wait()
 
     async def _carry(self, argv: list[str], targets: list[tuple[str, int]], ref: JobRef) -> None:
         process = await self._site.transport.start(argv)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import ipaddress
 import json
@@ -53,10 +54,10 @@ MISSING_FOR = 60.0
 # How long after /delete a pod's answers stay in memory (a long-lived plugin serves many pods).
 FORGET_AFTER = 600.0
 # A site that does not answer (a command timing out, a dropped connection) is asked again within one request for
-# this long, pausing RETRY_PAUSES between tries, before the reply says so: interLink waits 120 s for a reply, and
-# fails the pod for good on any reply but 200.
+# this long, up to 5 times with pauses from 0.5 s to 4 s, before the reply says so: interLink waits 120 s for a
+# reply, and fails the pod for good on any reply but 200.
 RETRY_WITHIN = 10.0
-RETRY_PAUSES = (0.5, 1.0, 2.0, 4.0)
+RETRY = offload.RetryPolicy(first=0.5, factor=2.0, cap=4.0, attempts=5, within=RETRY_WITHIN)
 # Where a pod's image stands when /create checks the pod before its images are pulled: the cache's path later;
 # and its ENTRYPOINT, for a container with no command: the image's config is known only once it is pulled.
 _STAND_IN_IMAGE = "/offload-image-cache/stand-in"
@@ -82,20 +83,14 @@ def transient(exc: BaseException) -> bool:
 
 
 async def retrying(call: Callable[[], Awaitable[T]], within: float | None = RETRY_WITHIN) -> T:
-    """``call()``, asked again after a transient site error while ``within`` seconds have not passed (every pause
-    of RETRY_PAUSES, when ``within`` is None: for work that no reply waits for)."""
-    start = time.monotonic()
-    for pause in (*RETRY_PAUSES, None):
-        try:
-            return await call()
-        except offload.OffloadError as exc:
-            if not transient(exc) or pause is None:
-                raise
-            if within is not None and time.monotonic() - start + pause > within:
-                raise
-            log.info("the site did not answer (%s): asking again in %.1f s", exc, pause)
-        await asyncio.sleep(pause)
-    raise AssertionError("unreachable")  # pragma: no cover
+    """``call()``, asked again after a transient site error while ``within`` seconds have not passed (RETRY's
+    every try, when ``within`` is None: for work that no reply waits for)."""
+    policy = dataclasses.replace(RETRY, within=within)
+    return await policy.call(call, transient, _asking_again)
+
+
+def _asking_again(exc: Exception, pause: float) -> None:
+    log.info("the site did not answer (%s): asking again in %.1f s", exc, pause)
 
 
 def site_image(image: str, image_map: Mapping[str, str]) -> str:
@@ -488,7 +483,9 @@ class PodServer:
         sent, offset = len(shown), len(data)
         interval = min(2.0, self.site.config.poll_interval)
         ended = False
-        quiet_since = time.monotonic()
+        # a read that fails is tried again at the same pace while the site was quiet for less than retry_within
+        quiet = offload.RetryPolicy(first=interval, factor=1.0, cap=interval, jitter=0.0,
+                                    within=self.retry_within).start()  # fmt: skip
         while not (limit and sent >= limit):
             if request.transport is None or request.transport.is_closing():
                 break  # kubectl (hence interLink) went away
@@ -500,12 +497,12 @@ class PodServer:
                     if ended:
                         continue
             except offload.OffloadError as exc:
-                if not transient(exc) or time.monotonic() - quiet_since > self.retry_within:
+                if not transient(exc) or quiet.failed() is None:
                     log.warning("following %s of pod %s ended: %s", container, uid, exc)
                     break
-                await asyncio.sleep(interval)
+                await quiet.wait()
                 continue
-            quiet_since = time.monotonic()
+            quiet.reset()
             offset += len(chunk)
             if limit:
                 chunk = chunk[: limit - sent]

@@ -21,7 +21,8 @@ import offload
 from airflow_offload.hooks.offload import OffloadHook
 from airflow_offload.version_compat import BaseTrigger, TriggerEvent, mask_secret
 
-RETRIES = 12  # failed reads in a row before giving up (backoff from 2 s to 60 s: about 9 minutes)
+RETRIES = 12  # failed reads in a row before giving up (backoff from 2 s to 60 s: 4 to 8 minutes with jitter)
+READ_RETRY = offload.RetryPolicy(first=2.0, factor=2.0, cap=60.0, attempts=RETRIES + 1)
 
 
 class OffloadJobTrigger(BaseTrigger):
@@ -78,7 +79,7 @@ class OffloadJobTrigger(BaseTrigger):
             mask_secret(value)
         event: dict[str, Any] = {"job_id": self.job_id, "jobdir": self.jobdir, "index": self.index,
                                  "result_key": self.result_key}  # fmt: skip
-        offset, last, pending, failures = self.log_offset, "", b"", 0
+        offset, last, pending = self.log_offset, "", b""
         finished: asyncio.Future[offload.JobStatus] | None = None
         relay: asyncio.Future[offload.JobStatus] | None = None
         try:
@@ -88,18 +89,18 @@ class OffloadJobTrigger(BaseTrigger):
             finished = asyncio.ensure_future(job.finished())
             if self.relay:  # the job reaches services on the worker's side: serve its relay while it runs
                 relay = asyncio.ensure_future(job.site.arelay(job))
+            reads = READ_RETRY.start()
             while True:
                 ended = finished.done()
                 try:
                     chunk = await job.aoutput(offset)
-                    failures = 0
+                    reads.reset()
                 except offload.OffloadError as exc:
-                    failures += 1
-                    if failures > RETRIES:
+                    pause = reads.failed()
+                    if pause is None:
                         raise
-                    delay = min(60.0, 2.0 * 2 ** (failures - 1))
-                    self.log.warning("cannot read job %s's output (%s); trying again in %.0f s", job.id, exc, delay)
-                    await asyncio.sleep(delay)
+                    self.log.warning("cannot read job %s's output (%s); trying again in %.0f s", job.id, exc, pause)
+                    await reads.wait()
                     continue
                 offset += len(chunk)
                 *lines, pending = (pending + chunk).split(b"\n")

@@ -29,6 +29,7 @@ import asyncssh
 
 from offload.config import SiteConfig
 from offload.errors import ConfigError, HostKeyError, SiteNotAnswering, TransportError
+from offload.retry import RetryPolicy
 from offload.transports.base import CommandResult, Progress
 from offload.transports.ssh_forward import SSHForward
 
@@ -37,7 +38,9 @@ if logging.getLogger("asyncssh").level == logging.NOTSET:
     # asyncssh says five INFO lines per command; unless the user chose otherwise, only its warnings show.
     logging.getLogger("asyncssh").setLevel(logging.WARNING)
 
-_RECONNECT_DELAYS = (0.5, 1, 2, 4, 8, 15, 30)
+# A connection that was up and dropped is tried again 7 times, pausing from 0.5 s up to 30 s (about a minute in
+# all); jittered, so the clients of a login node that rebooted do not all come back in the same second.
+_RECONNECT = RetryPolicy(first=0.5, factor=2.0, cap=30.0, attempts=8)
 # A file goes in chunks of this size, two at a time; asyncssh splits each into parallel SFTP writes of the
 # largest size the server allows (OpenSSH: 256 KiB), so the pipe stays full without a chunk per request.
 _CHUNK = 8 << 20
@@ -57,6 +60,11 @@ _REFUSALS = (asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, asyncssh.OPEN_CONNECT_FA
 _SFTP_GONE = (asyncssh.SFTPConnectionLost, asyncssh.SFTPNoConnection, asyncssh.DisconnectError, ConnectionError)
 
 _T = TypeVar("_T")
+
+
+def _reconnectable(exc: Exception) -> bool:
+    """A failed connect worth trying again: not an unknown host key (trusting one is the user's act)."""
+    return isinstance(exc, TransportError) and not isinstance(exc, HostKeyError)
 
 
 class _Channel(Protocol):
@@ -255,22 +263,18 @@ class SSHTransport:
             if self._closed:
                 raise TransportError(f"the connection to {self.description} was closed by offload")
             self._sftp = None
-            delays = _RECONNECT_DELAYS if self._was_connected else ()
-            for attempt, delay in enumerate((0, *delays)):
-                if delay:
-                    log.warning("connection to %s lost; reconnecting in %s s", self.description, delay)
-                    await asyncio.sleep(delay)
-                try:
-                    self._conn = await self._connect()
-                    break
-                except TransportError as exc:
-                    if isinstance(exc, HostKeyError) or attempt == len(delays):
-                        raise
+            if self._was_connected:  # a connection that was up dropped: come back, with backoff
+                self._conn = await _RECONNECT.call(self._connect, _reconnectable, self._reconnecting)
+            else:
+                self._conn = await self._connect()
             self.stats["connects"] += 1
             self._budget = _SessionBudget(self.config.max_sessions)
             self._was_connected = True
             self._watcher = asyncio.get_running_loop().create_task(self._watch(self._conn))
             return self._conn
+
+    def _reconnecting(self, _exc: Exception, pause: float) -> None:
+        log.warning("connection to %s lost; reconnecting in %.1f s", self.description, pause)
 
     async def _connect(self) -> asyncssh.SSHClientConnection:
         config = self.config
