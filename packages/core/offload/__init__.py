@@ -32,6 +32,7 @@ from offload.runtimes.base import ContainerCommand, Runtime
 from offload.schedulers.base import NodeResources, Scheduler
 from offload.script import BatchScript
 from offload.site import Forward, Site, load_site
+from offload.sizes import format_size, parse_size
 from offload.spec import ENV_NAME, JobSpec, Mount, Resources, archive
 
 __version__ = "0.1.0"
@@ -73,9 +74,11 @@ __all__ = [
     "TransportError",
     "TransportPlugin",
     "archive",
+    "format_size",
     "hookimpl",
     "load_profiles",
     "load_site",
+    "parse_size",
     "profile_from_table",
     "run_checks",
 ]

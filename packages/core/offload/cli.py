@@ -30,6 +30,7 @@ from offload.profiles import load_profiles
 from offload.records import JobRecords, write_private
 from offload.schedulers.base import NodeResources
 from offload.site import Site, load_site
+from offload.sizes import format_size, parse_size
 from offload.spec import JobSpec, Mount, Resources
 
 
@@ -330,7 +331,7 @@ def image_pull(ref: str, site_name: str | None) -> None:
     Jobs naming REF then run the cached image; a tag whose digest is cached already is not pulled again."""
     with user_errors():
         cached = load_site(site_name).images.pull(ref)
-    click.echo(f"{cached.ref}  {cached.digest}  {_size(cached.size)}  {cached.path}")
+    click.echo(f"{cached.ref}  {cached.digest}  {format_size(cached.size)}  {cached.path}")
 
 
 @image.command("push")
@@ -342,7 +343,7 @@ def image_push(path: str, name: str, site_name: str | None) -> None:
     save' or OCI archive, or a .sif. An interrupted push of the same image carries on where it stopped."""
     with user_errors():
         cached = load_site(site_name).images.push(path, name)
-    click.echo(f"{cached.name}  {cached.digest}  {_size(cached.size)}  {cached.path}")
+    click.echo(f"{cached.name}  {cached.digest}  {format_size(cached.size)}  {cached.path}")
 
 
 @image.command("ls")
@@ -356,7 +357,7 @@ def image_ls(site_name: str | None, as_json: bool) -> None:
         for cached in images:
             click.echo(json.dumps(dataclasses.asdict(cached)))
         return
-    rows = [(c.name, c.digest[:19], _size(c.size), time.strftime("%Y-%m-%d %H:%M", time.localtime(c.used)))
+    rows = [(c.name, c.digest[:19], format_size(c.size), time.strftime("%Y-%m-%d %H:%M", time.localtime(c.used)))
             for c in images]  # fmt: skip
     _table(("IMAGE", "DIGEST", "SIZE", "LAST USED"), rows)
 
@@ -382,31 +383,15 @@ def image_prune(days: float, max_size: str | None, site_name: str | None) -> Non
     with user_errors():
         if not days and not max_size:
             raise ConfigError("give --older-than DAYS and/or --max-size SIZE")
-        limit = _bytes(max_size) if max_size else 0
+        try:
+            limit = parse_size(max_size) if max_size else 0
+        except ValueError:
+            raise ConfigError(f"--max-size {max_size!r}: give a size such as 500M or 50G") from None
         gone = load_site(site_name).images.prune(days, limit)
     for cached in gone:
-        click.echo(f"removed {cached.name} ({_size(cached.size)})")
+        click.echo(f"removed {cached.name} ({format_size(cached.size)})")
     if not gone:
         click.echo("nothing to remove")
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
-def _bytes(text: str) -> int:
-    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-    number, unit = text.strip().upper().removesuffix("B").removesuffix("I"), ""
-    if number and number[-1] in units:
-        number, unit = number[:-1], number[-1]
-    try:
-        return int(float(number) * units[unit])
-    except ValueError:
-        raise ConfigError(f"--max-size {text!r}: give a size such as 500M or 50G") from None
 
 
 # -- run -----------------------------------------------------------------------------------------------

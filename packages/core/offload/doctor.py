@@ -18,6 +18,7 @@ from offload.images import is_pull, is_pushed_name
 from offload.runtimes.base import ContainerContext
 from offload.schedulers.base import NodeResources
 from offload.site import Site
+from offload.sizes import format_size
 from offload.spec import JobSpec, Resources
 
 
@@ -161,15 +162,15 @@ async def _image_check(site: Site) -> Check:
                 digest, size = await site.images.aremote_digest(image)
             except OffloadError as exc:
                 if here is not None:
-                    return Check("image", "ok", f"{image} cached ({_mib(here.size)}); the registry: {exc}")
+                    return Check("image", "ok", f"{image} cached ({format_size(here.size)}); the registry: {exc}")
                 return Check("image", "fail", str(exc), "fix 'image', or push it: offload image push PATH --name NAME")
             if here is None:
-                return Check("image", "ok", f"{image} pullable ({_mib(size)} to download); the first job pulls it "
-                             f"once on the login node, or now: offload image pull {image}")  # fmt: skip
+                return Check("image", "ok", f"{image} pullable ({format_size(size)} to download); the first job "
+                             f"pulls it once on the login node, or now: offload image pull {image}")  # fmt: skip
             newer = "" if here.digest == digest else "; the tag has moved: the next job pulls the new image"
-            return Check("image", "ok", f"{image} cached ({here.digest[:19]}, {_mib(here.size)}){newer}")
+            return Check("image", "ok", f"{image} cached ({here.digest[:19]}, {format_size(here.size)}){newer}")
         if here is not None:
-            return Check("image", "ok", f"{image} cached ({here.digest[:19]}, {_mib(here.size)})")
+            return Check("image", "ok", f"{image} cached ({here.digest[:19]}, {format_size(here.size)})")
     path = site.runtime.image_path(ContainerContext(image))
     if path is None:
         return Check("image", "skip", f'{image} is pulled by the runtime when a job starts (pull = "node")')
@@ -177,10 +178,6 @@ async def _image_check(site: Site) -> Check:
     if result.exit_status == 0:
         return Check("image", "ok", path)
     return Check("image", "fail", f"{path} does not exist on the site", "fix 'image' in the profile")
-
-
-def _mib(size: int) -> str:
-    return f"{size / 2**20:.0f} MiB"
 
 
 async def _node_network(site: Site) -> Check:

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 from offload.errors import ConfigError
 from offload.reach_targets import targets_of
+from offload.sizes import parse_size
 
 _WALLTIME = re.compile(r"^(?:(?P<d>\d+)-)?(?P<rest>\d+(?::\d+){0,2})$")
-_MEMORY = re.compile(r"^(?P<n>\d+(?:\.\d+)?)\s*(?P<unit>[KMGT]?)(?:i?B)?$", re.IGNORECASE)
 # what a shell accepts as a variable name: for env, secrets, reach and the adapters that build them
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -69,7 +69,10 @@ def format_walltime(seconds: int) -> str:
 
 
 def parse_memory(value: str | int | None) -> int | None:
-    """Megabytes in a memory request: ``'4G'``, ``'500M'``, ``'1.5GB'``, ``'2GiB'``, or an int of megabytes."""
+    """Megabytes in a memory request: ``'4G'``, ``'500M'``, ``'1.5GB'``, ``'2GiB'``, or an int of megabytes.
+
+    K, M, G, T and P are powers of 1024 with or without ``i`` (SLURM's rule: :mod:`offload.sizes`, binary), a
+    bare number is megabytes, and a part of a megabyte counts as a whole one."""
     if value is None:
         return None
     if isinstance(value, bool):
@@ -78,14 +81,13 @@ def parse_memory(value: str | int | None) -> int | None:
         if value <= 0:
             raise ConfigError(f"memory must be positive, got {value} MB")
         return value
-    match = _MEMORY.match(str(value).strip())
-    if not match:
-        raise ConfigError(f"memory {value!r} is not a size: use e.g. '4G', '500M' or '1T'")
-    scale = {"": 1, "K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024}[match["unit"].upper()]
-    megabytes = int(float(match["n"]) * scale + 0.999)
-    if megabytes <= 0:
+    try:
+        size = parse_size(str(value), unit=2**20)
+    except ValueError:
+        raise ConfigError(f"memory {value!r} is not a size: use e.g. '4G', '500M' or '1T'") from None
+    if size <= 0:
         raise ConfigError(f"memory {value!r} is zero: give a positive size such as '1G'")
-    return megabytes
+    return -(-size // 2**20)
 
 
 @dataclass(frozen=True)

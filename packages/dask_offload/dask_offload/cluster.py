@@ -32,7 +32,6 @@ from secrets import token_hex
 from typing import Any
 
 import distributed
-from dask.utils import parse_bytes
 from distributed.comm.core import CommClosedError
 from distributed.core import Status
 from distributed.deploy.spec import ProcessInterface, SpecCluster
@@ -147,7 +146,7 @@ class _Shared:
 
     def scheduler_spec(self) -> offload.JobSpec:
         o = self.options
-        memory = parse_bytes(str(o["scheduler_memory"])) // 2**20
+        memory = options.memory_bytes(o["scheduler_memory"]) // 2**20
         resources = self.resources(gpus=0, cpus=int(o["scheduler_cores"]), memory_mb=memory, worker=False)
         spec = self.spec(["scheduler", json.dumps(o.scheduler)], resources, worker=False)
         return dataclasses.replace(spec, relay=True)  # the dashboard is reached through the job's relay
@@ -544,7 +543,7 @@ class OffloadCluster(SpecCluster):
         if n is not None:
             jobs = max(jobs, math.ceil(n / self._per_job))
         if memory is not None:
-            jobs = max(jobs, math.ceil(parse_bytes(memory) / (self._options.worker_memory * self._per_job)))
+            jobs = max(jobs, math.ceil(options.memory_bytes(memory) / (self._options.worker_memory * self._per_job)))
         if cores is not None:
             jobs = max(jobs, math.ceil(cores / (self._options.threads * self._per_job)))
         if jobs:

@@ -35,10 +35,16 @@ from typing import Any
 
 import dask.config
 import yaml
-from dask.utils import parse_bytes
 from distributed.deploy.utils import nprocesses_nthreads
 
 import offload
+
+
+def memory_bytes(value: Any) -> int:
+    """A Dask memory size in bytes, by Dask's rule (``dask.utils.parse_bytes``, which dask-jobqueue uses): ``8GB``
+    is 8e9 bytes, ``8GiB`` 2**33; ``job_mem`` goes to the scheduler as it is, by SLURM's rule."""
+    return offload.parse_size(str(value), binary=False)
+
 
 _PACKAGE_DEFAULTS: dict[str, Any] = yaml.safe_load(Path(__file__).with_name("offload.yaml").read_text())
 DEFAULTS: dict[str, Any] = _PACKAGE_DEFAULTS["offload"]
@@ -190,9 +196,9 @@ def resolve(given: dict[str, Any], unknown: dict[str, Any], gpus_per_node: int |
             "(as in dask-jobqueue), split between its processes"
         )
     if o["memory"] is not None:
-        memory = parse_bytes(str(o["memory"]))
+        memory = memory_bytes(o["memory"])
     else:
-        memory = per_job * parse_bytes(str(config("worker_memory", user)))
+        memory = per_job * memory_bytes(config("worker_memory", user))
     job_cpus = int(o["job_cpu"]) if o["job_cpu"] is not None else cores
     job_memory_mb = (
         offload.Resources(memory=o["job_mem"]).memory_mb

@@ -72,15 +72,16 @@ def _quantity_cpus(value: Any) -> int:
     return max(1, math.ceil(float(text)))
 
 
-_MEMORY_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
-                 "k": 10**3, "": 1}  # fmt: skip
+# A memory quantity as Kubernetes writes it (case matters there: "m" is a thousandth, not mega); its value is
+# offload's to read, by the decimal rule (Mi is 2**20, M 10**6).
+_QUANTITY = re.compile(r"(?:\d+\.?\d*|\.\d+)(?:Ki|Mi|Gi|Ti|Pi|k|K|M|G|T|P)?")
 
 
 def _quantity_bytes(value: Any) -> int:
-    match = re.fullmatch(r"([0-9.]+)(Ki|Mi|Gi|Ti|K|M|G|T|k)?", str(value).strip())
-    if not match:
+    text = str(value).strip()
+    if not _QUANTITY.fullmatch(text):
         raise ConfigError(f"memory quantity {value!r} is not one Kubernetes knows (e.g. 512Mi, 2Gi)")
-    return int(float(match[1]) * _MEMORY_UNITS[match[2] or ""])
+    return offload.parse_size(text, binary=False)
 
 
 def _needs(container: dict) -> tuple[int, int, int]:

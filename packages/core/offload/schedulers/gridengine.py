@@ -30,6 +30,7 @@ from offload.errors import ConfigError, RemoteCommandError
 from offload.jobs import JobRef, JobState, JobStatus
 from offload.schedulers.base import NodeResources, Scheduler, Shell, secrets_sweep
 from offload.schedulers.slurm import exit_code_files
+from offload.sizes import parse_size
 from offload.spec import JobSpec, Resources, parse_walltime
 from offload.transports.base import Transport
 
@@ -450,12 +451,11 @@ def _seconds(text: str) -> float | None:
 
 
 def _mb(text: str) -> int:
-    """qhost's memory (``23.5G``, ``512.0M``, ``-``) in MiB."""
-    match = re.fullmatch(r"([\d.]+)([KMGT]?)", text.strip())
-    if not match:
+    """qhost's memory (``23.5G``, ``512.0M``, a bare number of bytes; ``-`` is 0) in MiB."""
+    try:
+        return parse_size(text) // 2**20
+    except ValueError:
         return 0
-    scale = {"": 1 / 2**20, "K": 1 / 1024, "M": 1, "G": 1024, "T": 1024**2}[match[2]]
-    return int(float(match[1]) * scale)
 
 
 def parse_capacities(text: str, resource: str) -> dict[str, int]:
