@@ -18,7 +18,7 @@ class Host:
     async def status(self, ref, refresh):
         return JobStatus(self.state)
 
-    async def finished(self, ref):
+    async def wait(self, ref, states, on_change):
         return JobStatus(JobState.COMPLETED)
 
     async def read(self, path, offset=0, size=None):
@@ -47,9 +47,10 @@ async def test_a_line_without_end_is_handed_on_in_bounded_pieces():
 
 async def test_a_wait_that_times_out_says_the_state_it_saw():
     class Queued(Host):
-        async def finished(self, ref):
+        async def wait(self, ref, states, on_change):
             import asyncio
 
+            on_change(await self.status(ref, False))
             await asyncio.sleep(3600)
 
         async def status(self, ref, refresh):
@@ -78,3 +79,71 @@ async def test_a_follower_far_behind_reads_in_bounded_pieces():
     ]
     assert len(lines) == 3 * READ_CHUNK // len(log)
     assert sizes and all(size == READ_CHUNK for size in sizes)
+
+
+# -- Job.await_state: the one wait for a state, on the poller's rounds -----------------------------------------
+
+
+class Polled(Host):
+    """A real poller over a scheduler that answers ``answers`` one a round (the last one again and again)."""
+
+    interval = 0.01
+
+    def __init__(self, output: bytes, *answers: JobStatus) -> None:
+        from offload.poller import Poller
+
+        super().__init__(output, JobState.UNKNOWN)
+        self.answers, self.polls = list(answers), 0
+        self.poller = Poller(self.poll, self.interval, lambda ref, status: None)
+
+    async def poll(self, refs):
+        self.polls += 1
+        answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        return {ref.id: answer for ref in refs}
+
+    async def status(self, ref, refresh):
+        return await self.poller.status(ref, refresh)
+
+    async def wait(self, ref, states, on_change):
+        return await self.poller.wait(ref, states, on_change)
+
+
+PRIORITY, RESOURCES = JobStatus(JobState.PENDING, "Priority"), JobStatus(JobState.PENDING, "Resources")
+
+
+async def test_await_state_tells_each_change_once_and_costs_no_query_of_its_own():
+    import asyncio
+
+    running = JobStatus(JobState.RUNNING, node="n1")
+    host = Polled(b"", PRIORITY, PRIORITY, RESOURCES, RESOURCES, running)
+    told: list[list[str]] = [[], [], []]
+    waiters = [job(host)._await_state((JobState.RUNNING,), None, seen.append, False) for seen in told]
+    statuses = await asyncio.wait_for(asyncio.gather(*waiters), 5)
+    assert all(status == running for status in statuses)
+    assert [[s.describe() for s in seen] for seen in told] == [["PENDING (Priority)", "PENDING (Resources)",
+                                                               "RUNNING"]] * 3  # fmt: skip
+    assert host.polls <= 6  # one query a round serves the three waiters
+
+
+async def test_await_state_on_another_loop_says_how_a_job_ended_before_the_state():
+    import pytest
+
+    from offload import JobFailedError
+
+    failed = JobStatus(JobState.FAILED, "NonZeroExitCode", exit_code=3)
+    host = Polled(b"starting\nboom\n", RESOURCES, failed)
+    with pytest.raises(JobFailedError, match=r"ended FAILED \(NonZeroExitCode\), exit code 3 before it was RUNNING"
+                       ) as err:  # fmt: skip
+        await job(host).await_state(JobState.RUNNING, timeout=5)
+    assert (err.value.state, err.value.exit_code, err.value.log_tail) == ("FAILED", 3, "starting\nboom")
+    ended = await job(Polled(b"", RESOURCES, failed)).await_state(JobState.RUNNING, or_end=True, timeout=5)
+    assert ended == failed  # or_end: the end is an answer, not an error
+
+
+def test_wait_for_state_that_times_out_names_the_last_state_seen():
+    import pytest
+
+    told = []
+    with pytest.raises(TimeoutError, match=r"did not become RUNNING within 0.3 s: it is PENDING \(Resources\)"):
+        job(Polled(b"", PRIORITY, RESOURCES)).wait_for_state(JobState.RUNNING, timeout=0.3, on_change=told.append)
+    assert told == [PRIORITY, RESOURCES]

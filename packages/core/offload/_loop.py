@@ -63,6 +63,8 @@ def run(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
     try:
         return future.result(timeout)
     except concurrent.futures.TimeoutError:
+        if future.done():  # the coroutine's own TimeoutError (the same class since Python 3.11), with its words
+            raise
         future.cancel()
         raise TimeoutError(f"no result within {timeout} s") from None
     except KeyboardInterrupt:

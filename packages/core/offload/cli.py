@@ -562,22 +562,30 @@ def _show_pending(job: Job) -> None:
     tty = sys.stderr.isatty()
     start = time.monotonic()
     shown = ""
-    status = job.status()
-    while status.state is JobState.PENDING or status.state is JobState.UNKNOWN:
-        text = f"offload: job {job.id} {status.describe()}"
-        if tty:
-            elapsed = int(time.monotonic() - start)
-            click.echo(f"\r{text} [{elapsed // 60}:{elapsed % 60:02d}]\033[K", err=True, nl=False)
-        elif text != shown:
-            click.echo(text, err=True)
-        shown = text
-        time.sleep(job.site.config.poll_interval)
-        status = job.status()
-    if tty and shown:
-        click.echo("", err=True)
-    if not status.state.is_terminal:
-        click.echo(f"offload: job {job.id} {status.describe()}" + (f" on {status.node}" if status.node else ""),
-                   err=True)  # fmt: skip
+
+    def show(status: JobStatus) -> None:
+        nonlocal shown
+        if status.state is JobState.RUNNING:
+            click.echo(("\n" if tty and shown else "") + f"offload: job {job.id} {status.describe()}"
+                       + (f" on {status.node}" if status.node else ""), err=True)  # fmt: skip
+        elif not status.state.is_terminal:
+            text = f"offload: job {job.id} {status.describe()}"
+            if tty:
+                elapsed = int(time.monotonic() - start)
+                click.echo(f"\r{text} [{elapsed // 60}:{elapsed % 60:02d}]\033[K", err=True, nl=False)
+            elif text != shown:
+                click.echo(text, err=True)
+            shown = text
+        elif tty and shown:
+            click.echo("", err=True)
+
+    while True:
+        try:  # on a terminal, each wait of one poll interval starts by showing the state again: the clock moves
+            job.wait_for_state(JobState.RUNNING, or_end=True, on_change=show,
+                               timeout=job.site.config.poll_interval if tty else None)  # fmt: skip
+            return
+        except TimeoutError:
+            continue
 
 
 def _exit_code(job: Job, status: JobStatus) -> int:

@@ -58,7 +58,8 @@ class ImageError(OffloadError):
 
 
 class JobFailedError(OffloadError):
-    """A job ended in a state other than COMPLETED. Carries the job, its exit code and the tail of its log."""
+    """A job ended in a state other than the one wanted (COMPLETED, or the state a caller awaited, e.g. RUNNING).
+    Carries the job, the state it ended in, its exit code and the tail of its log."""
 
     def __init__(self, message: str, *, job_id: str, state: str, exit_code: int | None, log_tail: str = "") -> None:
         super().__init__(message)

@@ -3,7 +3,8 @@
 A Job is a handle: it holds the job's id and where its files are on the site, and asks the site's poller for
 its state. Many Jobs waiting at once cost one scheduler query per poll interval, not one each.
 Every operation has a sync form (the CLI, Airflow) and an async form prefixed with ``a`` (Dask, triggers);
-the async wait is :meth:`Job.finished`.
+the async wait is :meth:`Job.finished`. Whoever waits for a state uses :meth:`Job.await_state` (the poller's
+rounds serve every waiter).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -102,7 +103,11 @@ class JobHost(Protocol):
 
     async def status(self, ref: JobRef, refresh: bool) -> JobStatus: ...
 
-    async def finished(self, ref: JobRef) -> JobStatus: ...
+    async def wait(self, ref: JobRef, states: Collection[JobState],
+                   on_change: Callable[[JobStatus], object] | None) -> JobStatus:  # fmt: skip
+        """Return once the job is in one of ``states`` or has ended, riding the poller's rounds (no query of its
+        own); ``on_change`` is told the first status seen and each that reads differently."""
+        ...
 
     async def cancel(self, refs: list[JobRef]) -> None: ...
 
@@ -118,6 +123,10 @@ class JobHost(Protocol):
         ...
 
     async def download(self, path: str, local: str, progress: Progress | None) -> None: ...
+
+
+_FINAL = tuple(state for state in JobState if state.is_terminal)
+OnChange = Callable[[JobStatus], object]
 
 
 class Job:
@@ -171,25 +180,60 @@ class Job:
         """Block until the job ends. ``check=True`` raises :class:`JobFailedError` unless it COMPLETED."""
         return _loop.run(self._finished(timeout, check))
 
+    async def await_state(self, *states: JobState, timeout: float | None = None, on_change: OnChange | None = None,
+                          or_end: bool = False) -> JobStatus:  # fmt: skip
+        """Wait until the job is in one of ``states`` (e.g. RUNNING) and return its status. Waiters ride the
+        poller's rounds: any number of them cost no scheduler query of their own. ``on_change(status)`` is told
+        the first status seen and then each that reads differently (``PENDING (Priority)``, ``PENDING
+        (Resources)``, ``RUNNING`` on its node), for progress lines; it runs on offload's I/O thread: keep it short.
+
+        A job that ends in another state first raises :class:`JobFailedError` saying the state and reason it
+        ended in, with its log's last lines (``or_end=True``: its final status is returned instead); no such
+        state within ``timeout`` seconds raises :class:`TimeoutError` naming the last state seen."""
+        return await _loop.bridge(self._await_state(states, timeout, on_change, or_end))
+
+    def wait_for_state(self, *states: JobState, timeout: float | None = None, on_change: OnChange | None = None,
+                       or_end: bool = False) -> JobStatus:  # fmt: skip
+        """Sync form of :meth:`await_state`."""
+        return _loop.run(self._await_state(states, timeout, on_change, or_end))
+
     async def _finished(self, timeout: float | None, check: bool) -> JobStatus:
-        try:
-            status = await asyncio.wait_for(self._host.finished(self.ref), timeout)
-        except TimeoutError:
-            try:
-                seen = f": it is {(await self._host.status(self.ref, refresh=False)).describe()}"
-            except OffloadError:
-                seen = ""
-            raise TimeoutError(f"job {self.id} on {self.site.name} did not end within {timeout} s{seen}") from None
+        status = await self._await_state(_FINAL, timeout, None, or_end=True)
         if check and status.state is not JobState.COMPLETED:
-            tail = await self._tail()
-            raise JobFailedError(
-                f"job {self.id} on {self.site.name} ended {status.describe()}. Last lines of its log:\n{tail}",
-                job_id=self.id,
-                state=status.state.value,
-                exit_code=status.exit_code,
-                log_tail=tail,
-            )
+            raise await self._ended_error(status)
         return status
+
+    async def _await_state(self, states: Collection[JobState], timeout: float | None, on_change: OnChange | None,
+                           or_end: bool) -> JobStatus:  # fmt: skip
+        if not states:
+            raise ConfigError("await_state needs the states to wait for, e.g. JobState.RUNNING")
+        seen: list[JobStatus] = []
+
+        def changed(status: JobStatus) -> None:
+            seen[:] = [status]
+            if on_change is not None:
+                on_change(status)
+
+        try:
+            status = await asyncio.wait_for(self._host.wait(self.ref, states, changed), timeout)
+        except TimeoutError:
+            goal = "end" if set(states) <= set(_FINAL) else "become " + " or ".join(s.value for s in states)
+            it_is = f"it is {seen[0].describe()}" if seen else "the site has not said its state yet"
+            raise TimeoutError(f"job {self.id} on {self.site.name} did not {goal} within {timeout} s: {it_is}"
+                               ) from None  # fmt: skip
+        if status.state not in states and not or_end:
+            raise await self._ended_error(status, " before it was " + " or ".join(s.value for s in states))
+        return status
+
+    async def _ended_error(self, status: JobStatus, before: str = "") -> JobFailedError:
+        tail = await self._tail()
+        return JobFailedError(
+            f"job {self.id} on {self.site.name} ended {status.describe()}{before}. Last lines of its log:\n{tail}",
+            job_id=self.id,
+            state=status.state.value,
+            exit_code=status.exit_code,
+            log_tail=tail,
+        )
 
     # -- logs -------------------------------------------------------------------------------------------
 
@@ -279,7 +323,7 @@ class Job:
         offset = 0
         pending = b""
         host = self._host
-        watcher = asyncio.ensure_future(host.finished(self.ref)) if follow else None
+        watcher = asyncio.ensure_future(host.wait(self.ref, _FINAL, None)) if follow else None
         try:
             while True:
                 ended = watcher is None or watcher.done()

@@ -21,7 +21,7 @@ import contextlib
 import logging
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Collection, Coroutine
 from typing import Any
 
 from offload.errors import OffloadError
@@ -106,14 +106,22 @@ class Poller:
             raise upcoming.error
         return self._status.get(ref.id, _unseen())
 
-    async def wait(self, ref: JobRef) -> JobStatus:
-        """Return once the job is in a terminal state (through any number of failed queries)."""
+    async def wait(self, ref: JobRef, states: Collection[JobState] = (),
+                   on_change: Callable[[JobStatus], Any] | None = None) -> JobStatus:  # fmt: skip
+        """Return once the job is in one of ``states`` or in a terminal state (through any number of failed
+        queries), riding the rounds: however many wait, a round's one query answers them all. ``on_change`` is
+        told the first status seen and then each that reads differently (state, reason, node)."""
         self._watchers[ref.id] += 1
+        told: tuple[str, str] | None = None
         try:
             while True:
                 current = self._status.get(ref.id)
-                if current is not None and current.state.is_terminal:
-                    return current
+                if current is not None:
+                    if on_change is not None and (current.describe(), current.node) != told:
+                        told = (current.describe(), current.node)
+                        on_change(current)
+                    if current.state in states or current.state.is_terminal:
+                        return current
                 self._track(ref)
                 await self.next_poll(ref)
         finally:

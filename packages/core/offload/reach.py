@@ -165,10 +165,7 @@ class Relays:
     async def _serve_until_end(self, ref: JobRef, targets: list[tuple[str, int]]) -> None:
         site, restarts = self._site, _RESTARTS.start()
         while True:
-            status = await site._poller.status(ref, refresh=False)
-            while status.state in (JobState.PENDING, JobState.UNKNOWN):
-                await site._poller.next_poll(ref)
-                status = await site._poller.status(ref, refresh=False)
+            status = await site._poller.wait(ref, (JobState.RUNNING,))
             if status.state.is_terminal:
                 return
             node = site._scheduler.first_host(status.node)

@@ -22,7 +22,7 @@ import sqlite3
 import sys
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import TypeVar
 
 from offload import _loop, reach_targets, submit
@@ -585,8 +585,9 @@ class _JobHost:
     async def status(self, ref: JobRef, refresh: bool) -> JobStatus:
         return await self._site._poller.status(ref, refresh=refresh)
 
-    async def finished(self, ref: JobRef) -> JobStatus:
-        return await self._site._poller.wait(ref)
+    async def wait(self, ref: JobRef, states: Collection[JobState],
+                   on_change: Callable[[JobStatus], object] | None) -> JobStatus:  # fmt: skip
+        return await self._site._poller.wait(ref, states, on_change)
 
     async def cancel(self, refs: list[JobRef]) -> None:
         await self._site._cancel(refs)

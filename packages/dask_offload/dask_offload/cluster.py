@@ -294,16 +294,17 @@ class SiteScheduler(ProcessInterface):
 
     async def _scheduler_info(self) -> dict[str, Any]:
         assert self.job is not None
-        shown = ""
-        async for line in self.job.alogs(follow=True, interval=0.1):
+        job = self.job
+
+        def show(status: offload.JobStatus) -> None:
+            log.info("scheduler job %s: %s", job.id, status.describe())
+
+        await job.await_state(offload.JobState.RUNNING, or_end=True, on_change=show)
+        async for line in job.alogs(follow=True, interval=0.1):
             if line.startswith(f"{launcher.MARK}_SCHEDULER "):
                 return json.loads(line.split(" ", 1)[1])
             if line.startswith(f"{launcher.MARK}_MISMATCH "):
                 raise VersionMismatchError(describe_mismatch(json.loads(line.split(" ", 1)[1])))
-            status = await self.job.astatus(refresh=False)
-            if status.state is not offload.JobState.RUNNING and status.describe() != shown:
-                shown = status.describe()
-                log.info("scheduler job %s: %s", self.job.id, shown)
         status = await self.job.astatus()
         tail = await self.job.atail()
         raise RuntimeError(f"the scheduler job {self.job.id} ended {status.describe()} before it started:\n{tail}")
@@ -341,10 +342,7 @@ class WorkerJob(ProcessInterface):
 
     async def _watch(self) -> None:
         assert self.job is not None
-        status = await self.job.astatus(refresh=False)
-        while status.state in (offload.JobState.PENDING, offload.JobState.UNKNOWN):
-            await asyncio.sleep(self.shared.site.config.poll_interval)
-            status = await self.job.astatus(refresh=False)
+        await self.job.await_state(offload.JobState.RUNNING, or_end=True)
         # "keeps failing as it starts" counts from its start, not its submission: a queue wait is not a failure
         self._started = time.monotonic()
         status = await self.job.finished()
