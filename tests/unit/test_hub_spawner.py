@@ -119,6 +119,24 @@ async def test_a_job_left_from_a_spawn_the_hub_lost_is_cancelled_before_the_next
         await site.acancel([lost, other])
 
 
+async def test_start_tells_the_jobs_states_and_returns_once_the_server_reported_its_port(local, tmp_path):
+    import sys
+
+    config = hub_config(tmp_path, f"""
+c.Spawner.cmd = [{sys.executable!r}, "-c", "import time; time.sleep(60)"]
+""")  # fmt: skip
+    s = spawner(config=config)
+    s.user_options = {}
+    try:
+        host, port = await asyncio.wait_for(s.start(), 60)
+        assert host == "127.0.0.1" and port == s.local_port and s.remote_port
+        states = [news for news in s._news if news.startswith(f"Job {s.job.id}: ")]
+        assert states[-1].startswith(f"Job {s.job.id}: RUNNING") and len(set(states)) == len(states)
+        assert s._news[-1].startswith("Server starting on")
+    finally:
+        await s.stop()
+
+
 # -- the hub's own settings ---------------------------------------------------------------------------------------
 
 

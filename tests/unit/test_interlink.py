@@ -611,6 +611,18 @@ async def test_a_followed_silent_container_gets_no_keepalive_bytes(site, monkeyp
         assert await reply.text() == "one\ntwo\n"  # kubectl logs -f shows every byte interLink forwards
 
 
+async def test_a_followed_log_ends_at_its_byte_limit_while_the_container_goes_on(site):
+    async with TestClient(TestServer(PodServer(site).app())) as client:
+        p = pod([sh("main", "echo 0123456789; sleep 30")], automount=False)
+        await client.post("/create", json=data(p))
+        await _until(client, p, "running")
+        body = {"PodUID": p["metadata"]["uid"], "PodName": "p", "Namespace": "default", "ContainerName": "main",
+                "Opts": {"Follow": True, "LimitBytes": 4}}  # fmt: skip
+        reply = await asyncio.wait_for(client.get("/getLogs", json=body), 10)
+        assert await asyncio.wait_for(reply.text(), 10) == "0123"  # not held open until the container ends
+        await client.post("/delete", json=p)
+
+
 async def test_requests_a_web_page_could_send_are_refused(site, tmp_path):
     p = pod([sh("main", "true")], automount=False)
     async with TestClient(TestServer(PodServer(site).app())) as client:

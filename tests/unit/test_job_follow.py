@@ -81,6 +81,103 @@ async def test_a_follower_far_behind_reads_in_bounded_pieces():
     assert sizes and all(size == READ_CHUNK for size in sizes)
 
 
+# -- Job.afollow: the one follower of a file the job writes ----------------------------------------------------
+
+
+async def test_a_follower_reads_once_more_after_the_end_so_the_last_words_arrive():
+    import asyncio
+
+    class Ending(Host):
+        async def wait(self, ref, states, on_change):
+            await asyncio.sleep(0.3)
+            self.output += b"last words\n"  # written as the job ends: the follower has seen the file quiet
+            return JobStatus(JobState.COMPLETED)
+
+    host = Ending(b"first\n", JobState.RUNNING)
+    got = [chunk async for chunk in job(host).afollow(interval=0.02)]
+    assert b"".join(got) == b"first\nlast words\n"
+    assert host.reads > 3  # it did wait for the end, reading a quiet file at its pace
+
+
+def test_a_follower_from_an_offset_reads_in_bounded_pieces():
+    from offload.jobs import READ_CHUNK
+
+    sizes = []
+
+    class Recording(Host):
+        async def read(self, path, offset=0, size=None):
+            sizes.append(size)
+            return await super().read(path, offset, size)
+
+    output = bytes(range(256)) * (2 * READ_CHUNK // 256 + 7)
+    got = list(job(Recording(output, JobState.COMPLETED)).follow(offset=1000))  # the sync form
+    assert b"".join(got) == output[1000:]
+    assert all(len(chunk) <= READ_CHUNK for chunk in got) and set(sizes) == {READ_CHUNK}
+
+
+async def test_a_callers_predicate_ends_a_follower_of_a_job_that_goes_on():
+    """interLink's /getLogs follows one container of a pod's job: the container's exit ends it, not the job's."""
+    import asyncio
+
+    class Forever(Host):
+        async def wait(self, ref, states, on_change):
+            await asyncio.sleep(3600)
+
+    host = Forever(b"one\n", JobState.RUNNING)
+    asked = []
+
+    async def container_ended() -> bool:
+        asked.append(True)
+        if len(asked) < 3:
+            return False
+        host.output += b"two\n"  # its last line lands as its exit is recorded
+        return True
+
+    follower = job(host).afollow("c.log", until=container_ended, interval=0.02)
+    got = await asyncio.wait_for(_collect(follower), 5)
+    assert got == b"one\ntwo\n" and len(asked) == 3
+
+
+async def _collect(chunks) -> bytes:
+    return b"".join([chunk async for chunk in chunks])
+
+
+async def test_a_follower_reads_again_after_failures_its_retry_policy_allows():
+    import pytest
+
+    from offload import RetryPolicy, SiteNotAnswering
+
+    class Flaky(Host):
+        def __init__(self) -> None:
+            super().__init__(b"out\n", JobState.COMPLETED)
+            self.failures = 2
+
+        async def read(self, path, offset=0, size=None):
+            if self.failures:
+                self.failures -= 1
+                raise SiteNotAnswering("cat did not answer within 45 s")
+            return await super().read(path, offset, size)
+
+    told = []
+    policy = RetryPolicy(first=0.01, cap=0.01, attempts=3)
+    got = [c async for c in job(Flaky()).afollow(retry=policy, on_retry=lambda exc, pause: told.append(str(exc)))]
+    assert got == [b"out\n"] and told == ["cat did not answer within 45 s"] * 2
+    spent = RetryPolicy(first=0.01, cap=0.01, attempts=2)
+    for options in ({}, {"retry": policy, "retry_if": lambda exc: False}, {"retry": spent}):
+        with pytest.raises(SiteNotAnswering):  # no policy, an error it does not take, or its tries spent
+            [c async for c in job(Flaky()).afollow(**options)]
+
+
+def test_a_follower_follows_only_plain_files_of_the_jobs_directory():
+    import pytest
+
+    from offload import ConfigError
+
+    for name in ("../x", "exitcode", ""):
+        with pytest.raises(ConfigError):
+            job(Host(b"", JobState.RUNNING)).follow(name)
+
+
 # -- Job.await_state: the one wait for a state, on the poller's rounds -----------------------------------------
 
 

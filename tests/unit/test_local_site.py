@@ -63,6 +63,18 @@ def test_follow_streams_until_the_end(site):
     assert job.state is JobState.COMPLETED
 
 
+def test_a_file_the_job_writes_later_is_followed_once_it_runs(site):
+    """What Jupyter and a Dask scheduler do: wait until the job runs, then for the address it writes."""
+    code = 'sleep 0.5; echo "127.0.0.1:8786" > "$OFFLOAD_JOB_DIR/addr.tmp"; mv "$OFFLOAD_JOB_DIR/addr.tmp" ' \
+           '"$OFFLOAD_JOB_DIR/addr"; sleep 1'  # fmt: skip
+    job = site.submit(JobSpec(["sh", "-c", code]))
+    told = []
+    assert job.wait_for_state(JobState.RUNNING, timeout=30, on_change=told.append).state is JobState.RUNNING
+    assert told[-1].state is JobState.RUNNING and len({s.describe() for s in told}) == len(told)
+    assert next(job.follow("addr", interval=0.1)) == b"127.0.0.1:8786\n"
+    assert b"".join(job.follow("addr", offset=10)) == b"8786\n"  # to the job's end, from an offset
+
+
 def test_cancel_stops_the_whole_process_group(site, tmp_path):
     marker = tmp_path / "survived"
     job = site.submit(JobSpec(["sh", "-c", f"sleep 3; touch {shlex.quote(str(marker))}"]))

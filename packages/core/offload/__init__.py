@@ -31,7 +31,7 @@ from offload.retry import Retry, RetryPolicy
 from offload.runtimes.base import ContainerCommand, Runtime
 from offload.schedulers.base import NodeResources, Scheduler
 from offload.script import BatchScript
-from offload.site import Forward, Site, load_site
+from offload.site import Forward, Site, load_site, shared_site
 from offload.sizes import format_size, parse_size
 from offload.spec import ENV_NAME, JobSpec, Mount, Resources, archive
 
@@ -81,4 +81,5 @@ __all__ = [
     "parse_size",
     "profile_from_table",
     "run_checks",
+    "shared_site",
 ]

@@ -15,8 +15,9 @@ import concurrent.futures
 import contextlib
 import logging
 import os
+import queue as _queue
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -87,6 +88,53 @@ async def bridge(coro: Coroutine[Any, Any, T]) -> T:
 def spawn(coro: Coroutine[Any, Any, Any]) -> concurrent.futures.Future[Any]:
     """Start ``coro`` on the private loop without waiting for it."""
     return asyncio.run_coroutine_threadsafe(coro, loop())
+
+
+async def _pump(items: AsyncIterator[T], put: Callable[[tuple[bool, Any]], object]) -> None:
+    """Run ``items`` here, on the private loop, handing each on with ``put((True, item))``; then its end
+    ``(False, None)`` or its error ``(False, exc)``, which the consumer raises."""
+    try:
+        async for item in items:
+            put((True, item))
+        put((False, None))
+    except BaseException as exc:
+        put((False, exc))
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+
+
+async def aiterate(items: AsyncIterator[T]) -> AsyncIterator[T]:
+    """Iterate ``items``, an async iterator whose I/O belongs on the private loop, from any loop (directly when
+    already on it): the iterator form of :func:`bridge`. Leaving the loop early stops ``items``."""
+    if on_private_loop():
+        async for item in items:
+            yield item
+        return
+    caller = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[bool, Any]] = asyncio.Queue()
+    future = spawn(_pump(items, lambda item: caller.call_soon_threadsafe(queue.put_nowait, item)))
+    try:
+        while (item := await queue.get())[0]:
+            yield item[1]
+        if item[1] is not None:
+            raise item[1]
+    finally:
+        future.cancel()
+
+
+def iterate(items: AsyncIterator[T]) -> Iterator[T]:
+    """Iterate ``items`` (run on the private loop) from synchronous code: the iterator form of :func:`run`."""
+    if on_private_loop():
+        raise RuntimeError("offload's sync API was called from its own I/O thread; use the async variant")
+    queue: _queue.Queue[tuple[bool, Any]] = _queue.Queue()
+    future = spawn(_pump(items, queue.put))
+    try:
+        while (item := queue.get())[0]:
+            yield item[1]
+        if item[1] is not None:
+            raise item[1]
+    finally:
+        future.cancel()
 
 
 _kept: set[asyncio.Task[Any]] = set()

@@ -3,8 +3,9 @@
 A Job is a handle: it holds the job's id and where its files are on the site, and asks the site's poller for
 its state. Many Jobs waiting at once cost one scheduler query per poll interval, not one each.
 Every operation has a sync form (the CLI, Airflow) and an async form prefixed with ``a`` (Dask, triggers);
-the async wait is :meth:`Job.finished`. Whoever waits for a state uses :meth:`Job.await_state` (the poller's
-rounds serve every waiter).
+the async wait is :meth:`Job.finished`. Whoever waits for a state (:meth:`Job.await_state`) or follows a file
+the job writes (:meth:`Job.afollow`: its output, a server's address file, a container's log) uses the one loop
+here for it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import os
-from collections.abc import AsyncIterator, Callable, Collection, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -24,6 +25,7 @@ MAX_LINE = 1 << 20  # bytes: a longer line (no newline yet) is handed on in piec
 READ_CHUNK = 4 << 20  # bytes a log follower reads at once: memory stays bounded however far behind it starts
 
 if TYPE_CHECKING:
+    from offload.retry import RetryPolicy
     from offload.site import Site
     from offload.spec import JobSpec
     from offload.transports.base import Progress
@@ -127,6 +129,9 @@ class JobHost(Protocol):
 
 _FINAL = tuple(state for state in JobState if state.is_terminal)
 OnChange = Callable[[JobStatus], object]
+Until = Callable[[], Awaitable[bool]]
+RetryIf = Callable[[Exception], bool]
+OnRetry = Callable[[Exception, float], object]
 
 
 class Job:
@@ -267,86 +272,93 @@ class Job:
         """Sync form of :meth:`aoutput`."""
         return _loop.run(self._host.read(self.ref.output_path, offset))
 
-    async def alogs(self, follow: bool = False, interval: float | None = None) -> AsyncIterator[str]:
+    def alogs(self, follow: bool = False, interval: float | None = None) -> AsyncIterator[str]:
         """The job's output line by line; with ``follow``, until the job ends (like ``tail -f``).
 
         A follower reads new output every ``interval`` seconds (default: the site's poll interval)."""
-        queue: asyncio.Queue[str | BaseException | None] = asyncio.Queue()
-        caller = asyncio.get_running_loop()
-
-        async def pump() -> None:
-            try:
-                async for line in self._read_lines(follow, interval):
-                    caller.call_soon_threadsafe(queue.put_nowait, line)
-                caller.call_soon_threadsafe(queue.put_nowait, None)
-            except BaseException as exc:  # handed to the consumer, re-raised there
-                caller.call_soon_threadsafe(queue.put_nowait, exc)
-
-        if _loop.on_private_loop():
-            async for line in self._read_lines(follow, interval):
-                yield line
-            return
-        future = _loop.spawn(pump())
-        try:
-            while (item := await queue.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            future.cancel()
+        return _loop.aiterate(self._read_lines(follow, interval))
 
     def logs(self, follow: bool = False, interval: float | None = None) -> Iterator[str]:
         """The job's output line by line; with ``follow``, streams until the job ends (new output is looked
         for every ``interval`` seconds, by default the site's poll interval)."""
-        import queue as sync_queue
-
-        lines: sync_queue.Queue[str | BaseException | None] = sync_queue.Queue()
-
-        async def pump() -> None:
-            try:
-                async for line in self._read_lines(follow, interval):
-                    lines.put(line)
-                lines.put(None)
-            except BaseException as exc:
-                lines.put(exc)
-
-        future = _loop.spawn(pump())
-        try:
-            while (item := lines.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            future.cancel()
+        return _loop.iterate(self._read_lines(follow, interval))
 
     async def _read_lines(self, follow: bool, interval: float | None = None) -> AsyncIterator[str]:
-        offset = 0
         pending = b""
+        async for chunk in self._follow(self.ref.output_path, follow=follow, interval=interval):
+            pending += chunk
+            *complete, pending = pending.split(b"\n")
+            for raw in complete:
+                for start in range(0, max(len(raw), 1), MAX_LINE):
+                    yield raw[start : start + MAX_LINE].decode("utf-8", "replace")
+            while len(pending) > MAX_LINE:  # a progress bar redrawn with \r for hours: bounded memory
+                yield pending[:MAX_LINE].decode("utf-8", "replace")
+                pending = pending[MAX_LINE:]
+        if pending:
+            yield pending.decode("utf-8", "replace")
+
+    def afollow(self, name: str | None = None, offset: int = 0, *, until: Until | None = None,
+                interval: float | None = None, retry: RetryPolicy | None = None,
+                retry_if: RetryIf | None = None,
+                on_retry: OnRetry | None = None) -> AsyncIterator[bytes]:  # fmt: skip
+        """What is written to the file ``name`` of the job's directory (default: the job's output, stdout and
+        stderr together) from byte ``offset`` on, as it comes (``tail -c +N -f``), in pieces of at most
+        ``READ_CHUNK`` bytes however far behind it starts. It ends when the job ends, or when ``await until()``
+        says the file is done (asked while it is quiet: a container's exit, a deadline), after one more read,
+        so nothing written last is lost. A caller keeps its place by counting what it got.
+
+        New bytes are looked for every ``interval`` seconds (default: the site's poll interval; no faster than
+        that while the job queues). A read that fails raises, unless ``retry`` (a :class:`RetryPolicy`) reads
+        again: errors ``retry_if`` accepts (default: all), after ``on_retry(exc, pause)``; every read that works
+        starts the policy afresh. ``until`` and ``on_retry`` run on offload's I/O loop."""
+        path = self._file(name)
+        return _loop.aiterate(self._follow(path, offset, until=until, interval=interval, retry=retry,
+                                           retry_if=retry_if, on_retry=on_retry))  # fmt: skip
+
+    def follow(self, name: str | None = None, offset: int = 0, *, until: Until | None = None,
+               interval: float | None = None, retry: RetryPolicy | None = None,
+               retry_if: RetryIf | None = None,
+               on_retry: OnRetry | None = None) -> Iterator[bytes]:  # fmt: skip
+        """Sync form of :meth:`afollow` (``until`` is a coroutine function still: it runs on offload's loop)."""
+        path = self._file(name)
+        return _loop.iterate(self._follow(path, offset, until=until, interval=interval, retry=retry,
+                                          retry_if=retry_if, on_retry=on_retry))  # fmt: skip
+
+    async def _follow(self, path: str, offset: int = 0, *, follow: bool = True, until: Until | None = None,
+                      interval: float | None = None, retry: RetryPolicy | None = None,
+                      retry_if: RetryIf | None = None,
+                      on_retry: OnRetry | None = None) -> AsyncIterator[bytes]:  # fmt: skip
+        """The one loop that follows a file of a job (see :meth:`afollow`); without ``follow``, what is there."""
         host = self._host
         watcher = asyncio.ensure_future(host.wait(self.ref, _FINAL, None)) if follow else None
+        tries = retry.start() if retry is not None else None
+        done = False  # until() said so: one more read, then the end
         try:
             while True:
-                ended = watcher is None or watcher.done()
-                chunk = await host.read(self.ref.output_path, offset, READ_CHUNK)  # a 300 MiB log: in pieces
-                offset += len(chunk)
-                pending += chunk
-                *complete, pending = pending.split(b"\n")
-                for raw in complete:
-                    for start in range(0, max(len(raw), 1), MAX_LINE):
-                        yield raw[start : start + MAX_LINE].decode("utf-8", "replace")
-                while len(pending) > MAX_LINE:  # a progress bar redrawn with \r for hours: bounded memory
-                    yield pending[:MAX_LINE].decode("utf-8", "replace")
-                    pending = pending[MAX_LINE:]
-                if ended and not chunk:
-                    break
-                if not chunk:
+                ended = done or watcher is None or watcher.done()
+                try:
+                    chunk = await host.read(path, offset, READ_CHUNK)  # a 300 MiB log: in pieces
+                    done = done or (not chunk and not ended and until is not None and await until())
+                except OffloadError as exc:
+                    if tries is None or (retry_if is not None and not retry_if(exc)) or tries.failed() is None:
+                        raise
+                    if on_retry is not None:
+                        on_retry(exc, tries.next_pause)
+                    await tries.wait()
+                    continue
+                if tries is not None:
+                    tries.reset()
+                if chunk:
+                    offset += len(chunk)
+                    yield chunk
+                elif ended:
+                    return
+                elif not done:
                     assert watcher is not None
                     await asyncio.wait({watcher}, timeout=await self._pause(interval))
         finally:
             if watcher is not None:
                 watcher.cancel()
-        if pending:
-            yield pending.decode("utf-8", "replace")
 
     async def _pause(self, interval: float | None) -> float:
         """How long a follower waits before it reads again: ``interval`` while the job runs, but no faster than
@@ -362,6 +374,9 @@ class Job:
         return slow if seen.state in (JobState.PENDING, JobState.UNKNOWN) else interval
 
     # -- files in the job's directory -------------------------------------------------------------------
+
+    def _file(self, name: str | None) -> str:
+        return self.ref.output_path if name is None else self._path(name)
 
     def _path(self, name: str) -> str:
         if not name or "/" in name or name in (".", "..") or name in RESERVED_FILES:

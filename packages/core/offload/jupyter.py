@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from offload.errors import JobFailedError, OffloadError
-from offload.jobs import Job, JobState
+from offload.jobs import Job, JobState, JobStatus
 from offload.records import default_path, write_private
 from offload.site import Forward, Site
 from offload.spec import JobSpec, Mount, Resources
@@ -157,24 +157,28 @@ def connect(job: Job, token: str, progress: Callable[[str], None] = lambda text:
             timeout: float = 3600) -> Session:  # fmt: skip
     """Wait for the job to report its port, forward it, and wait until the server answers."""
     deadline = time.monotonic() + timeout
-    shown = ""
-    info = None
-    while info is None:
-        status = job.status()
-        if status.state.is_terminal:
-            raise JobFailedError(f"the Jupyter job {job.id} ended {status.describe()}:\n{job.tail()}",
-                                 job_id=job.id, state=status.state.value, exit_code=status.exit_code,
-                                 log_tail=job.tail())  # fmt: skip
-        if status.describe() != shown:
-            shown = status.describe()
-            progress(f"job {job.id} {shown}" + (f" on {status.node}" if status.node else ""))
-        raw = job.get("jupyter.json") if status.state is JobState.RUNNING else b""
-        if raw:
-            info = json.loads(raw)
-            break
-        if time.monotonic() > deadline:
-            raise OffloadError(f"the Jupyter job {job.id} did not start within {timeout:.0f} s")
-        time.sleep(min(1.0, job.site.config.poll_interval))
+
+    def show(status: JobStatus) -> None:
+        progress(f"job {job.id} {status.describe()}" + (f" on {status.node}" if status.node else ""))
+
+    async def too_late() -> bool:
+        return time.monotonic() > deadline
+
+    try:
+        job.wait_for_state(JobState.RUNNING, timeout=timeout, on_change=show)
+    except TimeoutError as exc:
+        raise OffloadError(f"the Jupyter job did not start: {exc}") from None
+    # the launcher writes its port once (a rename) when the server starts
+    raw = next(job.follow("jupyter.json", until=too_late, interval=min(1.0, job.site.config.poll_interval)), b"")
+    if not raw:
+        status = job.status(refresh=False)
+        if not status.state.is_terminal:
+            raise OffloadError(f"the Jupyter job {job.id} did not start within {timeout:.0f} s: it is "
+                               f"{status.describe()}")  # fmt: skip
+        tail = job.tail()
+        raise JobFailedError(f"the Jupyter job {job.id} ended {status.describe()}:\n{tail}", job_id=job.id,
+                             state=status.state.value, exit_code=status.exit_code, log_tail=tail)  # fmt: skip
+    info = json.loads(raw)
     progress(f"JupyterLab starting on {info['host']}")
     forward = job.site.forward_job(job, int(info["port"]))
     base = f"http://127.0.0.1:{forward.local_port}"

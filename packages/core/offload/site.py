@@ -20,6 +20,7 @@ import secrets as _secrets
 import shlex
 import sqlite3
 import sys
+import threading
 import time
 import weakref
 from collections.abc import Callable, Collection, Sequence
@@ -76,6 +77,7 @@ class Site:
         self._relays_needed = not self._scheduler.runs_on_client
         self._workdir: str | None = None
         self._job_host = _JobHost(self)
+        self._closed = False
         self._start()
         _every_site.add(self)
 
@@ -559,17 +561,19 @@ class Site:
     # -- lifetime ---------------------------------------------------------------------------------------
 
     async def _close(self) -> None:
+        self._closed = True
         await self._relays.close()
         await self._transport.close()
 
     async def aclose(self) -> None:
+        _SITES.forget(self)
         await _loop.bridge(self._close())
-        _forget(self)
 
     def close(self) -> None:
-        """Close the site's connection (jobs keep running on the site; their reach relays stop)."""
+        """Close the site's connection (jobs keep running on the site; their reach relays stop). A shared site
+        (:func:`load_site`) is not handed out again: the next call makes a new one."""
+        _SITES.forget(self)
         _loop.run(self._close())
-        _forget(self)
 
 
 class _JobHost:
@@ -627,36 +631,71 @@ def _job_key(spec: JobSpec) -> str:
     return f"{spec.name or 'job'}-{time.strftime('%Y%m%d-%H%M%S')}-{_secrets.token_hex(8)}"
 
 
-_sites: dict[str, Site] = {}
+class _SiteCache:
+    """The process's shared sites, one per config: what :func:`load_site` and :func:`shared_site` hand out to the
+    CLI and every adapter (a hub's accounts, an Airflow worker's connections and triggers, Dask clusters), so
+    one process keeps one connection and one poller per site and account, and closes them all at exit.
+
+    A config is looked up by its values: the same profile gives the same Site; a changed profile (or another
+    account on the same site) a new one, while the old one keeps serving whoever holds it until exit. A closed
+    site is forgotten, never handed out again.
+    """
+
+    def __init__(self) -> None:
+        self._sites: list[Site] = []  # few: one per config seen (SiteConfig holds dicts: no hash)
+        self._lock = threading.Lock()  # sync callers come from any thread (Airflow, Dask, the CLI)
+
+    def get(self, config: SiteConfig) -> Site:
+        with self._lock:
+            for site in self._sites:
+                if site.config == config and not site._closed:
+                    return site
+            site = Site(config)
+            self._sites.append(site)
+            return site
+
+    def forget(self, site: Site) -> None:
+        with self._lock:
+            self._sites = [s for s in self._sites if s is not site]
+
+    async def close_all(self) -> None:
+        """The exit hook (on offload's I/O loop, when it still runs; a loop that is gone left nothing to close):
+        close every site this cache made, together. The interpreter is leaving: a site that fails to close is
+        logged, never raised, and never keeps the others open."""
+        with self._lock:
+            sites, self._sites = self._sites, []
+        results = await asyncio.gather(*(site._close() for site in sites), return_exceptions=True)
+        for site, result in zip(sites, results, strict=True):
+            if isinstance(result, BaseException):
+                log.debug("closing site %s at exit: %r", site.name, result)
+
+    def after_fork(self) -> None:
+        self._lock = threading.Lock()  # a lock held by another thread at fork() stays held in the child
+
+
+_SITES = _SiteCache()
 _every_site: weakref.WeakSet[Site] = weakref.WeakSet()
 
 
 def _reset_after_fork() -> None:
+    _SITES.after_fork()
     for site in list(_every_site):
         site._after_fork()
 
 
 _loop.at_fork(_reset_after_fork)
+_loop.at_exit(_SITES.close_all)
 
 
-async def _close_all() -> None:
-    for site in list(_sites.values()):
-        await site._close()
-
-
-_loop.at_exit(_close_all)
-
-
-def _forget(site: Site) -> None:
-    if _sites.get(site.name) is site:
-        del _sites[site.name]
+def shared_site(config: SiteConfig) -> Site:
+    """The process's one :class:`Site` for ``config`` (a profile, or one a caller built: an Airflow connection, a
+    hub account's user and key): the same config gives the same Site, so its users share one connection and one
+    poller. Every shared site is closed when the interpreter exits."""
+    return _SITES.get(config)
 
 
 def load_site(name: str | None = None) -> Site:
     """The site called ``name`` from the site profiles (None: ``$OFFLOAD_SITE``, the file's default, else
-    the built-in ``local`` site). Sites are shared per process, so they share one connection."""
-    config = load_profiles().get(name)
-    site = _sites.get(config.name)
-    if site is None or site.config != config:
-        site = _sites[config.name] = Site(config)
-    return site
+    the built-in ``local`` site). Sites are shared per process (:func:`shared_site`), so they share one
+    connection; the profile is read at each call, and a changed one gives a new Site."""
+    return _SITES.get(load_profiles().get(name))

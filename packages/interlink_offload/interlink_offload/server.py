@@ -466,7 +466,7 @@ class PodServer:
             if not opts.get("Follow"):  # read only what is shown: `kubectl logs --tail=1` of a 300 MiB log
                 shown = await _read_shown(job, name, tail, limit)
                 return web.Response(body=shown, content_type="text/plain", charset="utf-8")
-            data = await job.aget(name)
+            data = await job.aget(name) if tail else b""  # else all of it comes through the follower, in pieces
         except offload.ConfigError as exc:
             raise BadRequest(400, str(exc)) from None
         shown = _tail(data, tail)
@@ -480,39 +480,29 @@ class PodServer:
         response.content_type = "text/plain"
         await response.prepare(request)
         await response.write(shown)
-        sent, offset = len(shown), len(data)
+        sent = len(shown)
+
+        def gone() -> bool:
+            return request.transport is None or request.transport.is_closing()  # kubectl (hence interLink) left
+
+        async def done() -> bool:  # asked while the log is quiet; the follower then reads once more
+            return gone() or await self._container_ended(job, container)
+
         interval = min(2.0, self.site.config.poll_interval)
-        ended = False
         # a read that fails is tried again at the same pace while the site was quiet for less than retry_within
-        quiet = offload.RetryPolicy(first=interval, factor=1.0, cap=interval, jitter=0.0,
-                                    within=self.retry_within).start()  # fmt: skip
-        while not (limit and sent >= limit):
-            if request.transport is None or request.transport.is_closing():
-                break  # kubectl (hence interLink) went away
-            try:
-                chunk = await job.aget(name, offset)
-                if not chunk and not ended:
-                    # asked only while the container is quiet; then one more read, for what it wrote last
-                    ended = await self._container_ended(job, container)
-                    if ended:
-                        continue
-            except offload.OffloadError as exc:
-                if not transient(exc) or quiet.failed() is None:
-                    log.warning("following %s of pod %s ended: %s", container, uid, exc)
-                    break
-                await quiet.wait()
-                continue
-            quiet.reset()
-            offset += len(chunk)
-            if limit:
-                chunk = chunk[: limit - sent]
-            if chunk:
-                await response.write(chunk)
-                sent += len(chunk)
-                continue
-            if ended:  # ended before the read above: that read had its last words
-                break
-            await asyncio.sleep(interval)
+        quiet = offload.RetryPolicy(first=interval, factor=1.0, cap=interval, jitter=0.0, within=self.retry_within)
+        follower = job.afollow(name, len(data), until=done, interval=interval, retry=quiet, retry_if=transient)
+        try:
+            async with contextlib.aclosing(follower):
+                while not (limit and sent >= limit) and not gone():
+                    chunk = await anext(follower, b"")  # never empty until the end
+                    if not chunk:
+                        break
+                    chunk = chunk[: limit - sent] if limit else chunk
+                    await response.write(chunk)
+                    sent += len(chunk)
+        except offload.OffloadError as exc:
+            log.warning("following %s of pod %s ended: %s", container, uid, exc)
         await response.write_eof()
         return response
 

@@ -101,23 +101,17 @@ PENDING_WORDS = {
     "BeginTime": "waiting for its start time",
 }
 
-_sites: dict[tuple[str, str | None, str | None], offload.Site] = {}
-
 
 def site_for(name: str | None, user: str | None, identity: str | None) -> offload.Site:
     """One :class:`offload.Site` (one SSH connection, one poller) per site and account, for every hub user
-    mapped to that account."""
-    key = (name or "", user, identity)
-    site = _sites.get(key)
-    if site is None:
-        config = offload.load_profiles().get(name)
-        changes: dict[str, Any] = {}
-        if user:
-            changes["user"] = user
-        if identity:
-            changes["identity_files"] = (identity,)
-        site = _sites[key] = offload.Site(config.with_overrides(**changes) if changes else config)
-    return site
+    mapped to that account: offload's shared site for the profile with the account's user and key."""
+    config = offload.load_profiles().get(name)
+    changes: dict[str, Any] = {}
+    if user:
+        changes["user"] = user
+    if identity:
+        changes["identity_files"] = (identity,)
+    return offload.shared_site(config.with_overrides(**changes) if changes else config)
 
 
 class OffloadSpawner(Spawner):

@@ -38,7 +38,6 @@ _REFUSED = {
 _SSH_PROVIDER_EXTRAS = {"timeout", "conn_timeout", "cmd_timeout", "compress", "no_host_key_check",
                         "allow_host_key_change", "look_for_keys", "disabled_algorithms", "ciphers"}  # fmt: skip
 _HOST_KEY = re.compile(r"^(ssh-(ed25519|rsa|dss)|ecdsa-sha2-nistp(256|384|521)|sk-\S+) [A-Za-z0-9+/]+={0,3}$")
-_sites: dict[str, offload.Site] = {}
 
 
 class OffloadHook(BaseHook):
@@ -47,7 +46,8 @@ class OffloadHook(BaseHook):
     profile key) or ``site`` (a profile of the offload config file), or both (the profile, with the
     connection's credentials). Neither: ``$OFFLOAD_SITE``, the config's default, else the ``local`` site.
 
-    Sites are shared per process, so the tasks and triggers of one process reuse one SSH connection.
+    Sites are shared per process (``offload.shared_site``), so the tasks and triggers of one process reuse one SSH
+    connection, closed when the process exits.
     """
 
     conn_name_attr = "offload_conn_id"
@@ -64,14 +64,14 @@ class OffloadHook(BaseHook):
         if self.offload_conn_id is None:
             return offload.load_site(self.site_name)
         connection = self.get_connection(self.offload_conn_id)
-        return _cached(site_config(self.offload_conn_id, connection, self.site_name))
+        return offload.shared_site(site_config(self.offload_conn_id, connection, self.site_name))
 
     async def aget_site(self) -> offload.Site:
         """For triggers: reads the connection without blocking the triggerer's event loop."""
         if self.offload_conn_id is None:
             return offload.load_site(self.site_name)
         connection = await self.aget_connection(self.offload_conn_id)
-        return _cached(site_config(self.offload_conn_id, connection, self.site_name))
+        return offload.shared_site(site_config(self.offload_conn_id, connection, self.site_name))
 
     def test_connection(self) -> tuple[bool, str]:
         """The connection form's Test button: reach the site and run ``offload doctor``'s checks on it.
@@ -159,10 +159,3 @@ def _read_key(where: str, path: str) -> str:
     if "PRIVATE KEY" not in text:
         raise offload.ConfigError(f"{where}: key_file {path!r} holds no private key")
     return text
-
-
-def _cached(config: offload.SiteConfig) -> offload.Site:
-    site = _sites.get(config.name)
-    if site is None or site.config != config:
-        site = _sites[config.name] = offload.Site(config)
-    return site

@@ -13,6 +13,7 @@ deferred task (Airflow 3.3+ calls ``on_kill``), the job is cancelled.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import AsyncIterator
 from typing import Any
@@ -80,48 +81,35 @@ class OffloadJobTrigger(BaseTrigger):
         event: dict[str, Any] = {"job_id": self.job_id, "jobdir": self.jobdir, "index": self.index,
                                  "result_key": self.result_key}  # fmt: skip
         offset, last, pending = self.log_offset, "", b""
-        finished: asyncio.Future[offload.JobStatus] | None = None
         relay: asyncio.Future[offload.JobStatus] | None = None
         try:
             job = await self._job()
             self.log.info("watching job %s on %s from the triggerer (pid %s)", job.id, job.site.name, os.getpid())
-            interval = self.poll_interval or job.site.config.poll_interval
-            finished = asyncio.ensure_future(job.finished())
             if self.relay:  # the job reaches services on the worker's side: serve its relay while it runs
                 relay = asyncio.ensure_future(job.site.arelay(job))
-            reads = READ_RETRY.start()
-            while True:
-                ended = finished.done()
-                try:
-                    chunk = await job.aoutput(offset)
-                    reads.reset()
-                except offload.OffloadError as exc:
-                    pause = reads.failed()
-                    if pause is None:
-                        raise
-                    self.log.warning("cannot read job %s's output (%s); trying again in %.0f s", job.id, exc, pause)
-                    await reads.wait()
-                    continue
-                offset += len(chunk)
-                *lines, pending = (pending + chunk).split(b"\n")
-                for raw in lines:
-                    line = raw.decode("utf-8", "replace")
-                    self.log.info("%s", line)
-                    last = line or last
-                if ended and not chunk:
-                    break
-                if not chunk:
-                    await asyncio.wait({finished}, timeout=interval)
-            status = finished.result()
+
+            def retrying(exc: Exception, pause: float) -> None:
+                self.log.warning("cannot read job %s's output (%s); trying again in %.0f s", job.id, exc, pause)
+
+            output = job.afollow(offset=offset, interval=self.poll_interval or job.site.config.poll_interval,
+                                 retry=READ_RETRY, on_retry=retrying)  # fmt: skip
+            async with contextlib.aclosing(output):
+                async for chunk in output:
+                    offset += len(chunk)
+                    *lines, pending = (pending + chunk).split(b"\n")
+                    for raw in lines:
+                        line = raw.decode("utf-8", "replace")
+                        self.log.info("%s", line)
+                        last = line or last
+            status = await job.finished()
             offset -= len(pending)  # an unfinished last line is the resumed task's to log
             event.update(state=status.state.value, exit_code=status.exit_code, reason=status.reason,
                          log_offset=offset, last_line=last)  # fmt: skip
         except offload.OffloadError as exc:
             event.update(error=str(exc), log_offset=offset, last_line=last)
         finally:
-            for task in (finished, relay):
-                if task is not None:
-                    task.cancel()
+            if relay is not None:
+                relay.cancel()
         yield TriggerEvent(event)
 
     async def on_kill(self) -> None:
