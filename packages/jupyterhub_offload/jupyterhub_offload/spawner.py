@@ -22,6 +22,7 @@ where their meaning is the same on a SLURM site (see :func:`check_profiles`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import html
 import json
@@ -349,29 +350,10 @@ class OffloadSpawner(Spawner):
         self._say(f"Submitted job {self.job.id} to {site.name}")
         self.log.info("%s: job %s on %s", self._log_name, self.job.id, site.name)
         deadline = time.monotonic() + max(10, self.start_timeout - 10)
-        shown = ""
         try:
-            while True:
-                status = await self.job.astatus()
-                if status.state.is_terminal:
-                    tail = await self.job.atail()
-                    raise RuntimeError(f"job {self.job.id} ended {status.describe()} before the server started:\n"
-                                       f"{tail}")  # fmt: skip
-                text = status.describe() + (f" on {status.node}" if status.node else "")
-                if status.state is offload.JobState.PENDING and status.reason in PENDING_WORDS:
-                    text += f": {PENDING_WORDS[status.reason]}"
-                if text != shown:
-                    shown = text
-                    self._say(f"Job {self.job.id}: {text}")
-                if status.state is offload.JobState.RUNNING:
-                    raw = await self.job.aget("jupyter.json")
-                    if raw:
-                        self.remote_port = int(json.loads(raw)["port"])
-                        break
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"job {self.job.id} did not start within {self.start_timeout} s: it is "
-                                       f"{text}")  # fmt: skip
-                await asyncio.sleep(min(2.0, site.config.poll_interval))
+            status = await self.job.await_state(offload.JobState.RUNNING, timeout=deadline - time.monotonic(),
+                                                on_change=self._say_state)  # fmt: skip
+            self.remote_port = await self._server_port(deadline)
             self._forward = await site.aforward_job(self.job, self.remote_port, self.local_port or 0)
         except BaseException:
             await self._cancel()
@@ -379,6 +361,32 @@ class OffloadSpawner(Spawner):
         self.local_port = self._forward.local_port
         self._say(f"Server starting on {status.node or 'the node'}; connected through the site's SSH connection")
         return ("127.0.0.1", self.local_port)
+
+    def _say_state(self, status: offload.JobStatus) -> None:
+        assert self.job is not None
+        text = status.describe() + (f" on {status.node}" if status.node else "")
+        if status.state is offload.JobState.PENDING and status.reason in PENDING_WORDS:
+            text += f": {PENDING_WORDS[status.reason]}"
+        self._say(f"Job {self.job.id}: {text}")
+
+    async def _server_port(self, deadline: float) -> int:
+        """The port the server's launcher reports in jupyter.json (written once, when the server starts)."""
+        assert self.job is not None
+
+        async def too_late() -> bool:
+            return time.monotonic() > deadline
+
+        interval = min(2.0, self.job.site.config.poll_interval)
+        async with contextlib.aclosing(self.job.afollow("jupyter.json", until=too_late, interval=interval)) as written:
+            raw = await anext(written, b"")
+        if raw:
+            return int(json.loads(raw)["port"])
+        status = await self.job.astatus(refresh=False)
+        if status.state.is_terminal:
+            tail = await self.job.atail()
+            raise RuntimeError(f"job {self.job.id} ended {status.describe()} before the server started:\n{tail}")
+        raise TimeoutError(f"job {self.job.id} did not start its server within {self.start_timeout} s: it is "
+                           f"{status.describe()}")  # fmt: skip
 
     async def _cancel_lost_jobs(self, site: offload.Site, name: str) -> None:
         """Find before submit: JupyterHub saves a spawner's state only once ``start()`` returns, so a hub that
