@@ -141,6 +141,15 @@ async def test_a_job_killed_by_memory_polling_is_out_of_memory_from_its_accounti
     assert st["21"].cause is EndCause.OUT_OF_MEMORY and st["22"].cause is None
     assert st["22"].reason == "NonZeroExitCode"  # 1000 MiB of 1024 per node: killed for another reason
     assert [c[0] for c in t.calls] == ["squeue", "sacct"] and "--jobs=21,22" in t.calls[1]
+    # the batch shell outlived its payload's kill and wrote 137 (as it does on the test site for a pod's driver)
+    t = Replies(
+        squeue=(1, "", "slurm_load_jobs error: Invalid job id specified"),
+        sacct=(0, "", ""),
+        sh=(0, "/d/exitcode|137\nnow|100\n", ""),
+    )
+    t.outputs["sacct"] = (0, "23||billing=1,cpu=1,mem=50M,node=1\n23.batch|214402K|cpu=1,mem=50M,node=1\n", "")
+    st = await SlurmScheduler(SITE).poll(t, [JobRef("23", "/d")])
+    assert st["23"].exit_code == 137 and st["23"].cause is EndCause.OUT_OF_MEMORY, st["23"]
 
 
 async def test_jobs_gone_from_the_queue_are_read_from_sacct_then_exit_code_files():

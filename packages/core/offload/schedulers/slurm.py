@@ -570,8 +570,11 @@ async def exit_code_files(
 
 
 def _killed_outright(status: JobStatus | None) -> bool:
-    """A job that failed by SIGKILL with no word from the scheduler on why memory had a part in it."""
-    return status is not None and status.state is JobState.FAILED and status.signal == 9 and status.cause is None
+    """A job that failed by SIGKILL (its own, or its payload's as a shell reports it: 137; Slurm's polling memory
+    kill may leave the batch shell alive to say so) with no word from the scheduler on why."""
+    if status is None or status.state is not JobState.FAILED or status.cause is not None:
+        return False
+    return status.signal == 9 or status.exit_code in (9, 137)
 
 
 def _mib(size: str) -> int:
