@@ -23,6 +23,7 @@ from offload.errors import (
     SubmissionError,
     TransportError,
 )
+from offload.executor import Executor, JobFuture, remote
 from offload.hookspecs import RuntimePlugin, SchedulerPlugin, TransportPlugin, hookimpl
 from offload.images import CachedImage, Images
 from offload.jobs import EndCause, Job, JobState, JobStatus
@@ -44,12 +45,14 @@ __all__ = [
     "ConfigError",
     "ContainerCommand",
     "EndCause",
+    "Executor",
     "Forward",
     "HostKeyError",
     "ImageError",
     "Images",
     "Job",
     "JobFailedError",
+    "JobFuture",
     "JobNotFoundError",
     "JobSpec",
     "JobState",
@@ -80,6 +83,7 @@ __all__ = [
     "load_site",
     "parse_size",
     "profile_from_table",
+    "remote",
     "run_checks",
     "shared_site",
 ]
