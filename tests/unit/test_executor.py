@@ -130,6 +130,18 @@ def test_map_as_an_array_each_task_runs_its_chunk(make, site):
     assert {"call.0.pkl", "call.3.pkl", "fn.pkl", "executor.json", "result.6.pkl"} <= files
 
 
+def test_two_functions_of_one_name_never_share_an_array(make):
+    # Each closure is above INLINE_FILE, so its code goes after the submission and the specs' inline files are
+    # alike: only the plan keeps the two arrays apart.
+    ex = make()
+    ex._arrays = True
+    first, second = b"a" * (2 << 20), b"b" * (2 << 20)
+    f1 = lambda x: (first[:1], x)  # noqa: E731
+    f2 = lambda x: (second[:1], x)  # noqa: E731
+    futures = [ex.submit(f, x) for f in (f1, f2) for x in (0, 1)]
+    assert [f.result(timeout=60) for f in futures] == [(b"a", 0), (b"a", 1), (b"b", 0), (b"b", 1)]
+
+
 def test_a_remote_exception_is_reraised_with_its_remote_traceback(make):
     ex = make()
     future = ex.submit(fails, 7)

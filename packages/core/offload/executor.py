@@ -769,10 +769,13 @@ class Executor(concurrent.futures.Executor):
         specs: list[JobSpec] = []
         budget = INLINE_BATCH
         batch = _secrets.token_hex(8)
+        # Every part's plan is its own (its number in the batch): two parts never make equal specs, which the
+        # site would send as one array (two functions of one name whose code went late, called alike).
+        part_numbers = itertools.count()
         for work in works:
             groups = ([work.tasks[i : i + limit] for i in range(0, len(work.tasks), limit)] if self._arrays
                       else [[task] for task in work.tasks])  # fmt: skip
-            for number, tasks in enumerate(groups):
+            for tasks in groups:
                 counter = itertools.count()
                 numbered = [[next(counter) for _ in task] for task in tasks]
                 inputs = {"fn.pkl": work.fn}
@@ -785,9 +788,18 @@ class Executor(concurrent.futures.Executor):
                         budget -= len(data)
                     else:
                         late[file_name] = data
-                plan = {"v": 1, "python": list(found.version[:2]), "protocol": min(pickle.HIGHEST_PROTOCOL,
-                        found.protocol), "tasks": numbered, "late": sorted(late), "patience": LATE_PATIENCE,
-                        "part": number, "batch": batch, "created": time.time(), "site": self.site.name}  # fmt: skip
+                plan = {
+                    "v": 1,
+                    "python": list(found.version[:2]),
+                    "protocol": min(pickle.HIGHEST_PROTOCOL, found.protocol),
+                    "tasks": numbered,  # each task's calls, by their number in this directory (result.<n>.pkl)
+                    "late": sorted(late),  # inputs written after the submission; READY says they are whole
+                    "patience": LATE_PATIENCE,
+                    "part": next(part_numbers),
+                    "batch": batch,
+                    "created": time.time(),
+                    "site": self.site.name,
+                }
                 files = {PLAN: json.dumps(plan).encode(), **inline}
                 if ship:
                     files["cloudpickle.zip"] = cloudpickle_zip()
@@ -799,16 +811,22 @@ class Executor(concurrent.futures.Executor):
         position = 0
         uploads = []
         for tasks, late in parts:
-            first = jobs[position]
-            folder = _Dir(first.ref.jobdir, len(tasks))
+            # An array's tasks share one directory; a scheduler without arrays gives each job its own.
+            folders: dict[str, list[_Task]] = {}
             counter = itertools.count()
             for task in tasks:
                 job = jobs[position]
                 position += 1
-                futures = [call.future for call in task]
-                made.append(_Task(job, [next(counter) for _ in task], futures, folder))
-            if late:
-                uploads.append(self._upload(first, late, made[-len(tasks) :]))
+                numbers = [next(counter) for _ in task]
+                folder = folders.setdefault(job.ref.jobdir, [])
+                folder.append(_Task(job, numbers, [call.future for call in task], _Dir(job.ref.jobdir, 0)))
+            for jobdir, in_it in folders.items():
+                shared = _Dir(jobdir, len(in_it))
+                for task in in_it:
+                    task.folder = shared
+                made += in_it
+                if late:
+                    uploads.append(self._upload(in_it[0].job, late, in_it))
         for task in made:
             for future in task.futures:
                 future._task = task
