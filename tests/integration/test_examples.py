@@ -35,3 +35,14 @@ def test_custom_image_example_on_the_test_site(testsite_config):
     assert "dask worker: 42" in result.stdout
     subprocess.run([sys.executable, "-m", "offload.cli", "image", "rm", "example-myapp", "--site", "testsite"],
                    capture_output=True, timeout=60)  # fmt: skip
+
+
+def test_executor_example_on_the_test_site(testsite_config):
+    result = subprocess.run([sys.executable, str(EXAMPLES / "executor_map.py"), "--site", "testsite", "--gpus", "1"],
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "calls run with CPython 3.11" in result.stderr and "in the image" in result.stderr
+    assert "pi is about 3.1" in result.stdout and "(16 calls in 4 tasks)" in result.stdout
+    assert "ran on: node" in result.stdout  # on the GPU nodes, in one array of four tasks
+    assert "GPUs seen: ['0'" in result.stdout or "GPUs seen: ['1'" in result.stdout
+    assert "the site raised: ValueError('seeds are non-negative, got -1')" in result.stdout
