@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Protocol
 
 from offload import _loop
 from offload.errors import ConfigError, JobFailedError, OffloadError
-from offload.spec import RESERVED_FILES
+from offload.jobfiles import RESERVED as RESERVED_FILES
+from offload.jobfiles import JobPaths
 
 MAX_LINE = 1 << 20  # bytes: a longer line (no newline yet) is handed on in pieces of this size
 READ_CHUNK = 4 << 20  # bytes a log follower reads at once: memory stays bounded however far behind it starts
@@ -87,14 +88,17 @@ class JobRef:
     index: int | None = None  # task index within an array
 
     @property
+    def paths(self) -> JobPaths:
+        """Where this job's (or array task's) files are on the site."""
+        return JobPaths(self.jobdir, self.index)
+
+    @property
     def output_path(self) -> str:
-        suffix = f".{self.index}" if self.index is not None else ""
-        return f"{self.jobdir}/output{suffix}"
+        return self.paths.output
 
     @property
     def exitcode_path(self) -> str:
-        suffix = f".{self.index}" if self.index is not None else ""
-        return f"{self.jobdir}/exitcode{suffix}"
+        return self.paths.exit_code
 
 
 class JobHost(Protocol):

@@ -25,6 +25,8 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass, field
 
+from offload.jobfiles import COPIES, EXIT_CODE, SECRETS
+
 
 @dataclass
 class BatchScript:
@@ -86,7 +88,7 @@ class BatchScript:
         lines += self._copies() if self.launcher else [*self.prelude, shlex.join(self.command), "offload_status=$?"]
         lines += [
             "printf '%s\\n' \"$offload_status\" \\",
-            '    > "$OFFLOAD_JOB_DIR/exitcode${offload_array_index:+.$offload_array_index}"',
+            f'    > "$OFFLOAD_JOB_DIR/{EXIT_CODE}${{offload_array_index:+.$offload_array_index}}"',
             'exit "$offload_status"',
         ]
         return "\n".join(lines) + "\n"
@@ -95,7 +97,7 @@ class BatchScript:
         """Read the job's own secrets file, then remove it: after this line the secrets live only in this
         job's processes. A missing or incomplete file (a full disk when it was written) stops the job here."""
         return [
-            'offload_secrets="$OFFLOAD_JOB_DIR/secrets.env${offload_array_index:+.$offload_array_index}"',
+            f'offload_secrets="$OFFLOAD_JOB_DIR/{SECRETS}${{offload_array_index:+.$offload_array_index}}"',
             'if [ ! -f "$offload_secrets" ]; then',
             "    echo \"offload: this job's secrets file $offload_secrets is missing (removed after a first start?):"
             ' not running the payload" >&2',
@@ -147,7 +149,7 @@ class BatchScript:
             'exit "$rc"',
         ])  # fmt: skip
         return [
-            'offload_copies="$OFFLOAD_JOB_DIR/copies${offload_array_index:+.$offload_array_index}"',
+            f'offload_copies="$OFFLOAD_JOB_DIR/{COPIES}${{offload_array_index:+.$offload_array_index}}"',
             'mkdir -p "$offload_copies" || exit 97',
             "export offload_copies",
             f"offload_first={self.first_node}",

@@ -26,7 +26,7 @@ import weakref
 from collections.abc import Callable, Collection, Sequence
 from typing import TypeVar
 
-from offload import _loop, reach_targets, submit
+from offload import _loop, jobfiles, reach_targets, submit
 from offload import reach as reach_mod
 from offload.config import SiteConfig
 from offload.errors import ConfigError, JobNotFoundError, PluginError
@@ -333,7 +333,7 @@ class Site:
         if (spec.reach or spec.relay) and self._relays_needed:
             targets = reach_targets.targets_of(dict(spec.reach))
             secrets["OFFLOAD_REACH"] = reach_targets.node_targets(targets)  # URLs may hold credentials
-            files["reach.json"] = reach_targets.client_targets(targets)  # what any client needs to serve the relay
+            files[jobfiles.REACH] = reach_targets.client_targets(targets)  # what any client needs to serve the relay
         elif spec.reach:
             secrets.update(spec.reach)  # the job runs here: it reaches the services directly
         files.update(spec.files)
@@ -402,7 +402,7 @@ class Site:
         return await self._scheduler.step(self._transport, ref, node, self._relay_step_argv(ref))
 
     async def _serve_relay(self, job: Job) -> None:
-        raw = await self._transport.read_file(f"{job.ref.jobdir}/reach.json")
+        raw = await self._transport.read_file(job.ref.paths.reach)
         if not raw:
             raise ConfigError(f"job {job.id} on {self.name} runs no relay (it was submitted without reach or relay)")
         self._relays.serve(job.ref, [(t["host"], int(t["port"])) for t in json.loads(raw)])
@@ -435,7 +435,7 @@ class Site:
                 # The second line of defence: the job removed its secrets when it started; a job that never
                 # started (cancelled while pending) did not, so the client that sees it end does.
                 del self._secret_dirs[ref.jobdir]
-                script = 'rm -f "$1"/secrets.env "$1"/secrets.env.*'
+                script = f'rm -f "$1"/{jobfiles.SECRETS} "$1"/{jobfiles.SECRETS}.*'
                 task = asyncio.get_running_loop().create_task(
                     self._transport.run(["sh", "-c", script, "sh", ref.jobdir], check=False, timeout=60)
                 )

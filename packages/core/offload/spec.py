@@ -13,6 +13,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from offload import jobfiles
 from offload.errors import ConfigError
 from offload.reach_targets import targets_of
 from offload.sizes import parse_size
@@ -312,21 +313,7 @@ def archive(path: str | os.PathLike[str]) -> bytes:
     return buffer.getvalue()
 
 
-# offload's own files in a job's directory: never staged over, never read as a user's file.
-RESERVED_FILES = frozenset(
-    {
-        "job.sh",
-        "secrets.env",
-        "exitcode",
-        "jobid",
-        "cancelled",
-        "output",
-        "submit.err",
-        "reach.json",
-        "copies",
-        "started",
-    }
-)
+RESERVED_FILES = jobfiles.RESERVED  # offload's own files in a job's directory: never staged over
 # Variables the batch script itself sets; a spec may not give them (its own lower-case ``offload_*`` too).
 RESERVED_ENV = frozenset({"OFFLOAD_JOB_DIR", "OFFLOAD_TASK_INDEX", "OFFLOAD_REACH"})
 MAX_FILES_BYTES = 16 * 2**20  # files travel base64 in the submission's one round trip

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from offload.errors import OffloadError, SubmissionError, TransportError
+from offload.jobfiles import JOB_ID, SCRIPT, SECRETS, SUBMIT_ERRORS, JobPaths
 from offload.jobs import JobRef
 from offload.schedulers.base import Scheduler
 from offload.script import secrets_file
@@ -66,7 +67,7 @@ def program(numbered: Sequence[tuple[int, Submission]], jobs_dir: str, scheduler
         "umask 077",
         "trap 'exit 129' HUP; trap 'exit 141' PIPE; trap 'exit 143' TERM",
         f"trap {shlex.quote(f': 2>/dev/null > {shlex.quote(end_mark(numbered))}')} EXIT",
-        f'offload_fail() {{ printf "\\n{MARK}_FAIL %s\\n" "$1"; rm -f "$d"/secrets.env*; exit 93; }}',
+        f'offload_fail() {{ printf "\\n{MARK}_FAIL %s\\n" "$1"; rm -f "$d"/{SECRETS}*; exit 93; }}',
         f'offload_missing() {{ printf "\\n{MARK}_MISSING %s\\n" "$1"; exit 94; }}',
         # a file's lines, with shell builtins only (no fork per job)
         """offload_answer() { while IFS= read -r l || [ -n "$l" ]; do printf '%s\\n' "$l"; done < "$1"; }""",
@@ -80,15 +81,15 @@ def program(numbered: Sequence[tuple[int, Submission]], jobs_dir: str, scheduler
     for path in dict.fromkeys(p for _, sub in numbered for p in sub.paths):  # before anything is written
         lines.append(f"[ -e {shlex.quote(path)} ] || offload_missing {shlex.quote(path)}")
     for (number, sub), quoted in zip(numbered, dirs, strict=True):
-        lines += [f"d={quoted}", f'printf %s {shlex.quote(sub.script)} > "$d/job.sh" || offload_fail "$d/job.sh"']
+        lines += [f"d={quoted}", f'printf %s {shlex.quote(sub.script)} > "$d/{SCRIPT}" || offload_fail "$d/{SCRIPT}"']
         if sub.secrets:
             # printf is a shell builtin: the values appear in no process list and no temp file.
             lines.append(f"s={shlex.quote(secrets_file(sub.secrets))}")
             if sub.array_size:
-                lines.append(f'for i in {{0..{sub.array_size - 1}}}; do printf %s "$s" > "$d/secrets.env.$i" '
-                             '|| offload_fail "$d/secrets.env.$i"; done; s=')  # fmt: skip
+                lines.append(f'for i in {{0..{sub.array_size - 1}}}; do printf %s "$s" > "$d/{SECRETS}.$i" '
+                             f'|| offload_fail "$d/{SECRETS}.$i"; done; s=')  # fmt: skip
             else:
-                lines.append('printf %s "$s" > "$d/secrets.env" || offload_fail "$d/secrets.env"; s=')
+                lines.append(f'printf %s "$s" > "$d/{SECRETS}" || offload_fail "$d/{SECRETS}"; s=')
         for file_name, data in sub.files.items():
             encoded = base64.b64encode(data).decode()
             if file_name.endswith("/"):  # a directory: one archive, however many files it holds
@@ -97,13 +98,13 @@ def program(numbered: Sequence[tuple[int, Submission]], jobs_dir: str, scheduler
                              f'-C "$d/{folder}" || offload_fail "$d/{folder}/"')  # fmt: skip
             else:
                 lines.append(f'printf %s {encoded} | base64 -d > "$d/{file_name}" || offload_fail "$d/{file_name}"')
-        submit = scheduler.submit_line('"$d/job.sh"')
+        submit = scheduler.submit_line(f'"$d/{SCRIPT}"')
         mark = f"{MARK} {number}"
         lines += [
-            f'{{ {submit}; }} > "$d/jobid" 2> "$d/submit.err"',
-            f'rc=$?; if [ "$rc" = 0 ]; then printf "{mark} 0\\n"; offload_answer "$d/jobid"; '
-            f'else rm -f "$d"/secrets.env*; printf "{mark} %s\\n" "$rc"; offload_answer "$d/submit.err"; '
-            f'offload_answer "$d/jobid"; fi; printf "\\n{MARK}_END {number}\\n"',
+            f'{{ {submit}; }} > "$d/{JOB_ID}" 2> "$d/{SUBMIT_ERRORS}"',
+            f'rc=$?; if [ "$rc" = 0 ]; then printf "{mark} 0\\n"; offload_answer "$d/{JOB_ID}"; '
+            f'else rm -f "$d"/{SECRETS}*; printf "{mark} %s\\n" "$rc"; offload_answer "$d/{SUBMIT_ERRORS}"; '
+            f'offload_answer "$d/{JOB_ID}"; fi; printf "\\n{MARK}_END {number}\\n"',
         ]
     return "\n".join(lines) + "\n"
 
@@ -234,7 +235,7 @@ async def undo(
             'for f; do cat "$f" 2>/dev/null; echo; done\n'
         )
         argv = ["sh", "-c", wait, "sh", str(UNDO_WAIT), str(len(running)), *running,
-                *(f"{s.jobdir}/jobid" for s in unknown)]  # fmt: skip
+                *(JobPaths(s.jobdir).job_id for s in unknown)]  # fmt: skip
         try:
             result = await transport.run(argv, timeout=UNDO_WAIT + 120)
             first, _, answers = result.stdout.partition("\n")
@@ -262,7 +263,7 @@ async def undo(
     with contextlib.suppress(OffloadError):
         dirs = [s.jobdir for s in submissions if s.secrets]
         if dirs:
-            script = 'for d in "$@"; do rm -f "$d"/secrets.env "$d"/secrets.env.*; done'
+            script = f'for d in "$@"; do rm -f "$d"/{SECRETS} "$d"/{SECRETS}.*; done'
             await transport.run(["sh", "-c", script, "sh", *dirs], timeout=120, check=False)
     for sub in submissions:
         sub.ids = []

@@ -8,8 +8,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
+from offload import jobfiles
 from offload.errors import ConfigError
-from offload.jobs import JobRef, JobStatus
+from offload.jobs import JobRef, JobState, JobStatus
 from offload.spec import JobSpec, Resources
 from offload.transports.base import Transport
 
@@ -157,6 +158,58 @@ class Scheduler:
         return []
 
 
+LOST_AFTER = 600  # seconds a job may be gone from the queue without an exit code on a site with no accounting
+
+
+async def exit_code_files(
+    transport: Transport, refs: Sequence[JobRef], accounting: bool | None = None
+) -> dict[str, JobStatus]:
+    """Statuses from the exit code files the batch script writes, in one command for all ``refs``.
+
+    A job with no file yet is UNKNOWN, not FAILED: shared file systems show the file late, and accounting may
+    answer at the next poll. Only on a site that keeps no accounting at all (``accounting is False``), a job
+    whose file is still missing well after it left the queue is reported FAILED, saying so."""
+    script = (
+        'for f in "$@"; do printf "%s|" "$f"; if [ -f "$f" ]; then head -n1 "$f"; echo; '
+        f'else printf "|"; stat -c %Y "${{f%/*}}/{jobfiles.SCRIPT}" 2>/dev/null || echo; fi; done; '
+        'printf "now|%s\\n" "$(date +%s)"'
+    )
+    result = await transport.run(["sh", "-c", script, "sh", *(ref.exitcode_path for ref in refs)], check=False)
+    by_path: dict[str, str] = {}
+    ages: dict[str, int] = {}
+    now = 0
+    for line in result.stdout.splitlines():
+        if line.startswith("now|"):
+            now = int(line[4:]) if line[4:].strip().isdigit() else 0
+            continue
+        path, _, rest = line.partition("|")
+        if not path:
+            continue
+        if rest.startswith("|"):  # no file: the job script's age instead
+            stamp = rest[1:].strip()
+            if stamp.isdigit():
+                ages[path] = int(stamp)
+        else:
+            by_path[path] = rest.strip()
+    statuses: dict[str, JobStatus] = {}
+    for ref in refs:
+        code = by_path.get(ref.exitcode_path, "")
+        if code.isdigit():
+            state = JobState.COMPLETED if code == "0" else JobState.FAILED
+            statuses[ref.id] = JobStatus(state, "" if code == "0" else "NonZeroExitCode", int(code))
+        elif accounting is False and now and ref.exitcode_path in ages and now - ages[ref.exitcode_path] > LOST_AFTER:
+            statuses[ref.id] = JobStatus(
+                JobState.FAILED,
+                f"left the queue without writing its exit code, and the site keeps no accounting to say why "
+                f"(killed, timed out or lost with its node; looked for {LOST_AFTER} s)",
+            )
+        else:
+            statuses[ref.id] = JobStatus(
+                JobState.UNKNOWN, "not in the queue; no accounting record or exit code file (yet)"
+            )
+    return statuses
+
+
 def secrets_sweep(jobs_dir: str, live: str, parse: str, queue: str = "    queue=$live\n") -> list[str]:
     """The submission program's background sweep, for a scheduler's ``sweep_lines``: the secrets files of jobs
     that left the queue without starting (cancelled while pending, nobody watching) are removed. Only files
@@ -168,11 +221,11 @@ def secrets_sweep(jobs_dir: str, live: str, parse: str, queue: str = "    queue=
     sweep = (
         f"cd {shlex.quote(jobs_dir)} || exit 0\n"
         f"live=$({live}) || exit 0\n"
-        "find . -mindepth 2 -maxdepth 2 -name 'secrets.env*' -mmin +2 | while read -r f; do\n"
+        f"find . -mindepth 2 -maxdepth 2 -name '{jobfiles.SECRETS}*' -mmin +2 | while read -r f; do\n"
         "    d=${f%/*}; id=; cluster=\n"
-        '    [ -f "$d/jobid" ] && while IFS= read -r line || [ -n "$line" ]; do\n'
+        f'    [ -f "$d/{jobfiles.JOB_ID}" ] && while IFS= read -r line || [ -n "$line" ]; do\n'
         f"{parse}"
-        '    done < "$d/jobid"\n'
+        f'    done < "$d/{jobfiles.JOB_ID}"\n'
         '    [ -n "$id" ] || continue\n'
         f"{queue}"
         """    printf '%s\\n' "$queue" | grep -qx "$id" || rm -f "$f"\n"""

@@ -28,8 +28,7 @@ from collections.abc import Sequence
 from offload.config import SiteConfig
 from offload.errors import ConfigError, RemoteCommandError
 from offload.jobs import JobRef, JobState, JobStatus
-from offload.schedulers.base import NodeResources, Scheduler, Shell, secrets_sweep
-from offload.schedulers.slurm import exit_code_files
+from offload.schedulers.base import NodeResources, Scheduler, Shell, exit_code_files, secrets_sweep
 from offload.sizes import parse_size
 from offload.spec import JobSpec, Resources, parse_walltime
 from offload.transports.base import Transport

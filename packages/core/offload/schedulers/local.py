@@ -11,9 +11,9 @@ from collections.abc import Sequence
 
 from offload.config import SiteConfig
 from offload.errors import ConfigError
+from offload.jobfiles import CANCELLED, EXIT_CODE, OUTPUT, STARTED
 from offload.jobs import JobRef, JobState, JobStatus
-from offload.schedulers.base import NodeResources, Scheduler
-from offload.schedulers.slurm import exit_code_files
+from offload.schedulers.base import NodeResources, Scheduler, exit_code_files
 from offload.spec import JobSpec, Resources
 from offload.transports.base import Transport
 
@@ -25,7 +25,9 @@ _STARTED = (
     'else ps -o lstart= -p "$1"; fi; }; '
 )
 # Is process $1 still the job of directory $2? Same start time as recorded at submission (no record: trust it).
-_OURS = _STARTED + 'ours() { [ ! -s "$2/started" ] || [ "$(started "$1" 2>/dev/null)" = "$(cat "$2/started")" ]; }; '
+_OURS = _STARTED + (
+    f'ours() {{ [ ! -s "$2/{STARTED}" ] || [ "$(started "$1" 2>/dev/null)" = "$(cat "$2/{STARTED}")" ]; }}; '
+)
 
 
 class LocalScheduler(Scheduler):
@@ -65,8 +67,8 @@ class LocalScheduler(Scheduler):
         # set -m: the job gets a process group of its own, so cancel can stop the whole tree. Its start time is
         # kept beside it: a pid the system reuses later is never taken for the job (nor killed by a cancel).
         return (
-            f'{_STARTED}set -m; bash {script_path} > "$(dirname {script_path})/output" 2>&1 < /dev/null & '
-            f'offload_pid=$!; started "$offload_pid" > "$(dirname {script_path})/started" 2>/dev/null; '
+            f'{_STARTED}set -m; bash {script_path} > "$(dirname {script_path})/{OUTPUT}" 2>&1 < /dev/null & '
+            f'offload_pid=$!; started "$offload_pid" > "$(dirname {script_path})/{STARTED}" 2>/dev/null; '
             'printf "%s\\n" "$offload_pid"; set +m'
         )
 
@@ -91,8 +93,8 @@ class LocalScheduler(Scheduler):
     async def poll(self, transport: Transport, refs: Sequence[JobRef]) -> dict[str, JobStatus]:
         script = (
             'while [ "$#" -gt 0 ]; do pid=$1; dir=$2; shift 2; '
-            'if [ -f "$dir/exitcode" ]; then echo "$pid done"; '
-            'elif [ -f "$dir/cancelled" ]; then echo "$pid cancelled"; '
+            f'if [ -f "$dir/{EXIT_CODE}" ]; then echo "$pid done"; '
+            f'elif [ -f "$dir/{CANCELLED}" ]; then echo "$pid cancelled"; '
             'elif kill -0 "$pid" 2>/dev/null && [ "$(ps -o stat= -p "$pid" | cut -c1)" != Z ] && ours "$pid" "$dir"; '
             'then echo "$pid running"; '
             'else echo "$pid done"; fi; done'
@@ -134,7 +136,7 @@ class LocalScheduler(Scheduler):
     async def cancel(self, transport: Transport, refs: Sequence[JobRef]) -> None:
         script = (
             'while [ "$#" -gt 0 ]; do pid=$1; dir=$2; shift 2; '
-            'if [ ! -f "$dir/exitcode" ] && ours "$pid" "$dir"; then : > "$dir/cancelled"; '
+            f'if [ ! -f "$dir/{EXIT_CODE}" ] && ours "$pid" "$dir"; then : > "$dir/{CANCELLED}"; '
             'kill -TERM "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null; fi; done; true'
         )
         script = _OURS + script

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from offload.config import SiteConfig
 from offload.errors import ConfigError, RemoteCommandError
 from offload.jobs import EndCause, JobRef, JobState, JobStatus
-from offload.schedulers.base import NodeResources, Scheduler, Shell, secrets_sweep
+from offload.schedulers.base import NodeResources, Scheduler, Shell, exit_code_files, secrets_sweep
 from offload.spec import JobSpec, Resources, format_walltime, parse_memory, parse_walltime
 from offload.transports.base import Transport
 
@@ -58,7 +58,6 @@ _SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.,:@%+=/\[\]-]+$")
 # wrapper that drops --parsable. Any other line (a banner, a quota warning) is not the answer.
 _ANSWER = re.compile(r"(\d+)(?:;(\S+))?|Submitted batch job (\d+)(?: on cluster (\S+))?")
 _CHUNK = 500  # ids per squeue/sacct/scancel call, far below any command line limit
-LOST_AFTER = 600  # seconds a job may be gone from the queue without an exit code on a site with no accounting
 
 
 def _value(option: str, value: object) -> str:
@@ -519,54 +518,6 @@ def _status(state: str, reason: str, exit_code: int | None, signal: int | None, 
     elif exit_code == 0 and base != "COMPLETED":
         exit_code = None  # a job killed (cancelled, timed out, its node lost) has no exit code of its own
     return JobStatus(mapped, reason, exit_code, node, signal, cause)
-
-
-async def exit_code_files(
-    transport: Transport, refs: Sequence[JobRef], accounting: bool | None = None
-) -> dict[str, JobStatus]:
-    """Statuses from the exit code files the batch script writes, in one command for all ``refs``.
-
-    A job with no file yet is UNKNOWN, not FAILED: shared file systems show the file late, and accounting may
-    answer at the next poll. Only on a site that keeps no accounting at all (``accounting is False``), a job
-    whose file is still missing well after it left the queue is reported FAILED, saying so."""
-    script = (
-        'for f in "$@"; do printf "%s|" "$f"; if [ -f "$f" ]; then head -n1 "$f"; echo; '
-        'else printf "|"; stat -c %Y "${f%/*}/job.sh" 2>/dev/null || echo; fi; done; printf "now|%s\\n" "$(date +%s)"'
-    )
-    result = await transport.run(["sh", "-c", script, "sh", *(ref.exitcode_path for ref in refs)], check=False)
-    by_path: dict[str, str] = {}
-    ages: dict[str, int] = {}
-    now = 0
-    for line in result.stdout.splitlines():
-        if line.startswith("now|"):
-            now = int(line[4:]) if line[4:].strip().isdigit() else 0
-            continue
-        path, _, rest = line.partition("|")
-        if not path:
-            continue
-        if rest.startswith("|"):  # no file: the job script's age instead
-            stamp = rest[1:].strip()
-            if stamp.isdigit():
-                ages[path] = int(stamp)
-        else:
-            by_path[path] = rest.strip()
-    statuses: dict[str, JobStatus] = {}
-    for ref in refs:
-        code = by_path.get(ref.exitcode_path, "")
-        if code.isdigit():
-            state = JobState.COMPLETED if code == "0" else JobState.FAILED
-            statuses[ref.id] = JobStatus(state, "" if code == "0" else "NonZeroExitCode", int(code))
-        elif accounting is False and now and ref.exitcode_path in ages and now - ages[ref.exitcode_path] > LOST_AFTER:
-            statuses[ref.id] = JobStatus(
-                JobState.FAILED,
-                f"left the queue without writing its exit code, and the site keeps no accounting to say why "
-                f"(killed, timed out or lost with its node; looked for {LOST_AFTER} s)",
-            )
-        else:
-            statuses[ref.id] = JobStatus(
-                JobState.UNKNOWN, "not in the queue; no accounting record or exit code file (yet)"
-            )
-    return statuses
 
 
 def _killed_outright(status: JobStatus | None) -> bool:
