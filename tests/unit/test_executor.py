@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import json
 import os
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import offload
-from offload import JobState
+from offload import JobState, _loop
 from offload import executor as executor_mod
 from offload.executor import (
     Executor,
@@ -296,7 +295,7 @@ def test_an_image_without_cloudpickle_gets_it_shipped(make, monkeypatch):
 def test_the_probe_asks_the_interpreter_with_one_command(site, monkeypatch):
     monkeypatch.setattr(executor_mod, "_is_local", lambda s: False)  # as for a site of another machine
     monkeypatch.setattr(type(site), "python", property(lambda self: "python3"))
-    found = asyncio.run(executor_mod.probe(site, None))
+    found = _loop.run(executor_mod.probe(site, None))  # on offload's loop, where the site's transport lives
     assert found.version[0] == 3 and found.protocol >= 4 and "login node" in found.where
 
 
