@@ -216,12 +216,9 @@ def test_a_command_runs_inside_a_running_job(site):
     jobs = []
     try:
         jobs.append(job := site.submit(JobSpec(["sleep", "120"], name=_name("ge-inherit"))))
-        deadline = time.monotonic() + 60
-        while (status := job.status()).state is not JobState.RUNNING:
-            assert time.monotonic() < deadline, status
-            time.sleep(0.5)
+        status = job.wait_for_state(JobState.RUNNING, timeout=60)
         command = ["sh", "-c", "echo in $JOB_ID on $(hostname) 'a  b'"]
-        argv = _loop.run(site._scheduler.interactive(site.transport, job.ref, command, pty=False))
+        argv = _loop.run(site.scheduler.interactive(site.transport, job.ref, command, pty=False))
         result = _loop.run(site.transport.run(argv, check=False, timeout=60))
         assert result.stdout.strip() == f"in {job.id} on {status.node} a  b", (result.stdout, result.stderr)
     finally:
@@ -237,3 +234,46 @@ def test_doctor_passes_with_grid_engines_own_checks(testsite_config):
     for check in ("connection", "qsub", "qstat", "qacct", "parallel environment", "runtime"):
         assert any(line.startswith("PASS") and check in line for line in out.stdout.splitlines()), (check, out.stdout)
     assert "sbatch" not in out.stdout and "sacct" not in out.stdout
+
+
+WHO = ("import os, socket; print('who', socket.gethostname(), os.environ['RANK'], os.environ['NODE_RANK'], "
+       "os.environ['WORLD_SIZE'], os.environ['MASTER_ADDR'])")  # fmt: skip
+
+
+def test_a_job_on_two_hosts_runs_one_copy_on_each_through_the_parallel_environment(site):
+    """Resources(nodes=2) is `-pe offload 2` (one slot per host); each copy is started with qrsh -inherit and
+    told its rank and the first host, as srun's copies are on SLURM."""
+    from offload import JobSpec, JobState, Resources
+
+    jobs = []
+    try:
+        jobs.append(job := site.submit(JobSpec(["python3", "-c", WHO], resources=Resources(nodes=2),
+                                               name=_name("ge-pe"))))  # fmt: skip
+        status = job.wait(timeout=240)
+        out = job.output().decode()
+        assert status.state is JobState.COMPLETED, (status, out)
+        rows = sorted((line.split("who ", 1)[1].split() for line in out.splitlines() if "who " in line),
+                      key=lambda row: row[1])  # fmt: skip
+        assert [row[1:4] for row in rows] == [["0", "0", "2"], ["1", "1", "2"]], out
+        assert {row[0] for row in rows} == {"ge1", "ge2"} and len({row[4] for row in rows}) == 1, out
+    finally:
+        _qdel(jobs)
+
+
+def test_a_dask_cluster_on_grid_engine(testsite_config, monkeypatch):
+    """OffloadCluster(site=<a Grid Engine site>): the scheduler job and two worker jobs on the cell, over TLS
+    through the one connection, as on SLURM."""
+    import socket
+
+    from dask.distributed import Client
+
+    from dask_offload import OffloadCluster
+
+    monkeypatch.setenv("OFFLOAD_CONFIG", str(CONFIG))
+    name = _name("ge-dask")
+    with OffloadCluster(site="gridengine", n_workers=2, processes=1, memory="1GiB", name=name) as cluster:
+        with Client(cluster) as client:
+            client.wait_for_workers(2, timeout=180)
+            assert sum(client.gather(client.map(lambda x: x * x, range(10)))) == 285
+            assert set(client.run(socket.gethostname).values()) <= {"ge1", "ge2"}
+            assert cluster.scheduler_address.startswith("tls://127.0.0.1:")
