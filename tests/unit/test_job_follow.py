@@ -59,7 +59,7 @@ async def test_a_wait_that_times_out_says_the_state_it_saw():
     import pytest
 
     with pytest.raises(TimeoutError, match=r"did not end within 0.1 s: it is PENDING \(Resources\)"):
-        await job(Queued(b"", JobState.PENDING))._finished(0.1, check=False)
+        await job(Queued(b"", JobState.PENDING)).finished(0.1)
 
 
 async def test_a_follower_far_behind_reads_in_bounded_pieces():

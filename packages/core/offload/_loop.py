@@ -5,6 +5,10 @@ process: the CLI and Airflow (sync callers) and Dask or triggers (async callers 
 Sync calls block on :func:`run`; async calls ``await`` :func:`bridge`, which hops onto the private loop and
 back without blocking the caller's loop. This is httpx's "async first, sync as a thin layer", with the
 extra rule that a connection never crosses loops.
+
+That layer is written once, here: an operation is written as its async form, decorated with :func:`on_loop`
+(:func:`on_loop_iter` for one that yields), and its sync form is one line, ``status = blocking(astatus)``
+(:func:`blocking_iter` for one that yields).
 """
 
 from __future__ import annotations
@@ -13,13 +17,16 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextlib
+import functools
+import inspect
 import logging
 import os
 import queue as _queue
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
+P = ParamSpec("P")
 T = TypeVar("T")
 log = logging.getLogger("offload")
 
@@ -123,9 +130,14 @@ async def aiterate(items: AsyncIterator[T]) -> AsyncIterator[T]:
 
 
 def iterate(items: AsyncIterator[T]) -> Iterator[T]:
-    """Iterate ``items`` (run on the private loop) from synchronous code: the iterator form of :func:`run`."""
+    """Iterate ``items`` (run on the private loop) from synchronous code: the iterator form of :func:`run`.
+    From the I/O thread itself it raises at once, as :func:`run` does."""
     if on_private_loop():
         raise RuntimeError("offload's sync API was called from its own I/O thread; use the async variant")
+    return _iterate(items)
+
+
+def _iterate(items: AsyncIterator[T]) -> Iterator[T]:
     queue: _queue.Queue[tuple[bool, Any]] = _queue.Queue()
     future = spawn(_pump(items, queue.put))
     try:
@@ -135,6 +147,89 @@ def iterate(items: AsyncIterator[T]) -> Iterator[T]:
             raise item[1]
     finally:
         future.cancel()
+
+
+# -- the sync layer, written once ---------------------------------------------------------------------------
+
+
+def on_loop(method: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+    """Decorate an async method (or function) so that its body runs on the private loop, where the sites'
+    connections live, whichever loop awaits it (a web server's, a hub's, a triggerer's; :func:`bridge`)."""
+    if not inspect.iscoroutinefunction(method):
+        raise TypeError(f"on_loop decorates an 'async def', not {method!r}")
+
+    @functools.wraps(method)
+    async def hop(*args: P.args, **kwargs: P.kwargs) -> T:
+        return await bridge(method(*args, **kwargs))
+
+    return hop
+
+
+def on_loop_iter(method: Callable[P, AsyncIterator[T]]) -> Callable[P, AsyncIterator[T]]:
+    """:func:`on_loop` for a method that returns an async iterator: it is iterated on the private loop, whichever
+    loop iterates the result (:func:`aiterate`). The method itself runs when called, so a check of its arguments
+    raises at the call."""
+
+    @functools.wraps(method)
+    def hop_iter(*args: P.args, **kwargs: P.kwargs) -> AsyncIterator[T]:
+        return aiterate(method(*args, **kwargs))
+
+    return hop_iter
+
+
+def blocking(amethod: Callable[P, Coroutine[Any, Any, T]], *, name: str | None = None) -> Callable[P, T]:
+    """The sync form of the async ``amethod``, in one line: ``status = _loop.blocking(astatus)`` in a class body.
+    It runs ``amethod`` on the private loop and blocks until it ends (:func:`run`: called from the I/O thread
+    itself, it raises RuntimeError); its signature is ``amethod``'s and its docstring points there. ``name`` is
+    the sync form's name, where it is not ``amethod``'s without its ``a`` (``wait = blocking(finished,
+    name="wait")``)."""
+    if not inspect.iscoroutinefunction(amethod):
+        raise TypeError(f"blocking makes the sync form of an 'async def', not of {amethod!r}")
+
+    def sync(*args: P.args, **kwargs: P.kwargs) -> T:
+        return run(amethod(*args, **kwargs))
+
+    return _twin(sync, amethod, name)
+
+
+def blocking_iter(amethod: Callable[P, AsyncIterator[T]], *, name: str | None = None) -> Callable[P, Iterator[T]]:
+    """:func:`blocking` for a method that returns an async iterator: ``logs = _loop.blocking_iter(alogs)`` gives
+    an iterator whose items ``amethod``'s iterator yields on the private loop (:func:`iterate`)."""
+    if inspect.iscoroutinefunction(amethod):
+        raise TypeError(f"blocking_iter takes a method that returns an async iterator, not {amethod!r}")
+
+    def sync(*args: P.args, **kwargs: P.kwargs) -> Iterator[T]:
+        return iterate(amethod(*args, **kwargs))
+
+    return _twin(sync, amethod, name, iterator=True)
+
+
+def async_form(function: Callable[..., Any]) -> Callable[..., Any] | None:
+    """The async method a sync one was made from by :func:`blocking` or :func:`blocking_iter` (else None)."""
+    return getattr(function, "_offload_async_form", None)
+
+
+def _twin(sync: Callable[P, T], amethod: Callable[..., Any], name: str | None, *, iterator: bool = False
+          ) -> Callable[P, T]:  # fmt: skip
+    """Dress ``sync`` as the sync form of ``amethod``: its name, signature and a docstring that points there."""
+    if name is None:
+        if not amethod.__name__.startswith("a"):
+            raise TypeError(f"name the sync form of {amethod.__qualname__}: its name does not start with 'a'")
+        name = amethod.__name__[1:]
+    owner, dot, _ = amethod.__qualname__.rpartition(".")
+    signature = inspect.signature(amethod)  # a coroutine's return annotation is already what the sync form returns
+    returns = signature.return_annotation
+    if iterator and isinstance(returns, str) and returns.startswith("AsyncIterator["):
+        returns = returns.removeprefix("Async")
+    summary = inspect.cleandoc(amethod.__doc__ or "").split("\n\n")[0]
+    sync.__module__ = amethod.__module__
+    sync.__name__ = name
+    sync.__qualname__ = owner + dot + name
+    sync.__doc__ = f"Sync form of :meth:`{amethod.__name__}`." + (f"\n\n{summary}" if summary else "")
+    sync.__signature__ = signature.replace(return_annotation=returns)  # type: ignore[attr-defined]
+    sync.__wrapped__ = amethod  # type: ignore[attr-defined]  # get_type_hints reads the annotations' module there
+    sync._offload_async_form = amethod  # type: ignore[attr-defined]
+    return sync
 
 
 _kept: set[asyncio.Task[Any]] = set()

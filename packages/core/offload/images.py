@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import gzip
 import hashlib
 import inspect
@@ -33,10 +32,10 @@ import stat
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from offload import _loop, images_site
 from offload.errors import ConfigError, ImageError
@@ -45,20 +44,8 @@ if TYPE_CHECKING:
     from offload.site import Site
     from offload.spec import JobSpec
 
-P = ParamSpec("P")
 T = TypeVar("T")
 log = logging.getLogger("offload.images")
-
-
-def _on_site_loop(method: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
-    """Run an ``a*`` method on offload's own loop, where the site's connection lives, whichever loop awaits it
-    (a web server's, a hub's)."""
-
-    @functools.wraps(method)
-    async def on_site_loop(*args: P.args, **kwargs: P.kwargs) -> T:
-        return await _loop.bridge(method(*args, **kwargs))
-
-    return on_site_loop
 
 
 SOURCE = inspect.getsource(images_site)
@@ -193,16 +180,14 @@ class Images:
 
     # -- reading the cache ----------------------------------------------------------------------------
 
-    @_on_site_loop
+    @_loop.on_loop
     async def alist(self) -> list[CachedImage]:
         """The cached images, the most recently used first."""
         return sorted(await self._helper("list"), key=lambda image: image.used, reverse=True)
 
-    def list(self) -> list[CachedImage]:
-        """Sync form of :meth:`alist`."""
-        return _loop.run(self.alist())
+    list = _loop.blocking(alist)
 
-    @_on_site_loop
+    @_loop.on_loop
     async def aremote_digest(self, ref: str) -> tuple[str, int]:
         """What the registry has for ``ref`` now, asked from the login node: its digest and its download size
         in bytes (without pulling it)."""
@@ -214,7 +199,7 @@ class Images:
 
     # -- pulling --------------------------------------------------------------------------------------
 
-    @_on_site_loop
+    @_loop.on_loop
     async def apull(self, ref: str, progress: Progress | None = None) -> CachedImage:
         """``ref`` (``docker://...``) in the cache: the registry is asked for the tag's digest now, and the image
         is pulled and converted on the login node unless that digest is there already. Several callers (in this
@@ -237,13 +222,11 @@ class Images:
         self._resolving[ref] = (time.monotonic(), _done(found[-1]))
         return found[-1]
 
-    def pull(self, ref: str, progress: Progress | None = None) -> CachedImage:
-        """Sync form of :meth:`apull`."""
-        return _loop.run(self.apull(ref, progress))
+    pull = _loop.blocking(apull)
 
     # -- what a job runs ------------------------------------------------------------------------------
 
-    @_on_site_loop
+    @_loop.on_loop
     async def aresolve(self, image: str, progress: Progress | None = None) -> str:
         """The image a job should name: a registry image (where the site pulls on its login node) is pulled
         once and run from the cache; a name given to ``offload image push`` is that image's cache path; any
@@ -251,9 +234,7 @@ class Images:
         cached = await self.acached(image, progress)
         return image if cached is None else self._site.runtime.cached_image(cached.path)
 
-    def resolve(self, image: str, progress: Progress | None = None) -> str:
-        """Sync form of :meth:`aresolve`."""
-        return _loop.run(self.aresolve(image, progress))
+    resolve = _loop.blocking(aresolve)
 
     def through_cache(self, image: str) -> bool:
         """Whether a job runs ``image`` from this site's cache: a registry image the site pulls on its login node
@@ -261,7 +242,7 @@ class Images:
         only once it is there (:meth:`acached`); any other image is run as it is named."""
         return (is_pull(image) and self._site.config.pull == "login") or is_pushed_name(image)
 
-    @_on_site_loop
+    @_loop.on_loop
     async def acached(self, image: str, progress: Progress | None = None) -> CachedImage | None:
         """The cache's record of ``image`` where a job runs it from the cache (:meth:`aresolve`): a registry image
         the site pulls on its login node (pulled now if need be) or a pushed name; None for any other image (a
@@ -287,9 +268,7 @@ class Images:
             )
         return cached
 
-    def cached(self, image: str, progress: Progress | None = None) -> CachedImage | None:
-        """Sync form of :meth:`acached`."""
-        return _loop.run(self.acached(image, progress))
+    cached = _loop.blocking(acached)
 
     async def _find_pushed(self, name: str) -> CachedImage | None:
         try:
@@ -300,7 +279,7 @@ class Images:
             raise
         return found[-1] if found else None
 
-    @_on_site_loop
+    @_loop.on_loop
     async def aresolve_specs(self, specs: list[JobSpec], progress: Progress | None = None) -> list[JobSpec]:
         """``specs`` with each image resolved (:meth:`aresolve`), the site's default image included: each
         distinct image once, all at the same time."""
@@ -314,7 +293,7 @@ class Images:
 
     # -- pushing ----------------------------------------------------------------------------------------
 
-    @_on_site_loop
+    @_loop.on_loop
     async def apush(self, path: str | os.PathLike[str], name: str, progress: Progress | None = None) -> CachedImage:
         """Send a local image to the site under ``name`` (then ``image=name``, ``--image NAME`` runs it): a
         directory, a rootfs tarball, a ``docker save`` or OCI archive, or a ``.sif``. It goes over the site's
@@ -358,24 +337,20 @@ class Images:
         progress(f"{name} is on site '{self._site.name}' ({found[-1].size / 2**20:.0f} MiB): use --image {name}")
         return found[-1]
 
-    def push(self, path: str | os.PathLike[str], name: str, progress: Progress | None = None) -> CachedImage:
-        """Sync form of :meth:`apush`."""
-        return _loop.run(self.apush(path, name, progress))
+    push = _loop.blocking(apush)
 
     # -- forgetting -----------------------------------------------------------------------------------
 
-    @_on_site_loop
+    @_loop.on_loop
     async def aremove(self, image: str) -> list[CachedImage]:
         """Forget an image (by ref, pushed name or digest); its files go when no other ref uses them."""
         wanted = _pushed_ref(image) if is_pushed_name(image) else image
         self._resolving.pop(image, None)
         return await self._helper("remove", wanted)
 
-    def remove(self, image: str) -> list[CachedImage]:
-        """Sync form of :meth:`aremove`."""
-        return _loop.run(self.aremove(image))
+    remove = _loop.blocking(aremove)
 
-    @_on_site_loop
+    @_loop.on_loop
     async def aprune(self, older_than_days: float = 0, max_bytes: int = 0) -> list[CachedImage]:
         """Delete the images unused for ``older_than_days`` days, then the least recently used ones until the
         cache holds at most ``max_bytes`` (0: no such limit). Returns what went."""
@@ -384,9 +359,7 @@ class Images:
         self._resolving.clear()
         return await self._helper("prune", str(older_than_days), str(int(max_bytes)))
 
-    def prune(self, older_than_days: float = 0, max_bytes: int = 0) -> list[CachedImage]:
-        """Sync form of :meth:`aprune`."""
-        return _loop.run(self.aprune(older_than_days, max_bytes))
+    prune = _loop.blocking(aprune)
 
 
 def _log_progress(line: str) -> None:

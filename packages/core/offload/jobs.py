@@ -2,8 +2,9 @@
 
 A Job is a handle: it holds the job's id and where its files are on the site, and asks the site's poller for
 its state. Many Jobs waiting at once cost one scheduler query per poll interval, not one each.
-Every operation has a sync form (the CLI, Airflow) and an async form prefixed with ``a`` (Dask, triggers);
-the async wait is :meth:`Job.finished`. Whoever waits for a state (:meth:`Job.await_state`) or follows a file
+Every operation has a sync form (the CLI, Airflow) and an async form prefixed with ``a`` (Dask, triggers),
+which may be awaited from any loop; the async one is written, the sync one made from it (:mod:`offload._loop`).
+The async wait is :meth:`Job.finished`. Whoever waits for a state (:meth:`Job.await_state`) or follows a file
 the job writes (:meth:`Job.afollow`: its output, a server's address file, a container's log) uses the one loop
 here for it.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -163,12 +164,12 @@ class Job:
 
     # -- status -----------------------------------------------------------------------------------------
 
+    @_loop.on_loop
     async def astatus(self, refresh: bool = True) -> JobStatus:
         """The job's status; with ``refresh``, as of a scheduler query made now (shared with other callers)."""
-        return await _loop.bridge(self._host.status(self.ref, refresh))
+        return await self._host.status(self.ref, refresh)
 
-    def status(self, refresh: bool = True) -> JobStatus:
-        return _loop.run(self._host.status(self.ref, refresh))
+    status = _loop.blocking(astatus)
 
     @property
     def state(self) -> JobState:
@@ -181,14 +182,18 @@ class Job:
 
     # -- waiting ----------------------------------------------------------------------------------------
 
+    @_loop.on_loop
     async def finished(self, timeout: float | None = None, *, check: bool = False) -> JobStatus:
-        """Wait for the job to end and return its final status (the async form of :meth:`wait`)."""
-        return await _loop.bridge(self._finished(timeout, check))
+        """Wait for the job to end and return its final status. ``check=True`` raises :class:`JobFailedError`
+        unless it COMPLETED."""
+        status = await self._await_state(_FINAL, timeout, None, or_end=True)
+        if check and status.state is not JobState.COMPLETED:
+            raise await self._ended_error(status)
+        return status
 
-    def wait(self, timeout: float | None = None, *, check: bool = False) -> JobStatus:
-        """Block until the job ends. ``check=True`` raises :class:`JobFailedError` unless it COMPLETED."""
-        return _loop.run(self._finished(timeout, check))
+    wait = _loop.blocking(finished, name="wait")
 
+    @_loop.on_loop
     async def await_state(self, *states: JobState, timeout: float | None = None, on_change: OnChange | None = None,
                           or_end: bool = False) -> JobStatus:  # fmt: skip
         """Wait until the job is in one of ``states`` (e.g. RUNNING) and return its status. Waiters ride the
@@ -199,18 +204,9 @@ class Job:
         A job that ends in another state first raises :class:`JobFailedError` saying the state and reason it
         ended in, with its log's last lines (``or_end=True``: its final status is returned instead); no such
         state within ``timeout`` seconds raises :class:`TimeoutError` naming the last state seen."""
-        return await _loop.bridge(self._await_state(states, timeout, on_change, or_end))
+        return await self._await_state(states, timeout, on_change, or_end)
 
-    def wait_for_state(self, *states: JobState, timeout: float | None = None, on_change: OnChange | None = None,
-                       or_end: bool = False) -> JobStatus:  # fmt: skip
-        """Sync form of :meth:`await_state`."""
-        return _loop.run(self._await_state(states, timeout, on_change, or_end))
-
-    async def _finished(self, timeout: float | None, check: bool) -> JobStatus:
-        status = await self._await_state(_FINAL, timeout, None, or_end=True)
-        if check and status.state is not JobState.COMPLETED:
-            raise await self._ended_error(status)
-        return status
+    wait_for_state = _loop.blocking(await_state, name="wait_for_state")
 
     async def _await_state(self, states: Collection[JobState], timeout: float | None, on_change: OnChange | None,
                            or_end: bool) -> JobStatus:  # fmt: skip
@@ -259,33 +255,29 @@ class Job:
             text = text[1:]  # the first line read may be cut
         return "\n".join(text[-lines:])
 
+    @_loop.on_loop
     async def atail(self, lines: int = 20) -> str:
         """The last ``lines`` lines of the job's output (stdout and stderr together)."""
-        return await _loop.bridge(self._tail(lines))
+        return await self._tail(lines)
 
-    def tail(self, lines: int = 20) -> str:
-        """Sync form of :meth:`atail`."""
-        return _loop.run(self._tail(lines))
+    tail = _loop.blocking(atail)
 
+    @_loop.on_loop
     async def aoutput(self, offset: int = 0) -> bytes:
         """The job's output (stdout and stderr) from byte ``offset`` on, as far as it is written now: for
         followers that keep their own place, e.g. an Airflow trigger that resumes where the last one stopped."""
-        return await _loop.bridge(self._host.read(self.ref.output_path, offset))
+        return await self._host.read(self.ref.output_path, offset)
 
-    def output(self, offset: int = 0) -> bytes:
-        """Sync form of :meth:`aoutput`."""
-        return _loop.run(self._host.read(self.ref.output_path, offset))
+    output = _loop.blocking(aoutput)
 
+    @_loop.on_loop_iter
     def alogs(self, follow: bool = False, interval: float | None = None) -> AsyncIterator[str]:
-        """The job's output line by line; with ``follow``, until the job ends (like ``tail -f``).
+        """The job's output line by line; with ``follow``, streams until the job ends (like ``tail -f``).
 
         A follower reads new output every ``interval`` seconds (default: the site's poll interval)."""
-        return _loop.aiterate(self._read_lines(follow, interval))
+        return self._read_lines(follow, interval)
 
-    def logs(self, follow: bool = False, interval: float | None = None) -> Iterator[str]:
-        """The job's output line by line; with ``follow``, streams until the job ends (new output is looked
-        for every ``interval`` seconds, by default the site's poll interval)."""
-        return _loop.iterate(self._read_lines(follow, interval))
+    logs = _loop.blocking_iter(alogs)
 
     async def _read_lines(self, follow: bool, interval: float | None = None) -> AsyncIterator[str]:
         pending = b""
@@ -301,6 +293,7 @@ class Job:
         if pending:
             yield pending.decode("utf-8", "replace")
 
+    @_loop.on_loop_iter
     def afollow(self, name: str | None = None, offset: int = 0, *, until: Until | None = None,
                 interval: float | None = None, retry: RetryPolicy | None = None,
                 retry_if: RetryIf | None = None,
@@ -314,19 +307,13 @@ class Job:
         New bytes are looked for every ``interval`` seconds (default: the site's poll interval; no faster than
         that while the job queues). A read that fails raises, unless ``retry`` (a :class:`RetryPolicy`) reads
         again: errors ``retry_if`` accepts (default: all), after ``on_retry(exc, pause)``; every read that works
-        starts the policy afresh. ``until`` and ``on_retry`` run on offload's I/O loop."""
-        path = self._file(name)
-        return _loop.aiterate(self._follow(path, offset, until=until, interval=interval, retry=retry,
-                                           retry_if=retry_if, on_retry=on_retry))  # fmt: skip
+        starts the policy afresh. ``until`` and ``on_retry`` run on offload's I/O loop (``until`` is a coroutine
+        function in the sync form :meth:`follow` too)."""
+        path = self._file(name)  # a name that is no plain file of the job's directory raises here, at the call
+        return self._follow(path, offset, until=until, interval=interval, retry=retry, retry_if=retry_if,
+                            on_retry=on_retry)  # fmt: skip
 
-    def follow(self, name: str | None = None, offset: int = 0, *, until: Until | None = None,
-               interval: float | None = None, retry: RetryPolicy | None = None,
-               retry_if: RetryIf | None = None,
-               on_retry: OnRetry | None = None) -> Iterator[bytes]:  # fmt: skip
-        """Sync form of :meth:`afollow` (``until`` is a coroutine function still: it runs on offload's loop)."""
-        path = self._file(name)
-        return _loop.iterate(self._follow(path, offset, until=until, interval=interval, retry=retry,
-                                          retry_if=retry_if, on_retry=on_retry))  # fmt: skip
+    follow = _loop.blocking_iter(afollow)
 
     async def _follow(self, path: str, offset: int = 0, *, follow: bool = True, until: Until | None = None,
                       interval: float | None = None, retry: RetryPolicy | None = None,
@@ -387,48 +374,44 @@ class Job:
             raise ConfigError(f"{name!r} is not a plain file name of the job's directory (or is offload's own)")
         return f"{self.ref.jobdir}/{name}"
 
+    @_loop.on_loop
     async def aput(self, name: str, data: bytes, mode: int = 0o600) -> None:
         """Write ``data`` to the file ``name`` in the job's directory (``$OFFLOAD_JOB_DIR/name`` inside)."""
-        await _loop.bridge(self._host.write(self._path(name), data, mode))
+        await self._host.write(self._path(name), data, mode)
 
-    def put(self, name: str, data: bytes, mode: int = 0o600) -> None:
-        """Sync form of :meth:`aput`."""
-        _loop.run(self._host.write(self._path(name), data, mode))
+    put = _loop.blocking(aput)
 
+    @_loop.on_loop
     async def aget(self, name: str, offset: int = 0, size: int | None = None) -> bytes:
         """The bytes of the file ``name`` in the job's directory from byte ``offset`` on (negative: that many
         from its end), at most ``size`` of them (empty if it does not exist): a follower of a file the job writes
         keeps its own place, as with :meth:`aoutput`, and a reader of a big log's end reads only that."""
-        return await _loop.bridge(self._host.read(self._path(name), offset, size))
+        return await self._host.read(self._path(name), offset, size)
 
-    def get(self, name: str, offset: int = 0, size: int | None = None) -> bytes:
-        """Sync form of :meth:`aget`."""
-        return _loop.run(self._host.read(self._path(name), offset, size))
+    get = _loop.blocking(aget)
 
+    @_loop.on_loop
     async def aupload(self, local: str | os.PathLike[str], name: str | None = None,
                       progress: Progress | None = None) -> None:  # fmt: skip
         """Copy a local file (of any size: streamed, in parallel blocks) to ``name`` in the job's directory
         (default: its own name). ``progress(done, total)`` is called as bytes go."""
         path = self._path(name or os.path.basename(local))
-        await _loop.bridge(self._host.upload(os.fspath(local), path, progress))
+        await self._host.upload(os.fspath(local), path, progress)
 
-    def upload(self, local: str | os.PathLike[str], name: str | None = None, progress: Progress | None = None) -> None:
-        """Sync form of :meth:`aupload`."""
-        _loop.run(self._host.upload(os.fspath(local), self._path(name or os.path.basename(local)), progress))
+    upload = _loop.blocking(aupload)
 
+    @_loop.on_loop
     async def adownload(self, name: str, local: str | os.PathLike[str], progress: Progress | None = None) -> None:
         """Copy the file ``name`` of the job's directory to the local file ``local`` (streamed, any size)."""
-        await _loop.bridge(self._host.download(self._path(name), os.fspath(local), progress))
+        await self._host.download(self._path(name), os.fspath(local), progress)
 
-    def download(self, name: str, local: str | os.PathLike[str], progress: Progress | None = None) -> None:
-        """Sync form of :meth:`adownload`."""
-        _loop.run(self._host.download(self._path(name), os.fspath(local), progress))
+    download = _loop.blocking(adownload)
 
     # -- cancel -----------------------------------------------------------------------------------------
 
+    @_loop.on_loop
     async def acancel(self) -> None:
-        await _loop.bridge(self._host.cancel([self.ref]))
-
-    def cancel(self) -> None:
         """Cancel the job (a no-op for a job that already ended)."""
-        _loop.run(self._host.cancel([self.ref]))
+        await self._host.cancel([self.ref])
+
+    cancel = _loop.blocking(acancel)

@@ -225,13 +225,12 @@ class Site:
             self._workdir = workdir
         return f"{self._workdir}/jobs"
 
+    @_loop.on_loop
     async def aworkdir(self) -> str:
         """The site's work directory, absolute (``~`` resolved): job directories and offload's files live here."""
-        return (await _loop.bridge(self._jobs_dir())).removesuffix("/jobs")
+        return (await self._jobs_dir()).removesuffix("/jobs")
 
-    def workdir(self) -> str:
-        """Sync form of :meth:`aworkdir`."""
-        return _loop.run(self._jobs_dir()).removesuffix("/jobs")
+    workdir = _loop.blocking(aworkdir)
 
     def transport_run(self, argv: Sequence[str]) -> str:
         """Run one command on the site (the login node) and return its output; raises with its stderr."""
@@ -243,21 +242,15 @@ class Site:
 
     # -- submitting -------------------------------------------------------------------------------------
 
+    @_loop.on_loop
     async def asubmit(self, spec: JobSpec) -> Job:
-        """Submit one job and return its handle (async)."""
-        return (await self.asubmit_many([spec]))[0]
-
-    def submit(self, spec: JobSpec) -> Job:
         """Submit one job and return its handle."""
-        return _loop.run(self._submit_many([spec]))[0]
+        return (await self._submit_many([spec]))[0]
 
+    submit = _loop.blocking(asubmit)
+
+    @_loop.on_loop
     async def asubmit_many(
-        self, specs: Sequence[JobSpec], *, arrays: bool = True, array_parallelism: int | None = None
-    ) -> list[Job]:
-        """Submit many jobs in one round trip; identical specs go as one job array (async)."""
-        return await _loop.bridge(self._submit_many(list(specs), arrays, array_parallelism))
-
-    def submit_many(
         self, specs: Sequence[JobSpec], *, arrays: bool = True, array_parallelism: int | None = None
     ) -> list[Job]:
         """Submit many jobs in one round trip; identical specs go as one job array.
@@ -273,7 +266,9 @@ class Site:
         cancelled and :class:`SubmissionError` says why. Interrupting it (Ctrl-C, task cancellation) never
         leaves a job running that nobody knows about: jobs that got in are cancelled.
         """
-        return _loop.run(self._submit_many(list(specs), arrays, array_parallelism))
+        return await self._submit_many(list(specs), arrays, array_parallelism)
+
+    submit_many = _loop.blocking(asubmit_many)
 
     async def _submit_many(
         self, specs: list[JobSpec], arrays: bool = True, array_parallelism: int | None = None
@@ -407,17 +402,14 @@ class Site:
             raise ConfigError(f"job {job.id} on {self.name} runs no relay (it was submitted without reach or relay)")
         self._relays.serve(job.ref, [(t["host"], int(t["port"])) for t in json.loads(raw)])
 
-    async def _relay(self, job: Job) -> JobStatus:
+    @_loop.on_loop
+    async def arelay(self, job: Job) -> JobStatus:
+        """Serve ``job``'s reach relay from this process until the job ends (for a job another process
+        submitted, e.g. with ``offload run --detach``); returns its final status."""
         await self._serve_relay(job)
         return await self._poller.wait(job.ref)
 
-    def relay(self, job: Job) -> JobStatus:
-        """Serve ``job``'s reach relay from this process until the job ends (for a job another process
-        submitted, e.g. with ``offload run --detach``); returns its final status."""
-        return _loop.run(self._relay(job))
-
-    async def arelay(self, job: Job) -> JobStatus:
-        return await _loop.bridge(self._relay(job))
+    relay = _loop.blocking(arelay)
 
     # -- following jobs ---------------------------------------------------------------------------------
 
@@ -452,15 +444,18 @@ class Site:
         except TimeoutError:
             log.warning("cancelled %d job(s) on %s, but they have not ended after %s s", len(refs), self.name, timeout)
 
+    @_loop.on_loop
     async def acancel(self, jobs: Sequence[Job], timeout: float = 60) -> None:
-        """Cancel many jobs in one scheduler call (async)."""
-        await _loop.bridge(self._cancel([job.ref for job in jobs], timeout))
-
-    def cancel(self, jobs: Sequence[Job], timeout: float = 60) -> None:
         """Cancel many jobs in one scheduler call; return once they ended (waiting at most ``timeout`` s)."""
-        _loop.run(self._cancel([job.ref for job in jobs], timeout))
+        await self._cancel([job.ref for job in jobs], timeout)
 
-    async def _job(self, job_id: str, jobdir: str | None = None, index: int | None = None) -> Job:
+    cancel = _loop.blocking(acancel)
+
+    @_loop.on_loop
+    async def ajob(self, job_id: str, *, jobdir: str | None = None, index: int | None = None) -> Job:
+        """Reattach to a job by id: from this machine's records, the scheduler's queue, or, when given, the
+        job's directory (``Job.ref.jobdir``) and array index, which any machine can use."""
+        job_id = str(job_id)
         if jobdir is not None:  # the caller knows where the job lives (e.g. a trigger on another machine)
             return Job(self, JobRef(job_id, jobdir, index))
         record = self._records.get(self.name, job_id)
@@ -477,35 +472,26 @@ class Site:
         self._poller.known(ref, status)
         return Job(self, ref)
 
-    def job(self, job_id: str, *, jobdir: str | None = None, index: int | None = None) -> Job:
-        """Reattach to a job by id: from this machine's records, the scheduler's queue, or, when given, the
-        job's directory (``Job.ref.jobdir``) and array index, which any machine can use."""
-        return _loop.run(self._job(str(job_id), jobdir, index))
+    job = _loop.blocking(ajob)
 
-    async def ajob(self, job_id: str, *, jobdir: str | None = None, index: int | None = None) -> Job:
-        return await _loop.bridge(self._job(str(job_id), jobdir, index))
-
-    async def _find(self, name: str) -> list[Job]:
+    @_loop.on_loop
+    async def afind(self, name: str) -> list[Job]:
+        """Jobs on the site with this name, newest first, from the scheduler (queued and recently ended), so
+        a process on any machine can find the job an earlier process submitted under a deterministic name."""
         refs = await self._scheduler.find(self._transport, name)
         if refs is None:  # the scheduler cannot say: this machine's records can
             refs = [JobRef(r.job_id, r.jobdir, r.task_index) for r in self._records.find(self.name, name, 1000)]
         return [Job(self, ref, name=name) for ref in refs]
 
-    def find(self, name: str) -> list[Job]:
-        """Jobs on the site with this name, newest first, from the scheduler (queued and recently ended), so
-        a process on any machine can find the job an earlier process submitted under a deterministic name."""
-        return _loop.run(self._find(name))
+    find = _loop.blocking(afind)
 
-    async def afind(self, name: str) -> list[Job]:
-        return await _loop.bridge(self._find(name))
-
+    @_loop.on_loop
     async def anodes(self) -> list[NodeResources]:
-        """The site's nodes with their GPUs, CPUs and memory, total and in use (one scheduler call)."""
-        return await _loop.bridge(self._scheduler.nodes(self._transport))
+        """The site's nodes with their GPUs, CPUs and memory, total and in use (one scheduler call): what is free
+        where, e.g. before asking for 8 GPUs."""
+        return await self._scheduler.nodes(self._transport)
 
-    def nodes(self) -> list[NodeResources]:
-        """Sync form of :meth:`anodes`: what is free where, e.g. before asking for 8 GPUs."""
-        return _loop.run(self._scheduler.nodes(self._transport))
+    nodes = _loop.blocking(anodes)
 
     def records(self, name: str | None = None, limit: int = 50) -> list[JobRecord]:
         """This machine's records of jobs on this site, newest first."""
@@ -533,30 +519,25 @@ class Site:
 
     # -- reaching services on the site -----------------------------------------------------------------
 
+    @_loop.on_loop
     async def aforward(self, remote_host: str, remote_port: int, local_port: int = 0) -> Forward:
         """Forward 127.0.0.1:``local_port`` (0: any free port) to ``remote_host:remote_port`` as seen from the
         site's login node, over the site's connection; the port keeps listening through a reconnect."""
-        return Forward(await _loop.bridge(self._transport.forward_local_port(remote_host, remote_port, local_port)))
+        return Forward(await self._transport.forward_local_port(remote_host, remote_port, local_port))
 
-    def forward(self, remote_host: str, remote_port: int, local_port: int = 0) -> Forward:
-        """Sync form of :meth:`aforward`."""
-        return Forward(_loop.run(self._transport.forward_local_port(remote_host, remote_port, local_port)))
+    forward = _loop.blocking(aforward)
 
-    async def _forward_job(self, job: Job, remote_port: int, local_port: int) -> PortForward:
-        if not self._relays_needed:  # the job runs here: its loopback is ours
-            return await self._transport.forward_local_port("127.0.0.1", remote_port, local_port)
-        if job.id not in self._relays._tasks:
-            await self._serve_relay(job)
-        return await self._relays.forward(job.ref, remote_port, local_port)
-
+    @_loop.on_loop
     async def aforward_job(self, job: Job, remote_port: int, local_port: int = 0) -> Forward:
         """Forward 127.0.0.1:``local_port`` to ``remote_port`` on the loopback of ``job``'s node, through the
         job's relay (``JobSpec(relay=True)``): for a service that listens on the node's 127.0.0.1 only."""
-        return Forward(await _loop.bridge(self._forward_job(job, remote_port, local_port)))
+        if not self._relays_needed:  # the job runs here: its loopback is ours
+            return Forward(await self._transport.forward_local_port("127.0.0.1", remote_port, local_port))
+        if job.id not in self._relays._tasks:
+            await self._serve_relay(job)
+        return Forward(await self._relays.forward(job.ref, remote_port, local_port))
 
-    def forward_job(self, job: Job, remote_port: int, local_port: int = 0) -> Forward:
-        """Sync form of :meth:`aforward_job`."""
-        return Forward(_loop.run(self._forward_job(job, remote_port, local_port)))
+    forward_job = _loop.blocking(aforward_job)
 
     # -- lifetime ---------------------------------------------------------------------------------------
 
@@ -565,15 +546,14 @@ class Site:
         await self._relays.close()
         await self._transport.close()
 
+    @_loop.on_loop
     async def aclose(self) -> None:
-        _SITES.forget(self)
-        await _loop.bridge(self._close())
-
-    def close(self) -> None:
         """Close the site's connection (jobs keep running on the site; their reach relays stop). A shared site
         (:func:`load_site`) is not handed out again: the next call makes a new one."""
         _SITES.forget(self)
-        _loop.run(self._close())
+        await self._close()
+
+    close = _loop.blocking(aclose)
 
 
 class _JobHost:
@@ -619,11 +599,12 @@ class Forward:
     def local_port(self) -> int:
         return self._inner.local_port
 
+    @_loop.on_loop
     async def aclose(self) -> None:
-        await _loop.bridge(self._inner.close())
+        """Stop listening on the local port and end the connections the forward carries."""
+        await self._inner.close()
 
-    def close(self) -> None:
-        _loop.run(self._inner.close())
+    close = _loop.blocking(aclose)
 
 
 def _job_key(spec: JobSpec) -> str:
