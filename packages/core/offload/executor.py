@@ -608,14 +608,13 @@ class Executor(concurrent.futures.Executor):
 
     # -- the version check ----------------------------------------------------------------------------------
 
+    @_loop.on_loop
     async def acheck(self) -> Interpreter:
         """Check now that the image's interpreter loads this client's calls (see :func:`probe`), and return it.
         Done by the first call anyway; one command per site and image in a process."""
-        return await _loop.bridge(self._check())
+        return await self._check()
 
-    def check(self) -> Interpreter:
-        """Sync form of :meth:`acheck`."""
-        return _loop.run(self._check())
+    check = _loop.blocking(acheck)
 
     async def _check(self) -> Interpreter:
         if self._interpreter is None:
@@ -1005,26 +1004,24 @@ class Executor(concurrent.futures.Executor):
 
     # -- futures of other processes -------------------------------------------------------------------------
 
-    def attach(self, job_id: str, *, jobdir: str | None = None, index: int | None = None) -> JobFuture:
+    @_loop.on_loop
+    async def aattach(self, job_id: str, *, jobdir: str | None = None, index: int | None = None) -> JobFuture:
         """The future of the call(s) job ``job_id`` runs, from any process: a client killed after ``submit``
         leaves its results in the job's directory, which this reads once the job ended. For an array task of a
         ``map`` with ``chunksize`` above 1, the future's result is the list of its calls' results. The job is
         found in this machine's job records; from another machine, give its ``jobdir`` (and array ``index``)."""
-        return _loop.run(self._attach_id(job_id, jobdir, index))
+        return await self._attach_id(job_id, jobdir, index)
 
-    async def aattach(self, job_id: str, *, jobdir: str | None = None, index: int | None = None) -> JobFuture:
-        """Async form of :meth:`attach`."""
-        return await _loop.bridge(self._attach_id(job_id, jobdir, index))
+    attach = _loop.blocking(aattach)
 
-    def attach_name(self, name: str) -> list[JobFuture]:
+    @_loop.on_loop
+    async def aattach_name(self, name: str) -> list[JobFuture]:
         """The futures of the jobs named ``name`` (``Executor(name=...)``) that the site still knows of (or this
         machine's records, where the scheduler cannot say): one per job or array task, in the order they were
         submitted."""
-        return _loop.run(self._attach_name(name))
+        return await self._attach_name(name)
 
-    async def aattach_name(self, name: str) -> list[JobFuture]:
-        """Async form of :meth:`attach_name`."""
-        return await _loop.bridge(self._attach_name(name))
+    attach_name = _loop.blocking(aattach_name)
 
     async def _attach_id(self, job_id: str, jobdir: str | None, index: int | None) -> JobFuture:
         job = await self.site.ajob(str(job_id), jobdir=jobdir, index=index)
