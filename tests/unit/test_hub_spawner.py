@@ -2,6 +2,10 @@
 into plain values, secrets and reach targets. The hub itself runs in tests/integration/test_hub.py."""
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -10,6 +14,7 @@ pytest.importorskip("jupyterhub")
 
 import offload
 from jupyterhub_offload import OffloadSpawner
+from jupyterhub_offload.spawner import SINGLEUSER
 
 PROFILES = [
     {"display_name": "1 GPU <b>", "slug": "gpu1", "gpus": 1, "images": ["default-img", "mine"]},
@@ -62,7 +67,7 @@ def test_the_token_is_a_secret_and_the_hub_api_a_reach_target(local):
     assert "JUPYTERHUB_SERVICE_URL" not in spec.env  # the job picks its port
     assert spec.env["JUPYTERHUB_USER"] == "alice" and "PATH" not in spec.env  # nothing of the hub's own env
     assert spec.name == "jupyterhub-alice-default" and spec.relay
-    assert spec.command[-1] == "hub"
+    assert spec.command[-2] == SINGLEUSER  # the hub's single-user command, as offload's launcher's server
     assert spec.prologue == ("(umask 077 && mkdir -p /work/hub/alice/notebooks)",)
     assert "secret-token-value" not in offload.load_site("local").job_script(spec)
 
@@ -154,20 +159,18 @@ def hub_config(tmp_path, text: str):
 PRINT_ARGV = "import json, os, sys; print('ARGV ' + json.dumps([sys.argv[1:], dict(os.environ)]), flush=True)"
 
 
-async def test_the_hubs_cmd_args_notebook_dir_and_default_url_reach_the_server_quoted(local, tmp_path):
-    """c.Spawner.cmd runs with Spawner.get_args() after it (as batchspawner and KubeSpawner run cmd + get_args()),
-    each argument arriving as the admin wrote it through the batch script's shell; notebook_dir is the server's
-    root (after offload's own --ServerApp.root_dir) and default_url reaches it as JupyterHub passes it."""
-    import json
-    import sys
+ALLOW_ROOT = ["--allow-root"] if os.getuid() == 0 else []
 
-    config = hub_config(tmp_path, f"""
-c.Spawner.cmd = [{sys.executable!r}, "-c", {PRINT_ARGV!r}]
-c.Spawner.args = ["--x=$(touch {tmp_path}/pwned)", "two words", "it's \\"q\\" `id`", "a;b|c&d", "*"]
-c.Spawner.notebook_dir = {str(tmp_path / "nb-{username}")!r}
-c.Spawner.default_url = "/lab/tree/{{username}}"
-""")  # fmt: skip
-    s = spawner(config=config)
+
+def launcher_options(port: int, root: str) -> list[str]:
+    """What offload's Jupyter launcher appends to a server's command (offload.jupyter_spec)."""
+    return ["--ip=127.0.0.1", f"--port={port}", "--ServerApp.port_retries=0", f"--ServerApp.root_dir={root}",
+            "--LabApp.news_url=None", *ALLOW_ROOT]  # fmt: skip
+
+
+async def run_session(s: OffloadSpawner) -> tuple[offload.JobSpec, list[str], dict[str, str], dict]:
+    """The spawner's job on the local site, run to its end: its spec, the argv and environment the stand-in server
+    (PRINT_ARGV) printed, and the launcher's jupyter.json."""
     s._site_key = ("local", None, None)
     site = s._site()
     spec = s._spec(await site.aworkdir(), s._profile())
@@ -175,16 +178,97 @@ c.Spawner.default_url = "/lab/tree/{{username}}"
     try:
         status = await job.finished(timeout=60)
         out = await job.atail(200)
+        info = json.loads(await job.aget("jupyter.json"))
     finally:
         await site.acancel([job])
     assert status.state is offload.JobState.COMPLETED, out
     (line,) = [line for line in out.splitlines() if line.startswith("ARGV ")]
     argv, env = json.loads(line[5:])
+    return spec, argv, env, info
+
+
+async def test_the_hubs_cmd_args_notebook_dir_and_default_url_reach_the_server_quoted(local, tmp_path):
+    """c.Spawner.cmd runs with Spawner.get_args() after it (as batchspawner and KubeSpawner run cmd + get_args()),
+    each argument arriving as the admin wrote it through the batch script's shell; notebook_dir is the server's
+    root (after offload's own --ServerApp.root_dir) and default_url reaches it as JupyterHub passes it."""
+    config = hub_config(tmp_path, f"""
+c.Spawner.cmd = [{sys.executable!r}, "-c", {PRINT_ARGV!r}]
+c.Spawner.args = ["--x=$(touch {tmp_path}/pwned)", "two words", "it's \\"q\\" `id`", "a;b|c&d", "*"]
+c.Spawner.notebook_dir = {str(tmp_path / "nb-{username}")!r}
+c.Spawner.default_url = "/lab/tree/{{username}}"
+""")  # fmt: skip
+    s = spawner(config=config)
+    _, argv, env, _ = await run_session(s)
     assert argv[-len(s.get_args()) :] == s.get_args()  # Spawner.get_args(): what the hub passes after cmd
     assert not (tmp_path / "pwned").exists()
     roots = [a.split("=", 1)[1] for a in argv if a.startswith("--ServerApp.root_dir=")]
     assert roots[-1] == str(tmp_path / "nb-alice") and (tmp_path / "nb-alice").is_dir()
     assert env["JUPYTERHUB_DEFAULT_URL"] == "/lab/tree/alice"
+
+
+async def test_the_hub_command_line_is_cmd_then_the_launchers_options_then_args(local, tmp_path):
+    """The server runs ``cmd``, offload's launcher's options, then ``get_args()`` (so the hub's args win), every
+    element of cmd and args one argument as the admin wrote it, through the batch script's shell; its URL is
+    the launcher's port with the hub's prefix."""
+    config = hub_config(tmp_path, f"""
+c.Spawner.cmd = [{sys.executable!r}, "-c", {PRINT_ARGV!r}, "$(touch {tmp_path}/pwned-cmd)", "it's a 'cmd'", ";|&"]
+c.Spawner.args = ["--port=1", "--x=`touch {tmp_path}/pwned-args`", "two words", '"q"', "*", ""]
+c.Spawner.environment = {{"JUPYTERHUB_SERVICE_PREFIX": "/user/alice/"}}
+""")  # fmt: skip
+    s = spawner(config=config)
+    spec, argv, env, info = await run_session(s)
+    root = spec.command[3]
+    cmd_args = [f"$(touch {tmp_path}/pwned-cmd)", "it's a 'cmd'", ";|&"]  # what cmd gives its -c program
+    assert argv == [*cmd_args, *launcher_options(info["port"], root), *s.get_args()]
+    assert env["JUPYTERHUB_SERVICE_URL"] == f"http://127.0.0.1:{info['port']}/user/alice/"
+    assert not list(tmp_path.glob("pwned*"))
+
+
+def test_the_singleuser_program_sets_the_service_url_from_the_launchers_port(tmp_path):
+    """Run as the launcher runs it (``python -c SINGLEUSER '[cmd, args]' OPTIONS``), on this machine: a hub's URL
+    for the server is replaced by the launcher's port and the hub's prefix; without a cmd of the hub's, it runs
+    ``python -m jupyterhub.singleuser`` (here a stand-in package first on PYTHONPATH)."""
+    fake = tmp_path / "fake" / "jupyterhub" / "singleuser"
+    fake.mkdir(parents=True)
+    (fake.parent / "__init__.py").touch()
+    (fake / "__init__.py").touch()
+    (fake / "__main__.py").write_text(PRINT_ARGV + "\n")
+    options = launcher_options(43210, "/home/alice/nb")
+    env = {**os.environ, "OFFLOAD_JUPYTER_PORT": "43210", "JUPYTERHUB_SERVICE_URL": "http://10.0.0.9:8888/wrong/",
+           "PYTHONPATH": str(tmp_path / "fake")}  # fmt: skip
+    args = ["--SingleUserNotebookApp.default_url=/lab", "a b"]
+    cases = [
+        ([sys.executable, "-c", PRINT_ARGV, "$(x)"], "/user/alice/x%20y/", ["$(x)", *options, *args]),
+        (None, None, [*options, *args]),  # no prefix from the hub: "/"
+    ]
+    for cmd, prefix, expected in cases:
+        env.pop("JUPYTERHUB_SERVICE_PREFIX", None)
+        if prefix:
+            env["JUPYTERHUB_SERVICE_PREFIX"] = prefix
+        done = subprocess.run([sys.executable, "-c", SINGLEUSER, json.dumps([cmd, args]), *options], env=env,
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        argv, server_env = json.loads(done.stdout.removeprefix("ARGV "))
+        assert argv == expected
+        assert server_env["JUPYTERHUB_SERVICE_URL"] == f"http://127.0.0.1:43210{prefix or '/'}"
+
+
+async def test_a_notebook_dir_under_tilde_is_the_home_seen_in_the_job(local, tmp_path, monkeypatch):
+    """Spawner.notebook_dir (JUPYTERHUB_ROOT_DIR) is the server's root, ``~`` expanded in the job with the home it
+    sees there, as jupyterhub-singleuser expands it; the notebooks folder is still made and bound."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))  # the local site's jobs inherit it: the home "in the container"
+    config = hub_config(tmp_path, f"""
+c.Spawner.cmd = [{sys.executable!r}, "-c", {PRINT_ARGV!r}]
+c.Spawner.notebook_dir = "~/nb-{{username}}"
+""")  # fmt: skip
+    s = spawner(config=config)
+    spec, argv, env, info = await run_session(s)
+    assert spec.command[3] == "~/nb-alice" and spec.env["JUPYTERHUB_ROOT_DIR"] == "~/nb-alice"
+    assert spec.prologue == (f"(umask 077 && mkdir -p {tmp_path}/work/hub/alice/notebooks)",)
+    assert argv == launcher_options(info["port"], str(home / "nb-alice"))
+    assert env["OFFLOAD_JUPYTER_ROOT"] == str(home / "nb-alice") and (home / "nb-alice").is_dir()
 
 
 def test_the_default_command_is_jupyterhub_singleuser(local):
@@ -194,7 +278,7 @@ def test_the_default_command_is_jupyterhub_singleuser(local):
     assert s.cmd == ["jupyterhub-singleuser"] and s.get_args() == []
     s._site_key = ("local", None, None)
     spec = s._spec("/work", s._profile())
-    assert spec.command[3] == "[null, []]"  # no command of the hub's own: the launcher's jupyterhub.singleuser
+    assert spec.command[-1] == "[null, []]"  # no command of the hub's own: the program's jupyterhub.singleuser
 
 
 def test_mem_and_cpu_limits_are_the_jobs_unless_the_profile_sets_them_and_profiles_set_account_and_qos(local, tmp_path):

@@ -27,6 +27,7 @@ from offload.executor import Executor, JobFuture, remote
 from offload.hookspecs import RuntimePlugin, SchedulerPlugin, TransportPlugin, hookimpl
 from offload.images import CachedImage, Images
 from offload.jobs import EndCause, Job, JobState, JobStatus
+from offload.jupyter import jupyter_spec
 from offload.profiles import SiteProfiles, load_profiles, profile_from_table
 from offload.retry import Retry, RetryPolicy
 from offload.runtimes.base import ContainerCommand, Runtime
@@ -79,6 +80,7 @@ __all__ = [
     "archive",
     "format_size",
     "hookimpl",
+    "jupyter_spec",
     "load_profiles",
     "load_site",
     "parse_size",

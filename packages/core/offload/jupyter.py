@@ -1,4 +1,5 @@
-"""JupyterLab as a job: ``offload jupyter``.
+"""JupyterLab as a job: ``offload jupyter``; and the job of any Jupyter server, :func:`jupyter_spec` (exported as
+``offload.jupyter_spec``: the hub spawner's single-user servers are built on it).
 
 The server runs inside the container on a compute node; you reach it through a 127.0.0.1 port forward on the
 site's SSH connection. What today's tools get wrong, and this does not:
@@ -22,7 +23,7 @@ import shlex
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,9 +33,14 @@ from offload.records import default_path, write_private
 from offload.site import Forward, Site
 from offload.spec import JobSpec, Mount, Resources
 
+# The program that starts a Jupyter server in the job: ``python -c LAUNCHER ROOT [SERVER...]``. It prepares what
+# any Jupyter server needs there, then execs SERVER (default JupyterLab) with the common options appended. It knows
+# no particular server: a hub's single-user server is a SERVER its spawner gives (see jupyter_spec).
 LAUNCHER = r"""
 import json, os, socket, sys
 d = os.environ["OFFLOAD_JOB_DIR"]
+root = os.path.expanduser(sys.argv[1])  # ~ is the container's own home, before the fallback below
+server = sys.argv[2:] or [sys.executable, "-m", "jupyterlab", "--no-browser"]
 for var, sub in (("JUPYTER_RUNTIME_DIR", "runtime"), ("JUPYTER_DATA_DIR", "data"), ("IPYTHONDIR", "ipython"),
                  ("JUPYTER_CONFIG_DIR", "config"), ("JUPYTERLAB_WORKSPACES_DIR", "workspaces"),
                  ("JUPYTERLAB_SETTINGS_DIR", "settings")):
@@ -52,22 +58,17 @@ host = socket.gethostname()
 with open(os.path.join(d, "jupyter.json.tmp"), "w") as f:
     json.dump({"host": host, "port": port}, f)
 os.rename(os.path.join(d, "jupyter.json.tmp"), os.path.join(d, "jupyter.json"))
-root, mode = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "lab"
 os.makedirs(root, exist_ok=True)
-print(f"Jupyter ({mode}) on {host}, 127.0.0.1:{port}, serving {root}", flush=True)
+os.environ["OFFLOAD_JUPYTER_PORT"] = str(port)  # for a server wrapper that needs them
+os.environ["OFFLOAD_JUPYTER_ROOT"] = root
+print(f"Jupyter server on {host}, 127.0.0.1:{port}, serving {root}", flush=True)
 # The node's loopback only: other users of a shared node cannot even knock; offload reaches it through the
 # job's relay.
-common = ["--ip=127.0.0.1", f"--port={port}", "--ServerApp.port_retries=0", f"--ServerApp.root_dir={root}",
-          "--LabApp.news_url=None"]
-if mode == "hub":  # a hub's single-user server: its URL (prefix and all) from the hub, its port from here
-    prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/")
-    os.environ["JUPYTERHUB_SERVICE_URL"] = f"http://127.0.0.1:{port}{prefix}"
-    argv = [sys.executable, "-m", "jupyterhub.singleuser", *common]
-else:
-    argv = [sys.executable, "-m", "jupyterlab", "--no-browser", *common]
+argv = [*server, "--ip=127.0.0.1", f"--port={port}", "--ServerApp.port_retries=0", f"--ServerApp.root_dir={root}",
+        "--LabApp.news_url=None"]
 if os.getuid() == 0:
     argv.append("--allow-root")  # a laptop's local site run as root (containers run as the user)
-os.execvp(sys.executable, argv)
+os.execvp(argv[0], argv)
 """
 
 NAME = "jupyter"
@@ -107,28 +108,42 @@ def _token_file(site: Site, job_id: str) -> Path:
     return default_path().parent / "jupyter" / f"{site.name}-{job_id}.token"
 
 
-def session_spec(site: Site, workdir: str, *, mode: str = "lab", notebooks: str = "notebooks",
-                 root: str | None = None, gpus: int = 0, image: str | None = None, walltime: str | None = None,
-                 cpus: int | None = None, memory: str | None = None, partition: str | None = None,
-                 reach: dict[str, str] | None = None, secrets: dict[str, str] | None = None,
-                 env: dict[str, str] | None = None, name: str = NAME) -> JobSpec:  # fmt: skip
-    """The job of a Jupyter server: JupyterLab (``mode="lab"``) or a hub's single-user server (``"hub"``).
+def jupyter_spec(site: Site, *, server: Sequence[str] | None = None, root: str | None = None,
+                 notebooks: str | None = "notebooks", workdir: str | None = None, resources: Resources | None = None,
+                 image: str | None = None, env: dict[str, str] | None = None, secrets: dict[str, str] | None = None,
+                 reach: dict[str, str] | None = None, name: str = NAME) -> JobSpec:  # fmt: skip
+    """The job of a Jupyter server on ``site``: submit it, then read the server's ``host`` and ``port`` from the
+    job's ``jupyter.json`` (written once, before the server starts) and reach it with ``Site.forward_job``.
 
-    Without ``root`` (a directory as seen inside the container) it serves ``<workdir>/<notebooks>`` on the site,
-    made 0700 by the job itself before the container starts and bound into it, so notebooks saved in one
-    session are there in the next."""
+    In the job, offload's launcher gives the server job-private Jupyter directories (runtime, data, config,
+    IPython; no inherited ``XDG_RUNTIME_DIR``), a writable ``HOME`` (the job directory when the container has
+    none), a free port on the node's loopback, and the root directory (made if missing). Then it runs ``server``,
+    an argv (default: JupyterLab, ``python -m jupyterlab --no-browser`` with the Python that runs the launcher),
+    with these options appended: ``--ip=127.0.0.1 --port=PORT --ServerApp.port_retries=0
+    --ServerApp.root_dir=ROOT --LabApp.news_url=None`` (and ``--allow-root`` when run as root). The server's
+    environment also has ``OFFLOAD_JUPYTER_PORT`` and ``OFFLOAD_JUPYTER_ROOT``, for a wrapper that must know
+    them (a hub's single-user server gets its URL from the port). Every element of ``server`` stays one
+    argument: the batch script quotes it for the shell.
+
+    ``notebooks`` is a folder under the site's work directory (``workdir``, default ``site.workdir()``), made
+    0700 by the job itself before the container starts and bound into it, so notebooks saved in one session are
+    there in the next; ``None`` binds nothing. ``root`` is the directory the server serves, as seen inside the
+    container, a leading ``~`` being the container's home (default: the notebooks folder)."""
     mounts: tuple[Mount, ...] = ()
     prologue: tuple[str, ...] = ()
-    if root is None:
-        folder = f"{workdir}/{notebooks}"
+    if notebooks is not None:
+        folder = f"{workdir or site.workdir()}/{notebooks}"
         prologue = (f"(umask 077 && mkdir -p {shlex.quote(folder)})",)  # every new parent 0700 too
-        root = site.bind_target(folder)
-        if root != folder or site.runtime.runs_containers:
-            mounts = (Mount(folder, root),)
+        target = site.bind_target(folder)
+        if target != folder or site.runtime.runs_containers:
+            mounts = (Mount(folder, target),)
+        root = root or target
+    if not root:
+        raise ValueError("a Jupyter server needs a root directory or a notebooks folder")
     return JobSpec(
-        [site.python, "-c", LAUNCHER, root, mode], image=image, mounts=mounts, prologue=prologue,
-        resources=Resources(gpus=gpus, cpus=cpus, memory=memory, walltime=walltime, partition=partition),
-        env=dict(env or {}), secrets=dict(secrets or {}), reach=dict(reach or {}), relay=True, name=name,
+        [site.python, "-c", LAUNCHER, root, *(server or ())], image=image, mounts=mounts, prologue=prologue,
+        resources=resources or Resources(), env=dict(env or {}), secrets=dict(secrets or {}),
+        reach=dict(reach or {}), relay=True, name=name,
     )  # fmt: skip
 
 
@@ -137,8 +152,9 @@ def start(site: Site, *, gpus: int = 0, image: str | None = None, walltime: str 
           reach: dict[str, str] | None = None) -> tuple[Job, str]:  # fmt: skip
     """Submit JupyterLab as a job; returns the job and its token (also kept, 0600, for ``--attach``)."""
     token = secrets.token_urlsafe(32)
-    spec = session_spec(site, site.workdir(), root=root, gpus=gpus, image=image, walltime=walltime, cpus=cpus,
-                        memory=memory, reach=reach, secrets={"JUPYTER_TOKEN": token})  # fmt: skip
+    spec = jupyter_spec(site, root=root, notebooks=None if root else "notebooks", image=image, reach=reach,
+                        resources=Resources(gpus=gpus, cpus=cpus, memory=memory, walltime=walltime),
+                        secrets={"JUPYTER_TOKEN": token})  # fmt: skip
     site.validate(spec)
     job = site.submit(spec)
     write_private(_token_file(site, job.id), token)

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import html
+import inspect
 import json
 import math
 import re
@@ -38,7 +38,7 @@ from jupyterhub.utils import maybe_future
 from traitlets import Callable, Dict, Integer, List, TraitError, Unicode, Union, default, validate
 
 import offload
-from offload import jupyter as jupyter_mod
+from jupyterhub_offload import singleuser
 
 # What the hub gives a single-user server that must not travel as plain environment: secrets instead
 # (read from a 0600 file by the job and removed before the server starts).
@@ -66,28 +66,11 @@ KUBESPAWNER_HINTS = {
     "tolerations": "where a session runs is offload's partition, account and qos keys",
 }
 
-# How the hub's command starts under offload's Jupyter launcher (offload.jupyter.LAUNCHER, which gives the
-# server job-private Jupyter directories and a free port on its node's loopback, reported in jupyter.json, then
-# execs ``python -m jupyterhub.singleuser OPTIONS``). Run as ``python -c HUB_LAUNCHER '[cmd, args]' LAUNCHER
-# ROOT hub``: it wraps os.execvp so that the last step runs ``CMD OPTIONS ARGS`` instead (the launcher's options
-# first, so that the hub's args come last and win), with no copy of the launcher to drift from it. Spawner's
-# notebook_dir (JUPYTERHUB_ROOT_DIR, ~ expanded in the container as jupyterhub-singleuser does) is the root.
-HUB_LAUNCHER = r"""
-import json, os, sys
-cmd, args = json.loads(sys.argv.pop(1))
-launcher = sys.argv.pop(1)
-if os.environ.get("JUPYTERHUB_ROOT_DIR"):
-    sys.argv[1] = os.path.expanduser(os.environ["JUPYTERHUB_ROOT_DIR"])
-execvp = os.execvp
-def run_hub_command(file, argv):
-    if argv[1:3] != ["-m", "jupyterhub.singleuser"]:
-        sys.exit("offload's Jupyter launcher no longer ends in 'python -m jupyterhub.singleuser': update "
-                 "jupyterhub_offload to the installed offload")
-    argv = (cmd or argv[:3]) + argv[3:] + args
-    execvp(argv[0], argv)
-os.execvp = run_hub_command
-exec(compile(launcher, "offload-jupyter-launcher", "exec"))
-"""
+# The hub's single-user command, run in the job as the server command of offload's Jupyter launcher
+# (offload.jupyter_spec: job-private Jupyter directories, a free port on the node's loopback reported in
+# jupyter.json, the root directory, and the common server options it appends). The program, stdlib only, sets
+# JUPYTERHUB_SERVICE_URL from the launcher's port and execs the hub's ``cmd``, those options, then ``get_args()``.
+SINGLEUSER = inspect.getsource(singleuser)
 DEFAULT_CMD = ["jupyterhub-singleuser"]
 
 # SLURM's pending reasons, in words for the spawn page (the reason itself is shown too).
@@ -317,25 +300,26 @@ class OffloadSpawner(Spawner):
             env.pop(name, None)
         site = self._site()
         server = self.name or "default"
-        spec = jupyter_mod.session_spec(
-            site, workdir, mode="hub", notebooks=self.notebooks.format(username=self.user.name, servername=server),
+        # Spawner.notebook_dir, as the hub passes it: the server's root (~ expanded in the container, as
+        # jupyterhub-singleuser does); the notebooks folder is bound in all the same.
+        root = env.get("JUPYTERHUB_ROOT_DIR")
+        return offload.jupyter_spec(
+            site, server=self._command(site.python), root=str(root) if root else None, workdir=workdir,
+            notebooks=self.notebooks.format(username=self.user.name, servername=server), resources=resources,
             image=profile.get("image", self.image), env={k: str(v) for k, v in env.items() if v is not None},
             secrets=secrets, reach=reach, name=_slug(f"jupyterhub-{self.user.name}-{server}"),
         )  # fmt: skip
-        return dataclasses.replace(spec, resources=resources, command=self._command(spec.command))
 
-    def _command(self, launcher: tuple[str, ...]) -> list[str]:
-        """The hub's ``cmd`` followed by ``get_args()`` (as batchspawner and KubeSpawner run them), started by
-        offload's Jupyter launcher (``launcher``: ``python -c LAUNCHER ROOT hub``) through :data:`HUB_LAUNCHER`.
-        Every part is one argv element, which the batch script quotes for the shell: the hub's arguments reach
-        the server as written, ``$(...)`` and all. The default command, jupyterhub-singleuser, stays the
-        launcher's ``python -m jupyterhub.singleuser`` (the same program, found without the image's PATH)."""
-        python, flag, code, *rest = launcher
-        if flag != "-c" or rest[-1:] != ["hub"]:
-            raise RuntimeError(f"offload's Jupyter launcher is not 'python -c CODE ROOT hub' but {launcher[:2]}...: "
-                               "update jupyterhub_offload to the installed offload")  # fmt: skip
+    def _command(self, python: str) -> list[str]:
+        """The single-user server's command, given to offload's Jupyter launcher: :data:`SINGLEUSER` run by the
+        image's ``python``, with the hub's ``cmd`` and ``get_args()`` (as batchspawner and KubeSpawner run
+        ``cmd + get_args()``) as one JSON argument; the launcher appends its options, and the program puts
+        ``get_args()`` after them. Every part reaches the server as one argv element, which the batch script
+        quotes for the shell: the hub's arguments arrive as written, ``$(...)`` and all. The default command,
+        jupyterhub-singleuser, is left to the program (``null``), which runs ``python -m jupyterhub.singleuser``:
+        the same program, found without the image's PATH."""
         cmd = None if list(self.cmd) in ([], DEFAULT_CMD) else list(self.cmd)
-        return [python, "-c", HUB_LAUNCHER, json.dumps([cmd, list(self.get_args())]), code, *rest]
+        return [python, "-c", SINGLEUSER, json.dumps([cmd, list(self.get_args())])]
 
     async def start(self) -> tuple[str, int]:
         profile = await self._chosen_profile()
