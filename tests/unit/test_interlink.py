@@ -728,3 +728,24 @@ async def test_deleting_a_pod_removes_its_volumes_even_if_its_driver_never_ran(s
         assert (await client.post("/delete", json=p)).status == 200
         assert not (Path(job.ref.jobdir) / "volumes").exists()
         assert (Path(job.ref.jobdir) / "output").exists()  # the job's own files stay
+
+
+def test_on_a_sites_read_only_image_charliecloud_runs_the_pod_without_the_token_mount(tmp_path, monkeypatch):
+    """Every pod has the service account token mounted; Charliecloud cannot make its mount point in a site's own
+    image (a root-owned directory), so there it is left out, said in the job's output; an image of offload's
+    cache (the user's) gets it."""
+    config = tmp_path / "sites.toml"
+    config.write_text(f'[sites.ch]\ntransport = "local"\nscheduler = "local"\nruntime = "charliecloud"\n'
+                      f'workdir = "{tmp_path / "work"}"\n')  # fmt: skip
+    monkeypatch.setenv("OFFLOAD_CONFIG", str(config))
+    monkeypatch.setenv("OFFLOAD_STATE_DIR", str(tmp_path / "state"))
+    site = offload.load_site("ch")
+    try:
+        p = pod([sh("main", "true")])
+        images = {"busybox:1": "/site/images/busybox"}
+        own = "\n".join(plan_pod(site, data(p), images).command)
+        assert SA_MOUNT not in own.replace(f"{SA_MOUNT}: its image", "") and "token is not mounted" in own
+        cached = "\n".join(plan_pod(site, data(p), images, {"busybox:1": (["sh"], [])}).command)
+        assert f":{SA_MOUNT}" in cached and "token is not mounted" not in cached
+    finally:
+        site.close()

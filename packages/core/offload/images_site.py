@@ -341,9 +341,14 @@ def locked(cache, name):
 
 def build(cache, ref, digest_, dest, script, extra_env, run):
     """Run SCRIPT to make ``dest`` unless it is there; record REF as the image at ``dest``, with RUN (what it
-    runs when given no command: :func:`checked_run`)."""
+    runs when given no command: :func:`checked_run`; a callable is asked for it under the lock, only when no
+    record of REF at ``dest`` knows it already: two clients pulling one image read its config once)."""
     name = os.path.basename(dest)
     with locked(cache, name):
+        old = find(cache, ref) or {}
+        if callable(run):
+            known = old.get("path") == dest and os.path.exists(dest) and "entrypoint" in old
+            run = {"entrypoint": old["entrypoint"], "cmd": old.get("cmd", [])} if known else run()
         if not os.path.exists(dest):
             print("offload-building", flush=True)
             env = dict(os.environ, OFFLOAD_DEST=dest, **extra_env)
@@ -354,7 +359,6 @@ def build(cache, ref, digest_, dest, script, extra_env, run):
                     os.remove(dest + ".tmp")
                 raise Failed(f"the runtime's conversion exited with status {code}")
         now = time.time()
-        old = find(cache, ref) or {}
         rec = {"ref": ref, "digest": digest_, "path": dest, "size": size_of(dest), "pulled": now, "used": now, **run}
         if old.get("path") == dest:
             rec["pulled"] = old.get("pulled", now)
@@ -376,17 +380,13 @@ def ensure(cache, ref, suffix, script):
     fresh = known is not None and known["digest"] == digest_ and os.path.exists(known["path"])
     if fresh and "entrypoint" in known:
         return used(cache, known)
-    try:
-        run = image_run(ref, digest_)
-    except Failed as exc:
-        if not fresh:
-            raise
-        print(f"{exc}; the image's ENTRYPOINT and CMD stay unknown for now", flush=True)
-        run = {}
     if fresh:
-        known.update(run)
+        try:
+            known.update(image_run(ref, digest_))
+        except Failed as exc:
+            print(f"{exc}; the image's ENTRYPOINT and CMD stay unknown for now", flush=True)
         return used(cache, known)
-    build(cache, ref, digest_, entry_path(cache, digest_, suffix), script, {}, run)
+    build(cache, ref, digest_, entry_path(cache, digest_, suffix), script, {}, lambda: image_run(ref, digest_))
 
 
 def import_upload(cache, ref, digest_, suffix, upload, script, run):

@@ -258,6 +258,13 @@ def plan_pod(site: offload.Site, data: dict, images: dict[str, str],
     return job
 
 
+def _service_account(volume: dict) -> bool:
+    """Whether ``volume`` is the projected one Kubernetes' ServiceAccount admission adds to every pod (its
+    ``serviceAccountToken`` source), whatever its generated name (``kube-api-access-<random>``)."""
+    sources = (volume.get("projected") or {}).get("sources") or []
+    return any("serviceAccountToken" in source for source in sources)
+
+
 def _safe(name: str) -> str:
     if not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", name or ""):
         raise ConfigError(f"{name!r} is not a Kubernetes name")
@@ -302,6 +309,7 @@ def _container_run(site: offload.Site, container: dict, index: int, images: dict
     if not image:
         raise ConfigError(f"container {name!r} names no image")
     argv = _argv(name, container, commands.get(container.get("image", "")))
+    cached = container.get("image", "") in commands  # an image of offload's cache: the user's, writable
     exports: list[str] = []
     names: list[str] = []
 
@@ -366,6 +374,13 @@ def _container_run(site: offload.Site, container: dict, index: int, images: dict
                               "letters, digits and ._-/")  # fmt: skip
         if volume not in volumes:
             raise ConfigError(f"container {name!r} mounts {volume!r}, which the pod does not declare")
+        if _service_account(volumes[volume]) and not site.runtime.makes_mount_points and not cached:
+            # Kubernetes mounts the token in every pod; on a site's own (read-only) image Charliecloud cannot make
+            # its mount point, and nothing on an HPC node could reach the cluster's API with it anyway
+            notes.append(f"offload: container {name!r}: the service account token is not mounted at "
+                         f"{mount['mountPath']}: its image is the site's own, where {site.config.runtime} cannot "
+                         "make a mount point (an image from offload's cache has it)")  # fmt: skip
+            continue
         source = f"$d/volumes/{volume}"
         prepare.append(f'mkdir -p "{source}"')
         # readOnly where the runtime can (Charliecloud cannot: its binds are as writable as the directory)

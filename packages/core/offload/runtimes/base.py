@@ -78,6 +78,9 @@ class Runtime:
     cache_suffix: str = ""
     read_only_binds: bool = True  # whether a Mount(read_only=True) is honoured (else validate refuses it)
     runs_containers: bool = True  # False: the payload runs on the node as it is (no image, no binds)
+    # Whether a bind may go where the image has no directory, whatever the image (Apptainer, Podman). Charliecloud
+    # binds only onto directories an image has: it makes them where the job may write the image, no more.
+    makes_mount_points: bool = True
 
     def validate(self, ctx: ContainerContext) -> None:
         """Raise :class:`ConfigError` for a context this runtime cannot run (before submission)."""

@@ -24,6 +24,7 @@ class CharliecloudRuntime(Runtime):
     binary = "ch-run"
     cache_suffix = ""  # a directory: ch-run starts it at once, without FUSE or a conversion on the node
     read_only_binds = False  # ch-run's binds are writable where the host directory is
+    makes_mount_points = False  # see prelude(): only in an image the job may write
 
     def __init__(self, options: Sequence[str] = ()) -> None:
         self.options = tuple(options)
