@@ -153,13 +153,20 @@ class GridEngineScheduler(Scheduler):
 
     def launcher(self, res: Resources) -> list[str]:
         """One copy per host of the job's parallel environment, each started with ``qrsh -inherit`` (so Grid
-        Engine accounts and kills it with the job). The first copy that fails stops the others."""
+        Engine accounts and kills it with the job). The first copy that fails stops the others.
+
+        ``qrsh -inherit`` passes no environment (srun passes all of it), so the job's is sent to each copy on its
+        standard input (not in a file: a secret never goes back to disk) and set there first; what belongs to the
+        host a copy runs on (its name, its job TMPDIR, Grid Engine's own variables) is left as that host has it."""
         script = (
             'rank=0; pids=""; command=$(printf "%q " "$@"); '
             'size=$(wc -l < "$PE_HOSTFILE"); '
+            "environment=$(for v in $(compgen -e); do case $v in "
+            'HOSTNAME|HOST|PWD|OLDPWD|SHLVL|TMPDIR|TMP|_|SGE_*|BASH_FUNC_*) ;; *) declare -p "$v" ;; esac; done); '
             "while read -r host _; do "
-            'qrsh -inherit -nostdin "$host" "export OFFLOAD_GE_RANK=$rank OFFLOAD_GE_NODE_RANK=$rank '
-            'OFFLOAD_GE_WORLD_SIZE=$size; $command" & pids="$pids $!"; rank=$((rank + 1)); '
+            'printf "%s\\n" "$environment" | qrsh -inherit "$host" "eval \\"\\$(cat)\\"; '
+            'export OFFLOAD_GE_RANK=$rank OFFLOAD_GE_NODE_RANK=$rank OFFLOAD_GE_WORLD_SIZE=$size; $command" & '
+            'pids="$pids $!"; rank=$((rank + 1)); '
             'done < "$PE_HOSTFILE"; '
             'status=0; while [ -n "$pids" ]; do wait -n -p done $pids; rc=$?; '
             'pids=$(printf "%s\\n" $pids | grep -vx "$done" | tr "\\n" " " | sed "s/ *$//"); '
