@@ -41,7 +41,7 @@ from offload import _loop, images_site
 from offload.errors import ConfigError, ImageError
 
 if TYPE_CHECKING:
-    from offload.site import Site
+    from offload.context import SiteContext
     from offload.spec import JobSpec
 
 T = TypeVar("T")
@@ -126,12 +126,12 @@ class Images:
     how they go to ``progress`` (default: the ``offload.images`` logger).
     """
 
-    def __init__(self, site: Site) -> None:
-        self._site = site
+    def __init__(self, ctx: SiteContext) -> None:
+        self._ctx = ctx
         self._resolving: dict[str, tuple[float, asyncio.Future[CachedImage]]] = {}
 
     async def _cache(self) -> str:
-        return f"{await self._site.aworkdir()}/images"
+        return f"{await self._ctx.workdir()}/images"
 
     async def _helper(self, mode: str, *args: str, progress: Progress | None = None) -> list[CachedImage]:
         """Run one mode of :mod:`offload.images_site` on the login node: the records it prints."""
@@ -144,7 +144,7 @@ class Images:
         it comes (a pull may take minutes); without, it is a quick command, bounded by the command timeout."""
         argv = ["sh", "-c", 'exec python3 -c "$0" "$@"', SOURCE, mode, await self._cache(), *args]
         if progress is None:
-            result = await self._site.transport.run(argv, check=False)
+            result = await self._ctx.transport.run(argv, check=False)
             lines, code = (result.stdout + "\n" + result.stderr).splitlines(), result.exit_status
         else:
             lines, code = await self._stream(argv, progress)
@@ -157,7 +157,7 @@ class Images:
         return lines
 
     async def _stream(self, argv: list[str], progress: Progress) -> tuple[list[str], int]:
-        process = await self._site.transport.start(argv)
+        process = await self._ctx.transport.start(argv)
         lines: list[str] = []
         pending = b""
         try:
@@ -194,7 +194,7 @@ class Images:
         for line in await self._run_helper("digest", ref):
             if line.startswith("offload-digest "):
                 found, size = line.split()[1:3]
-                return checked_digest(found, f"the login node of site '{self._site.name}'"), int(size)
+                return checked_digest(found, f"the login node of site '{self._ctx.name}'"), int(size)
         raise ImageError(f"the login node gave no digest for {ref}")
 
     # -- pulling --------------------------------------------------------------------------------------
@@ -207,16 +207,16 @@ class Images:
         if not is_pull(ref):
             raise ConfigError(f"{ref!r} is not a registry image: give docker://HOST/REPO:TAG")
         progress = progress or _log_progress
-        script = self._site.runtime.pull_script(ref)
+        script = self._ctx.runtime.pull_script(ref)
         try:
-            found = await self._helper("ensure", ref, self._site.runtime.cache_suffix, script,
+            found = await self._helper("ensure", ref, self._ctx.runtime.cache_suffix, script,
                                        progress=lambda line: progress(f"{ref}: {line}"))  # fmt: skip
         except ImageError as exc:
             hint = ""
             if "cannot reach the registry" in str(exc):
                 hint = (". Where the login node cannot reach the registry either, bring the image from here: "
                         "offload image push PATH --name NAME")  # fmt: skip
-            raise ImageError(f"image {ref} on site '{self._site.name}': {exc}{hint}") from None
+            raise ImageError(f"image {ref} on site '{self._ctx.name}': {exc}{hint}") from None
         if not found:
             raise ImageError(f"image {ref}: the cache on the login node gave no record of it")
         self._resolving[ref] = (time.monotonic(), _done(found[-1]))
@@ -232,7 +232,7 @@ class Images:
         once and run from the cache; a name given to ``offload image push`` is that image's cache path; any
         other image (a path on the site, or a ref the runtime pulls itself) is left as it is."""
         cached = await self.acached(image, progress)
-        return image if cached is None else self._site.runtime.cached_image(cached.path)
+        return image if cached is None else self._ctx.runtime.cached_image(cached.path)
 
     resolve = _loop.blocking(aresolve)
 
@@ -240,7 +240,7 @@ class Images:
         """Whether a job runs ``image`` from this site's cache: a registry image the site pulls on its login node
         (``pull = "login"``), or a name given to ``offload image push``. Its path, ENTRYPOINT and CMD are known
         only once it is there (:meth:`acached`); any other image is run as it is named."""
-        return (is_pull(image) and self._site.config.pull == "login") or is_pushed_name(image)
+        return (is_pull(image) and self._ctx.config.pull == "login") or is_pushed_name(image)
 
     @_loop.on_loop
     async def acached(self, image: str, progress: Progress | None = None) -> CachedImage | None:
@@ -261,10 +261,10 @@ class Images:
             self._resolving[image] = (time.monotonic(), running)
         cached = await asyncio.shield(running)
         # a bare name that is no pushed image: a name of the runtime's own store, or a mistake
-        if cached is None and self._site.runtime.image_path(_just_image(image)) is not None:
+        if cached is None and self._ctx.runtime.image_path(_just_image(image)) is not None:
             raise ImageError(
-                f"no image named {image!r} in the cache of site '{self._site.name}': push it with 'offload image "
-                f"push PATH --name {image} --site {self._site.name}' ('offload image ls' lists what is there)"
+                f"no image named {image!r} in the cache of site '{self._ctx.name}': push it with 'offload image "
+                f"push PATH --name {image} --site {self._ctx.name}' ('offload image ls' lists what is there)"
             )
         return cached
 
@@ -283,12 +283,12 @@ class Images:
     async def aresolve_specs(self, specs: list[JobSpec], progress: Progress | None = None) -> list[JobSpec]:
         """``specs`` with each image resolved (:meth:`aresolve`), the site's default image included: each
         distinct image once, all at the same time."""
-        images = {spec.image or self._site.config.image for spec in specs if spec.container} - {None, ""}
+        images = {spec.image or self._ctx.config.image for spec in specs if spec.container} - {None, ""}
         wanted = [image for image in images if is_pull(image) or is_pushed_name(image)]
         if not wanted:
             return specs
         resolved = dict(zip(wanted, await asyncio.gather(*(self.aresolve(i, progress) for i in wanted)), strict=True))
-        return [replace(spec, image=resolved.get(spec.image or self._site.config.image or "", spec.image))
+        return [replace(spec, image=resolved.get(spec.image or self._ctx.config.image or "", spec.image))
                 if spec.container else spec for spec in specs]  # fmt: skip
 
     # -- pushing ----------------------------------------------------------------------------------------
@@ -307,7 +307,7 @@ class Images:
             )
         progress = progress or _log_progress
         local = Path(path)
-        runtime = self._site.runtime
+        runtime = self._ctx.runtime
         loop = asyncio.get_running_loop()
         progress(f"{name}: preparing {local}")
         kind, upload, run = await loop.run_in_executor(None, _prepare, local)
@@ -319,10 +319,10 @@ class Images:
             known = {image.digest for image in await self.alist()}  # the helper makes the cache, 0700
             remote = ""
             if digest not in known:
-                await self._site.transport.run(_private_mkdir(f"{cache}/uploads"))
+                await self._ctx.transport.run(_private_mkdir(f"{cache}/uploads"))
                 remote = f"{cache}/uploads/{digest[7:]}.{'sif' if kind == 'sif' else 'tar.gz'}"
                 size = upload.stat().st_size
-                await self._site.transport.put(str(upload), remote, resume=True,
+                await self._ctx.transport.put(str(upload), remote, resume=True,
                                                progress=_upload_progress(progress, name, size))  # fmt: skip
             else:
                 progress(f"{name}: the site has this image already ({digest[:19]})")
@@ -334,7 +334,7 @@ class Images:
         if not found:
             raise ImageError(f"pushed {name}, but the cache on the login node gave no record of it")
         self._resolving.pop(name, None)
-        progress(f"{name} is on site '{self._site.name}' ({found[-1].size / 2**20:.0f} MiB): use --image {name}")
+        progress(f"{name} is on site '{self._ctx.name}' ({found[-1].size / 2**20:.0f} MiB): use --image {name}")
         return found[-1]
 
     push = _loop.blocking(apush)

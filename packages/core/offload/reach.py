@@ -33,7 +33,7 @@ from offload.jobs import JobRef, JobState
 from offload.retry import RetryPolicy
 
 if TYPE_CHECKING:
-    from offload.site import Site
+    from offload.context import SiteContext
 
 log = logging.getLogger("offload.reach")
 
@@ -102,8 +102,8 @@ class Relays:
     """The relays this process serves, one task per job: start the carrier once the job runs, restart it
     after a lost connection, stop when the job ends."""
 
-    def __init__(self, site: Site) -> None:
-        self._site = site
+    def __init__(self, ctx: SiteContext) -> None:
+        self._ctx = ctx
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._muxes: dict[str, _ClientMux] = {}
         self._attached: dict[str, asyncio.Event] = {}
@@ -163,13 +163,13 @@ class Relays:
                 del self._tasks[ref.id]
 
     async def _serve_until_end(self, ref: JobRef, targets: list[tuple[str, int]]) -> None:
-        site, restarts = self._site, _RESTARTS.start()
+        ctx, restarts = self._ctx, _RESTARTS.start()
         while True:
-            status = await site._poller.wait(ref, (JobState.RUNNING,))
+            status = await ctx.poller.wait(ref, (JobState.RUNNING,))
             if status.state.is_terminal:
                 return
-            node = site._scheduler.first_host(status.node)
-            argv = await site._relay_step(ref, node)
+            node = ctx.scheduler.first_host(status.node)
+            argv = await ctx.scheduler.step(ctx.transport, ref, node, ctx.relay_step(ref))
             if argv is None:
                 return  # the job runs here: it reaches the services directly
             started = asyncio.get_running_loop().time()
@@ -183,7 +183,7 @@ class Relays:
             await restarts.wait()
 
     async def _carry(self, argv: list[str], targets: list[tuple[str, int]], ref: JobRef) -> None:
-        process = await self._site.transport.start(argv)
+        process = await self._ctx.transport.start(argv)
         try:
             kind, _, payload = await asyncio.wait_for(reach_node.read_frame(process.stdout), 120)
             if kind != reach_node.HELLO:

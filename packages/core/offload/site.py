@@ -29,6 +29,7 @@ from typing import TypeVar
 from offload import _loop, jobfiles, reach_targets, submit
 from offload import reach as reach_mod
 from offload.config import SiteConfig
+from offload.context import SiteContext
 from offload.errors import ConfigError, JobNotFoundError, PluginError
 from offload.images import Images, is_pull, is_pushed_name
 from offload.jobs import Job, JobRef, JobState, JobStatus
@@ -85,8 +86,11 @@ class Site:
         """The per-process state: the connection, the poller, the relays (made again in a forked child)."""
         self._transport = self._new_transport(self.config)
         self._poller = Poller(self._poll, self.config.poll_interval, self._ended)
-        self._relays = reach_mod.Relays(self)
-        self._images = Images(self)
+        # what the services below the facade may use of this site (they never see the Site itself)
+        ctx = SiteContext(self.name, self.config, self._transport, self._scheduler, self._runtime, self._poller,
+                          self.aworkdir, self._relay_step_argv)  # fmt: skip
+        self._relays = reach_mod.Relays(ctx)
+        self._images = Images(ctx)
         self._site_limits: dict[str, int] | None = None
         self._secret_dirs: dict[str, set[str]] = {}
 
@@ -392,9 +396,6 @@ class Site:
         script = (f"if command -v python3 >/dev/null 2>&1; then exec {shlex.join(carrier)}; "
                   f"else exec {shlex.join(inner)}; fi")  # fmt: skip
         return ["bash", "-c", script]
-
-    async def _relay_step(self, ref: JobRef, node: str) -> list[str] | None:
-        return await self._scheduler.step(self._transport, ref, node, self._relay_step_argv(ref))
 
     async def _serve_relay(self, job: Job) -> None:
         raw = await self._transport.read_file(job.ref.paths.reach)

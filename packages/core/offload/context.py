@@ -1,0 +1,36 @@
+"""What a service under the :class:`~offload.Site` facade may use of its site: :class:`SiteContext`.
+
+The facade (``offload.site``) wires the plugins and owns the per-process state; the services it holds (the
+image cache, the relays) are given this context instead of the Site, so nothing below the facade imports it
+(import-linter's "engine-below-facade" contract keeps that). A context is made again, with the new transport
+and poller, when a forked child starts its own connection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from offload.config import SiteConfig
+    from offload.jobs import JobRef
+    from offload.poller import Poller
+    from offload.runtimes.base import Runtime
+    from offload.schedulers.base import Scheduler
+    from offload.transports.base import Transport
+
+
+@dataclass(frozen=True)
+class SiteContext:
+    """One site's parts, for its services: its name and profile, its connection, its plugins, its poller, its
+    work directory (absolute, asked of the site once), and the argv of a job's relay step (the carrier)."""
+
+    name: str
+    config: SiteConfig
+    transport: Transport
+    scheduler: Scheduler
+    runtime: Runtime
+    poller: Poller
+    workdir: Callable[[], Awaitable[str]]
+    relay_step: Callable[[JobRef], list[str]]
