@@ -6,7 +6,6 @@ unless the site cannot be reached at all.
 
 from __future__ import annotations
 
-import asyncio
 import shlex
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -83,7 +82,7 @@ async def _checks(site: Site, network: bool = True) -> list[Check]:
     results.append(await _image_check(site))
 
     try:
-        jobs_dir = await site._jobs_dir()
+        jobs_dir = f"{await site.aworkdir()}/jobs"
         rc, out = await shell(f"(umask 077 && mkdir -p {shlex.quote(jobs_dir)}) && test -w {shlex.quote(jobs_dir)}")
         results.append(
             Check("workdir", "ok", jobs_dir)
@@ -94,7 +93,7 @@ async def _checks(site: Site, network: bool = True) -> list[Check]:
         results.append(Check("workdir", "fail", str(exc), "set 'workdir' to a writable directory"))
 
     try:
-        nodes = await site._scheduler.nodes(transport)
+        nodes = await site.anodes()
     except OffloadError as exc:
         results.append(Check("partitions", "fail", str(exc), "check that the scheduler's commands answer"))
         nodes = []
@@ -182,14 +181,14 @@ async def _image_check(site: Site) -> Check:
 
 async def _node_network(site: Site) -> Check:
     """A one-minute job that tries to leave the cluster: tells whether jobs need ``reach`` for your services."""
-    if not site._relays_needed:
+    if site.scheduler.runs_on_client:
         return Check("node network", "ok", "jobs run on this machine: they reach what it reaches")
     spec = JobSpec(["sh", "-c", f"python3 -c {shlex.quote(_NETWORK_PROBE)} 2>&1 || echo offload-network unknown"],
                    resources=Resources(walltime="00:02:00"), name="offload-doctor")  # fmt: skip
     try:
-        job = await site._submit_many([spec])
-        status = await asyncio.wait_for(site._poller.wait(job[0].ref), 180)
-        log = await job[0]._tail(10)
+        (job,) = await site.asubmit_many([spec])
+        status = await job.finished(timeout=180)
+        log = await job.atail(10)
     except (OffloadError, TimeoutError) as exc:
         return Check("node network", "skip", f"could not run a probe job ({exc}); try again when the queue is short")
     if "offload-network open" in log:
