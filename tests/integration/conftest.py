@@ -4,6 +4,7 @@ Charliecloud. Nothing here is stubbed. Without the site they skip, except in CI,
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -11,6 +12,12 @@ from pathlib import Path
 import pytest
 
 from tests import leftovers
+
+# A shell that starts a run in the background (as CI harnesses do) ignores SIGINT, and every child inherits
+# that: offload's CLI would then never see the Ctrl-C these tests press. A handler here is not inherited (only
+# "ignore" is), so the CLIs the tests start get SIGINT's default again, and Python's KeyboardInterrupt.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 STATE = Path(os.environ.get("OFFLOAD_TESTSITE_DIR", "/var/lib/offload-testsite"))
 CONFIG = STATE / "offload.toml"
