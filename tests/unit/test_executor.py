@@ -86,8 +86,10 @@ def test_submit_returns_the_value_and_the_future_knows_its_job(make):
     assert job.name == "square"  # jobs carry the function's name (offload status --name square)
 
 
-def test_submits_made_together_go_in_one_round_trip(make, site, monkeypatch):
-    sent = []
+@pytest.fixture
+def round_trips(site, monkeypatch):
+    """The number of specs each submission round trip carried."""
+    sent: list[int] = []
     real = site.asubmit_many
 
     async def counting(specs, **kwargs):
@@ -95,21 +97,19 @@ def test_submits_made_together_go_in_one_round_trip(make, site, monkeypatch):
         return await real(specs, **kwargs)
 
     monkeypatch.setattr(site, "asubmit_many", counting)
+    return sent
+
+
+def test_submits_made_together_go_in_one_round_trip(make, round_trips):
+    sent = round_trips
     ex = make()
     futures = [ex.submit(square, i) for i in range(6)]
     assert [f.result(timeout=60) for f in futures] == [i * i for i in range(6)]
     assert sent == [6]
 
 
-def test_map_keeps_order_with_chunks_one_job_per_chunk(make, site, monkeypatch):
-    sent = []
-    real = site.asubmit_many
-
-    async def counting(specs, **kwargs):
-        sent.append(len(specs))
-        return await real(specs, **kwargs)
-
-    monkeypatch.setattr(site, "asubmit_many", counting)
+def test_map_keeps_order_with_chunks_one_job_per_chunk(make, round_trips):
+    sent = round_trips
     ex = make()
     assert list(ex.map(square, range(10), chunksize=3)) == [i * i for i in range(10)]
     assert sent == [4]  # 10 calls in chunks of 3: four jobs, one round trip

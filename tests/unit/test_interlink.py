@@ -38,15 +38,20 @@ def site(tmp_path, monkeypatch):
     site.close()
 
 
-@pytest.fixture
-def apptainer(tmp_path, monkeypatch):
-    """A site whose runtime binds volumes (Apptainer has no package here: only planning runs on it)."""
+def planning_site(tmp_path, monkeypatch, runtime: str) -> offload.Site:
+    """A local site whose runtime is ``runtime``: only planning runs on it (Apptainer has no package here)."""
     config = tmp_path / "sites.toml"
-    config.write_text(f'[sites.ap]\ntransport = "local"\nscheduler = "local"\nruntime = "apptainer"\n'
+    config.write_text(f'[sites.{runtime}]\ntransport = "local"\nscheduler = "local"\nruntime = "{runtime}"\n'
                       f'workdir = "{tmp_path / "work"}"\n')  # fmt: skip
     monkeypatch.setenv("OFFLOAD_CONFIG", str(config))
     monkeypatch.setenv("OFFLOAD_STATE_DIR", str(tmp_path / "state"))
-    site = offload.load_site("ap")
+    return offload.load_site(runtime)
+
+
+@pytest.fixture
+def apptainer(tmp_path, monkeypatch):
+    """A site whose runtime binds volumes."""
+    site = planning_site(tmp_path, monkeypatch, "apptainer")
     yield site
     site.close()
 
@@ -734,12 +739,7 @@ def test_on_a_sites_read_only_image_charliecloud_runs_the_pod_without_the_token_
     """Every pod has the service account token mounted; Charliecloud cannot make its mount point in a site's own
     image (a root-owned directory), so there it is left out, said in the job's output; an image of offload's
     cache (the user's) gets it."""
-    config = tmp_path / "sites.toml"
-    config.write_text(f'[sites.ch]\ntransport = "local"\nscheduler = "local"\nruntime = "charliecloud"\n'
-                      f'workdir = "{tmp_path / "work"}"\n')  # fmt: skip
-    monkeypatch.setenv("OFFLOAD_CONFIG", str(config))
-    monkeypatch.setenv("OFFLOAD_STATE_DIR", str(tmp_path / "state"))
-    site = offload.load_site("ch")
+    site = planning_site(tmp_path, monkeypatch, "charliecloud")
     try:
         p = pod([sh("main", "true")])
         images = {"busybox:1": "/site/images/busybox"}
