@@ -164,6 +164,22 @@ async def test_jobs_gone_from_the_queue_are_read_from_sacct_then_exit_code_files
     assert (st["4"].state, st["4"].exit_code) == (JobState.FAILED, 2)
 
 
+async def test_an_array_cancelled_before_any_task_ran_is_one_record_that_ends_every_task():
+    """SLURM keeps a pending array as one record, ``82_[0-4]``, and a cancelled one stays that record in
+    accounting: every task it stands for is CANCELLED, not UNKNOWN for ever (a shared site polled them for an
+    hour)."""
+    t = Replies(
+        squeue=(0, "90_[2-3%1]|PENDING|JobArrayTaskLimit|0|||\n", ""),
+        sacct=(0, "82_[0-2,4]|CANCELLED by 1000|0:0|None assigned\n", ""),
+        sh=(0, "now|100\n", ""),
+    )
+    refs = [JobRef(f"82_{i}", "/d", i) for i in range(5)] + [JobRef("90_3", "/e", 3)]
+    st = await SlurmScheduler(SITE).poll(t, refs)
+    assert {i: st[f"82_{i}"].state for i in (0, 1, 2, 4)} == dict.fromkeys((0, 1, 2, 4), JobState.CANCELLED)
+    assert "82_3" not in st or st["82_3"].state is JobState.UNKNOWN
+    assert st["90_3"].state is JobState.PENDING
+
+
 async def test_gone_from_the_queue_without_a_trace_is_unknown_not_failed():
     """A slow shared file system shows the exit code file late, and slurmdbd may be down: never guess."""
     t = Replies(squeue=(0, "", ""), sacct=(1, "", "sacct: error: Problem talking to the database"),

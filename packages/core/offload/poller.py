@@ -91,11 +91,13 @@ class Poller:
         self._ensure_running()
         flight = self._current
         if flight is not None and not flight.done.done():
-            # A query is on its way (perhaps hung): its outcome first, so a hung site costs one timeout.
+            # A query about this job is on its way (perhaps hung): its outcome, so a hung site costs one timeout.
+            # A query that does not ask about it only goes first: its failure says nothing of this job (it may
+            # have hung on a fault that has cleared since), so this job is asked about in the next round.
             await asyncio.shield(flight.done)
-            if flight.error is not None:
-                raise flight.error
             if ref.id in flight.ids:
+                if flight.error is not None:
+                    raise flight.error
                 return self._status.get(ref.id, _unseen())
         self._forced.add(ref.id)
         assert self._upcoming is not None and self._wake is not None

@@ -298,10 +298,20 @@ class Site:
             raise
 
     async def _cancel_when_done(self, task: asyncio.Future[list[Job]]) -> None:
-        with contextlib.suppress(Exception, asyncio.CancelledError):
+        try:
             jobs = await task
-            log.warning("submission interrupted: cancelling the %d job(s) it had submitted", len(jobs))
+        except asyncio.CancelledError:
+            log.warning("an interrupted submission to %s was stopped before its end: look in the site's queue for "
+                        "jobs under %s and cancel them", self.name, self.config.workdir)  # fmt: skip
+            raise
+        except Exception as exc:  # it failed by itself, and said what became of the jobs that got in
+            log.warning("the interrupted submission failed: %s", exc)
+            return
+        log.warning("submission interrupted: cancelling the %d job(s) it had submitted", len(jobs))
+        try:
             await self._cancel([job.ref for job in jobs], timeout=30)
+        except Exception as exc:
+            log.warning("cancelling them failed (%s): cancel %s by hand", exc, " ".join(j.id for j in jobs))
 
     async def _plan(
         self, specs: list[JobSpec], arrays: bool, parallelism: int | None

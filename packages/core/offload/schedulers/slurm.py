@@ -57,6 +57,7 @@ _SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.,:@%+=/\[\]-]+$")
 # sbatch's answer: "123" or "123;cluster" (--parsable), or "Submitted batch job 123[ on cluster c2]" from a site
 # wrapper that drops --parsable. Any other line (a banner, a quota warning) is not the answer.
 _ANSWER = re.compile(r"(\d+)(?:;(\S+))?|Submitted batch job (\d+)(?: on cluster (\S+))?")
+_TASK_RANGE = re.compile(r"(\d+)_\[([0-9,%-]+)\]")  # a pending array's one record: 123_[0-4%2]
 _CHUNK = 500  # ids per squeue/sacct/scancel call, far below any command line limit
 
 
@@ -327,13 +328,13 @@ class SlurmScheduler(Scheduler):
             fields = line.split("|")
             if len(fields) < 5:
                 continue
-            job_id, state, reason, raw_exit, node = (f.strip() for f in fields[:5])
-            if job_id not in wanted:
-                continue
+            listed, state, reason, raw_exit, node = (f.strip() for f in fields[:5])
             exit_code = signal = None
             if raw_exit.isdigit():
                 exit_code, signal = int(raw_exit) >> 8, (int(raw_exit) & 0x7F) or None
-            statuses[wanted[job_id]] = _status(state, reason, exit_code, signal, node)
+            for job_id in _array_tasks(listed):
+                if job_id in wanted:
+                    statuses[wanted[job_id]] = _status(state, reason, exit_code, signal, node)
         return statuses
 
     async def _sacct(self, transport: Transport, refs: Sequence[JobRef], cluster: str | None) -> dict[str, JobStatus]:
@@ -358,12 +359,16 @@ class SlurmScheduler(Scheduler):
         statuses: dict[str, JobStatus] = {}
         for line in result.stdout.splitlines():
             fields = line.split("|")
-            if len(fields) >= 3 and ":" in fields[2] and fields[0] in wanted:
-                code, sig = fields[2].split(":", 1)
-                state = fields[1].split()[0] if fields[1] else "UNKNOWN"
-                status = _status(state, "", int(code), int(sig) or None, fields[3] if len(fields) > 3 else "")
-                if status.state is not JobState.UNKNOWN:
-                    statuses[wanted[fields[0]]] = status
+            if len(fields) < 3 or ":" not in fields[2]:
+                continue
+            tasks = [job_id for job_id in _array_tasks(fields[0]) if job_id in wanted]
+            if not tasks:
+                continue
+            code, sig = fields[2].split(":", 1)
+            state = fields[1].split()[0] if fields[1] else "UNKNOWN"
+            status = _status(state, "", int(code), int(sig) or None, fields[3] if len(fields) > 3 else "")
+            if status.state is not JobState.UNKNOWN:
+                statuses.update((wanted[job_id], status) for job_id in tasks)
         return statuses
 
     async def nodes(self, transport: Transport) -> list[NodeResources]:
@@ -545,6 +550,21 @@ def _answers(text: str) -> list[str]:
             number, cluster = (match[1], match[2]) if match[1] else (match[3], match[4])
             found.append(f"{number};{cluster}" if cluster else number)
     return found
+
+
+def _array_tasks(listed: str) -> list[str]:
+    """The job ids one line of squeue or sacct stands for: ``123_[0-3,7%2]`` (array tasks that never started,
+    one record for all of them, as SLURM keeps a pending array) -> ``123_0`` ... ``123_3``, ``123_7``; any other
+    id as it is. A cancelled array whose tasks never ran is only ever that one record in accounting."""
+    match = _TASK_RANGE.fullmatch(listed)
+    if match is None:
+        return [listed]
+    tasks: list[str] = []
+    for part in match[2].split("%", 1)[0].split(","):
+        first, _, last = part.partition("-")
+        if first.isdigit() and (not last or last.isdigit()):
+            tasks += [f"{match[1]}_{i}" for i in range(int(first), int(last or first) + 1)]
+    return tasks
 
 
 def _bare(job_id: str) -> str:
