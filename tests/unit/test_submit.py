@@ -156,3 +156,48 @@ async def test_a_submission_program_still_running_after_the_wait_is_said_so():
         await send(transport, SlurmScheduler(SITE), "hpc", submissions(100), "/w/jobs", lanes=4)
     assert "/w/jobs" in str(err.value) and {"2001", "2005"} <= set(transport.cancelled)
     assert "left queued" not in str(err.value).lower()  # it cannot know: it does not say so
+
+
+@pytest.mark.parametrize("scheduler", ["slurm", "gridengine"])
+def test_a_program_whose_channel_goes_cancels_what_it_sent(tmp_path, scheduler):
+    """The real program, run here by bash, loses its channel while its submit command is in flight (the client
+    was killed, or gave up waiting): at its next report it finds stdout gone and cancels the jobs it sent, so no
+    job is left that nobody will cancel. A program that ends normally cancels nothing (the banner test)."""
+    from offload.schedulers.gridengine import GridEngineScheduler
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    submit, cancel = ("sbatch", "scancel") if scheduler == "slurm" else ("qsub", "qdel")
+    answers = {"sbatch": ["4242", "4243"], "qsub": ["4242", "4243.1-3:1"]}[submit]
+    scripts = {
+        # the first answers at once; the second is slow, and the channel goes meanwhile
+        submit: f"#!/bin/sh\nn=$(ls {tmp_path}/sent 2>/dev/null | wc -l); touch {tmp_path}/sent/$n\n"
+        f'[ "$n" = 1 ] && sleep 1\n[ "$n" = 0 ] && echo {answers[0]} || echo {answers[1]}\n',
+        "squeue": "#!/bin/sh\n",
+        "qstat": "#!/bin/sh\n",
+        cancel: f'#!/bin/sh\necho "$@" >> {tmp_path}/cancelled\n',
+    }
+    (tmp_path / "sent").mkdir()
+    for name, text in scripts.items():
+        (fake / name).write_text(text)
+        (fake / name).chmod(0o755)
+    jobs = tmp_path / "jobs"
+    site = SiteConfig(name="hpc", host="h", scheduler=scheduler)
+    plugin = SlurmScheduler(site) if scheduler == "slurm" else GridEngineScheduler(site)
+    subs = [Submission(JobSpec(["true"]), f"{jobs}/j0", "#!/bin/bash\ntrue\n", None),
+            Submission(JobSpec(["true"]), f"{jobs}/j1", "#!/bin/bash\ntrue\n", 3)]  # fmt: skip
+    text = program(list(enumerate(subs)), str(jobs), plugin)
+    proc = subprocess.Popen(["bash", "-s"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            env={"PATH": f"{fake}:/usr/bin:/bin"}, text=True)  # fmt: skip
+    proc.stdin.write(text)
+    proc.stdin.close()
+    while "OFFLOAD_SUBMIT_END 0" not in proc.stdout.readline():  # the first job's report came...
+        pass
+    proc.stdout.close()  # ...then the channel went, with the second submission in flight
+    assert proc.wait(timeout=30) == 141
+    assert (tmp_path / "cancelled").read_text().split() == ["4242", "4243"]
+    if scheduler == "gridengine":  # qdel'd while pending leaves no accounting record: its marks say it
+        assert sorted(p.name for p in (jobs / "j1").glob("cancelled*")) == [
+            f"cancelled{s}" for s in ("", ".0", ".1", ".2")
+        ]
+    assert (jobs / "j0" / ".submission-ended").exists()

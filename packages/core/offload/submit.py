@@ -9,7 +9,9 @@ Every write is checked: a full disk or a quota fails the submission with the fil
 error, before the scheduler ever sees that job. Whatever fails (a refusal, a write, a lost channel), the jobs of
 the batch that did get in are cancelled and their secrets removed, so nothing is left half-submitted. A program
 whose channel was lost may still be submitting: it leaves an end mark when it stops, and the cleanup waits for
-that mark (for a bounded time) before it asks the queue what got in, and says what it found and cancelled.
+that mark (for a bounded time) before it asks the queue what got in, and says what it found and cancelled. The
+program does its part too: once it finds its channel gone, it cancels the jobs it sent (the scheduler's
+``abandon_line``), so a client killed mid-submission, or one that stopped waiting, leaves no job behind.
 
 Secrets go to ``secrets.env`` (one copy per array task: ``secrets.env.<i>``), each ending with a completeness
 mark the batch script checks before it runs the payload; the job removes its copy as soon as it has read it.
@@ -62,10 +64,17 @@ def program(numbered: Sequence[tuple[int, Submission]], jobs_dir: str, scheduler
     Each job's answer is all its submit line printed (a site's wrapper may greet before the job id), framed by
     ``OFFLOAD_SUBMIT <n> <rc>`` and ``OFFLOAD_SUBMIT_END <n>``. Once its channel is gone, the program stops at its
     next report (a trapped SIGPIPE, after the submission in flight), and whatever ends it, it leaves its end
-    mark (:func:`end_mark`): the cleanup of a lost channel knows from it that nothing more will be submitted."""
+    mark (:func:`end_mark`): the cleanup of a lost channel knows from it that nothing more will be submitted.
+    Stopped that way, by SIGHUP or by SIGTERM, it first cancels every job it sent (``offload_abandon``)."""
+    abandon = scheduler.abandon_line()
     lines = [
         "umask 077",
-        "trap 'exit 129' HUP; trap 'exit 141' PIPE; trap 'exit 143' TERM",
+        # the jobs it sent (their directories and array sizes), which it cancels if its channel goes
+        "offload_dirs=(); offload_sizes=()",
+        'offload_abandon() { local a n k; for k in "${!offload_dirs[@]}"; do a=${offload_dirs[$k]}; '
+        f"n=${{offload_sizes[$k]}}\n{abandon.rstrip() or '    :'}\n    done; }} > /dev/null 2>&1",
+        "trap 'offload_abandon; exit 129' HUP; trap 'offload_abandon; exit 141' PIPE; "
+        "trap 'offload_abandon; exit 143' TERM",
         f"trap {shlex.quote(f': 2>/dev/null > {shlex.quote(end_mark(numbered))}')} EXIT",
         f'offload_fail() {{ printf "\\n{MARK}_FAIL %s\\n" "$1"; rm -f "$d"/{SECRETS}*; exit 93; }}',
         f'offload_missing() {{ printf "\\n{MARK}_MISSING %s\\n" "$1"; exit 94; }}',
@@ -101,6 +110,7 @@ def program(numbered: Sequence[tuple[int, Submission]], jobs_dir: str, scheduler
         submit = scheduler.submit_line(f'"$d/{SCRIPT}"')
         mark = f"{MARK} {number}"
         lines += [
+            f'offload_dirs+=("$d"); offload_sizes+=({sub.array_size or 0})',
             f'{{ {submit}; }} > "$d/{JOB_ID}" 2> "$d/{SUBMIT_ERRORS}"',
             f'rc=$?; if [ "$rc" = 0 ]; then printf "{mark} 0\\n"; offload_answer "$d/{JOB_ID}"; '
             f'else rm -f "$d"/{SECRETS}*; printf "{mark} %s\\n" "$rc"; offload_answer "$d/{SUBMIT_ERRORS}"; '
@@ -280,9 +290,10 @@ async def undo(
         )  # fmt: skip
     if still_running:
         said.append(
-            f"The submission program left no end mark within {UNDO_WAIT} s (it may still be running, or have been "
-            "killed): a job it queues from now on is not cancelled. Look in the site's queue for jobs whose "
-            f"working directory is under {jobs_dir} (on SLURM: squeue -u $USER -o '%i %Z') and cancel them."
+            f"The submission program left no end mark within {UNDO_WAIT} s: it may still be running (it cancels "
+            "what it queues once it finds its channel gone), or have been killed. Look in the site's queue for "
+            f"jobs whose working directory is under {jobs_dir} (on SLURM: squeue -u $USER -o '%i %Z') and cancel "
+            "them."
         )
     if problems:
         said.append(

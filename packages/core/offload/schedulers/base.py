@@ -104,6 +104,14 @@ class Scheduler:
         """Every job id in ``text`` made of submit-line answers (jobid files read back after a lost channel)."""
         raise self._missing("ids_in()")
 
+    def abandon_line(self) -> str:
+        """A shell line for the submission program that cancels the job it submitted from the directory ``$a``
+        (the submit command's answer is in ``$a/jobid``; ``$n`` is the array size, 0 for a single job). The
+        program runs it for each job it sent once it finds its channel gone (SIGPIPE at its next report, SIGHUP,
+        SIGTERM): a client killed or cut off mid-submission then leaves no job, whether or not it lives to
+        cancel them itself. Default: '' (no such line: only the client's cleanup cancels them)."""
+        return ""
+
     def sweep_lines(self, jobs_dir: str) -> list[str]:
         """Shell lines for the submission program that remove, in the background, the secrets files of jobs
         that ended without ever starting (so without removing them themselves). Default: none."""
@@ -210,6 +218,18 @@ async def exit_code_files(
     return statuses
 
 
+def read_answer(jobdir_var: str, parse: str) -> str:
+    """Shell lines that set ``id`` (and ``cluster``, if ``parse`` finds one) from the job directory
+    ``$<jobdir_var>``'s ``jobid`` file, all its submit command printed: ``parse`` reads one ``$line`` and sets
+    them when the line is an answer, so the last answer wins over a site wrapper's banner."""
+    return (
+        "    id=; cluster=\n"
+        f'    [ -f "${jobdir_var}/{jobfiles.JOB_ID}" ] && while IFS= read -r line || [ -n "$line" ]; do\n'
+        f"{parse}"
+        f'    done < "${jobdir_var}/{jobfiles.JOB_ID}"\n'
+    )
+
+
 def secrets_sweep(jobs_dir: str, live: str, parse: str, queue: str = "    queue=$live\n") -> list[str]:
     """The submission program's background sweep, for a scheduler's ``sweep_lines``: the secrets files of jobs
     that left the queue without starting (cancelled while pending, nobody watching) are removed. Only files
@@ -222,10 +242,8 @@ def secrets_sweep(jobs_dir: str, live: str, parse: str, queue: str = "    queue=
         f"cd {shlex.quote(jobs_dir)} || exit 0\n"
         f"live=$({live}) || exit 0\n"
         f"find . -mindepth 2 -maxdepth 2 -name '{jobfiles.SECRETS}*' -mmin +2 | while read -r f; do\n"
-        "    d=${f%/*}; id=; cluster=\n"
-        f'    [ -f "$d/{jobfiles.JOB_ID}" ] && while IFS= read -r line || [ -n "$line" ]; do\n'
-        f"{parse}"
-        f'    done < "$d/{jobfiles.JOB_ID}"\n'
+        "    d=${f%/*}\n"
+        f"{read_answer('d', parse)}"
         '    [ -n "$id" ] || continue\n'
         f"{queue}"
         """    printf '%s\\n' "$queue" | grep -qx "$id" || rm -f "$f"\n"""

@@ -28,7 +28,14 @@ from collections.abc import Sequence
 from offload.config import SiteConfig
 from offload.errors import ConfigError, RemoteCommandError
 from offload.jobs import JobRef, JobState, JobStatus
-from offload.schedulers.base import NodeResources, Scheduler, Shell, exit_code_files, secrets_sweep
+from offload.schedulers.base import (
+    NodeResources,
+    Scheduler,
+    Shell,
+    exit_code_files,
+    read_answer,
+    secrets_sweep,
+)
 from offload.sizes import parse_size
 from offload.spec import JobSpec, Resources, parse_walltime
 from offload.transports.base import Transport
@@ -38,6 +45,8 @@ log = logging.getLogger("offload.gridengine")
 _SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.,:@%+=/-]+$")
 # qsub -terse answers "123" for a job, "123.1-4:1" for an array
 _ANSWER = re.compile(r"(\d+)(?:\.(\d+)-(\d+):(\d+))?")
+# Shell lines that set id from one $line of a jobid file, if the line is qsub -terse's answer (123, 123.1-4:1)
+_PARSE_ANSWER = '        line=${line%%.*}\n        case "$line" in ""|*[!0-9]*) ;; *) id=$line ;; esac\n'
 _CHUNK = 200  # job ids per qacct/qdel call
 _ME = 'exec "$0" -u "$(id -un)" "$@"'  # run a command with -u <whoever we are>
 # qstat's state letters that say the job is suspended, held, in error or being deleted (else: waiting/running)
@@ -178,9 +187,15 @@ class GridEngineScheduler(Scheduler):
     def submit_line(self, script_path: str) -> str:
         return f"qsub -terse {script_path}"
 
+    def abandon_line(self) -> str:
+        # qdel'd while pending leaves no accounting record: the marks cancel() leaves say how it ended
+        return read_answer("a", _PARSE_ANSWER) + (
+            '    [ -n "$id" ] && qdel "$id" && { : > "$a/cancelled"; i=0; '
+            'while [ "$i" -lt "$n" ]; do : > "$a/cancelled.$i"; i=$((i + 1)); done; }\n'
+        )
+
     def sweep_lines(self, jobs_dir: str) -> list[str]:
-        parse = '        line=${line%%.*}\n        case "$line" in ""|*[!0-9]*) ;; *) id=$line ;; esac\n'
-        return secrets_sweep(jobs_dir, """qstat -u "$(id -un)" | awk 'NR > 2 {print $1}'""", parse)
+        return secrets_sweep(jobs_dir, """qstat -u "$(id -un)" | awk 'NR > 2 {print $1}'""", _PARSE_ANSWER)
 
     def ids_in(self, text: str) -> list[str]:
         """Job numbers in qsub's answers (jobid files read back after a lost channel); a whole array as one."""

@@ -16,7 +16,14 @@ from collections.abc import Sequence
 from offload.config import SiteConfig
 from offload.errors import ConfigError, RemoteCommandError
 from offload.jobs import EndCause, JobRef, JobState, JobStatus
-from offload.schedulers.base import NodeResources, Scheduler, Shell, exit_code_files, secrets_sweep
+from offload.schedulers.base import (
+    NodeResources,
+    Scheduler,
+    Shell,
+    exit_code_files,
+    read_answer,
+    secrets_sweep,
+)
 from offload.spec import JobSpec, Resources, format_walltime, parse_memory, parse_walltime
 from offload.transports.base import Transport
 
@@ -58,6 +65,16 @@ _SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.,:@%+=/\[\]-]+$")
 # wrapper that drops --parsable. Any other line (a banner, a quota warning) is not the answer.
 _ANSWER = re.compile(r"(\d+)(?:;(\S+))?|Submitted batch job (\d+)(?: on cluster (\S+))?")
 _TASK_RANGE = re.compile(r"(\d+)_\[([0-9,%-]+)\]")  # a pending array's one record: 123_[0-4%2]
+# Shell lines that set id (and cluster) from one $line of a jobid file, if the line is sbatch's answer
+_PARSE_ANSWER = (
+    "        c=\n"
+    '        case "$line" in "Submitted batch job "*" on cluster "*) c=${line##* on cluster } ;; esac\n'
+    '        case "$line" in "Submitted batch job "*) line=${line#Submitted batch job }; '
+    "line=${line%% on cluster *} ;; esac\n"
+    '        case "$line" in *";"*) c=${line#*;} ;; esac\n'
+    "        line=${line%%;*}\n"
+    '        case "$line" in ""|*[!0-9]*) ;; *) id=$line; cluster=$c ;; esac\n'
+)
 _CHUNK = 500  # ids per squeue/sacct/scancel call, far below any command line limit
 
 
@@ -176,23 +193,17 @@ class SlurmScheduler(Scheduler):
     def submit_line(self, script_path: str) -> str:
         return f"sbatch --parsable < {script_path}"
 
+    def abandon_line(self) -> str:
+        return read_answer("a", _PARSE_ANSWER) + '    [ -n "$id" ] && scancel ${cluster:+--clusters="$cluster"} "$id"\n'
+
     def sweep_lines(self, jobs_dir: str) -> list[str]:
-        parse = (
-            "        c=\n"
-            '        case "$line" in "Submitted batch job "*" on cluster "*) c=${line##* on cluster } ;; esac\n'
-            '        case "$line" in "Submitted batch job "*) line=${line#Submitted batch job }; '
-            "line=${line%% on cluster *} ;; esac\n"
-            '        case "$line" in *";"*) c=${line#*;} ;; esac\n'
-            "        line=${line%%;*}\n"
-            '        case "$line" in ""|*[!0-9]*) ;; *) id=$line; cluster=$c ;; esac\n'
-        )
         # a job sent to another cluster (123;c2) is only in that cluster's queue: ask it, or keep the file
         queue = (
             "    queue=$live\n"
             '    if [ -n "$cluster" ]; then queue=$(squeue --noheader --user="$(id -un)" --format=%F '
             '--clusters="$cluster") || continue; fi\n'
         )
-        return secrets_sweep(jobs_dir, 'squeue --noheader --user="$(id -un)" --format=%F', parse, queue)
+        return secrets_sweep(jobs_dir, 'squeue --noheader --user="$(id -un)" --format=%F', _PARSE_ANSWER, queue)
 
     def ids_in(self, text: str) -> list[str]:
         """Job ids in the answers of the submit command (e.g. jobid files read back after a lost channel): only
