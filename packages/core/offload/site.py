@@ -1,54 +1,42 @@
 """A :class:`Site`: one configured place to run jobs, with its connection, scheduler, runtime and poller.
 
-Data of one submission flows one way::
-
-    JobSpec + SiteConfig -> Runtime.command() -> argv -> BatchScript (+ scheduler directives)
-    -> one submission program over the transport (mkdir, job.sh, secrets.env, sbatch) -> job ids -> Job
-
-Many jobs go in one round trip: ``submit_many`` sends every script in one program on one SSH channel, and
-identical specs become one job array.
+The Site is the public facade: it wires the plugins, owns the per-process state (remade in a forked child) and
+hands each service below it a :class:`~offload.context.SiteContext`, never itself: planning and submission
+(:mod:`offload.submission`), the image cache (:mod:`offload.images`), the relays (:mod:`offload.reach`). Its
+methods delegate to them, and wrap the job references they hand back in :class:`Job` handles.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import dataclasses
 import json
 import logging
-import secrets as _secrets
 import shlex
-import sqlite3
 import sys
 import threading
-import time
 import weakref
 from collections.abc import Callable, Collection, Sequence
 from typing import TypeVar
 
-from offload import _loop, jobfiles, reach_targets, submit
+from offload import _loop
 from offload import reach as reach_mod
 from offload.config import SiteConfig
 from offload.context import SiteContext
 from offload.errors import ConfigError, JobNotFoundError, PluginError
-from offload.images import Images, is_pull, is_pushed_name
+from offload.images import Images
 from offload.jobs import Job, JobRef, JobState, JobStatus
 from offload.plugins import Plugins, plugins
 from offload.poller import Poller
 from offload.profiles import load_profiles
 from offload.records import JobRecord, JobRecords
-from offload.retry import RetryPolicy
 from offload.runtimes.base import ContainerCommand, ContainerContext, Runtime
 from offload.schedulers.base import NodeResources, Scheduler
-from offload.script import BatchScript
 from offload.spec import JobSpec, Mount
-from offload.submit import Submission
+from offload.submission import Submitted, Submitter
 from offload.transports.base import PortForward, Progress, Transport
 
 log = logging.getLogger("offload")
 T = TypeVar("T")
-# A locked SQLite file (another process writing) is tried 5 times in about 3 s before the error is logged.
-_RECORD = RetryPolicy(first=0.2, factor=2.0, cap=1.6, attempts=5)
 
 
 def _plugin_made(base: type[T], kind: str, name: str, made: object) -> T:
@@ -74,8 +62,6 @@ class Site:
         self._runtime = _plugin_made(Runtime, "runtime", config.runtime,
                                      registry.runtime(config.runtime).factory(config.runtime_options))  # fmt: skip
         self._records = records or JobRecords()
-        # Jobs on another machine reach this one's services through a relay; local jobs reach them directly.
-        self._relays_needed = not self._scheduler.runs_on_client
         self._workdir: str | None = None
         self._job_host = _JobHost(self)
         self._closed = False
@@ -87,12 +73,12 @@ class Site:
         self._transport = self._new_transport(self.config)
         self._poller = Poller(self._poll, self.config.poll_interval, self._ended)
         # what the services below the facade may use of this site (they never see the Site itself)
-        ctx = SiteContext(self.name, self.config, self._transport, self._scheduler, self._runtime, self._poller,
-                          self.aworkdir, self._relay_step_argv)  # fmt: skip
+        self._ctx = ctx = SiteContext(self.name, self.config, self._transport, self._scheduler, self._runtime,
+                                      self._poller, self.aworkdir, self._relay_step_argv, self._records,
+                                      self._hook)  # fmt: skip
         self._relays = reach_mod.Relays(ctx)
         self._images = Images(ctx)
-        self._site_limits: dict[str, int] | None = None
-        self._secret_dirs: dict[str, set[str]] = {}
+        self._submitter = Submitter(ctx, self._images, self._relays)
 
     def _after_fork(self) -> None:
         # The parent's connection and loop are not ours: drop them (never close them: that would speak on the
@@ -137,62 +123,15 @@ class Site:
 
     # -- building scripts -------------------------------------------------------------------------------
 
-    def _context(self, spec: JobSpec, jobdir: str | None = None) -> ContainerContext:
-        reach = [*spec.reach, *reach_targets.PROXY_NAMES] if spec.reach else []
-        env_names = tuple(dict.fromkeys([*self.config.env, *spec.env, *spec.secrets, *reach]))
-        return ContainerContext(
-            image=spec.image or self.config.image,
-            mounts=spec.mounts,
-            env_names=env_names,
-            workdir=spec.workdir,
-            gpus=spec.resources.total_gpus,
-            jobdir=jobdir,
-            scheduler_env=self._scheduler.job_env,
-        )
-
     def validate(self, spec: JobSpec) -> None:
         """Raise :class:`ConfigError` if this site cannot run ``spec``; touches nothing on the site (an image
         the cache will pull or holds is checked as the cache path it will be)."""
-        if spec.container:
-            self._runtime.validate(self._context(self._stand_in(spec), f"{self.config.workdir}/jobs/check"))
-        self._scheduler.directives(spec, f"{self.config.workdir}/jobs/check", None)
-
-    def _script(self, spec: JobSpec, jobdir: str, array_size: int | None, index: int | None = None, *,
-                secrets: bool | None = None, index_offset: int = 0, parallelism: int | None = None) -> str:  # fmt: skip
-        ctx = self._context(spec, jobdir)
-        if spec.container:
-            self._runtime.validate(ctx)
-        res = spec.resources
-        several = res.nodes > 1 or (res.tasks_per_node or 1) > 1
-        relay = bool(spec.reach or spec.relay) and self._relays_needed
-        script = BatchScript(
-            shebang=spec.shebang or self.config.shebang,
-            directives=self._scheduler.directives(spec, jobdir, array_size, parallelism),
-            jobdir=jobdir,
-            task_index=self._scheduler.task_index,
-            index_value=None if index is None else str(index),
-            index_offset=index_offset,
-            secrets=bool(spec.secrets or spec.reach or relay) if secrets is None else secrets,
-            setup=[*self.config.setup, *spec.prologue],
-            env={**self.config.env, **spec.env},
-            prelude=self._runtime.prelude(ctx) if spec.container else [],
-            command=self._runtime.command(spec.command, ctx) if spec.container else list(spec.command),
-            comment=f"offload job on site {self.name}",
-            launcher=self._scheduler.launcher(res) if several else [],
-            copy_env=dict(self._scheduler.copy_env) if several else {},
-            first_node=self._scheduler.first_node if several else "",
-            reach_source=reach_mod.SOURCE if relay else "",
-            reach_key=reach_mod.base_key(jobdir) if relay else "",
-            reach_container_python=self._runtime.command(["python3"], ctx) if relay else [],
-            image_path=(self._runtime.image_path(ctx) or "") if spec.container else "",
-        )
-        self._hook.offload_job_script(script=script, spec=spec, site=self.config)
-        return script.render()
+        self._submitter.validate(spec)
 
     def job_script(self, spec: JobSpec) -> str:
         """The batch script ``spec`` would be submitted with (secrets not included: they never are; an image
         from the cache appears as where the cache will have it)."""
-        return self._script(self._stand_in(spec), f"{self.config.workdir}/jobs/{_job_key(spec)}", None)
+        return self._submitter.job_script(spec)
 
     def container_command(self, argv: Sequence[str], *, image: str, mounts: Sequence[Mount] = (),
                           env_names: Sequence[str] = (), workdir: str | None = None,
@@ -207,32 +146,17 @@ class Site:
         return ContainerCommand(prelude=tuple(self._runtime.prelude(ctx)),
                                 argv=tuple(self._runtime.command(argv, ctx)))  # fmt: skip
 
-    def _stand_in(self, spec: JobSpec) -> JobSpec:
-        image = spec.image or self.config.image
-        if (
-            not spec.container
-            or not image
-            or not (is_pushed_name(image) or (is_pull(image) and self.config.pull == "login"))
-        ):
-            return spec
-        return dataclasses.replace(
-            spec, image=f"{self.config.workdir}/images/(the cache's copy of {image.split('://')[-1]})"
-        )
-
-    async def _jobs_dir(self) -> str:
-        if self._workdir is None:
+    @_loop.on_loop
+    async def aworkdir(self) -> str:
+        """The site's work directory, absolute (``~`` resolved): job directories and offload's files live here."""
+        if self._workdir is None:  # asked once, kept through a fork (the child's site has the same home)
             workdir = self.config.workdir
             if workdir == "~" or workdir.startswith("~/"):
                 workdir = (await self._transport.home()) + workdir[1:]
             if not workdir.startswith("/"):
                 raise ConfigError(f"site '{self.name}': workdir {workdir!r} must be absolute or start with '~/'")
             self._workdir = workdir
-        return f"{self._workdir}/jobs"
-
-    @_loop.on_loop
-    async def aworkdir(self) -> str:
-        """The site's work directory, absolute (``~`` resolved): job directories and offload's files live here."""
-        return (await self._jobs_dir()).removesuffix("/jobs")
+        return self._workdir
 
     workdir = _loop.blocking(aworkdir)
 
@@ -249,7 +173,7 @@ class Site:
     @_loop.on_loop
     async def asubmit(self, spec: JobSpec) -> Job:
         """Submit one job and return its handle."""
-        return (await self._submit_many([spec]))[0]
+        return self._jobs(await self._submitter.submit_many([spec]))[0]
 
     submit = _loop.blocking(asubmit)
 
@@ -270,132 +194,15 @@ class Site:
         cancelled and :class:`SubmissionError` says why. Interrupting it (Ctrl-C, task cancellation) never
         leaves a job running that nobody knows about: jobs that got in are cancelled.
         """
-        return await self._submit_many(list(specs), arrays, array_parallelism)
+        return self._jobs(await self._submitter.submit_many(list(specs), arrays, array_parallelism))
 
     submit_many = _loop.blocking(asubmit_many)
 
-    async def _submit_many(
-        self, specs: list[JobSpec], arrays: bool = True, array_parallelism: int | None = None
-    ) -> list[Job]:
-        if not specs:
-            return []
-        for spec in specs:
-            if not isinstance(spec, JobSpec):
-                raise ConfigError(f"submit takes offload.JobSpec objects, got {type(spec).__name__}")
-            self.validate(spec)  # every spec, before anything reaches the site
-        if array_parallelism is not None and (not isinstance(array_parallelism, int) or array_parallelism < 1):
-            raise ConfigError(f"array_parallelism must be a whole number of at least 1, got {array_parallelism!r}")
-        # Registry images are pulled once on the login node (if not cached), and pushed names found, before the
-        # jobs go: a missing tag fails here, with nothing queued.
-        specs = await self._images.aresolve_specs(specs)
-        # The send and the record go together, whatever happens to the caller meanwhile: a cancelled caller's
-        # jobs are cancelled once they are known, never left running unrecorded.
-        task = asyncio.ensure_future(self._send_and_record(specs, arrays, array_parallelism))
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            _loop.keep(self._cancel_when_done(task))
-            raise
+    def _jobs(self, submitted: list[Submitted]) -> list[Job]:
+        """Handles of the jobs the submitter sent: a handle names its Site, which no service below sees."""
+        return [Job(self, ref, name=spec.name, spec=spec) for ref, spec in submitted]
 
-    async def _cancel_when_done(self, task: asyncio.Future[list[Job]]) -> None:
-        try:
-            jobs = await task
-        except asyncio.CancelledError:
-            log.warning("an interrupted submission to %s was stopped before its end: look in the site's queue for "
-                        "jobs under %s and cancel them", self.name, self.config.workdir)  # fmt: skip
-            raise
-        except Exception as exc:  # it failed by itself, and said what became of the jobs that got in
-            log.warning("the interrupted submission failed: %s", exc)
-            return
-        log.warning("submission interrupted: cancelling the %d job(s) it had submitted", len(jobs))
-        try:
-            await self._cancel([job.ref for job in jobs], timeout=30)
-        except Exception as exc:
-            log.warning("cancelling them failed (%s): cancel %s by hand", exc, " ".join(j.id for j in jobs))
-
-    async def _plan(
-        self, specs: list[JobSpec], arrays: bool, parallelism: int | None
-    ) -> list[tuple[Submission, list[int]]]:
-        jobs_dir = await self._jobs_dir()
-        groups: dict[JobSpec, list[int]] = {}
-        for index, spec in enumerate(specs):
-            groups.setdefault(spec, []).append(index)
-        if arrays and self._scheduler.supports_arrays and any(len(i) > 1 for i in groups.values()):
-            max_array = (await self._limits()).get("max_array_size") or 1001
-        planned: list[tuple[Submission, list[int]]] = []
-        for spec, indices in groups.items():
-            if arrays and self._scheduler.supports_arrays and len(indices) > 1:
-                for start in range(0, len(indices), max_array):  # several arrays beyond MaxArraySize
-                    chunk = indices[start : start + max_array]
-                    planned.append((self._submission(spec, f"{jobs_dir}/{_job_key(spec)}", len(chunk), None,
-                                                     start, parallelism), chunk))  # fmt: skip
-                continue
-            for position, index in enumerate(indices):
-                # No arrays here: one job per task, each told its index like an array task would be.
-                planned.append((self._submission(spec, f"{jobs_dir}/{_job_key(spec)}", None,
-                                                 position if len(indices) > 1 else None), [index]))  # fmt: skip
-        return planned
-
-    def _submission(self, spec: JobSpec, jobdir: str, array_size: int | None, index: int | None,
-                    index_offset: int = 0, parallelism: int | None = None) -> Submission:  # fmt: skip
-        secrets, files = dict(spec.secrets), {}
-        if (spec.reach or spec.relay) and self._relays_needed:
-            targets = reach_targets.targets_of(dict(spec.reach))
-            secrets["OFFLOAD_REACH"] = reach_targets.node_targets(targets)  # URLs may hold credentials
-            files[jobfiles.REACH] = reach_targets.client_targets(targets)  # what any client needs to serve the relay
-        elif spec.reach:
-            secrets.update(spec.reach)  # the job runs here: it reaches the services directly
-        files.update(spec.files)
-        image = self._runtime.image_path(self._context(spec, jobdir)) if spec.container else None
-        script = self._script(spec, jobdir, array_size, index, secrets=bool(secrets), index_offset=index_offset,
-                              parallelism=parallelism)  # fmt: skip
-        return Submission(spec, jobdir, script, array_size, secrets=secrets, files=files,
-                          paths=[image] if image else [])  # fmt: skip
-
-    async def _limits(self) -> dict[str, int]:
-        if self._site_limits is None:
-            self._site_limits = await self._scheduler.limits(self._transport)
-        return self._site_limits
-
-    async def _send_and_record(self, specs: list[JobSpec], arrays: bool, parallelism: int | None) -> list[Job]:
-        planned = await self._plan(specs, arrays, parallelism)
-        jobs_dir = await self._jobs_dir()
-        submissions = [sub for sub, _ in planned]
-        await submit.send(self._transport, self._scheduler, self.name, submissions, jobs_dir,
-                          self.config.max_sessions)  # fmt: skip
-        jobs: list[Job | None] = [None] * len(specs)
-        rows = []
-        for sub, indices in planned:
-            for task, (index, job_id) in enumerate(zip(indices, sub.ids, strict=True)):
-                ref = JobRef(job_id, sub.jobdir, task if sub.array_size else None)
-                job = Job(self, ref, name=sub.spec.name, spec=sub.spec)
-                self._poller.known(ref, JobStatus(JobState.PENDING, "submitted"))
-                jobs[index] = job
-                rows.append((self.name, job_id, sub.spec.name, sub.jobdir, ref.index, list(sub.spec.command),
-                             sub.spec.image or self.config.image))  # fmt: skip
-            if sub.secrets:
-                self._secret_dirs[sub.jobdir] = set(sub.ids)
-            if (sub.spec.reach or sub.spec.relay) and self._relays_needed:
-                targets = [(t.host, t.port) for t in reach_targets.targets_of(dict(sub.spec.reach))]
-                for index in indices:
-                    job = jobs[index]
-                    assert job is not None
-                    self._relays.serve(job.ref, targets)
-        await self._record(rows)
-        return [job for job in jobs if job is not None]
-
-    async def _record(self, rows: list) -> None:
-        """Record submitted jobs; a locked or broken database delays that, but never loses the jobs."""
-
-        async def add() -> None:
-            self._records.add(rows)
-
-        try:
-            await _RECORD.call(add, lambda exc: isinstance(exc, sqlite3.Error))
-        except sqlite3.Error as exc:
-            ids = " ".join(row[1] for row in rows)
-            log.error("could not record %d submitted job(s) in %s (%s); they run on %s: %s", len(rows),
-                      self._records.path, exc, self.name, ids)  # fmt: skip
+    # -- relays -----------------------------------------------------------------------------------------
 
     def _relay_step_argv(self, ref: JobRef) -> list[str]:
         """The carrier: the relay program in ``carry`` mode, with the node's python3 or else the image's."""
@@ -428,37 +235,12 @@ class Site:
         return await self._scheduler.poll(self._transport, refs)
 
     def _ended(self, ref: JobRef, status: JobStatus) -> None:
-        with contextlib.suppress(sqlite3.Error):  # a record that cannot be written must not stop the poller
-            self._records.update(self.name, ref.id, status.state.value, status.reason, status.exit_code)
-        self._relays.stop(ref.id)
-        ids = self._secret_dirs.get(ref.jobdir)
-        if ids is not None:
-            ids.discard(ref.id)
-            if not ids:
-                # The second line of defence: the job removed its secrets when it started; a job that never
-                # started (cancelled while pending) did not, so the client that sees it end does.
-                del self._secret_dirs[ref.jobdir]
-                script = f'rm -f "$1"/{jobfiles.SECRETS} "$1"/{jobfiles.SECRETS}.*'
-                task = asyncio.get_running_loop().create_task(
-                    self._transport.run(["sh", "-c", script, "sh", ref.jobdir], check=False, timeout=60)
-                )
-                task.add_done_callback(lambda t: t.cancelled() or t.exception())
-
-    async def _cancel(self, refs: list[JobRef], timeout: float = 60) -> None:
-        """Cancel ``refs`` in one scheduler call, and return once the scheduler says they ended."""
-        if not refs:
-            return
-        await self._scheduler.cancel(self._transport, refs)
-        await asyncio.gather(*(self._poller.status(ref, refresh=True) for ref in refs))
-        try:
-            await asyncio.wait_for(asyncio.gather(*(self._poller.wait(ref) for ref in refs)), timeout)
-        except TimeoutError:
-            log.warning("cancelled %d job(s) on %s, but they have not ended after %s s", len(refs), self.name, timeout)
+        self._submitter.ended(ref, status)  # the poller is made before the submitter that keeps the job's ends
 
     @_loop.on_loop
     async def acancel(self, jobs: Sequence[Job], timeout: float = 60) -> None:
         """Cancel many jobs in one scheduler call; return once they ended (waiting at most ``timeout`` s)."""
-        await self._cancel([job.ref for job in jobs], timeout)
+        await self._submitter.cancel([job.ref for job in jobs], timeout)
 
     cancel = _loop.blocking(acancel)
 
@@ -542,7 +324,7 @@ class Site:
     async def aforward_job(self, job: Job, remote_port: int, local_port: int = 0) -> Forward:
         """Forward 127.0.0.1:``local_port`` to ``remote_port`` on the loopback of ``job``'s node, through the
         job's relay (``JobSpec(relay=True)``): for a service that listens on the node's 127.0.0.1 only."""
-        if not self._relays_needed:  # the job runs here: its loopback is ours
+        if not self._ctx.relays_needed:  # the job runs here: its loopback is ours
             return Forward(await self._transport.forward_local_port("127.0.0.1", remote_port, local_port))
         if job.id not in self._relays._tasks:
             await self._serve_relay(job)
@@ -585,7 +367,7 @@ class _JobHost:
         return await self._site._poller.wait(ref, states, on_change)
 
     async def cancel(self, refs: list[JobRef]) -> None:
-        await self._site._cancel(refs)
+        await self._site._submitter.cancel(refs)
 
     async def read(self, path: str, offset: int = 0, size: int | None = None) -> bytes:
         return await self._site._transport.read_file(path, offset, size)
@@ -616,11 +398,6 @@ class Forward:
         await self._inner.close()
 
     close = _loop.blocking(aclose)
-
-
-def _job_key(spec: JobSpec) -> str:
-    # 64 random bits: thousands of job directories made in the same second never collide
-    return f"{spec.name or 'job'}-{time.strftime('%Y%m%d-%H%M%S')}-{_secrets.token_hex(8)}"
 
 
 class _SiteCache:
