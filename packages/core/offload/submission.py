@@ -161,8 +161,9 @@ class Submitter:
         try:
             jobs = await task
         except asyncio.CancelledError:
-            log.warning("an interrupted submission to %s was stopped before its end: look in the site's queue for "
-                        "jobs under %s and cancel them", self._ctx.name, self._ctx.config.workdir)  # fmt: skip
+            log.warning("an interrupted submission to %s was stopped before its end: the site's submission "
+                        "program cancels the jobs it sent once it finds the connection gone (if in doubt, look in "
+                        "the queue for jobs under %s)", self._ctx.name, self._ctx.config.workdir)  # fmt: skip
             raise
         except Exception as exc:  # it failed by itself, and said what became of the jobs that got in
             log.warning("the interrupted submission failed: %s", exc)
