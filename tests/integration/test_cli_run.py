@@ -8,7 +8,7 @@ import time
 import uuid
 from pathlib import Path
 
-from .conftest import queued_jobs
+from .conftest import queued_jobs, wait_until
 
 OFFLOAD = [sys.executable, "-m", "offload.cli"]
 TESTSITE = str(Path(__file__).parents[2] / "scripts" / "testsite")
@@ -116,5 +116,28 @@ def test_an_interrupted_submission_leaves_no_job_behind(site_user):
             assert proc.returncode == 128 + sig, err
             assert "interrupted during the submission" in err and "cancelling the 1 job(s)" in err, err
             assert queued_jobs(site_user, name) == [], err
+    finally:
+        subprocess.run([TESTSITE, "fault", "clear"], check=True, capture_output=True)
+
+
+def test_a_client_killed_during_the_submission_leaves_no_job_behind(site_user):
+    """SIGKILL while a slow sbatch runs: no client lives to cancel the job that gets in, so the submission
+    program on the login node does, once it finds its channel gone (at its report after sbatch)."""
+    name = f"killsub-{uuid.uuid4().hex[:8]}"
+    subprocess.run([TESTSITE, "fault", "sbatch-slow", "10"], check=True, capture_output=True)
+    try:
+        proc = subprocess.Popen([*OFFLOAD, "run", "--site", "testsite", "--name", name, "--", "sleep", "300"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        time.sleep(5)  # connected, and sbatch is sleeping on the login node
+        proc.kill()
+        proc.communicate(timeout=30)
+        # the job gets in once sbatch wakes; the program then cancels it: seen in the queue, then gone
+        time.sleep(15)
+        wait_until(lambda: queued_jobs(site_user, name) == [], timeout=60, what="the abandoned job to be cancelled")
+        argv = ["sacct", "--noheader", "--parsable2", "--allocations", f"--user={site_user}", f"--name={name}",
+                "--format=State"]  # fmt: skip
+        states = wait_until(lambda: subprocess.run(argv, capture_output=True, text=True).stdout.strip(), timeout=60,
+                            what="the job's accounting record")  # fmt: skip
+        assert states.startswith("CANCELLED"), states  # it did get in, and was cancelled
     finally:
         subprocess.run([TESTSITE, "fault", "clear"], check=True, capture_output=True)

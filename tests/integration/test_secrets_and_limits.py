@@ -57,7 +57,8 @@ def test_a_detached_jobs_secret_is_gone_from_the_site_when_it_ends(testsite_conf
                                            text=True, timeout=60).stdout  # fmt: skip
 
 
-def test_every_array_task_reads_its_own_copy(site):
+def test_every_array_task_reads_its_own_copy(any_site):
+    site = any_site
     spec = JobSpec(["sh", "-c", 'echo "task $OFFLOAD_TASK_INDEX has $TOKEN"'], secrets={"TOKEN": "t0k"}, name="arr")
     jobs = site.submit_many([spec] * 3)
     assert len({job.ref.jobdir for job in jobs}) == 1  # one array

@@ -353,8 +353,12 @@ class SlurmScheduler(Scheduler):
         at the next poll; only a site that keeps no accounting at all stops being asked."""
         if self._accounting is False or not refs:
             return {}
+        asked = [_bare(r.id) for r in refs]
+        # An array cancelled before any task was split off is one record under the array's own id (12, or
+        # 12_[0-4]): ``--jobs=12_3`` finds nothing, so the arrays are asked about too.
+        arrays = {job_id.split("_", 1)[0] for job_id in asked if "_" in job_id}
         argv = ["sacct", "--noheader", "--parsable2", "--allocations", "--format=JobID,State,ExitCode,NodeList",
-                *_clusters(cluster), "--jobs=" + ",".join(_bare(r.id) for r in refs)]  # fmt: skip
+                *_clusters(cluster), "--jobs=" + ",".join([*asked, *sorted(arrays)])]  # fmt: skip
         result = await transport.run(argv, check=False)
         if result.exit_status != 0:
             if "accounting storage is disabled" in result.stderr.lower():
@@ -368,18 +372,25 @@ class SlurmScheduler(Scheduler):
         self._accounting = True
         wanted = {_bare(ref.id): ref.id for ref in refs}
         statuses: dict[str, JobStatus] = {}
+        whole: dict[str, JobStatus] = {}  # an array's own record, for its tasks that have none of their own
         for line in result.stdout.splitlines():
             fields = line.split("|")
             if len(fields) < 3 or ":" not in fields[2]:
                 continue
-            tasks = [job_id for job_id in _array_tasks(fields[0]) if job_id in wanted]
-            if not tasks:
-                continue
             code, sig = fields[2].split(":", 1)
             state = fields[1].split()[0] if fields[1] else "UNKNOWN"
-            status = _status(state, "", int(code), int(sig) or None, fields[3] if len(fields) > 3 else "")
-            if status.state is not JobState.UNKNOWN:
-                statuses.update((wanted[job_id], status) for job_id in tasks)
+            node = fields[3] if len(fields) > 3 and fields[3] != "None assigned" else ""
+            status = _status(state, "", int(code), int(sig) or None, node)
+            if status.state is JobState.UNKNOWN:
+                continue
+            if fields[0] in arrays and fields[0] not in wanted:
+                whole[fields[0]] = status
+                continue
+            statuses.update((wanted[job_id], status) for job_id in _array_tasks(fields[0]) if job_id in wanted)
+        for job_id, ref_id in wanted.items():
+            array = job_id.split("_", 1)[0]
+            if "_" in job_id and ref_id not in statuses and array in whole:
+                statuses[ref_id] = whole[array]
         return statuses
 
     async def nodes(self, transport: Transport) -> list[NodeResources]:
