@@ -16,7 +16,6 @@ if TYPE_CHECKING:
     import pluggy
 
     from offload.config import SiteConfig
-    from offload.jobs import JobRef
     from offload.poller import Poller
     from offload.records import JobRecords
     from offload.runtimes.base import Runtime
@@ -27,8 +26,7 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class SiteContext:
     """One site's parts, for its services: its name and profile, its connection, its plugins (and their hooks),
-    its poller, this machine's job records, its work directory (absolute, asked of the site once), and the argv
-    of a job's relay step (the carrier)."""
+    its poller, this machine's job records and its work directory (absolute, asked of the site once)."""
 
     name: str
     config: SiteConfig
@@ -37,7 +35,6 @@ class SiteContext:
     runtime: Runtime
     poller: Poller
     workdir: Callable[[], Awaitable[str]]
-    relay_step: Callable[[JobRef], list[str]]
     records: JobRecords
     hook: pluggy.HookRelay
 

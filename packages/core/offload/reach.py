@@ -24,13 +24,15 @@ import hashlib
 import inspect
 import json
 import logging
+import shlex
 import struct
 from typing import TYPE_CHECKING
 
 from offload import reach_node
-from offload.errors import OffloadError, TransportError
+from offload.errors import ConfigError, OffloadError, TransportError
 from offload.jobs import JobRef, JobState
 from offload.retry import RetryPolicy
+from offload.runtimes.base import ContainerContext
 
 if TYPE_CHECKING:
     from offload.context import SiteContext
@@ -117,6 +119,31 @@ class Relays:
             task.add_done_callback(lambda t: None if t.cancelled() else t.exception())
         return task
 
+    def serving(self, job_id: str) -> bool:
+        """Whether this process serves the job's relay (a task that has not ended)."""
+        task = self._tasks.get(job_id)
+        return task is not None and not task.done()
+
+    async def serve_recorded(self, ref: JobRef) -> None:
+        """Serve the relay of a job another process submitted, to the targets its directory records."""
+        raw = await self._ctx.transport.read_file(ref.paths.reach)
+        if not raw:
+            raise ConfigError(
+                f"job {ref.id} on {self._ctx.name} runs no relay (it was submitted without reach or relay)"
+            )
+        self.serve(ref, [(t["host"], int(t["port"])) for t in json.loads(raw)])
+
+    def carrier_argv(self, ref: JobRef) -> list[str]:
+        """The job step that carries the relay on the job's node: the relay program in ``carry`` mode, with the
+        node's python3 or else the image's (the one this machine's records say the job runs)."""
+        carrier = ["python3", "-c", SOURCE, "carry", relay_key(ref)]
+        record = self._ctx.records.get(self._ctx.name, ref.id)
+        image = (record.image if record else None) or self._ctx.config.image
+        inner = self._ctx.runtime.command(carrier, ContainerContext(image=image, jobdir=ref.jobdir))
+        script = (f"if command -v python3 >/dev/null 2>&1; then exec {shlex.join(carrier)}; "
+                  f"else exec {shlex.join(inner)}; fi")  # fmt: skip
+        return ["bash", "-c", script]
+
     def stop(self, job_id: str) -> None:
         task = self._tasks.pop(job_id, None)
         if task is not None:
@@ -169,7 +196,7 @@ class Relays:
             if status.state.is_terminal:
                 return
             node = ctx.scheduler.first_host(status.node)
-            argv = await ctx.scheduler.step(ctx.transport, ref, node, ctx.relay_step(ref))
+            argv = await ctx.scheduler.step(ctx.transport, ref, node, self.carrier_argv(ref))
             if argv is None:
                 return  # the job runs here: it reaches the services directly
             started = asyncio.get_running_loop().time()

@@ -9,7 +9,6 @@ methods delegate to them, and wrap the job references they hand back in :class:`
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import shlex
 import sys
@@ -74,7 +73,7 @@ class Site:
         self._poller = Poller(self._poll, self.config.poll_interval, self._ended)
         # what the services below the facade may use of this site (they never see the Site itself)
         self._ctx = ctx = SiteContext(self.name, self.config, self._transport, self._scheduler, self._runtime,
-                                      self._poller, self.aworkdir, self._relay_step_argv, self._records,
+                                      self._poller, self.aworkdir, self._records,
                                       self._hook)  # fmt: skip
         self._relays = reach_mod.Relays(ctx)
         self._images = Images(ctx)
@@ -204,27 +203,11 @@ class Site:
 
     # -- relays -----------------------------------------------------------------------------------------
 
-    def _relay_step_argv(self, ref: JobRef) -> list[str]:
-        """The carrier: the relay program in ``carry`` mode, with the node's python3 or else the image's."""
-        carrier = ["python3", "-c", reach_mod.SOURCE, "carry", reach_mod.relay_key(ref)]
-        record = self._records.get(self.name, ref.id)
-        ctx = ContainerContext(image=(record.image if record else None) or self.config.image, jobdir=ref.jobdir)
-        inner = self._runtime.command(carrier, ctx)
-        script = (f"if command -v python3 >/dev/null 2>&1; then exec {shlex.join(carrier)}; "
-                  f"else exec {shlex.join(inner)}; fi")  # fmt: skip
-        return ["bash", "-c", script]
-
-    async def _serve_relay(self, job: Job) -> None:
-        raw = await self._transport.read_file(job.ref.paths.reach)
-        if not raw:
-            raise ConfigError(f"job {job.id} on {self.name} runs no relay (it was submitted without reach or relay)")
-        self._relays.serve(job.ref, [(t["host"], int(t["port"])) for t in json.loads(raw)])
-
     @_loop.on_loop
     async def arelay(self, job: Job) -> JobStatus:
         """Serve ``job``'s reach relay from this process until the job ends (for a job another process
         submitted, e.g. with ``offload run --detach``); returns its final status."""
-        await self._serve_relay(job)
+        await self._relays.serve_recorded(job.ref)
         return await self._poller.wait(job.ref)
 
     relay = _loop.blocking(arelay)
@@ -326,8 +309,8 @@ class Site:
         job's relay (``JobSpec(relay=True)``): for a service that listens on the node's 127.0.0.1 only."""
         if not self._ctx.relays_needed:  # the job runs here: its loopback is ours
             return Forward(await self._transport.forward_local_port("127.0.0.1", remote_port, local_port))
-        if job.id not in self._relays._tasks:
-            await self._serve_relay(job)
+        if not self._relays.serving(job.id):
+            await self._relays.serve_recorded(job.ref)
         return Forward(await self._relays.forward(job.ref, remote_port, local_port))
 
     forward_job = _loop.blocking(aforward_job)
