@@ -28,6 +28,7 @@ from offload.hookspecs import RuntimePlugin, SchedulerPlugin, TransportPlugin, h
 from offload.images import CachedImage, Images
 from offload.jobs import EndCause, Job, JobState, JobStatus
 from offload.jupyter import jupyter_spec
+from offload.placement import SiteGroup, Verdict, load_sites
 from offload.profiles import SiteProfiles, load_profiles, profile_from_table
 from offload.retry import Retry, RetryPolicy
 from offload.runtimes.base import ContainerCommand, Runtime
@@ -72,17 +73,20 @@ __all__ = [
     "SchedulerPlugin",
     "Site",
     "SiteConfig",
+    "SiteGroup",
     "SiteNotAnswering",
     "SiteProfiles",
     "SubmissionError",
     "TransportError",
     "TransportPlugin",
+    "Verdict",
     "archive",
     "format_size",
     "hookimpl",
     "jupyter_spec",
     "load_profiles",
     "load_site",
+    "load_sites",
     "parse_size",
     "profile_from_table",
     "remote",

@@ -11,6 +11,7 @@ not installed cannot break ``offload --help`` or the other commands.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.metadata
 import json
 import os
@@ -26,6 +27,7 @@ from offload import _loop
 from offload.cli_common import SITE_HELP, fail, log_to_stderr, user_errors
 from offload.errors import ConfigError
 from offload.jobs import Job, JobState, JobStatus
+from offload.placement import load_sites
 from offload.profiles import load_profiles
 from offload.records import JobRecords, write_private
 from offload.schedulers.base import NodeResources
@@ -258,6 +260,34 @@ def gpu_report(nodes: list[NodeResources]) -> dict[str, Any]:
     return {"partitions": partitions, "nodes": rows}
 
 
+@sites.command("rank")
+@click.option("--site", "site_names", default=None, help="Sites to rank: 'a,b' or '@group' (default: every site "
+              "of the profile file but 'local').")  # fmt: skip
+@click.option("--gpus", type=int, default=0, show_default=True, help="GPUs for the whole job.")
+@click.option("--nodes", type=int, default=1, show_default=True)
+@click.option("--cpus", type=int, help="CPU cores for each copy of the payload.")
+@click.option("--time", "walltime", help="Walltime, HH:MM:SS or D-HH:MM:SS.")
+@click.option("--partition", help="Partition (default: each site's; its GPU partition when --gpus).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: each site's verdict and evidence.")
+def sites_rank(site_names: str | None, gpus: int, nodes: int, cpus: int | None, walltime: str | None,
+               partition: str | None, as_json: bool) -> None:  # fmt: skip
+    """Where a job would start first: each site's verdict (can it run the job at all, could it start it now)
+    and its evidence, best first, from one scheduler call per site. 'offload run --site a,b' submits there."""
+    with user_errors():
+        profiles = load_profiles()
+        names = site_names or ",".join(name for name in profiles.sites if name != "local")
+        spec = JobSpec(["true"], resources=Resources(gpus=gpus, nodes=nodes, cpus=cpus, walltime=walltime,
+                                                     partition=partition))  # fmt: skip
+        verdicts = load_sites(names).rank(spec)
+    if as_json:
+        click.echo(json.dumps([dataclasses.asdict(v) for v in verdicts], indent=2))
+        return
+    click.echo(f"{'SITE':<16} {'VERDICT':<10} {'GPUS FREE/TOTAL':>16} {'CPUS FREE':>10}  WHY")
+    for v in verdicts:
+        verdict = "now" if v.starts_now else "waits" if v.feasible else "skipped"
+        click.echo(f"{v.site:<16} {verdict:<10} {v.gpus_free:>7}/{v.gpus:<8} {v.cpus_free:>10}  {v.reason}")
+
+
 @sites.command("trust")
 @click.argument("name")
 @click.option("--yes", is_flag=True, help="Record the key without asking (only after checking the fingerprint).")
@@ -412,7 +442,8 @@ class _CommandAfterDashes(click.Command):
 
 
 @main.command(cls=_CommandAfterDashes)
-@click.option("--site", "site_name", help=SITE_HELP)
+@click.option("--site", "site_name", help=SITE_HELP + " Several, 'a,b' or '@group' (the profile file's [groups]): "
+              "the job goes where it starts first ('offload sites rank' shows why).")  # fmt: skip
 @click.option("--gpus", type=int, default=0, show_default=True, help="GPUs for the whole job.")
 @click.option("--cpus", type=int, help="CPU cores for each copy of the payload.")
 @click.option("--memory", help="Memory per node, e.g. 16G.")
@@ -503,14 +534,22 @@ def run(
             name=name,
             files=_local_files(files),
         )
-        site = load_site(site_name)
-        site.validate(spec)
+        if site_name and ("," in site_name or site_name.startswith("@")):  # several sites: where it starts first
+            group = load_sites(site_name)
+            verdicts = group.rank(spec)
+            for verdict in verdicts:
+                click.echo(f"offload: {verdict.site}: {verdict.describe()}", err=True)
+            submit = functools.partial(group.submit, ranked=verdicts)
+        else:
+            single = load_site(site_name)
+            single.validate(spec)
+            submit = single.submit
         try:
-            job = site.submit(spec)
+            job = submit(spec)
         except KeyboardInterrupt as exc:  # the submission goes on to its end, then what got in is cancelled
             click.echo("\noffload: interrupted during the submission; a job that got in is cancelled", err=True)
             sys.exit(128 + getattr(exc, "signum", signal.SIGINT))
-    click.echo(f"offload: submitted job {job.id} to site '{site.name}'", err=True)
+    click.echo(f"offload: submitted job {job.id} to site '{job.site.name}'", err=True)
     if detach:
         if spec.reach:
             click.echo(f"offload: the job reaches {', '.join(spec.reach)} only while a client serves its relay: "

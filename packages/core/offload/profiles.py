@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,33 @@ class SiteProfiles:
     default_site: str | None
     # Sites whose section has a mistake: reported when that site is used, so the others keep working.
     errors: dict[str, ConfigError] = field(default_factory=dict)
+    # Named lists of sites ([groups] gpu = ["leonardo", "juwels"]), used as "@gpu" wherever several sites may be
+    groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def names(self, sites: str | Sequence[str]) -> list[str]:
+        """The site names ``sites`` stands for: ``"a,b"``, ``"@group"``, a list of those, or one name; each
+        checked (an unknown one raises with the known ones), in the order given, without repeats."""
+        parts = [sites] if isinstance(sites, str) else list(sites)
+        found: list[str] = []
+        for part in (p.strip() for item in parts for p in str(item).split(",")):
+            if not part:
+                continue
+            if part.startswith("@"):
+                group = part[1:]
+                if group not in self.groups:
+                    named = [f"@{g}" for g in sorted(self.groups)]
+                    raise ConfigError(
+                        f"unknown group {part!r}{did_you_mean(part, named)}. Groups in {self.path}: "
+                        f'{", ".join(named) or "none"}. Add one there: [groups] {group} = ["site", ...].'
+                    )
+                members = list(self.groups[group])
+            else:
+                self.get(part)  # an unknown site raises, naming the known ones
+                members = [part]
+            found += [m for m in members if m not in found]
+        if not found:
+            raise ConfigError("no site given: name one or more sites ('a,b') or a group ('@gpu')")
+        return found
 
     def get(self, name: str | None) -> SiteConfig:
         """The profile called ``name``; None picks ``$OFFLOAD_SITE``, the file's default, else ``local``."""
@@ -78,11 +106,11 @@ def load_profiles(path: str | os.PathLike[str] | None = None) -> SiteProfiles:
     elif path is not None or os.environ.get("OFFLOAD_CONFIG"):
         raise ConfigError(f"{file}: no such file. Set OFFLOAD_CONFIG to an existing site profile file.")
 
-    unknown_top = set(data) - {"default_site", "sites"}
+    unknown_top = set(data) - {"default_site", "sites", "groups"}
     for key in sorted(unknown_top):
         raise ConfigError(
-            f"{file}: unknown top-level key {key!r}{did_you_mean(key, ['default_site', 'sites'])}. "
-            "Site profiles go in [sites.NAME] tables."
+            f"{file}: unknown top-level key {key!r}{did_you_mean(key, ['default_site', 'sites', 'groups'])}. "
+            "Site profiles go in [sites.NAME] tables, groups of sites in a [groups] table."
         )
     raw_sites = data.get("sites", {})
     if not isinstance(raw_sites, dict):
@@ -111,7 +139,24 @@ def load_profiles(path: str | os.PathLike[str] | None = None) -> SiteProfiles:
             f"{file}: default_site = {default!r} names no site{did_you_mean(default, list(sites))}. "
             f"Sites: {', '.join(sorted(sites))}."
         )
-    return SiteProfiles(path=file, sites=sites, default_site=default, errors=errors)
+    return SiteProfiles(path=file, sites=sites, default_site=default, errors=errors,
+                        groups=_groups(file, data.get("groups", {}), [*sites, *errors]))  # fmt: skip
+
+
+def _groups(file: Path, table: Any, known: list[str]) -> dict[str, tuple[str, ...]]:
+    """``[groups] gpu = ["leonardo", "juwels"]``: each a non-empty list of sites of this file."""
+    if not isinstance(table, dict):
+        raise ConfigError(f'{file}: [groups] must be a table of lists of sites, e.g. gpu = ["leonardo", "juwels"]')
+    groups: dict[str, tuple[str, ...]] = {}
+    for name, members in table.items():
+        if not isinstance(members, list) or not members or not all(isinstance(m, str) for m in members):
+            raise ConfigError(f'{file}: [groups] {name} must be a non-empty list of site names, e.g. ["a", "b"]')
+        for member in members:
+            if member not in known:
+                raise ConfigError(f"{file}: [groups] {name} names no site {member!r}{did_you_mean(member, known)}. "
+                                  f"Sites: {', '.join(sorted(known))}.")  # fmt: skip
+        groups[name] = tuple(dict.fromkeys(members))
+    return groups
 
 
 def profile_from_table(name: str, table: dict[str, Any], source: str, base: SiteConfig | None = None) -> SiteConfig:

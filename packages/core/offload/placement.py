@@ -1,0 +1,168 @@
+"""Placing a job on one of several sites: :class:`SiteGroup`, what ``site="a,b"`` or ``site="@gpu"`` gives.
+
+A user with accounts on several centres names them all; offload picks the one where the job starts first, and
+says why. The policy here is *first-fit*, from evidence that costs one scheduler call per site:
+
+1. **Feasibility first.** A site that cannot run the job at all is skipped with its reason: the profile refuses
+   the spec (``Site.validate``: resources, walltime syntax, GPU syntax, mounts, the image), the partition asked
+   for does not exist there, or no node (or not enough nodes) has the GPUs the job needs on each. A site that
+   does not answer is *unavailable*, never an error for the whole placement.
+2. **Where it starts now.** Of the feasible sites, those with enough free nodes for the job right now (free GPUs
+   and CPUs on available nodes, from the same one ``sinfo``/``qhost`` call ``offload sites gpus`` makes) come
+   first, the one with the most free GPUs (then CPUs) first; the others follow in the order the user gave.
+3. **Failover at submission.** A site that refuses the submission (a QOS limit, an account it does not know)
+   is passed over for the next, and its refusal is kept: if every site refuses, the error lists each reason.
+
+The job is submitted once, to one site: there is no duplicate to cancel, and the job record is the chosen
+site's (``Job.site`` says which). The evidence and verdict of every site is :meth:`SiteGroup.rank`'s answer,
+which ``offload sites rank`` prints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from offload import _loop
+from offload.errors import ConfigError, OffloadError, SubmissionError
+from offload.jobs import Job
+from offload.profiles import load_profiles
+from offload.schedulers.base import NodeResources
+from offload.site import Site, load_site
+from offload.spec import JobSpec
+
+log = logging.getLogger("offload.placement")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One site's answer for one job: whether it can run it at all, whether it could start it now, and the
+    evidence (free and total GPUs of the nodes it would use) or the reason it cannot."""
+
+    site: str
+    feasible: bool
+    starts_now: bool
+    reason: str
+    gpus_free: int = 0
+    gpus: int = 0
+    cpus_free: int = 0
+
+    def describe(self) -> str:
+        if not self.feasible:
+            return f"skipped: {self.reason}"
+        now = "can start now" if self.starts_now else "would wait"
+        return f"{now} ({self.gpus_free}/{self.gpus} GPUs, {self.cpus_free} CPUs free; {self.reason})"
+
+
+class SiteGroup:
+    """Several sites used as one: :meth:`submit` places each job where it starts first (see the module's doc).
+    Get one with :func:`load_sites`; its :attr:`sites` are the shared :class:`Site` objects of each name."""
+
+    def __init__(self, sites: Sequence[Site]) -> None:
+        if not sites:
+            raise ConfigError("a group of sites needs at least one site")
+        self.sites = list(sites)
+
+    def __repr__(self) -> str:
+        return f"<SiteGroup {','.join(site.name for site in self.sites)}>"
+
+    @property
+    def name(self) -> str:
+        return ",".join(site.name for site in self.sites)
+
+    @_loop.on_loop
+    async def arank(self, spec: JobSpec) -> list[Verdict]:
+        """Every site's verdict for ``spec``, best first: feasible before not, those that can start it now
+        before those where it would wait (most free GPUs, then CPUs, first), then the order of the group.
+        One scheduler call per site, made at once."""
+        if not isinstance(spec, JobSpec):
+            raise ConfigError(f"rank takes an offload.JobSpec, got {type(spec).__name__}")
+        verdicts = await asyncio.gather(*(_judge(site, spec) for site in self.sites))
+        order = {site.name: i for i, site in enumerate(self.sites)}
+        return sorted(verdicts, key=lambda v: (not v.feasible, not v.starts_now,
+                                               -v.gpus_free if v.starts_now else 0,
+                                               -v.cpus_free if v.starts_now else 0, order[v.site]))  # fmt: skip
+
+    rank = _loop.blocking(arank)
+
+    @_loop.on_loop
+    async def asubmit(self, spec: JobSpec, *, ranked: Sequence[Verdict] | None = None) -> Job:
+        """Submit ``spec`` to the best site of :meth:`rank` (the next one if that site refuses it) and return
+        its handle (``Job.site`` is where it went); :class:`ConfigError` if no site can run it, or
+        :class:`SubmissionError` if every one that could refused it, with every site's reason (nothing queued
+        anywhere). ``ranked``: verdicts from :meth:`rank` just now, e.g. shown to the user first."""
+        verdicts = list(ranked) if ranked is not None else await self.arank(spec)
+        feasible = [v for v in verdicts if v.feasible]
+        reasons = [f"{v.site}: {v.reason}" for v in verdicts if not v.feasible]
+        if not feasible:
+            raise ConfigError(f"no site of {self.name} can run this job:\n  " + "\n  ".join(reasons))
+        sites = {site.name: site for site in self.sites}
+        for verdict in feasible:
+            try:
+                job = await sites[verdict.site].asubmit(spec)
+            except SubmissionError as exc:  # refused there (a limit, an account): the next site may take it
+                log.warning("site %s refused the job (%s); trying the next site", verdict.site, exc.scheduler_message)
+                reasons.append(f"{verdict.site}: refused: {exc.scheduler_message or exc}")
+                continue
+            log.info("placed job %s on %s: %s", job.id, verdict.site, verdict.describe())
+            return job
+        raise SubmissionError(f"every site of {self.name} refused this job:\n  " + "\n  ".join(reasons))
+
+    submit = _loop.blocking(asubmit)
+
+
+def load_sites(sites: str | Sequence[str]) -> SiteGroup:
+    """The sites ``sites`` names (``"a,b"``, ``"@group"`` of the profile file's ``[groups]``, or a list of
+    those) as one :class:`SiteGroup`, each the shared :class:`Site` that :func:`offload.load_site` gives."""
+    return SiteGroup([load_site(name) for name in load_profiles().names(sites)])
+
+
+async def _judge(site: Site, spec: JobSpec) -> Verdict:
+    try:
+        site.validate(spec)
+    except ConfigError as exc:
+        return Verdict(site.name, False, False, str(exc))
+    try:
+        nodes = await site.anodes()
+    except OffloadError as exc:  # not an error of the placement: that site is out of it for now
+        return Verdict(site.name, False, False, f"unavailable: {exc}")
+    return _verdict(site, spec, nodes)
+
+
+def _verdict(site: Site, spec: JobSpec, nodes: list[NodeResources]) -> Verdict:
+    """First-fit on one site's nodes: can any set of its nodes run the job, and are enough of them free now."""
+    res = spec.resources
+    config = site.config
+    if res.partition:
+        pool = [n for n in nodes if res.partition in n.partitions]
+        if not pool:
+            parts = sorted({p for n in nodes for p in n.partitions})
+            return Verdict(site.name, False, False, f"no partition {res.partition!r} (it has {', '.join(parts)})")
+    else:  # the partition the site's profile picks for this job, where its nodes say which they are in
+        default = config.gpu_partition if res.total_gpus and config.gpu_partition else config.partition
+        pool = [n for n in nodes if default in n.partitions] or nodes
+    gpus_each = math.ceil(res.total_gpus / res.nodes) if res.total_gpus else 0
+    cpus_each = (res.cpus or 1) * (res.tasks_per_node or 1)
+    capable = [n for n in pool if n.gpus >= gpus_each and n.cpus >= cpus_each]
+    if len(capable) < res.nodes:
+        largest = max((n.gpus for n in pool), default=0)
+        what = f"{gpus_each} GPUs" if gpus_each else f"{cpus_each} CPUs"
+        return Verdict(site.name, False, False,
+                       f"needs {res.nodes} node(s) with {what} each; {len(capable)} of its {len(pool)} node(s) have "
+                       f"that (the largest has {largest} GPUs)")  # fmt: skip
+    free = [n for n in capable if n.available and n.gpus_free >= gpus_each and n.cpus_free >= cpus_each]
+    available = [n for n in capable if n.available]
+    if len(available) < res.nodes:
+        return Verdict(site.name, False, False, f"only {len(available)} of the nodes that could run it take jobs now")
+    return Verdict(
+        site.name,
+        True,
+        len(free) >= res.nodes,
+        f"{len(free)} of {len(capable)} capable node(s) free",
+        gpus_free=sum(n.gpus_free for n in capable),
+        gpus=sum(n.gpus for n in capable),
+        cpus_free=sum(n.cpus_free for n in capable),
+    )

@@ -1,0 +1,83 @@
+"""One job, two real sites: the test site's SLURM cluster and its Grid Engine cell, named together as a group
+in one profile file. The job goes where it starts first, a site that cannot run it is skipped with its reason,
+and nothing is submitted when no site can run it. Nothing is stubbed: the evidence is each site's own sinfo or
+qhost, over the test site's sshd."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from .conftest import CONFIG, GRIDENGINE_CONFIG, queued_jobs, wait_until
+
+OFFLOAD = [sys.executable, "-m", "offload.cli"]
+
+
+@pytest.fixture
+def both(tmp_path):
+    """A profile file with both sites and the group @both (SLURM first, as a user would list their home site)."""
+    if not GRIDENGINE_CONFIG.exists():
+        pytest.fail(f"no Grid Engine profile ({GRIDENGINE_CONFIG}): scripts/testsite up brings the cell up")
+    path = tmp_path / "sites.toml"
+    path.write_text(
+        f'{CONFIG.read_text()}\n{GRIDENGINE_CONFIG.read_text()}\n[groups]\nboth = ["testsite", "gridengine"]\n'
+    )
+    return {**os.environ, "OFFLOAD_CONFIG": str(path)}
+
+
+def offload(env, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*OFFLOAD, *args], capture_output=True, text=True, timeout=240, env=env)
+
+
+def test_the_job_goes_where_its_gpu_is_free_now(both, site_user):
+    hog = f"hog-{uuid.uuid4().hex[:6]}"  # every GPU of the SLURM cluster, taken by another job
+    held = offload(both, "run", "--site", "testsite", "--detach", "--nodes", "2", "--gpus-per-node", "2", "--name",
+                   hog, "--", "sleep", "300")  # fmt: skip
+    assert held.returncode == 0, held.stderr
+    try:
+        wait_until(lambda: "RUNNING" in offload(both, "status", held.stdout.strip()).stdout, timeout=90,
+                   what="the hog to run")  # fmt: skip
+        ranked = json.loads(offload(both, "sites", "rank", "--site", "@both", "--gpus", "1", "--json").stdout)
+        assert [(v["site"], v["feasible"], v["starts_now"]) for v in ranked] == [
+            ("gridengine", True, True), ("testsite", True, False)], ranked  # fmt: skip
+        code = "import os; print('gpus', os.environ.get('CUDA_VISIBLE_DEVICES', 'none'))"
+        result = offload(both, "run", "--site", "@both", "--gpus", "1", "--", "python3", "-c", code)
+        assert result.returncode == 0, result.stderr
+        assert "to site 'gridengine'" in result.stderr and "testsite: would wait" in result.stderr, result.stderr
+        assert result.stdout.startswith("gpus "), result.stdout
+    finally:
+        offload(both, "cancel", "--name", hog)
+    wait_until(lambda: queued_jobs(site_user, hog) == [], timeout=60, what="the hog to go")
+
+
+def test_a_job_no_site_can_run_is_refused_with_each_sites_reason_and_nothing_queued(both, site_user):
+    before = queued_jobs(site_user)
+    result = offload(both, "run", "--site", "testsite,gridengine", "--gpus-per-node", "3", "--", "true")
+    assert result.returncode != 0
+    assert "no site of testsite,gridengine can run this job" in result.stderr, result.stderr
+    assert "testsite: " in result.stderr and "gridengine: " in result.stderr and "3 GPUs each" in result.stderr
+    assert queued_jobs(site_user) == before
+
+
+def test_rank_shows_every_site_with_its_evidence(both):
+    result = offload(both, "sites", "rank", "--site", "@both", "--gpus", "2")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[:2] == ["SITE", "VERDICT"]
+    assert {line.split()[0] for line in lines[1:]} == {"testsite", "gridengine"}
+    unknown = offload(both, "sites", "rank", "--site", "@bth")
+    assert unknown.returncode != 0 and "did you mean '@both'" in unknown.stderr.replace('"', "'"), unknown.stderr
+
+
+def test_the_example_places_its_job_on_one_of_the_two_sites(both):
+    example = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "any_free_site.py")
+    result = subprocess.run([sys.executable, example, "--sites", "@both", "--gpus", "1"], capture_output=True,
+                            text=True, timeout=240, env=both)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "submitted job" in result.stderr and "COMPLETED" in result.stderr, result.stderr
+    assert result.stdout.strip(), result.stderr
