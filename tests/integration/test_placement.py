@@ -82,3 +82,16 @@ def test_the_example_places_its_job_on_one_of_the_two_sites(both):
     assert result.returncode == 0, result.stderr
     assert "submitted job" in result.stderr and "COMPLETED" in result.stderr, result.stderr
     assert result.stdout.strip(), result.stderr
+
+
+def test_offload_jupyter_on_a_group_starts_on_one_of_its_sites(both, site_user):
+    """``offload jupyter --site @both --detach``: the server is submitted once, to the site the ranking chose."""
+    result = offload(both, "jupyter", "--site", "@both", "--detach", "--no-browser", "--time", "00:05:00")
+    assert result.returncode == 0, result.stderr
+    job_id = result.stdout.strip()
+    try:
+        assert f"submitted JupyterLab as job {job_id} to 'testsite'" in result.stderr or (
+            f"submitted JupyterLab as job {job_id} to 'gridengine'" in result.stderr), result.stderr  # fmt: skip
+    finally:
+        site = "testsite" if "to 'testsite'" in result.stderr else "gridengine"
+        offload(both, "cancel", job_id, "--site", site)

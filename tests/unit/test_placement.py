@@ -105,3 +105,11 @@ def test_groups_and_lists_of_sites_in_the_profile_file(tmp_path):
     path.write_text('[sites.a]\nhost = "a"\n[groups]\ngpu = ["a", "leonardo"]\n')
     with pytest.raises(ConfigError, match=r"\[groups\] gpu names no site 'leonardo'"):
         load_profiles(path)
+
+
+async def test_choose_gives_the_site_submit_would_use_or_every_reason():
+    busy = FakeSite("busy", [node("b1", 4, 4)])
+    free = FakeSite("free", [node("f1", 2, 0)])
+    assert (await SiteGroup([busy, free]).achoose(GPU2)) is free
+    with pytest.raises(ConfigError, match="(?s)no site of small can run.*small: needs 1 node"):
+        await SiteGroup([FakeSite("small", [node("s1", 1, 0)])]).achoose(GPU2)

@@ -27,7 +27,7 @@ from offload import _loop
 from offload.cli_common import SITE_HELP, fail, log_to_stderr, user_errors
 from offload.errors import ConfigError
 from offload.jobs import Job, JobState, JobStatus
-from offload.placement import load_sites
+from offload.placement import load_sites, names_several
 from offload.profiles import load_profiles
 from offload.records import JobRecords, write_private
 from offload.schedulers.base import NodeResources
@@ -534,7 +534,7 @@ def run(
             name=name,
             files=_local_files(files),
         )
-        if site_name and ("," in site_name or site_name.startswith("@")):  # several sites: where it starts first
+        if names_several(site_name):  # several sites: where it starts first
             group = load_sites(site_name)
             verdicts = group.rank(spec)
             for verdict in verdicts:
@@ -640,7 +640,7 @@ def _exit_code(job: Job, status: JobStatus) -> int:
 
 
 @main.command()
-@click.option("--site", "site_name", help="Site profile.")
+@click.option("--site", "site_name", help="Site profile; several, 'a,b' or '@group': the one where it starts first.")
 @click.option("--gpus", type=int, default=0, show_default=True)
 @click.option("--cpus", type=int)
 @click.option("--memory")
@@ -678,8 +678,13 @@ def jupyter(
             job = _resolve(attach_job, site_name)
             token = jl.saved_token(job.site, job.id)
         else:
-            job, token = jl.start(load_site(site_name), gpus=gpus, image=image, walltime=walltime, cpus=cpus,
-                                  memory=memory, root=root, reach=_env_pairs(reach, "--reach"))  # fmt: skip
+            if names_several(site_name):  # the site where it starts first
+                wanted = Resources(gpus=gpus, cpus=cpus, memory=memory, walltime=walltime)
+                site = load_sites(site_name).choose(JobSpec(["jupyter"], image=image, resources=wanted))
+            else:
+                site = load_site(site_name)
+            job, token = jl.start(site, gpus=gpus, image=image, walltime=walltime, cpus=cpus, memory=memory,
+                                  root=root, reach=_env_pairs(reach, "--reach"))  # fmt: skip
             click.echo(f"offload: submitted JupyterLab as job {job.id} to '{job.site.name}'", err=True)
     if detach:
         click.echo(f"offload: it runs until its walltime: connect with 'offload jupyter --attach {job.id}', end it "

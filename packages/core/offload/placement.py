@@ -89,6 +89,20 @@ class SiteGroup:
     rank = _loop.blocking(arank)
 
     @_loop.on_loop
+    async def achoose(self, spec: JobSpec) -> Site:
+        """The site :meth:`submit` would send ``spec`` to first, for a caller that builds its job there itself
+        (``offload jupyter``, whose job names its site); :class:`ConfigError` with every site's reason if none
+        can run it."""
+        verdicts = await self.arank(spec)
+        if not verdicts[0].feasible:
+            raise ConfigError(f"no site of {self.name} can run this job:\n  " +
+                              "\n  ".join(f"{v.site}: {v.reason}" for v in verdicts))  # fmt: skip
+        log.info("chose %s: %s", verdicts[0].site, verdicts[0].describe())
+        return next(site for site in self.sites if site.name == verdicts[0].site)
+
+    choose = _loop.blocking(achoose)
+
+    @_loop.on_loop
     async def asubmit(self, spec: JobSpec, *, ranked: Sequence[Verdict] | None = None) -> Job:
         """Submit ``spec`` to the best site of :meth:`rank` (the next one if that site refuses it) and return
         its handle (``Job.site`` is where it went); :class:`ConfigError` if no site can run it, or
@@ -112,6 +126,11 @@ class SiteGroup:
         raise SubmissionError(f"every site of {self.name} refused this job:\n  " + "\n  ".join(reasons))
 
     submit = _loop.blocking(asubmit)
+
+
+def names_several(site: str | None) -> bool:
+    """Whether a ``--site`` value names several sites (``a,b`` or ``@group``) rather than one."""
+    return bool(site) and ("," in site or site.startswith("@"))
 
 
 def load_sites(sites: str | Sequence[str]) -> SiteGroup:
