@@ -277,3 +277,30 @@ def test_a_dask_cluster_on_grid_engine(testsite_config, monkeypatch):
             assert sum(client.gather(client.map(lambda x: x * x, range(10)))) == 285
             assert set(client.run(socket.gethostname).values()) <= {"ge1", "ge2"}
             assert cluster.scheduler_address.startswith("tls://127.0.0.1:")
+
+
+def test_offload_jupyter_on_grid_engine(testsite_config):
+    """``offload jupyter --site <a Grid Engine site>``: the server in a job on an exec host, on its loopback only,
+    reached through the job's relay (a qrsh step), a cell run through the server's own API; Ctrl-C ends it."""
+    import signal
+
+    from .test_jupyter import run_cell
+
+    env = {**os.environ, "OFFLOAD_CONFIG": str(CONFIG)}
+    argv = [sys.executable, "-m", "offload.cli", "jupyter", "--site", "gridengine", "--gpus", "1", "--no-browser"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        url = proc.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:") and "/lab?token=" in url, proc.stderr.read()
+        base, token = url.split("/lab?token=")
+        code = "import os, socket; print(socket.gethostname(), os.environ.get('CUDA_VISIBLE_DEVICES'))"
+        host, gpus = run_cell(base, token, code).split()
+        assert host in ("ge1", "ge2") and len(gpus.split(",")) == 1, (host, gpus)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode in (0, 130), proc.returncode

@@ -114,18 +114,35 @@ async def run_scheduler(options):
     # The dashboard has no login: it listens on the node's loopback, which the client reaches through the job's
     # relay; workers and the client reach the scheduler itself (TLS) on the node's address.
     dashboard_port = extra.pop("dashboard_port", 0)
-    async with Scheduler(protocol=protocol, port=extra.pop("port", 0), security=sec,
+    pages = extra.pop("dashboard", True)  # its pages come once the address is out (see serve_dashboard)
+    async with Scheduler(protocol=protocol, port=extra.pop("port", 0), security=sec, dashboard=False,
                          dashboard_address=f"127.0.0.1:{dashboard_port}", **where_to_listen(options),
                          **extra) as scheduler:  # fmt: skip
         dashboard = scheduler.services.get("dashboard")
         info = {"address": scheduler.address, "dashboard": dashboard.port if dashboard else None, **versions()}
         print(f"{MARK}_SCHEDULER {json.dumps(info)}", flush=True)
+        if pages:
+            await asyncio.sleep(0)
+            serve_dashboard(scheduler, extra.get("http_prefix", "/"))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(scheduler.close()))
         watch = asyncio.ensure_future(close_when_abandoned(scheduler, float(options["idle_timeout"])))
         await scheduler.finished()
         watch.cancel()
+
+
+def serve_dashboard(scheduler, prefix):
+    """Add the dashboard's pages to the scheduler's running HTTP server. Their import (bokeh) is the largest of
+    the scheduler's: done in Scheduler() it delays the moment the scheduler listens, which every worker waits
+    for, by about half a second on a busy node (issue 30's profile); done here, the workers have the address
+    already. Without bokeh in the image the scheduler serves its plain routes, as distributed does."""
+    try:
+        import distributed.dashboard.scheduler as pages
+    except ImportError:
+        logging.getLogger("distributed.scheduler").info("no bokeh in the image: the scheduler serves no dashboard")
+        return
+    pages.connect(scheduler.http_application, scheduler.http_server, scheduler, prefix=prefix)
 
 
 async def close_when_abandoned(scheduler, idle_timeout):
