@@ -49,21 +49,17 @@ def site(testsite_config):
     return offload.load_site("testsite")
 
 
-GRIDENGINE_CONFIG = STATE / "offload-gridengine.toml"
-
-
 @pytest.fixture(params=["slurm", "gridengine"])
 def any_site(request, testsite_config):
-    """The test site's SLURM cluster, then its Grid Engine cell (``scripts/testsite up`` brings both up): for the
-    tests of what a scheduler plugin must do alike. Grid Engine's jobs of a test are qdel'd after it."""
+    """The test site's SLURM cluster, then its Grid Engine cell (``scripts/testsite up`` brings both up and names
+    both in its profile): for the tests of what a scheduler plugin must do alike. Grid Engine's jobs of a test are
+    qdel'd after it."""
     import offload
 
     if request.param == "slurm":
         yield offload.load_site("testsite")
         return
-    if not GRIDENGINE_CONFIG.exists():
-        pytest.fail(f"no Grid Engine profile ({GRIDENGINE_CONFIG}): scripts/testsite up brings the cell up")
-    site = offload.Site(offload.load_profiles(GRIDENGINE_CONFIG).get("gridengine"))
+    site = offload.Site(offload.load_profiles(CONFIG).get("gridengine"))
     submitted: list = []
     submit = site.submit
 

@@ -13,21 +13,16 @@ import uuid
 
 import pytest
 
-from .conftest import CONFIG, GRIDENGINE_CONFIG, queued_jobs, wait_until
+from .conftest import CONFIG, queued_jobs, wait_until
 
 OFFLOAD = [sys.executable, "-m", "offload.cli"]
 
 
 @pytest.fixture
-def both(tmp_path):
-    """A profile file with both sites and the group @both (SLURM first, as a user would list their home site)."""
-    if not GRIDENGINE_CONFIG.exists():
-        pytest.fail(f"no Grid Engine profile ({GRIDENGINE_CONFIG}): scripts/testsite up brings the cell up")
-    path = tmp_path / "sites.toml"
-    path.write_text(
-        f'{CONFIG.read_text()}\n{GRIDENGINE_CONFIG.read_text()}\n[groups]\nboth = ["testsite", "gridengine"]\n'
-    )
-    return {**os.environ, "OFFLOAD_CONFIG": str(path)}
+def both(testsite_config):
+    """The test site's profile: both sites and the group @both (SLURM first, as a user would list their home
+    site)."""
+    return {**os.environ, "OFFLOAD_CONFIG": str(CONFIG)}
 
 
 def offload(env, *args: str) -> subprocess.CompletedProcess:
