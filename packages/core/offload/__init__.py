@@ -28,7 +28,7 @@ from offload.hookspecs import RuntimePlugin, SchedulerPlugin, TransportPlugin, h
 from offload.images import CachedImage, Images
 from offload.jobs import EndCause, Job, JobState, JobStatus
 from offload.jupyter import jupyter_spec
-from offload.placement import SiteGroup, Verdict, load_sites
+from offload.placement import SiteGroup, Verdict, aresume_placement, load_sites, resume_placement
 from offload.profiles import SiteProfiles, load_profiles, profile_from_table
 from offload.retry import Retry, RetryPolicy
 from offload.runtimes.base import ContainerCommand, Runtime
@@ -81,6 +81,7 @@ __all__ = [
     "TransportPlugin",
     "Verdict",
     "archive",
+    "aresume_placement",
     "format_size",
     "hookimpl",
     "jupyter_spec",
@@ -90,6 +91,7 @@ __all__ = [
     "parse_size",
     "profile_from_table",
     "remote",
+    "resume_placement",
     "run_checks",
     "shared_site",
 ]

@@ -27,7 +27,7 @@ from offload import _loop
 from offload.cli_common import SITE_HELP, fail, log_to_stderr, user_errors
 from offload.errors import ConfigError
 from offload.jobs import Job, JobState, JobStatus
-from offload.placement import load_sites, names_several
+from offload.placement import POLICIES, load_sites, names_several, resume_placement
 from offload.profiles import load_profiles
 from offload.records import JobRecords, write_private
 from offload.schedulers.base import NodeResources
@@ -482,6 +482,11 @@ class _CommandAfterDashes(click.Command):
 )
 @click.option("--name", help="Job name.")
 @click.option("--detach", is_flag=True, help="Submit, print the job id and return; the job keeps running.")
+@click.option("--policy", type=click.Choice(POLICIES), default="first-fit", show_default=True,
+              help="With several sites: 'first-fit' submits once, where it starts first; 'race' submits to the "
+              "--width best sites and the first to start runs it (exactly once), the others are cancelled; "
+              "'failover' tries one site at a time, moving on when a site says it will never start it.")  # fmt: skip
+@click.option("--width", type=int, default=2, show_default=True, help="With --policy race: sites raced at once.")
 @click.argument("command", nargs=-1, required=True)
 def run(
     site_name: str | None,
@@ -504,6 +509,8 @@ def run(
     files: tuple[str, ...],
     name: str | None,
     detach: bool,
+    policy: str,
+    width: int,
     command: tuple[str, ...],
 ) -> None:
     """Run COMMAND in a container on the site, stream its output, exit with its exit code.
@@ -534,12 +541,18 @@ def run(
             name=name,
             files=_local_files(files),
         )
+        if policy != "first-fit" and not names_several(site_name):
+            raise ConfigError(f"--policy {policy} places a job over several sites: name them, e.g. --site a,b or "
+                              "--site @group")  # fmt: skip
+        if policy != "first-fit" and detach:
+            raise ConfigError(f"--policy {policy} needs this client until the job starts (it claims the attempt "
+                              "that starts first): drop --detach, or use --policy first-fit")  # fmt: skip
         if names_several(site_name):  # several sites: where it starts first
             group = load_sites(site_name)
             verdicts = group.rank(spec)
             for verdict in verdicts:
                 click.echo(f"offload: {verdict.site}: {verdict.describe()}", err=True)
-            submit = functools.partial(group.submit, ranked=verdicts)
+            submit = functools.partial(group.submit, ranked=verdicts, policy=policy, width=width, say=_say)
         else:
             single = load_site(site_name)
             single.validate(spec)
@@ -554,6 +567,43 @@ def run(
         if spec.reach:
             click.echo(f"offload: the job reaches {', '.join(spec.reach)} only while a client serves its relay: "
                        f"run 'offload relay {job.id}' (it ends with the job)", err=True)  # fmt: skip
+        click.echo(job.id)
+        return
+    sys.exit(_follow(job, cancel_on_interrupt=True))
+
+
+def _say(line: str) -> None:
+    click.echo(f"offload: {line}", err=True)
+
+
+@main.group(invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def placements(ctx: click.Context, as_json: bool) -> None:
+    """Jobs placed over several sites with --policy race or failover: each attempt, and the one that runs."""
+    if ctx.invoked_subcommand is not None:
+        return
+    with user_errors():
+        found = JobRecords().placements()
+    if as_json:
+        click.echo(json.dumps([dataclasses.asdict(p) for p in found], indent=2))
+        return
+    click.echo(f"{'PLACEMENT':<16} {'NAME':<16} {'STATE':<8}  ATTEMPTS")
+    for p in found:
+        attempts = ", ".join(f"{a.site}:{a.job_id or '-'} {a.state}" for a in p.attempts)
+        click.echo(f"{p.id:<16} {(p.name or '-')[:16]:<16} {p.state:<8}  {attempts}")
+
+
+@placements.command("resume")
+@click.argument("placement_id")
+@click.option("--detach", is_flag=True, help="Finish the placement, print the job id and return.")
+def placements_resume(placement_id: str, detach: bool) -> None:
+    """Finish a placement whose client stopped (killed, or its machine restarted): claim the attempt that
+    started first, release the others, then follow the job as 'offload run' does. Never runs it twice."""
+    with user_errors():
+        job = resume_placement(placement_id, say=_say)
+    click.echo(f"offload: placement {placement_id} runs as job {job.id} on site '{job.site.name}'", err=True)
+    if detach:
         click.echo(job.id)
         return
     sys.exit(_follow(job, cancel_on_interrupt=True))

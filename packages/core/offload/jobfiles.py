@@ -2,7 +2,8 @@
 
 The submission writes the batch script, the secrets and the submit command's answer; the batch script writes
 the output, the exit code (and, for a job of several copies, one file per copy); a relay's client finds its
-targets in ``reach.json``; the local scheduler marks a cancelled job. Everything else in the directory is the
+targets in ``reach.json``; the local scheduler marks a cancelled job; a raced attempt
+finds its claim or release (``decision``). Everything else in the directory is the
 user's (``JobSpec.files``, what the payload writes), so these names are refused there (:data:`RESERVED`). Files
 of an array task carry its index as a suffix (``output.3``), as :class:`JobPaths` and the batch script spell it.
 """
@@ -21,9 +22,12 @@ CANCELLED = "cancelled"  # the local scheduler's mark of a job it cancelled
 STARTED = "started"  # the local scheduler's record of its process's start time
 COPIES = "copies"  # a directory: one file per copy of a job on several nodes
 REACH = "reach.json"  # the relay's targets, without credentials, for any client that serves it
+DECISION = "decision"  # a raced attempt's claim or release: a symbolic link (offload.claims)
 
 # offload's own files in a job's directory: never staged over, never read as a user's file
-RESERVED = frozenset({SCRIPT, SECRETS, JOB_ID, SUBMIT_ERRORS, OUTPUT, EXIT_CODE, CANCELLED, STARTED, COPIES, REACH})
+RESERVED = frozenset(
+    {SCRIPT, SECRETS, JOB_ID, SUBMIT_ERRORS, OUTPUT, EXIT_CODE, CANCELLED, STARTED, COPIES, REACH, DECISION}
+)
 
 
 @dataclass(frozen=True)

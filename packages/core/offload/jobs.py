@@ -60,7 +60,7 @@ class EndCause(enum.Enum):
 @dataclass(frozen=True)
 class JobStatus:
     """What the scheduler last said about a job. ``reason`` is the scheduler's own (e.g. ``Priority``), for
-    people; ``cause`` is the same knowledge as data, for code."""
+    people; ``cause`` and ``stuck`` are the same knowledge as data, for code."""
 
     state: JobState
     reason: str = ""
@@ -68,6 +68,9 @@ class JobStatus:
     node: str = ""
     signal: int | None = None
     cause: EndCause | None = None
+    # A waiting job that will never start as it is, by the scheduler's own word (a per-job limit it exceeds, an
+    # account or partition it may not use, an error state): waiting longer is pointless, another site may run it.
+    stuck: bool = False
 
     def describe(self) -> str:
         """``PENDING (Resources)``, ``FAILED (NonZeroExitCode), exit code 3``, ``CANCELLED (signal 15)``."""

@@ -13,9 +13,11 @@ says why. The policy here is *first-fit*, from evidence that costs one scheduler
 3. **Failover at submission.** A site that refuses the submission (a QOS limit, an account it does not know)
    is passed over for the next, and its refusal is kept: if every site refuses, the error lists each reason.
 
-The job is submitted once, to one site: there is no duplicate to cancel, and the job record is the chosen
-site's (``Job.site`` says which). The evidence and verdict of every site is :meth:`SiteGroup.rank`'s answer,
-which ``offload sites rank`` prints.
+With the default policy the job is submitted once, to one site: there is no duplicate to cancel, and the job
+record is the chosen site's (``Job.site`` says which). The policies ``race`` (attempts on several sites at once,
+the first to start runs the payload) and ``failover`` (one attempt at a time, moved on when a site says it will
+never start it) are :mod:`offload.race`'s, with the claim that makes the payload run exactly once. The evidence
+and verdict of every site is :meth:`SiteGroup.rank`'s answer, which ``offload sites rank`` prints.
 """
 
 from __future__ import annotations
@@ -27,14 +29,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from offload import _loop
+from offload.claims import DEFAULT_WAIT
 from offload.errors import ConfigError, OffloadError, SubmissionError
 from offload.jobs import Job
 from offload.profiles import load_profiles
+from offload.race import Race, Say, resume
+from offload.records import JobRecords
 from offload.schedulers.base import NodeResources
 from offload.site import Site, load_site
 from offload.spec import JobSpec
 
 log = logging.getLogger("offload.placement")
+
+POLICIES = ("first-fit", "race", "failover")
 
 
 @dataclass(frozen=True)
@@ -65,6 +72,7 @@ class SiteGroup:
         if not sites:
             raise ConfigError("a group of sites needs at least one site")
         self.sites = list(sites)
+        self._placements: JobRecords | None = None
 
     def __repr__(self) -> str:
         return f"<SiteGroup {','.join(site.name for site in self.sites)}>"
@@ -103,17 +111,41 @@ class SiteGroup:
     choose = _loop.blocking(achoose)
 
     @_loop.on_loop
-    async def asubmit(self, spec: JobSpec, *, ranked: Sequence[Verdict] | None = None) -> Job:
-        """Submit ``spec`` to the best site of :meth:`rank` (the next one if that site refuses it) and return
-        its handle (``Job.site`` is where it went); :class:`ConfigError` if no site can run it, or
-        :class:`SubmissionError` if every one that could refused it, with every site's reason (nothing queued
-        anywhere). ``ranked``: verdicts from :meth:`rank` just now, e.g. shown to the user first."""
+    async def asubmit(self, spec: JobSpec, *, ranked: Sequence[Verdict] | None = None, policy: str = "first-fit",
+                      width: int = 2, claim_wait: int = DEFAULT_WAIT, say: Say | None = None) -> Job:  # fmt: skip
+        """Submit ``spec`` where it starts first and return its handle (``Job.site`` is where it went);
+        :class:`ConfigError` if no site can run it, :class:`SubmissionError` if every one that could refused it
+        or (racing) none ran it, with every site's reason (nothing left queued anywhere).
+
+        ``policy``:
+
+        * ``"first-fit"``: one submission, to the best site of :meth:`rank` (the next if that site refuses it);
+          returns once it is queued.
+        * ``"race"``: attempts on the ``width`` best sites at once; the first to start is claimed and runs the
+          payload, the others are released and cancelled before theirs could run (:mod:`offload.race`). An
+          attempt whose scheduler says it will never start moves to the next site. Returns once one started.
+        * ``"failover"``: the race with one attempt at a time: it moves to the next site only when the site
+          refuses it or says it will never start there.
+
+        Racing, the client claims: it must run until this returns (``claim_wait``: seconds a started attempt
+        waits for its claim before it gives up by itself, if the client died). A placement a killed client
+        left is finished by :func:`resume_placement`. ``ranked``: verdicts from :meth:`rank` just now, e.g.
+        shown to the user first; ``say``: told each step of a race, as a line for people."""
+        if policy not in POLICIES:
+            raise ConfigError(f"unknown placement policy {policy!r}: choose one of {', '.join(POLICIES)}")
         verdicts = list(ranked) if ranked is not None else await self.arank(spec)
         feasible = [v for v in verdicts if v.feasible]
         reasons = [f"{v.site}: {v.reason}" for v in verdicts if not v.feasible]
         if not feasible:
             raise ConfigError(f"no site of {self.name} can run this job:\n  " + "\n  ".join(reasons))
         sites = {site.name: site for site in self.sites}
+        if policy != "first-fit":
+            race = Race.start(spec, [sites[v.site] for v in feasible], width=width if policy == "race" else 1,
+                              wait=claim_wait, records=self._records(), say=say)  # fmt: skip
+            if say is not None:
+                say(f"placement {race.id}: {policy} over {', '.join(v.site for v in feasible)} "
+                    f"(if this client stops: offload placements resume {race.id})")  # fmt: skip
+            return await race.run()
         for verdict in feasible:
             try:
                 job = await sites[verdict.site].asubmit(spec)
@@ -126,6 +158,22 @@ class SiteGroup:
         raise SubmissionError(f"every site of {self.name} refused this job:\n  " + "\n  ".join(reasons))
 
     submit = _loop.blocking(asubmit)
+
+    def _records(self) -> JobRecords:
+        if self._placements is None:
+            self._placements = JobRecords()
+        return self._placements
+
+
+@_loop.on_loop
+async def aresume_placement(placement_id: str, *, say: Say | None = None) -> Job:
+    """Finish a placement whose client stopped before it ended (killed, or its machine restarted), from this
+    machine's records and one look at each site: return the attempt that runs the job. Never runs the payload
+    twice (:mod:`offload.race`)."""
+    return await resume(placement_id, say=say)
+
+
+resume_placement = _loop.blocking(aresume_placement)
 
 
 def names_several(site: str | None) -> bool:

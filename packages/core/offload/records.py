@@ -4,6 +4,7 @@ process on this machine can reattach to a job by id. Secrets are never recorded.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sqlite3
@@ -32,6 +33,15 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_by_time ON jobs (submitted_at);
 CREATE INDEX IF NOT EXISTS jobs_by_name ON jobs (site, name);
+CREATE TABLE IF NOT EXISTS placements (
+    id TEXT PRIMARY KEY,
+    name TEXT,
+    state TEXT NOT NULL,
+    attempts TEXT NOT NULL,
+    claiming TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
 """
 
 
@@ -122,6 +132,63 @@ class JobRecords:
         with self._lock:
             rows = self._db.execute(query, args).fetchall()
         return [_record(r) for r in rows]
+
+    # -- placements (offload.placement): written before any of their attempts is submitted ------------------
+
+    def save_placement(self, placement: PlacementRecord) -> None:
+        """Create or replace a placement's record, in one statement (a crash leaves the old one or the new)."""
+        now = time.time()
+        attempts = json.dumps([dataclasses.asdict(a) for a in placement.attempts])
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO placements VALUES (?, ?, ?, ?, ?, "
+                "COALESCE((SELECT created_at FROM placements WHERE id = ?), ?), ?)",
+                (placement.id, placement.name, placement.state, attempts, placement.claiming, placement.id, now, now),
+            )
+
+    def placement(self, placement_id: str) -> PlacementRecord | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM placements WHERE id = ?", (placement_id,)).fetchone()
+        return _placement(row) if row else None
+
+    def placements(self, limit: int = 50) -> list[PlacementRecord]:
+        """The newest placements first."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM placements ORDER BY created_at DESC LIMIT ?", (limit,)).fetchall()
+        return [_placement(r) for r in rows]
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One site's attempt of a placement: its directory there (chosen, and recorded, before it is submitted) and,
+    once known, its job id; ``state`` is ``planned``, ``queued``, ``claimed``, ``released`` or ``refused``."""
+
+    site: str
+    jobdir: str
+    job_id: str | None = None
+    state: str = "planned"
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class PlacementRecord:
+    """A job placed over several sites: its attempts, and the one being claimed (set before the claim is made,
+    so a restarted client finishes that claim instead of making another). ``state``: ``placing``, ``placed``
+    (an attempt was claimed) or ``failed``."""
+
+    id: str
+    name: str | None
+    state: str
+    attempts: tuple[Attempt, ...]
+    claiming: str | None = None  # "site/job_id"
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+
+def _placement(row: tuple) -> PlacementRecord:
+    pid, name, state, attempts, claiming, created, updated = row
+    return PlacementRecord(pid, name, state, tuple(Attempt(**a) for a in json.loads(attempts)), claiming, created,
+                           updated)  # fmt: skip
 
 
 def _record(row: tuple) -> JobRecord:

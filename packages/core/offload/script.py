@@ -6,6 +6,7 @@ The body is the same for every scheduler and runtime, so what runs on a node is 
     #SBATCH ...                      <- the scheduler's directives
     export OFFLOAD_JOB_DIR=...       <- the job's 0700 directory on the site
     cd "$OFFLOAD_JOB_DIR"
+    (a raced attempt: wait for its claim) <- offload.claims: the payload of a raced job runs once
     . "$OFFLOAD_JOB_DIR/secrets.env" <- secrets, from a 0600 file written over SSH stdin, removed once read
     module load apptainer            <- the site's setup lines
     export NAME='value'              <- env (never secrets)
@@ -25,6 +26,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass, field
 
+from offload.claims import gate_lines
 from offload.jobfiles import COPIES, EXIT_CODE, SECRETS
 
 
@@ -52,6 +54,7 @@ class BatchScript:
     reach_key: str = ""
     reach_container_python: list[str] = field(default_factory=list)
     image_path: str = ""  # the image, when it is a path on the site: checked on the node before the container
+    claim_wait: int = 0  # a raced attempt: seconds it waits for its claim before anything else (offload.claims)
 
     def render(self) -> str:
         lines = [self.shebang, *self.directives]
@@ -69,6 +72,8 @@ class BatchScript:
             f"export OFFLOAD_TASK_INDEX={task_index}",
             'cd "$OFFLOAD_JOB_DIR" || exit 97',
         ]
+        if self.claim_wait:
+            lines += gate_lines(self.claim_wait)
         if self.secrets:
             lines += self._secrets()
         lines += [

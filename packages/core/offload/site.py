@@ -19,6 +19,7 @@ from typing import TypeVar
 
 from offload import _loop
 from offload import reach as reach_mod
+from offload.claims import Gate
 from offload.config import SiteConfig
 from offload.context import SiteContext
 from offload.errors import ConfigError, JobNotFoundError, PluginError
@@ -170,9 +171,11 @@ class Site:
     # -- submitting -------------------------------------------------------------------------------------
 
     @_loop.on_loop
-    async def asubmit(self, spec: JobSpec) -> Job:
-        """Submit one job and return its handle."""
-        return self._jobs(await self._submitter.submit_many([spec]))[0]
+    async def asubmit(self, spec: JobSpec, *, gate: Gate | None = None) -> Job:
+        """Submit one job and return its handle. ``gate``: submit it as one attempt of a job raced over several
+        sites, which waits on its node for its claim before the payload (:mod:`offload.claims`; what
+        :class:`offload.SiteGroup` does)."""
+        return self._jobs(await self._submitter.submit_many([spec], gate=gate))[0]
 
     submit = _loop.blocking(asubmit)
 

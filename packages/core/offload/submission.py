@@ -34,6 +34,7 @@ from offload.spec import JobSpec
 from offload.submit import Submission
 
 if TYPE_CHECKING:
+    from offload.claims import Gate
     from offload.context import SiteContext
     from offload.images import Images
     from offload.reach import Relays
@@ -81,7 +82,8 @@ class Submitter:
         self._ctx.scheduler.directives(spec, f"{self._ctx.config.workdir}/jobs/check", None)
 
     def _script(self, spec: JobSpec, jobdir: str, array_size: int | None, index: int | None = None, *,
-                secrets: bool | None = None, index_offset: int = 0, parallelism: int | None = None) -> str:  # fmt: skip
+                secrets: bool | None = None, index_offset: int = 0, parallelism: int | None = None,
+                claim_wait: int = 0) -> str:  # fmt: skip
         ctx = self._context(spec, jobdir)
         site, scheduler, runtime = self._ctx.config, self._ctx.scheduler, self._ctx.runtime
         if spec.container:
@@ -109,6 +111,7 @@ class Submitter:
             reach_key=reach_mod.base_key(jobdir) if relay else "",
             reach_container_python=runtime.command(["python3"], ctx) if relay else [],
             image_path=(runtime.image_path(ctx) or "") if spec.container else "",
+            claim_wait=claim_wait,
         )
         self._ctx.hook.offload_job_script(script=script, spec=spec, site=site)
         return script.render()
@@ -133,12 +136,15 @@ class Submitter:
     # -- submitting -------------------------------------------------------------------------------------
 
     async def submit_many(
-        self, specs: list[JobSpec], arrays: bool = True, array_parallelism: int | None = None
+        self, specs: list[JobSpec], arrays: bool = True, array_parallelism: int | None = None, gate: Gate | None = None
     ) -> list[Submitted]:
         """Submit ``specs`` in one round trip, all or nothing (see :meth:`offload.Site.asubmit_many`): the jobs
-        that got in, in the order of ``specs``. A cancelled caller's jobs are cancelled once they are known."""
+        that got in, in the order of ``specs``. A cancelled caller's jobs are cancelled once they are known.
+        ``gate``: one spec, submitted as a raced attempt in the gate's directory (:mod:`offload.claims`)."""
         if not specs:
             return []
+        if gate is not None and len(specs) != 1:
+            raise ConfigError("a raced attempt is one job: submit it alone")
         for spec in specs:
             if not isinstance(spec, JobSpec):
                 raise ConfigError(f"submit takes offload.JobSpec objects, got {type(spec).__name__}")
@@ -150,7 +156,7 @@ class Submitter:
         specs = await self._images.aresolve_specs(specs)
         # The send and the record go together, whatever happens to the caller meanwhile: a cancelled caller's
         # jobs are cancelled once they are known, never left running unrecorded.
-        task = asyncio.ensure_future(self._send_and_record(specs, arrays, array_parallelism))
+        task = asyncio.ensure_future(self._send_and_record(specs, arrays, array_parallelism, gate))
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -175,8 +181,10 @@ class Submitter:
             log.warning("cancelling them failed (%s): cancel %s by hand", exc, " ".join(ref.id for ref, _ in jobs))
 
     async def _plan(
-        self, specs: list[JobSpec], arrays: bool, parallelism: int | None
+        self, specs: list[JobSpec], arrays: bool, parallelism: int | None, gate: Gate | None = None
     ) -> list[tuple[Submission, list[int]]]:
+        if gate is not None:  # one job, in the directory its placement recorded, waiting for its claim
+            return [(self._submission(specs[0], gate.jobdir, None, None, claim_wait=gate.wait), [0])]
         jobs_dir = await self._jobs_dir()
         scheduler = self._ctx.scheduler
         groups: dict[JobSpec, list[int]] = {}
@@ -199,7 +207,8 @@ class Submitter:
         return planned
 
     def _submission(self, spec: JobSpec, jobdir: str, array_size: int | None, index: int | None,
-                    index_offset: int = 0, parallelism: int | None = None) -> Submission:  # fmt: skip
+                    index_offset: int = 0, parallelism: int | None = None,
+                    claim_wait: int = 0) -> Submission:  # fmt: skip
         secrets, files = dict(spec.secrets), {}
         if (spec.reach or spec.relay) and self._ctx.relays_needed:
             targets = reach_targets.targets_of(dict(spec.reach))
@@ -210,7 +219,7 @@ class Submitter:
         files.update(spec.files)
         image = self._ctx.runtime.image_path(self._context(spec, jobdir)) if spec.container else None
         script = self._script(spec, jobdir, array_size, index, secrets=bool(secrets), index_offset=index_offset,
-                              parallelism=parallelism)  # fmt: skip
+                              parallelism=parallelism, claim_wait=claim_wait)  # fmt: skip
         return Submission(spec, jobdir, script, array_size, secrets=secrets, files=files,
                           paths=[image] if image else [])  # fmt: skip
 
@@ -219,9 +228,11 @@ class Submitter:
             self._limits_seen = await self._ctx.scheduler.limits(self._ctx.transport)
         return self._limits_seen
 
-    async def _send_and_record(self, specs: list[JobSpec], arrays: bool, parallelism: int | None) -> list[Submitted]:
+    async def _send_and_record(
+        self, specs: list[JobSpec], arrays: bool, parallelism: int | None, gate: Gate | None
+    ) -> list[Submitted]:
         ctx = self._ctx
-        planned = await self._plan(specs, arrays, parallelism)
+        planned = await self._plan(specs, arrays, parallelism, gate)
         jobs_dir = await self._jobs_dir()
         submissions = [sub for sub, _ in planned]
         await submit.send(ctx.transport, ctx.scheduler, ctx.name, submissions, jobs_dir, ctx.config.max_sessions)

@@ -394,7 +394,8 @@ def _state(letters: str, queue: str) -> JobStatus:
     """A qstat state (``r``, ``qw``, ``hqw``, ``Eqw``, ``dr``, ``s``...) as offload's, with qstat's word kept."""
     host = queue.partition("@")[2]
     if _ERROR in letters:
-        return JobStatus(JobState.PENDING, f"error state {letters}: qstat -j says why; qmod -cj clears it")
+        return JobStatus(JobState.PENDING, f"error state {letters}: qstat -j says why; qmod -cj clears it",
+                         stuck=True)  # fmt: skip
     if any(c in letters for c in _SUSPENDED):
         return JobStatus(JobState.PENDING, f"suspended ({letters})", node=host)
     running = any(c in letters for c in "rtR") and "q" not in letters

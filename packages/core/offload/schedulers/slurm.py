@@ -544,7 +544,19 @@ def _status(state: str, reason: str, exit_code: int | None, signal: int | None, 
         exit_code = signal = None
     elif exit_code == 0 and base != "COMPLETED":
         exit_code = None  # a job killed (cancelled, timed out, its node lost) has no exit code of its own
-    return JobStatus(mapped, reason, exit_code, node, signal, cause)
+    stuck = mapped is JobState.PENDING and _never_clears(reason)
+    return JobStatus(mapped, reason, exit_code, node, signal, cause, stuck)
+
+
+# Pending reasons that no other job's end clears: the job itself exceeds a limit (SLURM names those *PerJob*), or
+# asks for what the cluster will not give it. An admin may change the limit; the job alone never starts.
+_NEVER_CLEARS = ("PerJob", "PartitionTimeLimit", "PartitionNodeLimit", "PartitionConfig", "InvalidAccount",
+                 "InvalidQOS", "AccountNotAllowed", "QOSNotAllowed", "BadConstraints",
+                 "DependencyNeverSatisfied")  # fmt: skip
+
+
+def _never_clears(reason: str) -> bool:
+    return any(word in reason for word in _NEVER_CLEARS)
 
 
 def _killed_outright(status: JobStatus | None) -> bool:

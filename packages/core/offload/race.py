@@ -1,0 +1,248 @@
+"""One job's attempts on several sites, until one starts and is claimed: what :class:`offload.SiteGroup` does
+with ``policy="race"`` (several attempts at once) and ``policy="failover"`` (one at a time).
+
+The payload runs exactly once, whatever happens to the client:
+
+1. The placement is recorded (:class:`~offload.records.PlacementRecord`) before anything is submitted, and each
+   attempt's directory is recorded before that attempt is submitted; every attempt waits on its node for its
+   claim (:mod:`offload.claims`) before the payload.
+2. The first attempt seen RUNNING is the winner: the record names it as being claimed, then it is claimed, then
+   every other attempt is released (so it cannot run the payload even if it starts meanwhile, or if its site is
+   out of reach and its cancel does not arrive) and cancelled.
+3. An attempt that will never start as it is (a refusal at submission, or a waiting reason its scheduler says
+   never clears, :attr:`JobStatus.stuck`) is released and cancelled, and the next feasible site gets one.
+4. A client killed at any point leaves a record that :func:`resume` finishes: it claims the attempt the record
+   names (or reads that the attempt released itself), finds attempts whose id it never learnt from their
+   directories, and goes on as above with the attempts that exist. It submits nothing new (the spec's secrets
+   are never recorded). An attempt nobody claims releases itself after its gate's wait, so nothing holds nodes
+   forever either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import secrets as _secrets
+from collections.abc import Callable, Sequence
+
+from offload import _loop, claims
+from offload.claims import CLAIM, RELEASE, Gate
+from offload.errors import ConfigError, OffloadError, SubmissionError
+from offload.jobfiles import JOB_ID
+from offload.jobs import Job, JobRef, JobState, JobStatus
+from offload.records import Attempt, JobRecords, PlacementRecord
+from offload.site import Site, load_site
+from offload.spec import JobSpec
+
+log = logging.getLogger("offload.placement")
+
+Say = Callable[[str], None]  # told each step of a placement, as a line for people
+
+
+class Race:
+    """The attempts of one placement and their record. Made by :meth:`start` (a new placement) or
+    :func:`resume` (a recorded one); :meth:`run` returns the claimed attempt's :class:`Job`."""
+
+    def __init__(self, record: PlacementRecord, sites: dict[str, Site], records: JobRecords,
+                 say: Say | None = None) -> None:  # fmt: skip
+        self.record = record
+        self._sites = sites
+        self._records = records
+        self._say = say or (lambda line: log.info("%s", line))
+        self._jobs: dict[str, Job] = {}  # by site, the attempts that are queued
+        self._spec: JobSpec | None = None
+        self._next: list[str] = []  # sites that may get an attempt later
+        self._width = 1
+        self._wait = claims.DEFAULT_WAIT
+
+    @property
+    def id(self) -> str:
+        return self.record.id
+
+    @classmethod
+    def start(cls, spec: JobSpec, sites: Sequence[Site], *, width: int, wait: int, records: JobRecords,
+              say: Say | None = None) -> Race:  # fmt: skip
+        """A new placement of ``spec`` over ``sites`` (feasible, best first), ``width`` attempts at a time."""
+        if not isinstance(width, int) or width < 1:
+            raise ConfigError(f"a race's width is how many sites get an attempt at once, at least 1; got {width!r}")
+        record = PlacementRecord(f"p{_secrets.token_hex(6)}", spec.name, "placing", ())
+        race = cls(record, {site.name: site for site in sites}, records, say)
+        race._spec, race._next, race._width, race._wait = spec, [site.name for site in sites], width, wait
+        race._save()  # before any attempt is submitted
+        return race
+
+    # -- the record ---------------------------------------------------------------------------------------
+
+    def _save(self, **changes: object) -> None:
+        self.record = dataclasses.replace(self.record, **changes)  # type: ignore[arg-type]
+        self._records.save_placement(self.record)
+
+    def _attempt(self, site: str, **changes: object) -> None:
+        attempts = tuple(dataclasses.replace(a, **changes) if a.site == site else a  # type: ignore[arg-type]
+                         for a in self.record.attempts)  # fmt: skip
+        self._save(attempts=attempts)
+
+    def _live(self) -> list[Attempt]:
+        return [a for a in self.record.attempts if a.state == "queued"]
+
+    # -- the race -----------------------------------------------------------------------------------------
+
+    async def run(self) -> Job:
+        """Submit (up to the width), watch, claim the first attempt that starts, release the others; return the
+        claimed attempt. Interrupted, it releases and cancels every attempt it made before it stops."""
+        try:
+            return await self._run()
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            _loop.keep(self._abandon("the placement was interrupted"))
+            raise
+
+    async def _run(self) -> Job:
+        await self._fill()
+        interval = min((site.config.poll_interval for site in self._sites.values()), default=5.0)
+        while True:
+            live = self._live()
+            if not live:
+                self._save(state="failed")
+                reasons = "\n  ".join(f"{a.site}: {a.reason}" for a in self.record.attempts)
+                raise SubmissionError(f"placement {self.id}: no site ran the job:\n  {reasons}")
+            statuses = await asyncio.gather(*(self._status(a) for a in live))
+            for attempt, status in zip(live, statuses, strict=True):
+                if status is None:
+                    continue  # its site is out of reach this round: the attempt may still win later
+                if status.state is JobState.RUNNING:
+                    job = await self._claim(attempt)
+                    if job is not None:
+                        return job
+                elif status.state.is_terminal:
+                    self._attempt(attempt.site, state="released", reason=f"ended before it started: "
+                                  f"{status.describe()}")  # fmt: skip
+                    self._say(f"{attempt.site}: attempt {attempt.job_id} ended before it started "
+                              f"({status.describe()})")  # fmt: skip
+                elif status.stuck:
+                    self._say(f"{attempt.site}: attempt {attempt.job_id} will never start ({status.reason}): "
+                              "moving on")  # fmt: skip
+                    await self._release(attempt, f"would never start: {status.reason}")
+            await self._fill()
+            await asyncio.sleep(interval)
+
+    async def _fill(self) -> None:
+        """Submit attempts to the next sites until ``width`` are queued or no site is left; a site that refuses
+        is passed over, its refusal kept."""
+        while self._spec is not None and self._next and len(self._live()) < self._width:
+            take = self._next[: self._width - len(self._live())]
+            del self._next[: len(take)]
+            await asyncio.gather(*(self._submit(self._sites[name]) for name in take))
+
+    async def _submit(self, site: Site) -> None:
+        assert self._spec is not None
+        jobdir = f"{await site.aworkdir()}/jobs/{self._spec.name or 'job'}-{self.id}-{site.name}"
+        self._save(attempts=(*self.record.attempts, Attempt(site.name, jobdir)))  # before it is submitted
+        try:
+            job = await site.asubmit(self._spec, gate=Gate(jobdir, self._wait))
+        except SubmissionError as exc:  # refused there (a limit, an account): the next site may take it
+            self._attempt(site.name, state="refused", reason=f"refused: {exc.scheduler_message or exc}")
+            self._say(f"{site.name}: refused the job ({exc.scheduler_message or exc})")
+            return
+        self._jobs[site.name] = job
+        self._attempt(site.name, state="queued", job_id=job.id)
+        self._say(f"{site.name}: attempt {job.id} queued")
+
+    async def _status(self, attempt: Attempt) -> JobStatus | None:
+        try:
+            return await self._job(attempt).astatus(refresh=True)
+        except OffloadError as exc:
+            log.warning("placement %s: %s did not answer (%s); asking again at the next round", self.id,
+                        attempt.site, exc)  # fmt: skip
+            return None
+
+    def _job(self, attempt: Attempt) -> Job:
+        job = self._jobs.get(attempt.site)
+        if job is None:
+            assert attempt.job_id is not None
+            job = self._jobs[attempt.site] = Job(self._sites[attempt.site], JobRef(attempt.job_id, attempt.jobdir),
+                                                 name=self.record.name)  # fmt: skip
+        return job
+
+    async def _claim(self, attempt: Attempt) -> Job | None:
+        """Claim ``attempt`` (named in the record first); then release the others. None if it released itself
+        first (it waited longer than its gate's wait): it never ran, and the race goes on."""
+        self._save(claiming=f"{attempt.site}/{attempt.job_id}")
+        decision = await claims.decide(self._sites[attempt.site].transport, attempt.jobdir, CLAIM)
+        if decision != CLAIM:
+            self._attempt(attempt.site, state="released", reason="it released itself before its claim came")
+            self._save(claiming=None)
+            return None
+        self._attempt(attempt.site, state="claimed")
+        self._say(f"{attempt.site}: attempt {attempt.job_id} started first: claimed, its payload runs")
+        others = [a for a in self._live() if a.site != attempt.site]
+        await asyncio.gather(*(self._release(a, f"{attempt.site} started it first") for a in others))
+        self._save(state="placed")
+        return self._job(attempt)
+
+    async def _release(self, attempt: Attempt, reason: str) -> None:
+        """Release ``attempt`` (it can no longer run the payload), then cancel it."""
+        site = self._sites[attempt.site]
+        self._attempt(attempt.site, state="released", reason=reason)
+        try:
+            decision = await claims.decide(site.transport, attempt.jobdir, RELEASE)
+            if decision == CLAIM:  # only a claim this placement made and lost track of: never expected
+                log.error("placement %s: %s's attempt %s was claimed earlier; leaving it", self.id, site.name,
+                          attempt.job_id)  # fmt: skip
+                return
+            await site.acancel([self._job(attempt)], timeout=30)
+        except OffloadError as exc:
+            log.warning("placement %s: could not release %s's attempt %s now (%s); it releases itself within %s s "
+                        "of starting and never runs the payload", self.id, site.name, attempt.job_id, exc,
+                        self._wait)  # fmt: skip
+        else:
+            self._say(f"{site.name}: attempt {attempt.job_id} released and cancelled ({reason})")
+
+    async def _abandon(self, why: str) -> None:
+        """Stop the placement: release and cancel the attempts that wait, cancel one claimed a moment ago."""
+        self._next.clear()
+        live = self._live()
+        claimed = [self._job(a) for a in self.record.attempts if a.state == "claimed"]
+        stops = [*(self._release(a, why) for a in live), *(job.site.acancel([job], timeout=30) for job in claimed)]
+        await asyncio.gather(*stops, return_exceptions=True)
+        self._save(state="failed")
+
+
+async def resume(placement_id: str, *, records: JobRecords | None = None, say: Say | None = None) -> Job:
+    """Finish a recorded placement whose client stopped (killed, or its machine restarted): return the claimed
+    attempt's :class:`Job`. It claims no attempt twice: the one the record names as being claimed is claimed
+    again (or found released), and the others race on as :class:`Race` does. Nothing new is submitted."""
+    records = records or JobRecords()
+    record = records.placement(placement_id)
+    if record is None:
+        raise ConfigError(f"no placement {placement_id!r} in this machine's records ({records.path}): "
+                          "'offload placements' lists them")  # fmt: skip
+    sites = {a.site: load_site(a.site) for a in record.attempts}
+    race = Race(record, sites, records, say)
+    if record.state == "placed":
+        winner = next(a for a in record.attempts if a.state == "claimed")
+        return race._job(winner)
+    for attempt in record.attempts:  # an attempt whose id the client never learnt: its directory says
+        if attempt.job_id is None and attempt.state == "planned":
+            job_id = await _submitted_id(sites[attempt.site], attempt.jobdir)
+            race._attempt(attempt.site, state="queued" if job_id else "refused", job_id=job_id,
+                          reason="" if job_id else "never submitted (the client stopped first)")  # fmt: skip
+    if record.claiming:
+        site, _, job_id = record.claiming.partition("/")
+        attempt = next(a for a in race.record.attempts if a.site == site and a.job_id == job_id)
+        race._attempt(site, state="queued")
+        job = await race._claim(attempt)
+        if job is not None:
+            return job
+    race._save(state="placing")
+    return await race.run()
+
+
+async def _submitted_id(site: Site, jobdir: str) -> str | None:
+    """The job id the submit command wrote in ``jobdir`` (None: nothing was submitted from it)."""
+    with contextlib.suppress(OffloadError):
+        text = (await site.transport.read_file(f"{jobdir}/{JOB_ID}")).decode(errors="replace")
+        ids = site.scheduler.ids_in(text)
+        return ids[-1] if ids else None
+    return None
