@@ -190,3 +190,41 @@ def test_bad_policy_and_width_are_refused_before_anything_is_submitted(two_sites
 def test_resume_of_an_unknown_placement_says_where_to_look(tmp_path):
     with pytest.raises(ConfigError, match="offload placements"):
         asyncio.run(resume("p-none", records=JobRecords(tmp_path / "jobs.sqlite")))
+
+
+def test_resume_submits_the_next_attempt_from_the_recorded_spec(two_sites, tmp_path):
+    """The client died after its only attempt was lost (here: cancelled before it started), with a site left to
+    try: resume submits there from the spec the record holds."""
+    records = JobRecords()
+
+    async def first_attempt_lost() -> str:
+        race = Race.start(payload(tmp_path), two_sites, width=1, wait=60, records=records)
+        await race._fill()
+        [attempt] = race._live()
+        await race._release(attempt, "lost")  # released and cancelled: it never runs
+        race._attempt(attempt.site, state="queued")  # ... but the client died before it noted that
+        return race.id
+
+    placement_id = _loop.run(first_attempt_lost())
+    job = _loop.run(resume(placement_id, records=records))
+    assert job.site.name == "west" and job.wait(timeout=30).state is JobState.COMPLETED
+    assert runs(tmp_path) == [f"ran on {job.ref.jobdir}"]
+
+
+def test_a_spec_with_secrets_is_never_recorded_so_resume_says_to_submit_again(two_sites, tmp_path):
+    records = JobRecords()
+    spec = JobSpec(["true"], secrets={"TOKEN": "s3cr3t"}, name="secretive")
+
+    async def first_attempt_lost() -> str:
+        race = Race.start(spec, two_sites, width=1, wait=60, records=records)
+        await race._fill()
+        [attempt] = race._live()
+        await race._release(attempt, "lost")
+        race._attempt(attempt.site, state="queued")
+        return race.id
+
+    placement_id = _loop.run(first_attempt_lost())
+    written = b"".join(path.read_bytes() for path in (tmp_path / "state").iterdir())  # the database and its WAL
+    assert b"secretive" in written and b"s3cr3t" not in written
+    with pytest.raises(SubmissionError, match="has secrets, which offload never writes down"):
+        _loop.run(resume(placement_id, records=records))

@@ -13,9 +13,9 @@ The payload runs exactly once, whatever happens to the client:
    never clears, :attr:`JobStatus.stuck`) is released and cancelled, and the next feasible site gets one.
 4. A client killed at any point leaves a record that :func:`resume` finishes: it claims the attempt the record
    names (or reads that the attempt released itself), finds attempts whose id it never learnt from their
-   directories, and goes on as above with the attempts that exist. It submits nothing new (the spec's secrets
-   are never recorded). An attempt nobody claims releases itself after its gate's wait, so nothing holds nodes
-   forever either.
+   directories, and goes on as above: with the attempts that exist, and new ones on the sites not tried yet if
+   the spec could be recorded (a spec with secrets never is: then only the attempts that exist can run it). An
+   attempt nobody claims releases itself after its gate's wait, so nothing holds nodes forever either.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from offload.jobfiles import JOB_ID
 from offload.jobs import Job, JobRef, JobState, JobStatus
 from offload.records import Attempt, JobRecords, PlacementRecord
 from offload.site import Site, load_site
-from offload.spec import JobSpec
+from offload.spec import JobSpec, spec_from_json, spec_to_json
 
 log = logging.getLogger("offload.placement")
 
@@ -52,10 +52,8 @@ class Race:
         self._records = records
         self._say = say or (lambda line: log.info("%s", line))
         self._jobs: dict[str, Job] = {}  # by site, the attempts that are queued
-        self._spec: JobSpec | None = None
-        self._next: list[str] = []  # sites that may get an attempt later
-        self._width = 1
-        self._wait = claims.DEFAULT_WAIT
+        # the spec of new attempts: the caller's, or the record's (None if it has secrets, never written down)
+        self._spec: JobSpec | None = spec_from_json(record.spec) if record.spec else None
 
     @property
     def id(self) -> str:
@@ -67,9 +65,10 @@ class Race:
         """A new placement of ``spec`` over ``sites`` (feasible, best first), ``width`` attempts at a time."""
         if not isinstance(width, int) or width < 1:
             raise ConfigError(f"a race's width is how many sites get an attempt at once, at least 1; got {width!r}")
-        record = PlacementRecord(f"p{_secrets.token_hex(6)}", spec.name, "placing", ())
+        record = PlacementRecord(f"p{_secrets.token_hex(6)}", spec.name, "placing", (), spec=spec_to_json(spec),
+                                 next_sites=tuple(site.name for site in sites), width=width, wait=wait)  # fmt: skip
         race = cls(record, {site.name: site for site in sites}, records, say)
-        race._spec, race._next, race._width, race._wait = spec, [site.name for site in sites], width, wait
+        race._spec = spec
         race._save()  # before any attempt is submitted
         return race
 
@@ -106,7 +105,10 @@ class Race:
             if not live:
                 self._save(state="failed")
                 reasons = "\n  ".join(f"{a.site}: {a.reason}" for a in self.record.attempts)
-                raise SubmissionError(f"placement {self.id}: no site ran the job:\n  {reasons}")
+                more = "" if self._spec is not None or not self.record.next_sites else (
+                    f"\n  (not tried: {', '.join(self.record.next_sites)}; the job has secrets, which offload never "
+                    "writes down, so only its first client could submit it there: submit it again)")  # fmt: skip
+                raise SubmissionError(f"placement {self.id}: no site ran the job:\n  {reasons}{more}")
             statuses = await asyncio.gather(*(self._status(a) for a in live))
             for attempt, status in zip(live, statuses, strict=True):
                 if status is None:
@@ -130,9 +132,9 @@ class Race:
     async def _fill(self) -> None:
         """Submit attempts to the next sites until ``width`` are queued or no site is left; a site that refuses
         is passed over, its refusal kept."""
-        while self._spec is not None and self._next and len(self._live()) < self._width:
-            take = self._next[: self._width - len(self._live())]
-            del self._next[: len(take)]
+        while self._spec is not None and self.record.next_sites and len(self._live()) < self.record.width:
+            take = self.record.next_sites[: self.record.width - len(self._live())]
+            self._save(next_sites=self.record.next_sites[len(take) :])
             await asyncio.gather(*(self._submit(self._sites[name]) for name in take))
 
     async def _submit(self, site: Site) -> None:
@@ -140,7 +142,7 @@ class Race:
         jobdir = f"{await site.aworkdir()}/jobs/{self._spec.name or 'job'}-{self.id}-{site.name}"
         self._save(attempts=(*self.record.attempts, Attempt(site.name, jobdir)))  # before it is submitted
         try:
-            job = await site.asubmit(self._spec, gate=Gate(jobdir, self._wait))
+            job = await site.asubmit(self._spec, gate=Gate(jobdir, self.record.wait))
         except SubmissionError as exc:  # refused there (a limit, an account): the next site may take it
             self._attempt(site.name, state="refused", reason=f"refused: {exc.scheduler_message or exc}")
             self._say(f"{site.name}: refused the job ({exc.scheduler_message or exc})")
@@ -195,13 +197,13 @@ class Race:
         except OffloadError as exc:
             log.warning("placement %s: could not release %s's attempt %s now (%s); it releases itself within %s s "
                         "of starting and never runs the payload", self.id, site.name, attempt.job_id, exc,
-                        self._wait)  # fmt: skip
+                        self.record.wait)  # fmt: skip
         else:
             self._say(f"{site.name}: attempt {attempt.job_id} released and cancelled ({reason})")
 
     async def _abandon(self, why: str) -> None:
         """Stop the placement: release and cancel the attempts that wait, cancel one claimed a moment ago."""
-        self._next.clear()
+        self._save(next_sites=())
         live = self._live()
         claimed = [self._job(a) for a in self.record.attempts if a.state == "claimed"]
         stops = [*(self._release(a, why) for a in live), *(job.site.acancel([job], timeout=30) for job in claimed)]
@@ -212,13 +214,13 @@ class Race:
 async def resume(placement_id: str, *, records: JobRecords | None = None, say: Say | None = None) -> Job:
     """Finish a recorded placement whose client stopped (killed, or its machine restarted): return the claimed
     attempt's :class:`Job`. It claims no attempt twice: the one the record names as being claimed is claimed
-    again (or found released), and the others race on as :class:`Race` does. Nothing new is submitted."""
+    again (or found released), and the others race on as :class:`Race` does."""
     records = records or JobRecords()
     record = records.placement(placement_id)
     if record is None:
         raise ConfigError(f"no placement {placement_id!r} in this machine's records ({records.path}): "
                           "'offload placements' lists them")  # fmt: skip
-    sites = {a.site: load_site(a.site) for a in record.attempts}
+    sites = {name: load_site(name) for name in dict.fromkeys([*(a.site for a in record.attempts), *record.next_sites])}
     race = Race(record, sites, records, say)
     if record.state == "placed":
         winner = next(a for a in record.attempts if a.state == "claimed")

@@ -39,6 +39,7 @@ CREATE TABLE IF NOT EXISTS placements (
     state TEXT NOT NULL,
     attempts TEXT NOT NULL,
     claiming TEXT,
+    plan TEXT NOT NULL,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
 );
@@ -139,11 +140,23 @@ class JobRecords:
         """Create or replace a placement's record, in one statement (a crash leaves the old one or the new)."""
         now = time.time()
         attempts = json.dumps([dataclasses.asdict(a) for a in placement.attempts])
+        plan = json.dumps({"spec": placement.spec, "next_sites": placement.next_sites, "width": placement.width,
+                           "wait": placement.wait})  # fmt: skip
         with self._lock:
             self._db.execute(
-                "INSERT OR REPLACE INTO placements VALUES (?, ?, ?, ?, ?, "
+                "INSERT OR REPLACE INTO placements VALUES (?, ?, ?, ?, ?, ?, "
                 "COALESCE((SELECT created_at FROM placements WHERE id = ?), ?), ?)",
-                (placement.id, placement.name, placement.state, attempts, placement.claiming, placement.id, now, now),
+                (
+                    placement.id,
+                    placement.name,
+                    placement.state,
+                    attempts,
+                    placement.claiming,
+                    plan,
+                    placement.id,
+                    now,
+                    now,
+                ),
             )
 
     def placement(self, placement_id: str) -> PlacementRecord | None:
@@ -181,13 +194,21 @@ class PlacementRecord:
     state: str
     attempts: tuple[Attempt, ...]
     claiming: str | None = None  # "site/job_id"
+    # What a restarted client needs to go on: the spec as JSON (None if it has secrets: never written down), the
+    # sites not tried yet, how many attempts at once, and how long an attempt waits for its claim.
+    spec: str | None = None
+    next_sites: tuple[str, ...] = ()
+    width: int = 1
+    wait: int = 600
     created_at: float = 0.0
     updated_at: float = 0.0
 
 
 def _placement(row: tuple) -> PlacementRecord:
-    pid, name, state, attempts, claiming, created, updated = row
-    return PlacementRecord(pid, name, state, tuple(Attempt(**a) for a in json.loads(attempts)), claiming, created,
+    pid, name, state, attempts, claiming, plan, created, updated = row
+    plan = json.loads(plan)
+    return PlacementRecord(pid, name, state, tuple(Attempt(**a) for a in json.loads(attempts)), claiming,
+                           plan["spec"], tuple(plan["next_sites"]), plan["width"], plan["wait"], created,
                            updated)  # fmt: skip
 
 

@@ -7,7 +7,10 @@ knows it may send them as one job array.
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import hashlib
+import json
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -349,3 +352,27 @@ def _frozen_env(label: str, mapping: Mapping[str, str] | Sequence[tuple[str, str
         if "\0" in value:
             raise ConfigError(f"{label}[{key!r}] contains a NUL byte, which no environment can hold")
     return _FrozenEnv(items)
+
+
+def spec_to_json(spec: JobSpec) -> str | None:
+    """``spec`` as JSON, for a record a later process may submit again (a placement's next attempt, after its
+    client restarted); None when it holds what offload never writes down: secrets, or services to reach (their
+    URLs may carry credentials)."""
+    if spec.secrets or spec.reach:
+        return None
+    fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.name not in ("secrets", "reach")}
+    fields["resources"] = dataclasses.asdict(spec.resources)
+    fields["mounts"] = [dataclasses.asdict(m) for m in spec.mounts]
+    fields["env"] = dict(spec.env)
+    fields["files"] = {name: base64.b64encode(data).decode() for name, data in spec.files.items()}
+    return json.dumps(fields)
+
+
+def spec_from_json(text: str) -> JobSpec:
+    """The spec :func:`spec_to_json` wrote."""
+    fields = json.loads(text)
+    fields["resources"] = Resources(**{k: tuple(v) if isinstance(v, list) else v
+                                       for k, v in fields["resources"].items()})  # fmt: skip
+    fields["mounts"] = tuple(Mount(**m) for m in fields["mounts"])
+    fields["files"] = {name: base64.b64decode(data) for name, data in fields["files"].items()}
+    return JobSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})

@@ -1,0 +1,159 @@
+"""One job raced over the test site's two real schedulers (SLURM and Grid Engine), through the CLI as a user runs
+it: the payload runs exactly once, where it started first; the other attempt is released and cancelled before
+its payload could run; a site that says the job will never start there is left for the next; a client killed at
+any point leaves a placement that ``offload placements resume`` finishes, still with one run. Nothing is
+stubbed: the claim is the attempt's own batch script waiting on its node, the states are squeue's and qstat's.
+
+The payload prints a marker; the runs are counted in the outputs of every attempt's directory (this test runs
+as root on the site's machine, so it reads them directly)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from .conftest import CONFIG, queued_jobs, wait_until
+
+OFFLOAD = [sys.executable, "-m", "offload.cli"]
+GE_ENV = {"SGE_ROOT": "/var/lib/gridengine", "SGE_CELL": "default"}
+
+
+@pytest.fixture
+def env(testsite_config, tmp_path):
+    """The test site's profile (both sites, the group @both), and a state directory of this test's own, so the
+    placements listed are this test's."""
+    return {**os.environ, "OFFLOAD_CONFIG": str(CONFIG), "OFFLOAD_STATE_DIR": str(tmp_path / "state")}
+
+
+def offload(env, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([*OFFLOAD, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def placements(env) -> list[dict]:
+    result = offload(env, "placements", "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def runs(placement: dict, marker: str) -> int:
+    """How many attempts of ``placement`` ran the payload (printed ``marker``), from their output files."""
+    count = 0
+    for attempt in placement["attempts"]:
+        output = Path(attempt["jobdir"], "output")
+        if output.exists() and marker in output.read_text(errors="replace"):
+            count += 1
+    return count
+
+
+def ge_jobs(user: str) -> list[str]:
+    """The user's Grid Engine jobs, read with Grid Engine's own qstat (not offload's)."""
+    out = subprocess.run(["qstat", "-u", user], capture_output=True, text=True, env={**os.environ, **GE_ENV}).stdout
+    return [line.split()[0] for line in out.splitlines()[2:] if line.split()]
+
+
+def no_job_left(user: str) -> None:
+    wait_until(lambda: queued_jobs(user) == [] and ge_jobs(user) == [], timeout=90,
+               what="no job of the user left on either scheduler")  # fmt: skip
+
+
+def payload(marker: str) -> list[str]:
+    return ["--", "sh", "-c", f"echo {marker}; echo GPUS=$CUDA_VISIBLE_DEVICES"]
+
+
+def test_a_race_over_two_free_sites_runs_the_payload_once(env, site_user):
+    """Both sites have free GPUs: both attempts start within a poll round or two, and the claim alone decides."""
+    marker = f"PAYLOAD-{uuid.uuid4().hex[:8]}"
+    result = offload(env, "run", "--site", "@both", "--policy", "race", "--gpus", "1", *payload(marker))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count(marker) == 1 and "GPUS=" in result.stdout, result.stdout
+    assert "claimed, its payload runs" in result.stderr, result.stderr
+    [placement] = placements(env)
+    states = sorted(a["state"] for a in placement["attempts"])
+    assert placement["state"] == "placed" and states == ["claimed", "released"], placement
+    no_job_left(site_user)
+    assert runs(placement, marker) == 1, placement
+    loser = next(a for a in placement["attempts"] if a["state"] == "released")
+    assert os.readlink(Path(loser["jobdir"], "decision")) == "release"
+
+
+def test_failover_leaves_a_site_that_says_the_job_will_never_start(env, site_user):
+    """Both sites busy (scripted load: every GPU of each taken by another job). The attempt goes to the first
+    site of the list, SLURM; then an admin makes it wait on a dependency that can never be met
+    (DependencyNeverSatisfied, a reason SLURM never clears): the placement moves to Grid Engine at its next
+    poll, keeps SLURM's reason, and the job runs there once the GE load ends."""
+    marker = f"PAYLOAD-{uuid.uuid4().hex[:8]}"
+    hog = f"hog-{uuid.uuid4().hex[:6]}"
+    failed = offload(env, "run", "--site", "testsite", "--", "false")
+    assert failed.returncode == 1, failed.stderr
+    failed_id = failed.stderr.split("submitted job ")[1].split()[0]
+    hogs = [offload(env, "run", "--site", site, "--detach", "--nodes", "2", "--gpus-per-node", "2", "--name", hog,
+                    "--", "sleep", "300") for site in ("testsite", "gridengine")]  # fmt: skip
+    assert all(h.returncode == 0 for h in hogs), [h.stderr for h in hogs]
+    client = subprocess.Popen([*OFFLOAD, "run", "--site", "testsite,gridengine", "--policy", "failover", "--gpus",
+                               "1", *payload(marker)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)  # fmt: skip
+    try:
+        for site, held in zip(("testsite", "gridengine"), hogs, strict=True):
+            wait_until(lambda s=site, h=held: "RUNNING" in offload(env, "status", "--site", s,
+                                                                      h.stdout.strip()).stdout,
+                       timeout=90, what=f"the load on {site} to run")  # fmt: skip
+        attempt = wait_until(lambda: next((a for p in placements(env) for a in p["attempts"]
+                                           if a["site"] == "testsite" and a["job_id"]), None),
+                             timeout=120, what="the SLURM attempt")  # fmt: skip
+        subprocess.run(["scontrol", "update", f"jobid={attempt['job_id']}", f"dependency=afterok:{failed_id}"],
+                       check=True, capture_output=True)  # fmt: skip
+        wait_until(lambda: any(a["site"] == "gridengine" and a["job_id"] for p in placements(env)
+                               for a in p["attempts"]), timeout=120, what="the attempt to move to Grid Engine")  # fmt: skip
+        offload(env, "cancel", "--site", "gridengine", "--name", hog)  # the GE load ends: the job starts there
+        out, err = client.communicate(timeout=240)
+    finally:
+        if client.poll() is None:
+            client.send_signal(signal.SIGINT)
+            client.communicate(timeout=120)
+        for site in ("testsite", "gridengine"):
+            offload(env, "cancel", "--site", site, "--name", hog)
+    assert client.returncode == 0, err
+    assert out.count(marker) == 1, out
+    assert "will never start (DependencyNeverSatisfied" in err or "DependencyNeverSatisfied" in err, err
+    [placement] = placements(env)
+    attempts = {a["site"]: a for a in placement["attempts"]}
+    assert attempts["gridengine"]["state"] == "claimed", placement
+    assert attempts["testsite"]["state"] == "released" and "DependencyNeverSatisfied" in attempts["testsite"]["reason"]
+    no_job_left(site_user)
+    assert runs(placement, marker) == 1, placement
+
+
+KILLS = int(os.environ.get("OFFLOAD_RACE_KILLS", "3"))  # bench/race_kill.py runs 100
+
+
+@pytest.mark.parametrize("run", range(KILLS))
+def test_a_client_killed_during_a_race_never_causes_a_second_run(env, site_user, run):
+    """SIGKILL at a random point of the race (before the record, while submitting, while both attempts wait for
+    their claim, while claiming, after): then ``offload placements resume`` finishes the placement. The payload
+    ran at most once in all, exactly once when the placement was recorded, and no job is left."""
+    marker = f"PAYLOAD-{uuid.uuid4().hex[:8]}"
+    client = subprocess.Popen([*OFFLOAD, "run", "--site", "@both", "--policy", "race", "--gpus", "1",
+                               *payload(marker)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    time.sleep(random.Random(run).uniform(0.5, 12.0))
+    client.kill()
+    client.wait(timeout=30)
+    found = placements(env)
+    if found and found[0]["state"] != "failed":
+        resumed = offload(env, "placements", "resume", found[0]["id"], timeout=300)
+        assert resumed.returncode == 0, resumed.stderr
+        assert resumed.stdout.count(marker) <= 1, resumed.stdout
+        placement = placements(env)[0]
+        no_job_left(site_user)
+        assert runs(placement, marker) == 1, placement
+    else:  # killed before the placement was recorded, or before any attempt was: nothing may run
+        no_job_left(site_user)
+        assert all(runs(p, marker) == 0 for p in found), found
