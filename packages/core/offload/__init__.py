@@ -28,7 +28,15 @@ from offload.hookspecs import RuntimePlugin, SchedulerPlugin, TransportPlugin, h
 from offload.images import CachedImage, Images
 from offload.jobs import EndCause, Job, JobState, JobStatus
 from offload.jupyter import jupyter_spec
-from offload.placement import SiteGroup, Verdict, aresume_placement, load_sites, resume_placement
+from offload.placement import (
+    SiteGroup,
+    Verdict,
+    achoose_site,
+    aresume_placement,
+    choose_site,
+    load_sites,
+    resume_placement,
+)
 from offload.profiles import SiteProfiles, load_profiles, profile_from_table
 from offload.retry import Retry, RetryPolicy
 from offload.runtimes.base import ContainerCommand, Runtime
@@ -80,8 +88,10 @@ __all__ = [
     "TransportError",
     "TransportPlugin",
     "Verdict",
+    "achoose_site",
     "archive",
     "aresume_placement",
+    "choose_site",
     "format_size",
     "hookimpl",
     "jupyter_spec",

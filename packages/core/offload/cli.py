@@ -27,7 +27,7 @@ from offload import _loop
 from offload.cli_common import SITE_HELP, fail, log_to_stderr, user_errors
 from offload.errors import ConfigError
 from offload.jobs import Job, JobState, JobStatus
-from offload.placement import POLICIES, load_sites, names_several, resume_placement
+from offload.placement import POLICIES, choose_site, load_sites, names_several, resume_placement
 from offload.profiles import load_profiles
 from offload.records import JobRecords, write_private
 from offload.schedulers.base import NodeResources
@@ -728,11 +728,8 @@ def jupyter(
             job = _resolve(attach_job, site_name)
             token = jl.saved_token(job.site, job.id)
         else:
-            if names_several(site_name):  # the site where it starts first
-                wanted = Resources(gpus=gpus, cpus=cpus, memory=memory, walltime=walltime)
-                site = load_sites(site_name).choose(JobSpec(["jupyter"], image=image, resources=wanted))
-            else:
-                site = load_site(site_name)
+            wanted = Resources(gpus=gpus, cpus=cpus, memory=memory, walltime=walltime)  # of several sites, the
+            site = choose_site(site_name, JobSpec(["jupyter"], image=image, resources=wanted))  # one it starts first
             job, token = jl.start(site, gpus=gpus, image=image, walltime=walltime, cpus=cpus, memory=memory,
                                   root=root, reach=_env_pairs(reach, "--reach"))  # fmt: skip
             click.echo(f"offload: submitted JupyterLab as job {job.id} to '{job.site.name}'", err=True)

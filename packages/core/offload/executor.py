@@ -64,8 +64,9 @@ import cloudpickle
 from offload import _loop
 from offload.errors import ConfigError, JobFailedError, OffloadError, TransportError
 from offload.jobs import EndCause, Job, JobState, JobStatus
+from offload.placement import choose_site
 from offload.retry import RetryPolicy
-from offload.site import Site, load_site
+from offload.site import Site
 from offload.spec import JobSpec, Mount, Resources
 
 log = logging.getLogger("offload.executor")
@@ -541,7 +542,8 @@ def _job_name(fn: Callable[..., Any]) -> str:
 
 
 class Executor(concurrent.futures.Executor):
-    """Run Python callables as jobs on ``site`` (a name, a :class:`Site`, or None: the default site).
+    """Run Python callables as jobs on ``site`` (a name, a :class:`Site`, or None: the default site; several,
+    ``"a,b"`` or ``"@group"``: the one where a call's job starts first, chosen once, for every call).
 
     ``resources`` (or the shorthands ``gpus``, ``cpus``, ``memory``, ``walltime``, ``partition``) is what each
     job asks for; ``image``, ``env``, ``secrets``, ``reach`` and ``mounts`` mean what they mean for a
@@ -560,7 +562,7 @@ class Executor(concurrent.futures.Executor):
 
     def __init__(
         self,
-        site: str | Site | None = None,
+        site: str | Sequence[str] | Site | None = None,
         *,
         resources: Resources | None = None,
         gpus: int | None = None,
@@ -578,9 +580,10 @@ class Executor(concurrent.futures.Executor):
         check_versions: bool = True,
         cleanup: bool = False,
     ) -> None:
-        self.site = site if isinstance(site, Site) else load_site(site)
         self.resources = _resources(resources, gpus=gpus, cpus=cpus, memory=memory, walltime=walltime,
                                     partition=partition)  # fmt: skip
+        # of several sites ("a,b", "@group"), the one where a call's job starts first: every call goes there
+        self.site = choose_site(site, JobSpec(["python3"], image=image, resources=self.resources))
         self.image = image or self.site.config.image
         self.name = name
         self.check_versions = check_versions

@@ -176,6 +176,25 @@ async def aresume_placement(placement_id: str, *, say: Say | None = None) -> Job
 resume_placement = _loop.blocking(aresume_placement)
 
 
+@_loop.on_loop
+async def achoose_site(site: str | Sequence[str] | Site | None, spec: JobSpec) -> Site:
+    """The site to build ``spec``'s work on, for code that takes a site from its user (a Dask cluster, an
+    executor, an Airflow task, a hub profile): a :class:`Site` as it is; one name (or None: the default site) as
+    :func:`offload.load_site` gives it, ``spec`` checked against it; several (``"a,b"``, ``"@group"``, a list)
+    the one where ``spec`` starts first (:meth:`SiteGroup.choose`), :class:`ConfigError` with every site's
+    reason if none can run it."""
+    if isinstance(site, Site):
+        return site
+    if site is None or (isinstance(site, str) and not names_several(site)):
+        chosen = load_site(site)
+        chosen.validate(spec)
+        return chosen
+    return await load_sites(site).achoose(spec)
+
+
+choose_site = _loop.blocking(achoose_site)
+
+
 def names_several(site: str | None) -> bool:
     """Whether a ``--site`` value names several sites (``a,b`` or ``@group``) rather than one."""
     return bool(site) and ("," in site or site.startswith("@"))

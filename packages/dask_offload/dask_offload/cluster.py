@@ -398,7 +398,9 @@ class OffloadCluster(SpecCluster):
 
     Parameters (defaults from the Dask config section ``offload``; keyword arguments win):
 
-    site: site profile name (None: ``$OFFLOAD_SITE``, the config's default, else ``local``)
+    site: site profile name (None: ``$OFFLOAD_SITE``, the config's default, else ``local``); several (``"a,b"``,
+        ``"@group"`` of the profile file, a list): the whole cluster goes to the one where a worker job starts
+        first (``offload sites rank`` shows why), its scheduler and workers together
     gpus: GPU workers to start with, one per GPU, ``CUDA_VISIBLE_DEVICES`` pinned to one id each, advertising
         ``resources={"GPU": 1}``; packed ``gpus_per_node`` workers to a job
     n_workers: workers to start with (default: ``gpus``); ``scale()``/``adapt()`` change it later
@@ -421,7 +423,7 @@ class OffloadCluster(SpecCluster):
 
     def __init__(
         self,
-        site: str | None = None,
+        site: str | list[str] | None = None,
         *,
         gpus: int | None = None,
         n_workers: int | None = None,
@@ -465,8 +467,15 @@ class OffloadCluster(SpecCluster):
     ) -> None:
         given = {k: v for k, v in locals().items()
                  if k not in ("self", "kwargs", "asynchronous", "loop", "security", "__class__")}  # fmt: skip
-        self._site = offload.load_site(given["site"] if given["site"] is not None else options.config("site"))
+        named = given["site"] if given["site"] is not None else options.config("site")
+        candidates = offload.load_sites(named).sites if named else [offload.load_site(None)]
+        self._site = candidates[0]
         o = options.resolve(given, dict(kwargs), self._site.config.gpus_per_node)
+        if len(candidates) > 1:  # several sites ("a,b", "@group"): the scheduler and every worker go to the one
+            # where a worker job starts first (one sinfo/qhost per site), so they never talk across sites
+            probe = _Shared(self._site, "probe", o, None).worker_spec("tls://check:1", [["check"]])
+            self._site = offload.SiteGroup(candidates).choose(probe)
+            o = options.resolve(given, dict(kwargs), self._site.config.gpus_per_node)
         if o["scheduler"] is None:
             o.given["scheduler"] = "local" if self._site.name == "local" else "site"
         if o["scheduler"] not in ("site", "local"):
