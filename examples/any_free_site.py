@@ -9,10 +9,12 @@ then::
 
     python examples/any_free_site.py --sites @gpu --gpus 4
     python examples/any_free_site.py --sites leonardo,juwels --gpus 1
+    python examples/any_free_site.py --sites @gpu --gpus 1 --policy race   # the first of two to start runs it
 
 Each site is asked once (``sinfo`` on SLURM, ``qhost`` on Grid Engine): a site that cannot run the job at all is
 skipped with its reason, one where it could start now goes first. The same ranking, without submitting:
-``offload sites rank --site @gpu --gpus 4``.
+``offload sites rank --site @gpu --gpus 4``. With ``--policy race`` the job is submitted to the two best sites;
+the first attempt to start runs the payload, exactly once, and the other is released and cancelled.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sites", required=True, help="'a,b' or '@group' of your profile file")
     parser.add_argument("--gpus", type=int, default=1)
+    parser.add_argument("--policy", choices=["first-fit", "race", "failover"], default="first-fit")
     args = parser.parse_args()
 
     sites = offload.load_sites(args.sites)
@@ -36,7 +39,8 @@ def main() -> int:
                            name="any-free-site")  # fmt: skip
     for verdict in sites.rank(spec):
         print(f"{verdict.site}: {verdict.describe()}", file=sys.stderr)
-    job = sites.submit(spec)  # ranks again: a moment later, another site may be the free one
+    # ranks again (a moment later, another site may be the free one); racing, it returns once one started
+    job = sites.submit(spec, policy=args.policy, say=lambda line: print(line, file=sys.stderr))
     print(f"submitted job {job.id} to {job.site.name}", file=sys.stderr)
     for line in job.logs(follow=True):
         print(line)

@@ -70,13 +70,17 @@ def test_rank_shows_every_site_with_its_evidence(both):
     assert unknown.returncode != 0 and "did you mean '@both'" in unknown.stderr.replace('"', "'"), unknown.stderr
 
 
-def test_the_example_places_its_job_on_one_of_the_two_sites(both):
+@pytest.mark.parametrize("policy", ["first-fit", "race"])
+def test_the_example_places_its_job_on_one_of_the_two_sites(both, policy, tmp_path):
     example = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "any_free_site.py")
-    result = subprocess.run([sys.executable, example, "--sites", "@both", "--gpus", "1"], capture_output=True,
-                            text=True, timeout=240, env=both)  # fmt: skip
+    env = {**both, "OFFLOAD_STATE_DIR": str(tmp_path / "state")}
+    result = subprocess.run([sys.executable, example, "--sites", "@both", "--gpus", "1", "--policy", policy],
+                            capture_output=True, text=True, timeout=240, env=env)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "submitted job" in result.stderr and "COMPLETED" in result.stderr, result.stderr
-    assert result.stdout.strip(), result.stderr
+    assert len(result.stdout.strip().splitlines()) == 1, result.stdout  # one run, whatever the policy
+    if policy == "race":
+        assert "claimed" in result.stderr and "released" in result.stderr, result.stderr
 
 
 def test_offload_jupyter_on_a_group_starts_on_one_of_its_sites(both, site_user):
