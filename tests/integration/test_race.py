@@ -92,9 +92,6 @@ def test_failover_leaves_a_site_that_says_the_job_will_never_start(env, site_use
     poll, keeps SLURM's reason, and the job runs there once the GE load ends."""
     marker = f"PAYLOAD-{uuid.uuid4().hex[:8]}"
     hog = f"hog-{uuid.uuid4().hex[:6]}"
-    failed = offload(env, "run", "--site", "testsite", "--", "false")
-    assert failed.returncode == 1, failed.stderr
-    failed_id = failed.stderr.split("submitted job ")[1].split()[0]
     hogs = [offload(env, "run", "--site", site, "--detach", "--nodes", "2", "--gpus-per-node", "2", "--name", hog,
                     "--", "sleep", "300") for site in ("testsite", "gridengine")]  # fmt: skip
     assert all(h.returncode == 0 for h in hogs), [h.stderr for h in hogs]
@@ -109,10 +106,15 @@ def test_failover_leaves_a_site_that_says_the_job_will_never_start(env, site_use
         attempt = wait_until(lambda: next((a for p in placements(env) for a in p["attempts"]
                                            if a["site"] == "testsite" and a["job_id"]), None),
                              timeout=120, what="the SLURM attempt")  # fmt: skip
+        # a job that failed just now (on the CPU node; SLURM forgets ended jobs after MinJobAge, 30 s here)
+        failed = offload(env, "run", "--site", "testsite", "--", "false")
+        assert failed.returncode == 1, failed.stderr
+        failed_id = failed.stderr.split("submitted job ")[1].split()[0]
         subprocess.run(["scontrol", "update", f"jobid={attempt['job_id']}", f"dependency=afterok:{failed_id}"],
                        check=True, capture_output=True)  # fmt: skip
         wait_until(lambda: any(a["site"] == "gridengine" and a["job_id"] for p in placements(env)
-                               for a in p["attempts"]), timeout=120, what="the attempt to move to Grid Engine")  # fmt: skip
+                               for a in p["attempts"]), timeout=120,
+                   what="the attempt to move to Grid Engine")  # fmt: skip
         offload(env, "cancel", "--site", "gridengine", "--name", hog)  # the GE load ends: the job starts there
         out, err = client.communicate(timeout=240)
     finally:
@@ -142,7 +144,8 @@ def test_a_client_killed_during_a_race_never_causes_a_second_run(env, site_user,
     ran at most once in all, exactly once when the placement was recorded, and no job is left."""
     marker = f"PAYLOAD-{uuid.uuid4().hex[:8]}"
     client = subprocess.Popen([*OFFLOAD, "run", "--site", "@both", "--policy", "race", "--gpus", "1",
-                               *payload(marker)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+                               *payload(marker)], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)  # fmt: skip
     time.sleep(random.Random(run).uniform(0.5, 12.0))
     client.kill()
     client.wait(timeout=30)
