@@ -1,5 +1,6 @@
 """The provider's metadata, serialisation and templating, in a real Airflow 3.3 (no site needed)."""
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -295,7 +296,8 @@ def _run(monkeypatch, site: _FakeSite, **kwargs):
     """Execute an OffloadOperator (sync) against ``site``; return (return value or exception, pushed XComs)."""
     from airflow_offload.hooks.offload import OffloadHook
 
-    monkeypatch.setattr(OffloadHook, "get_site", lambda self: site)
+    monkeypatch.setattr(OffloadHook, "get_site", lambda self, spec=None: site)
+    monkeypatch.setattr(OffloadHook, "get_sites", lambda self: [site])
     ti = _FakeTI()
     op = OffloadOperator(task_id="t", command=["true"], deferrable=False, **kwargs)
     try:
@@ -367,7 +369,8 @@ def test_a_failed_deferral_cancels_the_job_without_airflows_private_names(monkey
     for reason, raised in ((TriggerFailureReason.TRIGGER_TIMEOUT, TaskDeferralTimeout),
                            (TriggerFailureReason.TRIGGER_FAILURE, TaskDeferralError)):  # fmt: skip
         site = _FakeSite(earlier=[("live", offload.JobState.RUNNING)])
-        monkeypatch.setattr(OffloadHook, "get_site", lambda self, site=site: site)
+        monkeypatch.setattr(OffloadHook, "get_site", lambda self, spec=None, site=site: site)
+        monkeypatch.setattr(OffloadHook, "get_sites", lambda self, site=site: [site])
         op = OffloadOperator(task_id="t", command=["true"])
         with pytest.raises(raised):
             op.resume_execution(TRIGGER_FAIL_REPR, {"error": reason}, {"ti": _FakeTI()})
@@ -395,3 +398,36 @@ def test_the_provider_declares_a_minimum_airflow_without_a_cap_and_all_does_not_
     tox = configparser.ConfigParser()
     tox.read(repo / "tox.ini")
     assert "airflow" in tox["testenv:airflow"]["extras"].split()  # the provider's tests still get Airflow
+
+
+def test_with_several_sites_a_retry_reattaches_to_the_earlier_tries_job_on_whichever_site_it_went(monkeypatch):
+    """``site="a,b"``: the new try would go to the first site (where it starts first now), but the earlier try's
+    job still runs on the second: that one is taken over, nothing is submitted."""
+    import offload
+    from airflow_offload.hooks.offload import OffloadHook
+
+    chosen, other = _FakeSite(), _FakeSite(earlier=[("old", offload.JobState.RUNNING)])
+    other.name = "other"
+    monkeypatch.setattr(OffloadHook, "get_site", lambda self, spec=None: chosen)
+    monkeypatch.setattr(OffloadHook, "get_sites", lambda self: [chosen, other])
+    ti = _FakeTI()
+    with contextlib.suppress(Exception):  # the fake job never ends: what matters is which job the task took
+        OffloadOperator(task_id="t", command=["true"], deferrable=False, site="a,b").execute({"ti": ti})
+    assert ti.pushed["job_id"] == "old" and chosen.submitted == [] and other.submitted == []
+
+
+def test_a_hook_naming_several_profiles_chooses_with_the_spec_and_lists_them_all(tmp_path, monkeypatch):
+    """Real local sites in a profile file with a group: the ranking is offload's own (both could start it now:
+    the group's order)."""
+    import offload
+    from airflow_offload.hooks.offload import OffloadHook
+
+    monkeypatch.setenv("OFFLOAD_CONFIG", str(tmp_path / "sites.toml"))
+    (tmp_path / "sites.toml").write_text("".join(
+        f'[sites.{name}]\ntransport = "local"\nscheduler = "local"\nruntime = "none"\nworkdir = "{tmp_path / name}"\n'
+        for name in ("east", "west")) + '[groups]\npair = ["west", "east"]\n')  # fmt: skip
+    hook = OffloadHook(site="@pair")
+    assert [site.name for site in hook.get_sites()] == ["west", "east"]
+    assert hook.get_site(offload.JobSpec(["true"])).name == "west"
+    assert hook.get_site().name == "west"  # without a spec: the first (what the TaskFlow decorator asks)
+    assert [site.name for site in OffloadHook(site="east").get_sites()] == ["east"]

@@ -403,3 +403,21 @@ c.OffloadSpawner.profiles = [
     with pytest.raises(TraitError, match=r"'gpus' twice"):
         spawner(profiles=[{"display_name": "K", "gpus": 1, "kubespawner_override": {
             "extra_resource_limits": {"nvidia.com/gpu": 2}}}])  # fmt: skip
+
+
+async def test_a_profile_naming_several_sites_places_the_session_on_the_one_where_it_starts_first(
+    tmp_path, monkeypatch
+):
+    """Two real local sites in a group; the choice is offload's ranking (both could start it now: the order
+    given), asked with this user's account, and kept in the hub's state."""
+    monkeypatch.setenv("OFFLOAD_CONFIG", str(tmp_path / "sites.toml"))
+    (tmp_path / "sites.toml").write_text("".join(
+        f'[sites.{name}]\ntransport = "local"\nscheduler = "local"\nruntime = "none"\nworkdir = "{tmp_path / name}"\n'
+        for name in ("east", "west")) + '[groups]\npair = ["west", "east"]\n')  # fmt: skip
+    s = spawner(profiles=[{"display_name": "Anywhere", "slug": "any", "site": "@pair"}])
+    s.user_options = {"profile": "any"}
+    assert await s._place(s._profile(), None, None) == "west"
+    assert any("Placed on west" in news for news in s._news), s._news
+    assert await s._place({"site": "east"}, None, None) == "east"  # one site: no ranking
+    with pytest.raises(offload.ConfigError, match="unknown group '@none'"):
+        await s._place({"site": "@none"}, None, None)

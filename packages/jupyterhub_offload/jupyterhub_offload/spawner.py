@@ -101,9 +101,8 @@ def site_for(name: str | None, user: str | None, identity: str | None) -> offloa
 class OffloadSpawner(Spawner):
     """Single-user servers as jobs on an HPC site, reached through the site's SSH connection."""
 
-    site = Unicode(None, allow_none=True, help="The offload site profile (default: offload's default site).").tag(
-        config=True
-    )
+    site = Unicode(None, allow_none=True, help="The offload site profile (default: offload's default site); "
+                   "several ('a,b', '@group'): the one where the session starts first.").tag(config=True)  # fmt: skip
     image = Unicode(None, allow_none=True, help="Container image with jupyterhub and jupyterlab in it.").tag(
         config=True
     )
@@ -323,8 +322,8 @@ class OffloadSpawner(Spawner):
 
     async def start(self) -> tuple[str, int]:
         profile = await self._chosen_profile()
-        self._site_key = (profile.get("site", self.site), self._resolve(self.site_user),
-                          self._resolve(self.ssh_identity))  # fmt: skip
+        user, identity = self._resolve(self.site_user), self._resolve(self.ssh_identity)
+        self._site_key = (await self._place(profile, user, identity), user, identity)
         site = self._site()
         workdir = await site.aworkdir()
         spec = self._spec(workdir, profile)
@@ -345,6 +344,22 @@ class OffloadSpawner(Spawner):
         self.local_port = self._forward.local_port
         self._say(f"Server starting on {status.node or 'the node'}; connected through the site's SSH connection")
         return ("127.0.0.1", self.local_port)
+
+    async def _place(self, profile: dict[str, Any], user: str | None, identity: str | None) -> str | None:
+        """The site this session goes to: the profile's (else the spawner's) ``site``; of several (``"a,b"``,
+        ``"@group"``), the one where the session's job starts first, asked with this user's account on each
+        (the choice is kept in the hub's state, so a restarted hub finds the session there)."""
+        named = profile.get("site", self.site)
+        if named is None:
+            return None
+        names = offload.load_profiles().names(named)
+        if len(names) == 1:
+            return names[0]
+        group = offload.SiteGroup([site_for(name, user, identity) for name in names])
+        probe = offload.JobSpec(["jupyter"], image=profile.get("image", self.image), resources=self._resources(profile))
+        site = await group.achoose(probe)
+        self._say(f"Placed on {site.name}, where the session starts first (of {', '.join(names)})")
+        return site.name
 
     def _say_state(self, status: offload.JobStatus) -> None:
         assert self.job is not None

@@ -44,7 +44,9 @@ class OffloadHook(BaseHook):
     """Reach an HPC site. Either ``offload_conn_id`` (an Airflow connection of type ``offload`` or ``ssh``:
     host, port, login, and in its fields or extra a private key or key file, the site's host key and any site
     profile key) or ``site`` (a profile of the offload config file), or both (the profile, with the
-    connection's credentials). Neither: ``$OFFLOAD_SITE``, the config's default, else the ``local`` site.
+    connection's credentials). Neither: ``$OFFLOAD_SITE``, the config's default, else the ``local`` site. A
+    ``site`` without a connection may name several profiles (``"a,b"``, ``"@group"``): each task's job goes
+    where it starts first.
 
     Sites are shared per process (``offload.shared_site``), so the tasks and triggers of one process reuse one SSH
     connection, closed when the process exits.
@@ -60,11 +62,22 @@ class OffloadHook(BaseHook):
         self.offload_conn_id = offload_conn_id
         self.site_name = site
 
-    def get_site(self) -> offload.Site:
+    def get_site(self, spec: offload.JobSpec | None = None) -> offload.Site:
+        """The site. A profile ``site`` naming several (``"a,b"``, ``"@group"``): given ``spec``, the one where it
+        starts first (``offload.choose_site``), else the first of them."""
         if self.offload_conn_id is None:
-            return offload.load_site(self.site_name)
+            if spec is not None:
+                return offload.choose_site(self.site_name, spec)
+            return self.get_sites()[0]
         connection = self.get_connection(self.offload_conn_id)
         return offload.shared_site(site_config(self.offload_conn_id, connection, self.site_name))
+
+    def get_sites(self) -> list[offload.Site]:
+        """Every site this hook may use: each one a profile ``site`` names (several: ``"a,b"``, ``"@group"``),
+        else the one site (where a task looks for the job an earlier try left)."""
+        if self.offload_conn_id is None and self.site_name:
+            return offload.load_sites(self.site_name).sites
+        return [self.get_site()] if self.offload_conn_id is not None else [offload.load_site(None)]
 
     async def aget_site(self) -> offload.Site:
         """For triggers: reads the connection without blocking the triggerer's event loop."""

@@ -178,9 +178,7 @@ class OffloadOperator(BaseOperator):
             mask_secret(str(value))  # before anything could print them
         try:
             spec = self.build_spec(context)
-            site = self.hook.get_site()
-            site.validate(spec)
-            job = self._reattach_or_submit(site, spec)
+            job = self._reattach_or_submit(spec)
         except offload.OffloadError as exc:
             raise AirflowException(str(exc)) from None
         self._job = job
@@ -191,7 +189,7 @@ class OffloadOperator(BaseOperator):
                 self.log.info("Deferring: job %s is %s; submitted from pid %s", job.id, status.describe(), os.getpid())
                 self.defer(
                     trigger=OffloadJobTrigger(
-                        job_id=job.id, jobdir=job.ref.jobdir, index=job.ref.index, site=self.site,
+                        job_id=job.id, jobdir=job.ref.jobdir, index=job.ref.index, site=self._site_of(job),
                         offload_conn_id=self.offload_conn_id, poll_interval=self.poll_interval,
                         masks=[str(v) for v in self.secrets.values()], relay=bool(self.reach),
                         result_key=self.result_key,
@@ -209,7 +207,7 @@ class OffloadOperator(BaseOperator):
         """Resume after the trigger: log what it had not shown yet, then finish."""
         for value in self.secrets.values():
             mask_secret(str(value))
-        site = self.hook.get_site()
+        site = OffloadHook(offload_conn_id=self.offload_conn_id, site=event.get("site") or self.site).get_site()
         job = site.job(event["job_id"], jobdir=event["jobdir"], index=event.get("index"))
         self._job = job
         self.result_key = event.get("result_key")
@@ -250,31 +248,39 @@ class OffloadOperator(BaseOperator):
 
     def _live_job(self, context: Any) -> offload.Job | None:
         try:
-            site = self.hook.get_site()
-            for job in site.find(self.job_name or deterministic_name(context, self.task_id)):
-                if not job.status().state.is_terminal:
-                    return job
+            for site in self.hook.get_sites():
+                for job in site.find(self.job_name or deterministic_name(context, self.task_id)):
+                    if not job.status().state.is_terminal:
+                        return job
         except offload.OffloadError as exc:
             self.log.error("could not look for this task's job on the site: %s", exc)
         return None
 
-    def _reattach_or_submit(self, site: offload.Site, spec: offload.JobSpec) -> offload.Job:
+    def _reattach_or_submit(self, spec: offload.JobSpec) -> offload.Job:
         # Only a job still queued or running is taken over: one that ended (even successfully) is not reused,
         # so a retry or a cleared task does the work again, as Airflow users expect. One that may not be taken
-        # over is cancelled: it would otherwise run beside the new job, under the same name.
+        # over is cancelled: it would otherwise run beside the new job, under the same name. Of several sites,
+        # an earlier try's job may be on any of them.
+        site = self.hook.get_site(spec)  # of several sites, where it starts first; the spec checked there
+        site.validate(spec)
         refused = self._reattach_refused()
-        for job in site.find(spec.name or ""):
+        for job in (job for candidate in self.hook.get_sites() for job in candidate.find(spec.name or "")):
             status = job.status()
             if status.state.is_terminal:
                 continue
             if refused is None:
-                self.log.info("Reattaching to job %s (%s), left by an earlier try", job.id, status.describe())
+                self.log.info("Reattaching to job %s (%s) on %s, left by an earlier try", job.id, status.describe(),
+                              job.site.name)  # fmt: skip
                 return job
             self.log.warning("Cancelling job %s (%s) left by an earlier try: %s", job.id, status.describe(), refused)
             job.cancel()
         job = site.submit(spec)
         self.log.info("Submitted job %s to site %s (directory %s)", job.id, site.name, job.ref.jobdir)
         return job
+
+    def _site_of(self, job: offload.Job) -> str | None:
+        """The site name a trigger (or the resumed task) finds ``job`` by: the one it went to, of several."""
+        return job.site.name if self.offload_conn_id is None else self.site
 
     def _reattach_refused(self) -> str | None:
         """Why a live job of an earlier try must not be taken over (None: it may be)."""

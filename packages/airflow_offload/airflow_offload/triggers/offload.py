@@ -79,7 +79,7 @@ class OffloadJobTrigger(BaseTrigger):
         for value in self.masks:
             mask_secret(value)
         event: dict[str, Any] = {"job_id": self.job_id, "jobdir": self.jobdir, "index": self.index,
-                                 "result_key": self.result_key}  # fmt: skip
+                                 "result_key": self.result_key, "site": self.site}  # fmt: skip
         offset, last, pending = self.log_offset, "", b""
         relay: asyncio.Future[offload.JobStatus] | None = None
         try:
