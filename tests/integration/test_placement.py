@@ -97,8 +97,10 @@ def test_offload_jupyter_on_a_group_starts_on_one_of_its_sites(both, site_user):
 
 
 def test_a_dask_cluster_on_a_group_goes_whole_to_the_site_where_its_workers_start_first(both, site_user):
-    """``OffloadCluster(site="@both", gpus=2)`` with every SLURM GPU taken: the scheduler job and the GPU workers all
-    go to Grid Engine (one site, so they never talk across sites), and compute there."""
+    """``OffloadCluster(site="@both")`` with every CPU of the SLURM cluster taken by another job: the scheduler job
+    and the workers all go to Grid Engine (one site, so they never talk across sites), and compute there. (CPU
+    workers: the cell gives a job one slot per host, so GPU workers packed two to a job cannot go there at all,
+    which the ranking says too.)"""
     import socket
 
     from dask.distributed import Client
@@ -106,19 +108,19 @@ def test_a_dask_cluster_on_a_group_goes_whole_to_the_site_where_its_workers_star
     from dask_offload import OffloadCluster
 
     hog = f"hog-{uuid.uuid4().hex[:6]}"
-    held = offload(both, "run", "--site", "testsite", "--detach", "--nodes", "2", "--gpus-per-node", "2", "--name",
-                   hog, "--", "sleep", "300")  # fmt: skip
+    held = offload(both, "run", "--site", "testsite", "--detach", "--nodes", "3", "--cpus", "16", "--name", hog,
+                   "--", "sleep", "300")  # fmt: skip
     assert held.returncode == 0, held.stderr
     try:
         wait_until(lambda: "RUNNING" in offload(both, "status", held.stdout.strip()).stdout, timeout=90,
                    what="the hog to run")  # fmt: skip
         os.environ["OFFLOAD_CONFIG"] = both["OFFLOAD_CONFIG"]
-        with OffloadCluster(site="@both", gpus=2, name=f"group-{uuid.uuid4().hex[:6]}") as cluster:
-            assert cluster._site.name == "gridengine"
+        name = f"group-{uuid.uuid4().hex[:6]}"
+        with OffloadCluster(site="@both", n_workers=2, processes=1, memory="1GiB", name=name) as cluster:
             with Client(cluster) as client:
                 client.wait_for_workers(2, timeout=180)
                 assert set(client.run(socket.gethostname).values()) <= {"ge1", "ge2"}
-                assert sum(client.gather(client.map(lambda x: x + 1, range(4), resources={"GPU": 1}))) == 10
+                assert sum(client.gather(client.map(lambda x: x + 1, range(4)))) == 10
     finally:
         offload(both, "cancel", "--name", hog)
     wait_until(lambda: queued_jobs(site_user, hog) == [], timeout=60, what="the hog to go")
