@@ -107,3 +107,20 @@ def test_gpu_clusters_keep_one_worker_per_gpu():
     o = options(gpus=8, cores=16, memory="64GB")
     assert (o.gpu, o.per_job, o.threads, o.worker_memory) == (True, 4, 4, 16_000_000_000)
     assert o.worker["resources"] == {"GPU": 1}
+
+
+def test_a_gpu_cluster_on_a_grid_engine_site_asks_no_cpus_it_cannot_reserve(tmp_path, monkeypatch):
+    """Grid Engine gives a job one slot per node and refuses cpus above 1: OffloadCluster(gpus=2) there (two
+    workers a job) used to fail with that refusal for a CPU count the user never gave. Now the job asks for its
+    GPUs only, as dask-jobqueue's SGECluster asks no CPUs; a job_cpu the user gives is still asked for."""
+    (tmp_path / "sites.toml").write_text(
+        "[sites.ge]\nhost = 'login.invalid'\nscheduler = 'gridengine'\nruntime = 'apptainer'\nimage = '/img.sif'\n"
+        "partition = 'all.q'\ngpus_per_node = 2\nparallel_environment = 'offload'\nworkdir = '/w'\n"
+    )
+    monkeypatch.setenv("OFFLOAD_CONFIG", str(tmp_path / "sites.toml"))
+    with OffloadCluster(site="ge", gpus=2, n_workers=0, scheduler="local", tls=False) as cluster:
+        lines = cluster.job_script().splitlines()
+    assert "#$ -l gpu=2" in lines and "#$ -pe offload 1" in lines
+    assert '"nthreads": 1' in "\n".join(lines)  # each of the two workers of the job
+    with pytest.raises(offload.ConfigError, match="one slot per node"):
+        OffloadCluster(site="ge", gpus=2, job_cpu=2, n_workers=0, scheduler="local", tls=False)

@@ -97,6 +97,13 @@ class Site:
         return sys.executable if local else "python3"
 
     @property
+    def reserves_cpus(self) -> bool:
+        """Whether a job's ``Resources.cpus`` are reserved for it here (SLURM: yes; Grid Engine, whose job gets
+        one slot per node: no, and it refuses ``cpus`` above 1). Code that derives a CPU count the user did not
+        give (Dask's workers per job) asks for it only where it is reserved."""
+        return self._scheduler.reserves_cpus
+
+    @property
     def job_host(self) -> _JobHost:
         """The narrow interface this site's :class:`Job` handles use (status, wait, cancel, files)."""
         return self._job_host

@@ -126,7 +126,13 @@ class _Shared:
             "OFFLOAD_DASK_TLS_KEY": self.security.tls_worker_key,
         }
 
-    def resources(self, *, gpus: int, cpus: int, memory_mb: int, worker: bool) -> offload.Resources:
+    def cpus(self, wanted: int, given: bool) -> int | None:
+        """The CPUs a job asks for: ``wanted`` where the site reserves CPUs, or where the user gave the number
+        (job_cpu); else none, as dask-jobqueue's SGECluster asks none: its workers' threads share what the job's
+        slot gives (a Grid Engine site refuses cpus above 1)."""
+        return wanted if given or self.site.reserves_cpus else None
+
+    def resources(self, *, gpus: int, cpus: int | None, memory_mb: int, worker: bool) -> offload.Resources:
         o = self.options
         return offload.Resources(
             gpus=gpus, cpus=cpus, memory=max(1, memory_mb), walltime=o["walltime"], partition=o["partition"],
@@ -147,14 +153,15 @@ class _Shared:
     def scheduler_spec(self) -> offload.JobSpec:
         o = self.options
         memory = options.memory_bytes(o["scheduler_memory"]) // 2**20
-        resources = self.resources(gpus=0, cpus=int(o["scheduler_cores"]), memory_mb=memory, worker=False)
+        resources = self.resources(gpus=0, cpus=self.cpus(int(o["scheduler_cores"]), given=False), memory_mb=memory,
+                                   worker=False)  # fmt: skip
         spec = self.spec(["scheduler", json.dumps(o.scheduler)], resources, worker=False)
         return dataclasses.replace(spec, relay=True)  # the dashboard is reached through the job's relay
 
     def worker_spec(self, address: str, groups: list[list[str]]) -> offload.JobSpec:
         o = self.options
-        resources = self.resources(gpus=o.per_job if o.gpu else 0, cpus=o.job_cpus, memory_mb=o.job_memory_mb,
-                                   worker=True)  # fmt: skip
+        cpus = self.cpus(o.job_cpus, given=o["job_cpu"] is not None)
+        resources = self.resources(gpus=o.per_job if o.gpu else 0, cpus=cpus, memory_mb=o.job_memory_mb, worker=True)
         return self.spec(["worker", address, json.dumps(groups), json.dumps(o.worker)], resources, worker=True)
 
     # -- batching ---------------------------------------------------------------------------------------

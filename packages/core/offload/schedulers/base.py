@@ -65,6 +65,8 @@ class Scheduler:
 
     name: str = ""
     supports_arrays: bool = False
+    # A job's Resources.cpus are reserved for it (False: the scheduler cannot reserve CPUs, and refuses cpus > 1)
+    reserves_cpus: bool = True
     task_index: str = ""  # shell expression for the array task index inside the batch script
     # For multi-node jobs: variable -> shell expression each copy evaluates (RANK...)
     copy_env: ClassVar[dict[str, str]] = {}

@@ -73,6 +73,7 @@ def _split(job_id: str) -> tuple[str, int | None]:
 class GridEngineScheduler(Scheduler):
     name = "gridengine"
     supports_arrays = True
+    reserves_cpus = False  # one slot per node (the parallel environment's allocation_rule 1): directives() says so
     # the batch script's first lines set offload_ge_task (0-based) for an array task; unset for a single job
     task_index = "${offload_ge_task:-}"
     profile_keys = {"parallel_environment": str, "gpu_resource": str}
