@@ -10,7 +10,9 @@ A test that fails half-way must not leave a job holding GPUs or a client process
 
 This run's processes are told apart by an environment variable every process it starts inherits
 (``OFFLOAD_TEST_RUN``), so a process that detached itself (a new session, reparented to init) is still found.
-Jobs are read and cancelled with SLURM's own ``squeue``/``scancel`` as root, never through offload.
+Jobs are read and cancelled with the schedulers' own tools as root, never through offload: SLURM's
+``squeue``/``scancel`` and Grid Engine's ``qstat``/``qdel`` (the test site runs both, for the same user). A Grid
+Engine job's key is ``ge:NUMBER``, since both number their jobs from 1.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import signal
 import subprocess
 import time
 import uuid
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,15 +80,66 @@ def run_processes() -> dict[int, Proc]:
     return found
 
 
-def site_jobs(user: str) -> dict[str, str]:
-    """The user's jobs that are not over, as ``{id: "id name state"}``, read with SLURM's own squeue."""
+@dataclass(frozen=True, order=True)
+class SiteJob:
+    key: str  # SLURM's job id (an array task's as 12_3); a Grid Engine job's number as ge:NUMBER
+    name: str
+    state: str  # the scheduler's own word: RUNNING, PENDING...; r, qw, dr... (an array's, one per task group)
+    running: bool  # it runs (a Grid Engine array: one of its tasks does)
+
+    def __str__(self) -> str:
+        return f"{self.key} {self.name} {self.state}"
+
+
+def site_jobs(user: str) -> dict[str, SiteJob]:
+    """The user's jobs that are not over, on either scheduler, by key: SLURM's by their id, Grid Engine's as
+    ``ge:NUMBER`` (both number from 1)."""
+    return {**_slurm_jobs(user), **_gridengine_jobs(user)}
+
+
+def _slurm_jobs(user: str) -> dict[str, SiteJob]:
+    """Read with SLURM's own squeue, one job per array task."""
     if shutil.which("squeue") is None:
         return {}
     argv = ["squeue", "--noheader", "--array", f"--user={user}", f"--states={LIVE_STATES}", "--format=%i %j %T %M"]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     if result.returncode != 0:
         return {}  # no slurmctld (a fault test stopped it): nothing to read, and nothing it would run
-    return {line.split()[0]: line.strip() for line in result.stdout.splitlines() if line.strip()}
+    found = {}
+    for line in result.stdout.splitlines():
+        if line.strip():
+            key, name, state, elapsed = line.split()
+            found[key] = SiteJob(key, name, f"{state} {elapsed}", state == "RUNNING")
+    return found
+
+
+# The test site's Grid Engine cell (scripts/testsite-gridengine), and the mark of its jobs' keys
+GE_ENV = {"SGE_ROOT": "/var/lib/gridengine", "SGE_CELL": "default"}
+GE_PREFIX = "ge:"
+GE_RUNNING = ("r", "t", "Rr", "Rt")  # qstat's states of a job that runs (or is being started), not being deleted
+
+
+def _gridengine_jobs(user: str) -> dict[str, SiteJob]:
+    """Read with Grid Engine's own ``qstat -xml`` (its plain output cuts names to 10 characters), one job per job
+    number: an array's tasks, running or pending, are one job to qdel."""
+    if shutil.which("qstat") is None:
+        return {}
+    argv = ["qstat", "-u", user, "-xml"]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, env={**os.environ, **GE_ENV})
+    if result.returncode != 0 or not result.stdout.strip():
+        return {}  # no qmaster (the cell is down): nothing to read, and nothing it would run
+    found: dict[str, SiteJob] = {}
+    for entry in ET.fromstring(result.stdout).iter("job_list"):
+        key = GE_PREFIX + entry.findtext("JB_job_number", "").strip()
+        letters = entry.findtext("state", "").strip()
+        tasks = entry.findtext("tasks")
+        state = f"{letters}[{tasks}]" if tasks else letters
+        if key in found:  # another group of the array's tasks
+            job = found[key]
+            found[key] = SiteJob(key, job.name, f"{job.state},{state}", job.running or letters in GE_RUNNING)
+        else:
+            found[key] = SiteJob(key, entry.findtext("JB_name", "").strip(), state, letters in GE_RUNNING)
+    return found
 
 
 def _stop(procs: list[Proc]) -> None:
@@ -111,9 +165,16 @@ def _same(p: Proc) -> bool:
     return stat is not None and stat[0] not in ("Z", "X") and stat[2] == p.started
 
 
-def _cancel(user: str, jobs: list[str]) -> None:
+def cancel(user: str, jobs: list[str]) -> None:
+    """Cancel these jobs (keys of :func:`site_jobs`) with their scheduler's own tool; wait (30 s at most) until they
+    are gone."""
+    slurm = [j for j in jobs if not j.startswith(GE_PREFIX)]
+    gridengine = [j.removeprefix(GE_PREFIX) for j in jobs if j.startswith(GE_PREFIX)]
+    if slurm:
+        subprocess.run(["scancel", *slurm], capture_output=True, timeout=60)
+    if gridengine:
+        subprocess.run(["qdel", *gridengine], capture_output=True, timeout=60, env={**os.environ, **GE_ENV})
     if jobs:
-        subprocess.run(["scancel", *jobs], capture_output=True, timeout=60)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and set(jobs) & set(site_jobs(user)):
             time.sleep(0.5)
@@ -121,12 +182,12 @@ def _cancel(user: str, jobs: list[str]) -> None:
 
 def leftovers(
     user: str | None, jobs_before: set[str], procs_before: dict[int, Proc], per_test: bool = True
-) -> tuple[list[str], list[Proc]]:
+) -> tuple[list[SiteJob], list[Proc]]:
     """What appeared since the snapshot and is still there after the grace: jobs, and processes the test itself
     started (a child of a process that was there before, such as a fixture's server, belongs to that one)."""
     deadline = time.monotonic() + GRACE
     while True:
-        jobs = {j: line for j, line in (site_jobs(user) if user else {}).items() if j not in jobs_before}
+        jobs = {key: job for key, job in (site_jobs(user) if user else {}).items() if key not in jobs_before}
         now = run_processes()
         new = {pid: p for pid, p in now.items() if not _was_there(procs_before, p)}
         owned = {pid: p for pid, p in new.items() if p.ppid not in now or not _was_there(procs_before, now[p.ppid])}
@@ -137,12 +198,12 @@ def leftovers(
         time.sleep(0.5)
 
 
-def clean_up(user: str | None, jobs: list[str], procs: list[Proc]) -> str:
+def clean_up(user: str | None, jobs: list[SiteJob], procs: list[Proc]) -> str:
     """Stop the processes (which cancels their jobs where they can), cancel what is left; say what it was."""
     _stop(procs)
     if user:
-        _cancel(user, [line.split()[0] for line in jobs])
-    lines = [f"  job {line}" for line in jobs] + [f"  process {p}" for p in procs]
+        cancel(user, [job.key for job in jobs])
+    lines = [f"  job {job}" for job in jobs] + [f"  process {p}" for p in procs]
     return "\n".join(lines)
 
 

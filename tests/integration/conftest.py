@@ -43,38 +43,21 @@ def testsite_config():
 
 
 @pytest.fixture
-def site(testsite_config):
+def site(testsite_config, site_name):
+    """The site ``site_name`` names (tests/conftest.py): SLURM's, or each site for a test marked ``both_sites``."""
     import offload
 
-    return offload.load_site("testsite")
+    return offload.load_site(site_name)
 
 
 @pytest.fixture(params=["slurm", "gridengine"])
 def any_site(request, testsite_config):
     """The test site's SLURM cluster, then its Grid Engine cell (``scripts/testsite up`` brings both up and names
-    both in its profile): for the tests of what a scheduler plugin must do alike. Grid Engine's jobs of a test are
-    qdel'd after it."""
+    both in its profile): for the tests of what a scheduler plugin must do alike. A job a test leaves on either is
+    the leftovers guard's to cancel (tests/leftovers.py), as for every test."""
     import offload
 
-    if request.param == "slurm":
-        yield offload.load_site("testsite")
-        return
-    site = offload.Site(offload.load_profiles(CONFIG).get("gridengine"))
-    submitted: list = []
-    submit = site.submit
-
-    def recorded(spec):
-        submitted.append(job := submit(spec))
-        return job
-
-    site.submit = recorded  # type: ignore[method-assign]
-    try:
-        yield site
-    finally:
-        unfinished = sorted({job.id.split(".")[0] for job in submitted if not job.status().state.is_terminal})
-        if unfinished:
-            subprocess.run(["qdel", *unfinished], capture_output=True, timeout=60)
-        site.close()
+    return offload.load_site("testsite" if request.param == "slurm" else "gridengine")
 
 
 @pytest.fixture(scope="session")
@@ -107,11 +90,9 @@ def wait_for_state(job, *states, timeout: float = 120):
 
 
 def queued_jobs(user: str, name: str | None = None) -> list[str]:
-    """Jobs still pending or running on the test site, read with SLURM's own squeue (not offload's)."""
-    argv = ["squeue", "--noheader", "--array", f"--user={user}", "--states=PENDING,RUNNING,CONFIGURING,COMPLETING",
-            "--format=%i %j"]  # fmt: skip
-    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
-    return [line.split()[0] for line in out.splitlines() if line.strip() and (name is None or line.split()[1] == name)]
+    """Jobs still pending or running on the test site, on either scheduler, read with their own tools (not
+    offload's): SLURM's by id, Grid Engine's as ``ge:NUMBER`` (tests/leftovers.py)."""
+    return [key for key, job in leftovers.site_jobs(user).items() if name is None or job.name == name]
 
 
 def wait_until(predicate, timeout: float = 120, interval: float = 0.3, what: str = "condition"):

@@ -1,6 +1,11 @@
 """A real JupyterHub (PyPI jupyterhub, configurable-http-proxy from npm, the dummy authenticator) with
-``OffloadSpawner`` on the test site: single-user servers as SLURM jobs on compute nodes that cannot reach the
-hub, reached through offload's SSH connection both ways."""
+``OffloadSpawner`` on the test site: single-user servers as jobs on compute nodes that cannot reach the hub,
+reached through offload's SSH connection both ways.
+
+The user's session in JupyterLab through the hub runs on both of the site's schedulers (SLURM and Grid Engine):
+it is what shows the spawner works on a scheduler. The other tests stay on SLURM: they test the hub's side (one
+poller for every session, counted with the site's squeue call log; a hub restart finding its sessions from its
+own state; the idle culler), which the scheduler under the site does not change."""
 
 from __future__ import annotations
 
@@ -19,6 +24,8 @@ import pytest
 import requests
 
 import offload
+from tests import leftovers
+from tests.conftest import both_sites
 
 from .browser import CHROMIUM, visit
 from .conftest import STATE, queued_jobs, wait_for_state
@@ -44,7 +51,7 @@ def free_port() -> int:
 class Hub:
     """A JupyterHub process with OffloadSpawner, restartable on the same ports, database and secrets."""
 
-    def __init__(self, folder: Path, culler: bool = False) -> None:
+    def __init__(self, folder: Path, site: str = "testsite", culler: bool = False) -> None:
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
         self.public, self.hub_port, self.proxy_api = free_port(), free_port(), free_port()
@@ -79,7 +86,7 @@ class Hub:
             c.JupyterHub.services = {services!r}
             c.JupyterHub.load_roles = {roles!r}
             c.JupyterHub.spawner_class = "offload"
-            c.OffloadSpawner.site = "testsite"
+            c.OffloadSpawner.site = {site!r}
             c.OffloadSpawner.walltime = "00:30:00"
             c.OffloadSpawner.poll_interval = 1
             c.OffloadSpawner.environment = {{"JUPYTERHUB_ACTIVITY_INTERVAL": "5"}}
@@ -142,11 +149,12 @@ class Hub:
 
 
 @pytest.fixture
-def hub(tmp_path):
+def hub(tmp_path, site_name, site_user):
+    """Start a hub whose spawner uses the test's site (``site_name``); at the end its sessions are stopped."""
     made: list[Hub] = []
 
     def make(**kwargs) -> Hub:
-        hub = Hub(tmp_path / f"hub{len(made)}", **kwargs)
+        hub = Hub(tmp_path / f"hub{len(made)}", site=site_name, **kwargs)
         made.append(hub)
         hub.start()
         return hub
@@ -160,7 +168,7 @@ def hub(tmp_path):
                     hub.api("DELETE", path)
         time.sleep(2)
         hub.stop()
-    subprocess.run(["scancel", "--name=hub-blocker"], check=False)
+    leftovers.cancel(site_user, queued_jobs(site_user, "hub-blocker"))  # a failed test's blockers
 
 
 def login(hub: Hub, user: str) -> requests.Session:
@@ -184,9 +192,17 @@ def job_of(site_user: str, user: str, server: str = "default") -> list[str]:
     return queued_jobs(site_user, f"jupyterhub-{user}-{server}")
 
 
-def test_a_user_picks_a_gpu_profile_and_works_in_jupyterlab_through_the_hub(hub, site, site_user, tmp_path):
+# What each scheduler says of a job that waits for GPUs (SLURM's reason, in the spawner's words; Grid Engine's qstat
+# gives none), and what a job's one GPU is (Grid Engine counts GPUs but binds none: no CUDA_VISIBLE_DEVICES).
+WAITING = {"testsite": "PENDING (Resources): waiting for resources", "gridengine": "PENDING (waiting)"}
+ONE_GPU = {"testsite": "0", "gridengine": "none"}
+
+
+@both_sites
+def test_a_user_picks_a_gpu_profile_and_works_in_jupyterlab_through_the_hub(hub, site, site_name, site_user,
+                                                                            tmp_path):  # fmt: skip
     hub = hub()
-    # Every GPU busy first, so the session has to wait, and the spawn page says why (SLURM's reason).
+    # Every GPU busy first, so the session has to wait, and the spawn page says why (the scheduler's reason).
     blockers = site.submit_many([offload.JobSpec(["sleep", "600"], name="hub-blocker",
                                                  resources=offload.Resources(gpus=2))] * 2, arrays=False)  # fmt: skip
     for job in blockers:
@@ -200,14 +216,14 @@ def test_a_user_picks_a_gpu_profile_and_works_in_jupyterlab_through_the_hub(hub,
     messages = []
     for event in progress_events(hub, "alice"):
         messages.append(event.get("message", ""))
-        if "PENDING (Resources): waiting for resources" in messages[-1] and blockers:
+        if WAITING[site_name] in messages[-1] and blockers:
             for job in blockers:  # the reason was shown: let the session start
                 job.cancel()
             blockers = []
         if event.get("ready") or event.get("failed"):
             break
     assert not blockers, messages
-    assert any("PENDING (Resources)" in m for m in messages), messages
+    assert any(WAITING[site_name] in m for m in messages), messages
     assert hub.wait_ready("alice")
     jobs = job_of(site_user, "alice")
     assert len(jobs) == 1
@@ -224,15 +240,17 @@ def test_a_user_picks_a_gpu_profile_and_works_in_jupyterlab_through_the_hub(hub,
               tmp_path / "chromium")  # fmt: skip
     token = hub.user_token("alice")
     before = hub.server("alice")["last_activity"]
-    printed = run_cell(f"{hub.url}/user/alice", token, "import os; print(os.environ['CUDA_VISIBLE_DEVICES'])")
-    assert printed.strip() == "0"
+    printed = run_cell(f"{hub.url}/user/alice", token,
+                       "import os; print(os.environ.get('CUDA_VISIBLE_DEVICES', 'none'))")  # fmt: skip
+    assert printed.strip() == ONE_GPU[site_name]
     # activity reports reach the hub (through the relay: the hub reads no activity from its proxy here)
     deadline = time.time() + 60
     while hub.server("alice")["last_activity"] == before:
         assert time.time() < deadline, "no activity report reached the hub"
         time.sleep(1)
 
-    # The node cannot open a connection to the hub's address itself.
+    # The node cannot open a connection to the hub's address itself (the hub's connect URL: the login node on
+    # SLURM's cluster network, which neither scheduler's nodes may reach but on their scheduler's ports).
     probe = site.submit(offload.JobSpec(["python3", "-c", textwrap.dedent(f"""
         import socket
         try:

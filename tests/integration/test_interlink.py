@@ -2,7 +2,13 @@
 ``offload interlink serve`` runs as its own process, pods built from the real Kubernetes models (lightkube's)
 are created, their status asked every few seconds one pod per request, pinged with an empty array, their logs
 read with Tail and Follow, and deleted. The pods run on the test site in Charliecloud, image from the site's
-registry (pulled once on the login node)."""
+registry (pulled once on the login node).
+
+A pod's lifecycle (create, retried create, a restarted plugin, running, delete) and its status and logs run on
+both of the site's schedulers (SLURM and Grid Engine): they show the plugin works on a scheduler. The other tests
+stay on SLURM: what they test is the pod driver's and the image cache's (env, volumes, init containers, refusals,
+ENTRYPOINT, read-only images), the same program whatever schedules the job, or SLURM's own (its memory enforcement,
+$SLURM_* limits, GPU binding and vk.io flags, the squeue call log)."""
 
 from __future__ import annotations
 
@@ -45,6 +51,7 @@ from lightkube.models.core_v1 import Pod as PodModel
 from lightkube.models.meta_v1 import ObjectMeta
 
 from tests import leftovers
+from tests.conftest import both_sites
 
 from .conftest import STATE, queued_jobs, wait_until
 
@@ -60,15 +67,16 @@ SITE_IMAGE_NAME, SITE_IMAGE = "site/shared:1", "/var/lib/offload-testsite/images
 class Plugin:
     """``offload interlink serve`` in its own process, and the HTTP calls interLink makes to it."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, site: str) -> None:
         self.tmp = tmp
+        self.site = site
         self.port = _free_port()
         self.process: subprocess.Popen | None = None
         self.start()
 
     def start(self) -> None:
         log = open(self.tmp / f"plugin-{time.time_ns()}.log", "w")  # noqa: SIM115 (the process keeps it)
-        argv = [sys.executable, "-m", "offload.cli", "interlink", "serve", "--site", "testsite", "--listen",
+        argv = [sys.executable, "-m", "offload.cli", "interlink", "serve", "--site", self.site, "--listen",
                 f"127.0.0.1:{self.port}", "--image-map", f"python:3.12-slim=docker://{IMAGE}",
                 "--image-map", f"{SITE_IMAGE_NAME}={SITE_IMAGE}"]  # fmt: skip
         # the module's fixture owns the plugin, also when a test restarts it (tests/leftovers.py)
@@ -143,10 +151,23 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def plugin(testsite_config, tmp_path_factory):
-    plugin = Plugin(tmp_path_factory.mktemp("interlink"))
-    yield plugin
-    plugin.stop()
+def plugins(testsite_config, tmp_path_factory):
+    """The plugin of each site, started when a test first asks for it; stopped at the module's end."""
+    started: dict[str, Plugin] = {}
+
+    def of(site: str) -> Plugin:
+        if site not in started:
+            started[site] = Plugin(tmp_path_factory.mktemp(f"interlink-{site}"), site)
+        return started[site]
+
+    yield of
+    for plugin in started.values():
+        plugin.stop()
+
+
+@pytest.fixture
+def plugin(plugins, site_name):
+    return plugins(site_name)
 
 
 KUBE_API_ACCESS = "kube-api-access-q9z7w"
@@ -357,6 +378,7 @@ def test_bad_pods_are_refused_with_what_to_change_and_nothing_is_queued(plugin, 
     assert not queued_jobs(site_user, f"pod-{missing['metadata']['uid']}")
 
 
+@both_sites
 def test_create_is_idempotent_survives_a_restart_and_delete_cancels(plugin, site_user):
     long = pod("long", [sh("main", "echo started; sleep 300")])
     plugin.create(retrieved(long))
@@ -376,6 +398,7 @@ def test_create_is_idempotent_survives_a_restart_and_delete_cancels(plugin, site
     plugin.delete(pod("stranger", [sh("main", "true")]))
 
 
+@both_sites
 def test_logs_follow_until_the_container_ends_and_tail_keeps_the_last_lines(plugin):
     counting = pod("counting", [sh("main", "for i in 1 2 3 4 5; do echo line $i; sleep 1; done")])
     plugin.create(retrieved(counting))
