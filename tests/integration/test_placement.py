@@ -98,9 +98,9 @@ def test_offload_jupyter_on_a_group_starts_on_one_of_its_sites(both, site_user):
 
 def test_a_dask_cluster_on_a_group_goes_whole_to_the_site_where_its_workers_start_first(both, site_user):
     """``OffloadCluster(site="@both")`` with every CPU of the SLURM cluster taken by another job: the scheduler job
-    and the workers all go to Grid Engine (one site, so they never talk across sites), and compute there. (CPU
-    workers: the cell gives a job one slot per host, so GPU workers packed two to a job cannot go there at all,
-    which the ranking says too.)"""
+    and the workers all go to Grid Engine (one site, so they never talk across sites), and compute there. Each
+    site is judged with the worker job as built for it (SLURM reserves the worker's cores, Grid Engine gives a
+    slot per host and is asked for none)."""
     import socket
 
     from dask.distributed import Client

@@ -113,3 +113,20 @@ async def test_choose_gives_the_site_submit_would_use_or_every_reason():
     assert (await SiteGroup([busy, free]).achoose(GPU2)) is free
     with pytest.raises(ConfigError, match="(?s)no site of small can run.*small: needs 1 node"):
         await SiteGroup([FakeSite("small", [node("s1", 1, 0)])]).achoose(GPU2)
+
+
+async def test_each_site_may_be_judged_with_the_job_as_built_for_it():
+    """A Dask cluster's worker asks for cores only where the scheduler reserves them: the spec is a function of
+    the site, and each site is judged with its own (with the first site's spec for both, neither could run it)."""
+    strict = FakeSite("strict", [node("s1", 2, 0, cpus=2)])
+    loose = FakeSite("loose", [node("l1", 2, 0, cpus=1)])
+    seen = []
+
+    def spec_for(site):
+        seen.append(site.name)
+        return JobSpec(["w"], resources=Resources(gpus=1, cpus=4 if site is strict else None))
+
+    verdicts = await SiteGroup([strict, loose]).arank(spec_for)
+    assert seen == ["strict", "loose"]
+    assert [(v.site, v.feasible) for v in verdicts] == [("loose", True), ("strict", False)]
+    assert (await SiteGroup([strict, loose]).achoose(spec_for)) is loose

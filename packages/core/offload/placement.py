@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from offload import _loop
@@ -82,13 +82,16 @@ class SiteGroup:
         return ",".join(site.name for site in self.sites)
 
     @_loop.on_loop
-    async def arank(self, spec: JobSpec) -> list[Verdict]:
+    async def arank(self, spec: JobSpec | Callable[[Site], JobSpec]) -> list[Verdict]:
         """Every site's verdict for ``spec``, best first: feasible before not, those that can start it now
         before those where it would wait (most free GPUs, then CPUs, first), then the order of the group.
-        One scheduler call per site, made at once."""
-        if not isinstance(spec, JobSpec):
+        One scheduler call per site, made at once. ``spec`` may be a function giving the job as built for each
+        site, where that differs (a Dask cluster's worker asks CPUs only where the scheduler reserves them)."""
+        spec_for = spec if callable(spec) else (lambda site: spec)
+        specs = [spec_for(site) for site in self.sites]
+        if not all(isinstance(one, JobSpec) for one in specs):
             raise ConfigError(f"rank takes an offload.JobSpec, got {type(spec).__name__}")
-        verdicts = await asyncio.gather(*(_judge(site, spec) for site in self.sites))
+        verdicts = await asyncio.gather(*(_judge(site, one) for site, one in zip(self.sites, specs, strict=True)))
         order = {site.name: i for i, site in enumerate(self.sites)}
         return sorted(verdicts, key=lambda v: (not v.feasible, not v.starts_now,
                                                -v.gpus_free if v.starts_now else 0,
@@ -97,7 +100,7 @@ class SiteGroup:
     rank = _loop.blocking(arank)
 
     @_loop.on_loop
-    async def achoose(self, spec: JobSpec) -> Site:
+    async def achoose(self, spec: JobSpec | Callable[[Site], JobSpec]) -> Site:
         """The site :meth:`submit` would send ``spec`` to first, for a caller that builds its job there itself
         (``offload jupyter``, whose job names its site); :class:`ConfigError` with every site's reason if none
         can run it."""

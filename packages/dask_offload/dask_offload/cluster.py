@@ -479,9 +479,14 @@ class OffloadCluster(SpecCluster):
         self._site = candidates[0]
         o = options.resolve(given, dict(kwargs), self._site.config.gpus_per_node)
         if len(candidates) > 1:  # several sites ("a,b", "@group"): the scheduler and every worker go to the one
-            # where a worker job starts first (one sinfo/qhost per site), so they never talk across sites
-            probe = _Shared(self._site, "probe", o, None).worker_spec("tls://check:1", [["check"]])
-            self._site = offload.SiteGroup(candidates).choose(probe)
+            # where a worker job, as built for each site, starts first (one sinfo/qhost per site), so they never
+            # talk across sites
+
+            def worker_on(site: offload.Site) -> offload.JobSpec:
+                there = options.resolve(dict(given), dict(kwargs), site.config.gpus_per_node)
+                return _Shared(site, "probe", there, None).worker_spec("tls://check:1", [["check"]])
+
+            self._site = offload.SiteGroup(candidates).choose(worker_on)
             o = options.resolve(given, dict(kwargs), self._site.config.gpus_per_node)
         if o["scheduler"] is None:
             o.given["scheduler"] = "local" if self._site.name == "local" else "site"
