@@ -37,7 +37,8 @@ def main() -> None:
     w = np.zeros(args.features)
     gpus = os.environ.get("CUDA_VISIBLE_DEVICES", "")
     with mlflow.start_run(run_name=os.environ.get("MLFLOW_RUN_NAME")) as run:
-        mlflow.log_params({**vars(args), "gpus": gpus or "none", "job_id": os.environ.get("SLURM_JOB_ID", "local")})
+        job_id = os.environ.get("SLURM_JOB_ID") or os.environ.get("JOB_ID", "local")  # SLURM's, Grid Engine's
+        mlflow.log_params({**vars(args), "gpus": gpus or "none", "job_id": job_id})
         for epoch in range(args.epochs):
             p = 1 / (1 + np.exp(-(x[:split] @ w)))
             loss = float(-np.mean(y[:split] * np.log(p + 1e-9) + (1 - y[:split]) * np.log(1 - p + 1e-9)))

@@ -2,7 +2,12 @@
 run on the test site with 2 GPUs through offload, then read back with MLflow's own client.
 
 The server runs on the user's side (this machine's loopback), which the test site's compute nodes cannot reach
-(asserted below), exactly as on a real site: the jobs reach it through offload's relay (``reach``)."""
+(asserted below), exactly as on a real site: the jobs reach it through offload's relay (``reach``).
+
+``offload run`` reaching the tracking server and Dask workers logging to it run on both of the site's schedulers
+(SLURM and Grid Engine): they show the relay carries MLflow's traffic from either scheduler's nodes. The other tests
+stay on SLURM: the example's submit.py, a failed run and the local site test MLflow's side and the example, which
+no scheduler changes, and the server's address (this machine's loopback) is out of any node's reach alike."""
 
 import os
 import socket
@@ -15,6 +20,7 @@ from pathlib import Path
 import pytest
 
 import offload
+from tests.conftest import both_sites
 
 mlflow = pytest.importorskip("mlflow")
 from mlflow.tracking import MlflowClient  # noqa: E402
@@ -86,12 +92,17 @@ def test_submit_example_on_two_gpus_of_the_test_site(testsite_config, tracking_u
     assert "COMPLETED" in script
 
 
-def test_offload_run_reaching_the_tracking_server(testsite_config, tracking_uri):
+# What a job's two GPUs are: SLURM binds them (CUDA_VISIBLE_DEVICES); Grid Engine counts GPUs but binds none.
+TWO_GPUS = {"testsite": "0,1", "gridengine": "none"}
+
+
+@both_sites
+def test_offload_run_reaching_the_tracking_server(testsite_config, tracking_uri, site_name):
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name("cli") or client.get_experiment(client.create_experiment("cli"))
     run = client.create_run(experiment.experiment_id)
     result = subprocess.run(
-        [sys.executable, "-m", "offload.cli", "run", "--site", "testsite", "--gpus", "2",
+        [sys.executable, "-m", "offload.cli", "run", "--site", site_name, "--gpus", "2",
          "--file", str(EXAMPLE / "train.py"), "--reach", f"MLFLOW_TRACKING_URI={tracking_uri}",
          "--env", f"MLFLOW_RUN_ID={run.info.run_id}", "--name", "mlflow-cli", "--",
          "python3", "train.py", "--epochs", "12"],
@@ -99,7 +110,8 @@ def test_offload_run_reaching_the_tracking_server(testsite_config, tracking_uri)
     )  # fmt: skip
     assert result.returncode == 0, result.stderr + result.stdout
     assert "epoch  11" in result.stdout
-    check_run(tracking_uri, run.info.run_id, gpus="0,1")
+    check_run(tracking_uri, run.info.run_id, gpus=TWO_GPUS[site_name])
+    assert client.get_run(run.info.run_id).data.params["job_id"].isdigit()  # the scheduler's job id, not "local"
     ours = [line for line in result.stderr.splitlines() if line.startswith("offload:")]
     assert ours and not any(tracking_uri in line for line in ours)  # offload never echoes what reach relays
 
@@ -121,7 +133,8 @@ def test_submit_example_on_the_local_site(tracking_uri, tmp_path):
     check_run(tracking_uri, result.stderr.split("run ")[1].split(":")[0], gpus="none")
 
 
-def test_dask_workers_log_to_mlflow_through_reach(testsite_config, tracking_uri, site_user):
+@both_sites
+def test_dask_workers_log_to_mlflow_through_reach(testsite_config, tracking_uri, site_name):
     from distributed import Client
 
     from dask_offload import OffloadCluster
@@ -136,7 +149,7 @@ def test_dask_workers_log_to_mlflow_through_reach(testsite_config, tracking_uri,
         mlflow.tracking.MlflowClient().log_metric(run_id, "shard_score", shard * 0.5, step=shard)
         return shard
 
-    with OffloadCluster(site="testsite", gpus=2, reach={"MLFLOW_TRACKING_URI": tracking_uri}) as cluster:
+    with OffloadCluster(site=site_name, gpus=2, reach={"MLFLOW_TRACKING_URI": tracking_uri}) as cluster:
         assert tracking_uri not in cluster.job_script()
         with Client(cluster) as dask_client:
             futures = dask_client.map(score, range(4), run_id=run.info.run_id, resources={"GPU": 1})
