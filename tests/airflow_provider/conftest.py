@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,28 @@ def leftovers_guard(request):
 
 def pytest_sessionfinish(session, exitstatus):
     leftovers.check_session(session, leftovers.site_user(STATE / "offload.toml"))
+
+
+def site_jobs(name_prefix: str, running: bool = False) -> list[str]:
+    """The site user's jobs whose name starts with ``name_prefix`` that are not over (``running``: that run), on
+    either of the site's schedulers, read with their own tools (tests/leftovers.py)."""
+    user = leftovers.site_user(STATE / "offload.toml")
+    jobs = leftovers.site_jobs(user) if user else {}
+    return [key for key, job in jobs.items() if job.name.startswith(name_prefix) and (job.running or not running)]
+
+
+def accounted_jobs(name_prefix: str, since: str) -> list[str]:
+    """Jobs of the site's accounting whose name starts with ``name_prefix``, started since ``since`` (local time,
+    ``YYYY-MM-DDTHH:MM:SS``), also those ended long ago: SLURM's sacct, then Grid Engine's qacct (``ge:NUMBER``)."""
+    out = subprocess.run(["sacct", "-X", "-n", "-P", "--allusers", f"--starttime={since}", "--format=JobID,JobName"],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    found = [line.split("|")[0] for line in out.splitlines() if line.split("|")[-1].startswith(name_prefix)]
+    begin = time.strftime("%Y%m%d%H%M.%S", time.strptime(since, "%Y-%m-%dT%H:%M:%S"))
+    # qacct takes a job name pattern; none found: no record lines
+    qacct = subprocess.run(["qacct", "-b", begin, "-j", f"{name_prefix}*"], capture_output=True, text=True,
+                           env={**os.environ, **leftovers.GE_ENV}).stdout  # fmt: skip
+    found += [leftovers.GE_PREFIX + line.split()[1] for line in qacct.splitlines() if line.startswith("jobnumber ")]
+    return found
 
 
 @pytest.fixture(scope="session")
@@ -56,6 +79,12 @@ def testsite_env(airflow_env) -> dict[str, str]:
             pytest.fail(f"the test site is not up ({config})")
         pytest.skip("the test site is not up: run 'scripts/testsite up' as root")
     return {**airflow_env, "OFFLOAD_CONFIG": str(config), "OFFLOAD_SITE": "testsite"}
+
+
+@pytest.fixture
+def site_env(testsite_env, site_name) -> dict[str, str]:
+    """:func:`testsite_env` with ``$OFFLOAD_SITE`` the test's site (``site_name``, tests/conftest.py)."""
+    return {**testsite_env, "OFFLOAD_SITE": site_name}
 
 
 def unique_date() -> str:

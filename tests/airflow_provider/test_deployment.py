@@ -1,28 +1,28 @@
 """The provider in a real Airflow 3.3 deployment (api-server, scheduler with LocalExecutor, dag-processor,
-triggerer), on the test site: deferrable tasks submit in one process, wait in the triggerer, finish in a third."""
+triggerer), on the test site: deferrable tasks submit in one process, wait in the triggerer, finish in a third.
+
+A triggerer killed while it watches a job runs on both of the site's schedulers (SLURM and Grid Engine): the
+trigger a new triggerer picks up polls the job on its scheduler. The rest stays on SLURM (and the deployment's
+default site): logs, secrets, templating, skips, timeouts and connections are the provider's and Airflow's, the same
+whatever schedules the job (the example DAG runs on both in test_dags.py)."""
 
 from __future__ import annotations
 
 import json
 import re
 import shutil
-import subprocess
 import time
 import uuid
 
 import pytest
 
-from .conftest import REPO, STATE
+from tests.conftest import both_sites
+
+from .conftest import REPO, STATE, accounted_jobs, site_jobs
 from .deployment import Deployment
 
 pytestmark = pytest.mark.integration
 SECRET = f"s3cr3t-{uuid.uuid4().hex[:12]}"
-
-
-def site_jobs(name_prefix: str, states: str = "PENDING,RUNNING,COMPLETING") -> list[str]:
-    out = subprocess.run(["squeue", "--noheader", "--array", f"--states={states}", "--format=%i %j"],
-                         capture_output=True, text=True, check=True).stdout  # fmt: skip
-    return [line.split()[0] for line in out.splitlines() if line.split()[1].startswith(name_prefix)]
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_the_log_of_a_deferred_task_grows_while_its_job_runs(deployment):
         assert time.time() < deadline, deployment.task_log("offload_live_logs", run_id, "ticks")
         time.sleep(1)
     assert deployment.task_state("offload_live_logs", run_id, "ticks") == "deferred"
-    assert site_jobs("ticks-", "RUNNING")  # the job still runs: the lines came while it did
+    assert site_jobs("ticks-", running=True)  # the job still runs: the lines came while it did
     state = deployment.wait_run("offload_live_logs", run_id)
     assert state == "success", deployment.failures("offload_live_logs", run_id)
     log = deployment.task_log("offload_live_logs", run_id, "ticks")
@@ -122,29 +122,22 @@ def test_an_airflow_ssh_connection_reaches_the_site(deployment):
     assert value == "reached through an ssh connection as hpcuser"
 
 
-def accounted_jobs(name_prefix: str, since: str) -> list[str]:
-    """Jobs accounting saw with this name prefix since ``since`` (also those ended long ago)."""
-    out = subprocess.run(["sacct", "-X", "-n", "-P", "--allusers", f"--starttime={since}", "--format=JobID,JobName"],
-                         capture_output=True, text=True, check=True).stdout  # fmt: skip
-    return [
-        line.split("|")[0] for line in out.splitlines() if "|" in line and line.split("|")[1].startswith(name_prefix)
-    ]
-
-
-def test_killing_the_triggerer_while_its_job_runs(deployment):
+@both_sites
+def test_killing_the_triggerer_while_its_job_runs(deployment, site_name):
+    dag_id, task = f"offload_survives_triggerer_{site_name}", f"long_{site_name}"  # deployed_dags/offload_deployed.py
     since = time.strftime("%Y-%m-%dT%H:%M:%S")
-    run_id = deployment.trigger("offload_survives_triggerer")
+    run_id = deployment.trigger(dag_id)
     deadline = time.time() + 180
-    while deployment.task_state("offload_survives_triggerer", run_id, "long") != "deferred" or not site_jobs(
-        "long-", "RUNNING"
-    ):
+    while deployment.task_state(dag_id, run_id, task) != "deferred" or not site_jobs(f"{task}-", running=True):
         assert time.time() < deadline
         time.sleep(1)
     deployment.kill_component("triggerer")  # SIGKILL: nothing is cleaned up
     time.sleep(5)
     deployment.start_component("triggerer")  # the trigger is picked up again by the new triggerer
-    assert deployment.wait_run("offload_survives_triggerer", run_id) == "success", deployment.log_of("triggerer")[
-        -3000:]  # fmt: skip
-    assert deployment.xcoms("offload_survives_triggerer", run_id)["long[-1]"]["return_value"] == "done once"
-    time.sleep(2)
-    assert len(accounted_jobs("long-", since)) == 1  # one job: the trigger watched, never submitted
+    assert deployment.wait_run(dag_id, run_id) == "success", deployment.log_of("triggerer")[-3000:]
+    assert deployment.xcoms(dag_id, run_id)[f"{task}[-1]"]["return_value"] == "done once"
+    deadline = time.time() + 30  # an ended job reaches accounting within a few seconds
+    while not (accounted := accounted_jobs(f"{task}-", since)):
+        assert time.time() < deadline, "no accounting record of the job"
+        time.sleep(1)
+    assert len(accounted) == 1, accounted  # one job: the trigger watched, never submitted

@@ -64,10 +64,20 @@ def ssh_connection():
     )
 
 
-@dag(dag_id="offload_survives_triggerer", schedule=None, catchup=False)
-def survives_triggerer():
-    OffloadOperator(task_id="long", deferrable=True, command=["sh", "-c", "sleep 40; echo done once"])
+def survives_triggerer(site: str):
+    """One per site of the test site (its SLURM cluster, its Grid Engine cell): the triggerer is killed mid-job. The
+    task's id (hence its job's name) names the site, so each site's test counts its own jobs."""
+
+    @dag(dag_id=f"offload_survives_triggerer_{site}", schedule=None, catchup=False)
+    def on_site():
+        OffloadOperator(
+            task_id=f"long_{site}", site=site, deferrable=True, command=["sh", "-c", "sleep 40; echo done once"]
+        )
+
+    return on_site()
 
 
-for factory in (live_logs, secret, templated, skip, timeout, ssh_connection, survives_triggerer):
+for factory in (live_logs, secret, templated, skip, timeout, ssh_connection):
     globals()[factory.__name__ + "_dag"] = factory()
+for site in ("testsite", "gridengine"):
+    globals()[f"survives_triggerer_{site}_dag"] = survives_triggerer(site)
