@@ -12,7 +12,8 @@ This run's processes are told apart by an environment variable every process it 
 (``OFFLOAD_TEST_RUN``), so a process that detached itself (a new session, reparented to init) is still found.
 Jobs are read and cancelled with the schedulers' own tools as root, never through offload: SLURM's
 ``squeue``/``scancel`` and Grid Engine's ``qstat``/``qdel`` (the test site runs both, for the same user). A Grid
-Engine job's key is ``ge:NUMBER``, since both number their jobs from 1.
+Engine job's key is ``ge:NUMBER``, since both number their jobs from 1; a job of the test site's second SLURM
+cluster is keyed ``second:ID`` for the same reason (read and cancelled with that cluster's ``SLURM_CONF``).
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ class SiteJob:
 def site_jobs(user: str) -> dict[str, SiteJob]:
     """The user's jobs that are not over, on either scheduler, by key: SLURM's by their id, Grid Engine's as
     ``ge:NUMBER`` (both number from 1)."""
-    return {**_slurm_jobs(user), **_gridengine_jobs(user)}
+    return {**_slurm_jobs(user), **_gridengine_jobs(user), **_second_cluster_jobs(user)}
 
 
 def _slurm_jobs(user: str) -> dict[str, SiteJob]:
@@ -168,12 +169,13 @@ def _same(p: Proc) -> bool:
 def cancel(user: str, jobs: list[str]) -> None:
     """Cancel these jobs (keys of :func:`site_jobs`) with their scheduler's own tool; wait (30 s at most) until they
     are gone."""
-    slurm = [j for j in jobs if not j.startswith(GE_PREFIX)]
+    slurm = [j for j in jobs if not j.startswith((GE_PREFIX, SECOND_PREFIX))]
     gridengine = [j.removeprefix(GE_PREFIX) for j in jobs if j.startswith(GE_PREFIX)]
     if slurm:
         subprocess.run(["scancel", *slurm], capture_output=True, timeout=60)
     if gridengine:
         subprocess.run(["qdel", *gridengine], capture_output=True, timeout=60, env={**os.environ, **GE_ENV})
+    _cancel_second_cluster(jobs)
     if jobs:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and set(jobs) & set(site_jobs(user)):
@@ -238,3 +240,33 @@ def check_session(session, user: str | None) -> None:
         left = clean_up(user, jobs, procs)
         session.config.get_terminal_writer().line(f"\nLEFT BEHIND by this run (now cleaned up):\n{left}", red=True)
         session.exitstatus = 1
+
+
+# The test site's second SLURM cluster (scripts/testsite-slurm2): its own slurmctld, found through its own
+# slurm.conf; its job ids start at 1 as the first's do, so its jobs' keys are second:ID.
+SECOND_ENV = {"SLURM_CONF": "/etc/slurm-second/slurm.conf"}
+SECOND_PREFIX = "second:"
+
+
+def _second_cluster_jobs(user: str) -> dict[str, SiteJob]:
+    """Read with the second cluster's own squeue, one job per array task."""
+    if shutil.which("squeue") is None or not os.path.exists(SECOND_ENV["SLURM_CONF"]):
+        return {}
+    argv = ["squeue", "--noheader", "--array", f"--user={user}", f"--states={LIVE_STATES}", "--format=%i %j %T %M"]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, env={**os.environ, **SECOND_ENV})
+    if result.returncode != 0:
+        return {}  # its slurmctld is down: nothing to read, and nothing it would run
+    found = {}
+    for line in result.stdout.splitlines():
+        if line.strip():
+            job_id, name, state, elapsed = line.split()
+            key = SECOND_PREFIX + job_id
+            found[key] = SiteJob(key, name, f"{state} {elapsed}", state == "RUNNING")
+    return found
+
+
+def _cancel_second_cluster(jobs: list[str]) -> None:
+    """scancel, on the second cluster, of the keys of :func:`site_jobs` that are its jobs."""
+    ids = [j.removeprefix(SECOND_PREFIX) for j in jobs if j.startswith(SECOND_PREFIX)]
+    if ids:
+        subprocess.run(["scancel", *ids], capture_output=True, timeout=60, env={**os.environ, **SECOND_ENV})
