@@ -253,9 +253,15 @@ def at_exit(cleanup: Callable[[], Coroutine[Any, Any, Any]]) -> None:
 
 KEPT_BUDGET = 120.0  # seconds exit waits for kept work: a slow sbatch (its own timeout) and then the cancel (30 s)
 CLEANUP_BUDGET = 10.0  # seconds for each cleanup at exit (closing a connection)
+_SETTLE_TURNS = 20  # loop turns exit lets pass first (a cancellation takes 3 or 4 to reach its handler)
 
 
 async def _run_cleanups() -> None:
+    # A call the main thread interrupted just before it began to exit (Ctrl-C during a submission) learns of it
+    # on this loop a few turns from now (its cancel, its wake-up, its handler, which keeps the work that must
+    # still happen): let those turns pass before looking at what is kept. They were queued before this was.
+    for _ in range(_SETTLE_TURNS):
+        await asyncio.sleep(0)
     if _kept:
         log.warning("waiting for an interrupted submission to end, so its jobs are cancelled rather than left "
                     "running unrecorded (interrupt again to leave now)")  # fmt: skip
@@ -276,9 +282,12 @@ def _shutdown() -> None:
     if _loop is None or _loop.is_closed() or not _loop.is_running():
         return
     with contextlib.suppress(Exception):
-        # Long enough for what _run_cleanups allows itself: leaving earlier is how a job got in unrecorded.
+        # Long enough for what _run_cleanups allows itself: leaving earlier is how a job got in unrecorded. Never
+        # sized by whether work is kept now: a submission interrupted just before exit is kept by the I/O thread
+        # a moment later (it learns of the cancellation after this thread does), and _run_cleanups, which runs
+        # after that, returns at once when nothing is kept.
         asyncio.run_coroutine_threadsafe(_run_cleanups(), _loop).result(
-            (KEPT_BUDGET if _kept else 0) + CLEANUP_BUDGET * (len(_cleanups) + 1)
+            KEPT_BUDGET + CLEANUP_BUDGET * (len(_cleanups) + 1)
         )
     _loop.call_soon_threadsafe(_loop.stop)
 
