@@ -54,7 +54,10 @@ def test_a_hung_squeue_gives_a_clear_error_then_the_right_state(quick, fault):
 
 def test_offload_status_under_a_hung_squeue_answers_with_the_fault(testsite_config, fault, tmp_path):
     config = tmp_path / "sites.toml"
-    config.write_text(testsite_config.read_text() + "command_timeout = 6\n")
+    # in the testsite table itself (the profile file has more tables after it: the other sites, [groups])
+    config.write_text(
+        testsite_config.read_text().replace("[sites.testsite]\n", "[sites.testsite]\ncommand_timeout = 6\n")
+    )
     env = {**os.environ, "OFFLOAD_CONFIG": str(config)}
     cli = [sys.executable, "-m", "offload.cli"]
     submitted = subprocess.run([*cli, "run", "--site", "testsite", "--detach", "--", "sleep", "60"], env=env,

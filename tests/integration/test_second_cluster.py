@@ -51,8 +51,14 @@ def test_the_second_cluster_is_a_centre_of_its_own(testsite_config):
         "second"
     ]
     # its job ids start at 1: the first job its accounting ever saw is job 1
-    ever = second("sacct", "--noheader", "--allusers", "--allocations", "--starttime=2000-01-01", "--format=JobID")
-    assert ever.split()[0] == "1", ever[:200]
+    # (on a cold site, as in CI, nothing ran there yet: one job first, so its accounting has something to say)
+    ssh(2223, "sbatch", "--wait", "--quiet", "--job-name=first-ever", "--wrap", "true")
+
+    def ever() -> str:
+        return second("sacct", "--noheader", "--allusers", "--allocations", "--starttime=2000-01-01",
+                      "--format=JobID")  # fmt: skip
+
+    assert wait_until(ever, timeout=60, what="the second cluster's accounting records").split()[0] == "1", ever()
     # its login node has a host key of its own, checked against the site's known_hosts like the first's
     keys = dict(line.split(" ", 1) for line in (STATE / "known_hosts").read_text().splitlines() if line)
     assert keys["[127.0.0.1]:2222"] != keys["[127.0.0.1]:2223"]
@@ -145,4 +151,4 @@ def test_the_same_job_id_on_both_clusters_is_two_jobs(testsite_config):
     assert mine.state == "COMPLETED"
     other = records.get("testsite", job.id)  # recorded when this machine submitted the first's job (in CI, often)
     if other is not None:
-        assert other.jobdir != mine.jobdir and sorted(records.sites_of(job.id)) == ["second", "testsite"]
+        assert other.jobdir != mine.jobdir and {"second", "testsite"} <= set(records.sites_of(job.id))
