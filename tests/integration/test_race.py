@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from offload.records import JobRecords
+
 from .conftest import CONFIG, queued_jobs, wait_until
 
 OFFLOAD = [sys.executable, "-m", "offload.cli"]
@@ -160,3 +162,76 @@ def test_a_client_killed_during_a_race_never_causes_a_second_run(env, site_user,
     else:  # killed before the placement was recorded, or before any attempt was: nothing may run
         no_job_left(site_user)
         assert all(runs(p, marker) == 0 for p in found), found
+
+
+def hold_gpus(env, site: str, name: str, walltime: str, seconds: int) -> str:
+    """Scripted load: another job takes every GPU of ``site`` for ``seconds``, asking for ``walltime`` (what its
+    scheduler plans the next jobs by). Its id, once it runs."""
+    held = offload(env, "run", "--site", site, "--detach", "--nodes", "2", "--gpus-per-node", "2", "--time", walltime,
+                   "--name", name, "--", "sleep", str(seconds))  # fmt: skip
+    assert held.returncode == 0, held.stderr
+    job_id = held.stdout.strip()
+    wait_until(lambda: "RUNNING" in offload(env, "status", "--site", site, job_id).stdout, timeout=90,
+               what=f"the load on {site} to run")  # fmt: skip
+    return job_id
+
+
+def test_estimate_places_the_job_where_its_scheduler_plans_the_sooner_start(env, site_user):
+    """Both SLURM clusters busy: the test site's GPUs held by a job asking for 30 minutes, the second cluster's
+    by one asking for 1 (it ends after 15 s). First-fit has no evidence between two sites that both wait and
+    keeps the user's order (the test site first); ``sbatch --test-only`` on each says the second cluster starts
+    it in about a minute and the test site in about 30, so ``--policy estimate`` sends the job there. Its start
+    is then learnt, in this machine's records, against what the second cluster planned."""
+    marker = f"PAYLOAD-{uuid.uuid4().hex[:8]}"
+    hog = f"hog-{uuid.uuid4().hex[:6]}"
+    try:
+        hold_gpus(env, "testsite", hog, "00:30:00", 300)
+        hold_gpus(env, "second", hog, "00:01:00", 15)
+        first_fit = json.loads(
+            offload(env, "sites", "rank", "--site", "testsite,second", "--gpus", "1", "--json").stdout
+        )
+        assert [v["site"] for v in first_fit] == ["testsite", "second"], first_fit
+        assert not any(v["starts_now"] for v in first_fit), first_fit
+        ranked = offload(env, "sites", "rank", "--site", "testsite,second", "--gpus", "1", "--estimate", "--json")
+        plans = {v["site"]: v["expected"] for v in json.loads(ranked.stdout)}
+        assert [v["site"] for v in json.loads(ranked.stdout)] == ["second", "testsite"], ranked.stdout
+        assert plans["second"]["said"] <= 75 and plans["testsite"]["said"] >= 25 * 60, plans
+        result = offload(env, "run", "--site", "testsite,second", "--policy", "estimate", "--gpus", "1",
+                         "--time", "00:05:00", *payload(marker))  # fmt: skip
+    finally:
+        for site in ("testsite", "second"):
+            offload(env, "cancel", "--site", site, "--name", hog)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count(marker) == 1, result.stdout
+    assert "slurm plans it in" in result.stderr, result.stderr
+    [placement] = placements(env)
+    assert [(a["site"], a["state"]) for a in placement["attempts"]] == [("second", "claimed")], placement
+    attempt = placement["attempts"][0]
+    assert attempt["planned"] == plans["second"]["said"] and attempt["due"] > attempt["submitted_at"], attempt
+    learnt = JobRecords(Path(env["OFFLOAD_STATE_DIR"]) / "jobs.sqlite").starts_learnt("second", 5)
+    assert len(learnt) == 1 and 5 <= learnt[0][1] <= 120, learnt  # it waited for the load's end, ~15 s
+    no_job_left(site_user)
+
+
+def test_an_overdue_attempt_keeps_its_place_while_the_next_site_gets_one(env, site_user):
+    """Failover from Grid Engine, whose GPUs are all held (it plans nothing ahead: the attempt is due after the
+    patience alone), to the test site's SLURM, which is free. Past its due time the Grid Engine attempt is
+    overdue; SLURM gets an attempt too, which starts and is claimed; the Grid Engine attempt, which waited in
+    its queue until then, is released and cancelled. The payload runs once."""
+    marker = f"PAYLOAD-{uuid.uuid4().hex[:8]}"
+    hog = f"hog-{uuid.uuid4().hex[:6]}"
+    try:
+        hold_gpus(env, "gridengine", hog, "00:10:00", 300)
+        result = offload(env, "run", "--site", "gridengine,testsite", "--policy", "failover", "--patience", "3",
+                         "--gpus", "1", *payload(marker))  # fmt: skip
+    finally:
+        offload(env, "cancel", "--site", "gridengine", "--name", hog)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count(marker) == 1, result.stdout
+    assert "gridengine: attempt" in result.stderr and "past its expected start" in result.stderr, result.stderr
+    [placement] = placements(env)
+    attempts = {a["site"]: a for a in placement["attempts"]}
+    assert attempts["testsite"]["state"] == "claimed", placement
+    assert attempts["gridengine"]["state"] == "released" and attempts["gridengine"]["overdue"], placement
+    no_job_left(site_user)
+    assert runs(placement, marker) == 1, placement

@@ -27,7 +27,7 @@ from offload import _loop
 from offload.cli_common import SITE_HELP, fail, log_to_stderr, user_errors
 from offload.errors import ConfigError
 from offload.jobs import Job, JobState, JobStatus
-from offload.placement import POLICIES, choose_site, load_sites, names_several, resume_placement
+from offload.placement import DEFAULT_PATIENCE, POLICIES, choose_site, load_sites, names_several, resume_placement
 from offload.profiles import load_profiles
 from offload.records import JobRecords, write_private
 from offload.schedulers.base import NodeResources
@@ -268,24 +268,29 @@ def gpu_report(nodes: list[NodeResources]) -> dict[str, Any]:
 @click.option("--cpus", type=int, help="CPU cores for each copy of the payload.")
 @click.option("--time", "walltime", help="Walltime, HH:MM:SS or D-HH:MM:SS.")
 @click.option("--partition", help="Partition (default: each site's; its GPU partition when --gpus).")
+@click.option("--estimate", is_flag=True, help="Also ask each scheduler when it plans to start the job (SLURM: "
+              "sbatch --test-only, which submits nothing), corrected by what offload learnt of each site's plans, "
+              "and rank by that (what --policy estimate does).")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: each site's verdict and evidence.")
 def sites_rank(site_names: str | None, gpus: int, nodes: int, cpus: int | None, walltime: str | None,
-               partition: str | None, as_json: bool) -> None:  # fmt: skip
+               partition: str | None, estimate: bool, as_json: bool) -> None:  # fmt: skip
     """Where a job would start first: each site's verdict (can it run the job at all, could it start it now)
-    and its evidence, best first, from one scheduler call per site. 'offload run --site a,b' submits there."""
+    and its evidence, best first, from one scheduler call per site (two with --estimate). 'offload run --site
+    a,b' submits there."""
     with user_errors():
         profiles = load_profiles()
         names = site_names or ",".join(name for name in profiles.sites if name != "local")
         spec = JobSpec(["true"], resources=Resources(gpus=gpus, nodes=nodes, cpus=cpus, walltime=walltime,
                                                      partition=partition))  # fmt: skip
-        verdicts = load_sites(names).rank(spec)
+        verdicts = load_sites(names).rank(spec, estimate=estimate)
     if as_json:
         click.echo(json.dumps([dataclasses.asdict(v) for v in verdicts], indent=2))
         return
     click.echo(f"{'SITE':<16} {'VERDICT':<10} {'GPUS FREE/TOTAL':>16} {'CPUS FREE':>10}  WHY")
     for v in verdicts:
         verdict = "now" if v.starts_now else "waits" if v.feasible else "skipped"
-        click.echo(f"{v.site:<16} {verdict:<10} {v.gpus_free:>7}/{v.gpus:<8} {v.cpus_free:>10}  {v.reason}")
+        plan = f"; {v.expected.note}" if v.feasible and v.expected is not None and v.expected.note else ""
+        click.echo(f"{v.site:<16} {verdict:<10} {v.gpus_free:>7}/{v.gpus:<8} {v.cpus_free:>10}  {v.reason}{plan}")
 
 
 @sites.command("trust")
@@ -485,8 +490,13 @@ class _CommandAfterDashes(click.Command):
 @click.option("--policy", type=click.Choice(POLICIES), default="first-fit", show_default=True,
               help="With several sites: 'first-fit' submits once, where it starts first; 'race' submits to the "
               "--width best sites and the first to start runs it (exactly once), the others are cancelled; "
-              "'failover' tries one site at a time, moving on when a site says it will never start it.")  # fmt: skip
+              "'failover' tries one site at a time, moving on when a site says it will never start it or the "
+              "attempt is overdue; 'estimate' is failover in the order of the schedulers' plans (sbatch "
+              "--test-only, corrected by what offload learnt of each site).")  # fmt: skip
 @click.option("--width", type=int, default=2, show_default=True, help="With --policy race: sites raced at once.")
+@click.option("--patience", type=float, default=DEFAULT_PATIENCE, show_default=True,
+              help="With race, failover, estimate: seconds an attempt may wait past its expected start before the "
+              "next site gets an attempt too (the waiting one keeps its place).")  # fmt: skip
 @click.argument("command", nargs=-1, required=True)
 def run(
     site_name: str | None,
@@ -511,6 +521,7 @@ def run(
     detach: bool,
     policy: str,
     width: int,
+    patience: float,
     command: tuple[str, ...],
 ) -> None:
     """Run COMMAND in a container on the site, stream its output, exit with its exit code.
@@ -549,10 +560,11 @@ def run(
                               "that starts first): drop --detach, or use --policy first-fit")  # fmt: skip
         if names_several(site_name):  # several sites: where it starts first
             group = load_sites(site_name)
-            verdicts = group.rank(spec)
+            verdicts = group.rank(spec, estimate=policy != "first-fit")
             for verdict in verdicts:
                 click.echo(f"offload: {verdict.site}: {verdict.describe()}", err=True)
-            submit = functools.partial(group.submit, ranked=verdicts, policy=policy, width=width, say=_say)
+            submit = functools.partial(group.submit, ranked=verdicts, policy=policy, width=width, patience=patience,
+                                       say=_say)  # fmt: skip
         else:
             single = load_site(site_name)
             single.validate(spec)
@@ -580,7 +592,8 @@ def _say(line: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def placements(ctx: click.Context, as_json: bool) -> None:
-    """Jobs placed over several sites with --policy race or failover: each attempt, and the one that runs."""
+    """Jobs placed over several sites with --policy race, failover or estimate: each attempt, and the one that
+    runs."""
     if ctx.invoked_subcommand is not None:
         return
     with user_errors():

@@ -15,14 +15,17 @@ says why. The policy here is *first-fit*, from evidence that costs one scheduler
 
 With the default policy the job is submitted once, to one site: there is no duplicate to cancel, and the job
 record is the chosen site's (``Job.site`` says which). The policies ``race`` (attempts on several sites at once,
-the first to start runs the payload) and ``failover`` (one attempt at a time, moved on when a site says it will
-never start it) are :mod:`offload.race`'s, with the claim that makes the payload run exactly once. The evidence
-and verdict of every site is :meth:`SiteGroup.rank`'s answer, which ``offload sites rank`` prints.
+the first to start runs the payload), ``failover`` (one attempt at a time, moved on when a site says it will
+never start it, or when the attempt is overdue) and ``estimate`` (failover in the order of the schedulers' own
+plans, :mod:`offload.estimates`: one more call per site, kept a minute) are :mod:`offload.race`'s, with the
+claim that makes the payload run exactly once. The evidence and verdict of every site is
+:meth:`SiteGroup.rank`'s answer, which ``offload sites rank`` prints (``--estimate``: with each plan).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -31,6 +34,7 @@ from dataclasses import dataclass
 from offload import _loop
 from offload.claims import DEFAULT_WAIT
 from offload.errors import ConfigError, OffloadError, SubmissionError
+from offload.estimates import ExpectedStart
 from offload.jobs import Job
 from offload.profiles import load_profiles
 from offload.race import Race, Say, resume
@@ -41,7 +45,8 @@ from offload.spec import JobSpec
 
 log = logging.getLogger("offload.placement")
 
-POLICIES = ("first-fit", "race", "failover")
+POLICIES = ("first-fit", "estimate", "race", "failover")
+DEFAULT_PATIENCE = 300  # seconds a racing attempt may wait past its expected start before the next site gets one
 
 
 @dataclass(frozen=True)
@@ -56,12 +61,22 @@ class Verdict:
     gpus_free: int = 0
     gpus: int = 0
     cpus_free: int = 0
+    expected: ExpectedStart | None = None  # when its scheduler plans to start it, if asked (``estimate=True``)
 
     def describe(self) -> str:
         if not self.feasible:
             return f"skipped: {self.reason}"
         now = "can start now" if self.starts_now else "would wait"
-        return f"{now} ({self.gpus_free}/{self.gpus} GPUs, {self.cpus_free} CPUs free; {self.reason})"
+        plan = f"; {self.expected.note}" if self.expected is not None and self.expected.note else ""
+        return f"{now} ({self.gpus_free}/{self.gpus} GPUs, {self.cpus_free} CPUs free; {self.reason}{plan})"
+
+    @property
+    def expected_wait(self) -> float:
+        """Seconds until it is expected to start, for ranking: the corrected plan where its scheduler gave one;
+        else 0 if it can start now, and last (infinite) if not."""
+        if self.expected is not None and self.expected.seconds is not None:
+            return self.expected.seconds
+        return 0.0 if self.starts_now else math.inf
 
 
 class SiteGroup:
@@ -82,17 +97,24 @@ class SiteGroup:
         return ",".join(site.name for site in self.sites)
 
     @_loop.on_loop
-    async def arank(self, spec: JobSpec | Callable[[Site], JobSpec]) -> list[Verdict]:
+    async def arank(self, spec: JobSpec | Callable[[Site], JobSpec], *, estimate: bool = False) -> list[Verdict]:
         """Every site's verdict for ``spec``, best first: feasible before not, those that can start it now
         before those where it would wait (most free GPUs, then CPUs, first), then the order of the group.
         One scheduler call per site, made at once. ``spec`` may be a function giving the job as built for each
-        site, where that differs (a Dask cluster's worker asks CPUs only where the scheduler reserves them)."""
+        site, where that differs (a Dask cluster's worker asks CPUs only where the scheduler reserves them).
+
+        ``estimate``: also ask each scheduler when it plans to start the job (:meth:`Site.expected_start`, one
+        more call per site, at the same time, kept a minute), and rank feasible sites by that, soonest first: a
+        site whose scheduler would refuse the job is skipped with its words."""
         spec_for = spec if callable(spec) else (lambda site: spec)
         specs = [spec_for(site) for site in self.sites]
         if not all(isinstance(one, JobSpec) for one in specs):
             raise ConfigError(f"rank takes an offload.JobSpec, got {type(spec).__name__}")
-        verdicts = await asyncio.gather(*(_judge(site, one) for site, one in zip(self.sites, specs, strict=True)))
+        verdicts = await asyncio.gather(*(_judge(site, one, estimate)
+                                          for site, one in zip(self.sites, specs, strict=True)))  # fmt: skip
         order = {site.name: i for i, site in enumerate(self.sites)}
+        if estimate:
+            return sorted(verdicts, key=lambda v: (not v.feasible, v.expected_wait, not v.starts_now, order[v.site]))
         return sorted(verdicts, key=lambda v: (not v.feasible, not v.starts_now,
                                                -v.gpus_free if v.starts_now else 0,
                                                -v.cpus_free if v.starts_now else 0, order[v.site]))  # fmt: skip
@@ -115,7 +137,8 @@ class SiteGroup:
 
     @_loop.on_loop
     async def asubmit(self, spec: JobSpec, *, ranked: Sequence[Verdict] | None = None, policy: str = "first-fit",
-                      width: int = 2, claim_wait: int = DEFAULT_WAIT, say: Say | None = None) -> Job:  # fmt: skip
+                      width: int = 2, claim_wait: int = DEFAULT_WAIT, patience: float | None = DEFAULT_PATIENCE,
+                      say: Say | None = None) -> Job:  # fmt: skip
         """Submit ``spec`` where it starts first and return its handle (``Job.site`` is where it went);
         :class:`ConfigError` if no site can run it, :class:`SubmissionError` if every one that could refused it
         or (racing) none ran it, with every site's reason (nothing left queued anywhere).
@@ -127,8 +150,16 @@ class SiteGroup:
         * ``"race"``: attempts on the ``width`` best sites at once; the first to start is claimed and runs the
           payload, the others are released and cancelled before theirs could run (:mod:`offload.race`). An
           attempt whose scheduler says it will never start moves to the next site. Returns once one started.
-        * ``"failover"``: the race with one attempt at a time: it moves to the next site only when the site
-          refuses it or says it will never start there.
+        * ``"failover"``: the race with one attempt at a time: it moves to the next site when the site refuses
+          it or says it will never start there, or when the attempt is overdue (below).
+        * ``"estimate"``: failover over the sites in the order of their schedulers' plans, soonest first
+          (:meth:`rank` with ``estimate=True``: SLURM's ``sbatch --test-only``, corrected by what this machine
+          learnt of each site's plans).
+
+        Racing, an attempt waiting for a reason that may clear (``Resources``, ``Priority``) is *overdue*
+        ``patience`` seconds after its expected start (its scheduler's corrected plan; its submission where the
+        scheduler makes none): the next site then gets an attempt too, and the overdue one keeps its place in
+        its queue, so whichever starts first runs the job. ``patience=None``: never overdue.
 
         Racing, the client claims: it must run until this returns (``claim_wait``: seconds a started attempt
         waits for its claim before it gives up by itself, if the client died). A placement a killed client
@@ -136,7 +167,10 @@ class SiteGroup:
         shown to the user first; ``say``: told each step of a race, as a line for people."""
         if policy not in POLICIES:
             raise ConfigError(f"unknown placement policy {policy!r}: choose one of {', '.join(POLICIES)}")
-        verdicts = list(ranked) if ranked is not None else await self.arank(spec)
+        if patience is not None and (not isinstance(patience, int | float) or patience < 0):
+            raise ConfigError(f"patience is seconds an attempt may wait past its expected start (0 or more, or "
+                              f"None: forever); got {patience!r}")  # fmt: skip
+        verdicts = list(ranked) if ranked is not None else await self.arank(spec, estimate=policy != "first-fit")
         feasible = [v for v in verdicts if v.feasible]
         reasons = [f"{v.site}: {v.reason}" for v in verdicts if not v.feasible]
         if not feasible:
@@ -144,7 +178,7 @@ class SiteGroup:
         sites = {site.name: site for site in self.sites}
         if policy != "first-fit":
             race = Race.start(spec, [sites[v.site] for v in feasible], width=width if policy == "race" else 1,
-                              wait=claim_wait, records=self._records(), say=say)  # fmt: skip
+                              wait=claim_wait, patience=patience, records=self._records(), say=say)  # fmt: skip
             if say is not None:
                 say(f"placement {race.id}: {policy} over {', '.join(v.site for v in feasible)} "
                     f"(if this client stops: offload placements resume {race.id})")  # fmt: skip
@@ -209,16 +243,21 @@ def load_sites(sites: str | Sequence[str]) -> SiteGroup:
     return SiteGroup([load_site(name) for name in load_profiles().names(sites)])
 
 
-async def _judge(site: Site, spec: JobSpec) -> Verdict:
+async def _judge(site: Site, spec: JobSpec, estimate: bool) -> Verdict:
     try:
         site.validate(spec)
     except ConfigError as exc:
         return Verdict(site.name, False, False, str(exc))
     try:
-        nodes = await site.anodes()
+        if not estimate:
+            return _verdict(site, spec, await site.anodes())
+        nodes, expected = await asyncio.gather(site.anodes(), site.aexpected_start(spec))
     except OffloadError as exc:  # not an error of the placement: that site is out of it for now
         return Verdict(site.name, False, False, f"unavailable: {exc}")
-    return _verdict(site, spec, nodes)
+    verdict = _verdict(site, spec, nodes)
+    if verdict.feasible and expected.refused:
+        return Verdict(site.name, False, False, f"{site.config.scheduler} would refuse it: {expected.refused}")
+    return dataclasses.replace(verdict, expected=expected)
 
 
 def _verdict(site: Site, spec: JobSpec, nodes: list[NodeResources]) -> Verdict:

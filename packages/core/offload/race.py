@@ -10,7 +10,10 @@ The payload runs exactly once, whatever happens to the client:
    every other attempt is released (so it cannot run the payload even if it starts meanwhile, or if its site is
    out of reach and its cancel does not arrive) and cancelled.
 3. An attempt that will never start as it is (a refusal at submission, or a waiting reason its scheduler says
-   never clears, :attr:`JobStatus.stuck`) is released and cancelled, and the next feasible site gets one.
+   never clears, :attr:`JobStatus.stuck`) is released and cancelled, and the next feasible site gets one. An
+   attempt still waiting for a reason that may clear (``Resources``, ``Priority``) past its due time (its
+   expected start, :mod:`offload.estimates`, plus the placement's patience) is *overdue*: it no longer counts
+   against the width, so the next site gets an attempt too, but it keeps its place in its own queue.
 4. A client killed at any point leaves a record that :func:`resume` finishes: it claims the attempt the record
    names (or reads that the attempt released itself), finds attempts whose id it never learnt from their
    directories, and goes on as above: with the attempts that exist, and new ones on the sites not tried yet if
@@ -25,6 +28,7 @@ import contextlib
 import dataclasses
 import logging
 import secrets as _secrets
+import time
 from collections.abc import Callable, Sequence
 
 from offload import _loop, claims
@@ -52,6 +56,8 @@ class Race:
         self._records = records
         self._say = say or (lambda line: log.info("%s", line))
         self._jobs: dict[str, Job] = {}  # by site, the attempts that are queued
+        # the sites whose attempt this process submitted or saw waiting: when one starts, its wait is known
+        self._watched: set[str] = set()
         # the spec of new attempts: the caller's, or the record's (None if it has secrets, never written down)
         self._spec: JobSpec | None = spec_from_json(record.spec) if record.spec else None
 
@@ -61,12 +67,14 @@ class Race:
 
     @classmethod
     def start(cls, spec: JobSpec, sites: Sequence[Site], *, width: int, wait: int, records: JobRecords,
-              say: Say | None = None) -> Race:  # fmt: skip
-        """A new placement of ``spec`` over ``sites`` (feasible, best first), ``width`` attempts at a time."""
+              patience: float | None = None, say: Say | None = None) -> Race:  # fmt: skip
+        """A new placement of ``spec`` over ``sites`` (feasible, best first), ``width`` attempts at a time;
+        an attempt is overdue ``patience`` seconds after its expected start (None: never)."""
         if not isinstance(width, int) or width < 1:
             raise ConfigError(f"a race's width is how many sites get an attempt at once, at least 1; got {width!r}")
         record = PlacementRecord(f"p{_secrets.token_hex(6)}", spec.name, "placing", (), spec=spec_to_json(spec),
-                                 next_sites=tuple(site.name for site in sites), width=width, wait=wait)  # fmt: skip
+                                 next_sites=tuple(site.name for site in sites), width=width, wait=wait,
+                                 patience=patience)  # fmt: skip
         race = cls(record, {site.name: site for site in sites}, records, say)
         race._spec = spec
         race._save()  # before any attempt is submitted
@@ -85,6 +93,10 @@ class Race:
 
     def _live(self) -> list[Attempt]:
         return [a for a in self.record.attempts if a.state == "queued"]
+
+    def _counted(self) -> int:
+        """The attempts that count against the width: those queued and not overdue."""
+        return sum(1 for a in self._live() if not a.overdue)
 
     # -- the race -----------------------------------------------------------------------------------------
 
@@ -113,6 +125,8 @@ class Race:
             for attempt, status in zip(live, statuses, strict=True):
                 if status is None:
                     continue  # its site is out of reach this round: the attempt may still win later
+                if status.state is JobState.PENDING:
+                    self._watched.add(attempt.site)
                 if status.state is JobState.RUNNING:
                     job = await self._claim(attempt)
                     if job is not None:
@@ -126,14 +140,25 @@ class Race:
                     self._say(f"{attempt.site}: attempt {attempt.job_id} will never start ({status.reason}): "
                               "moving on")  # fmt: skip
                     await self._release(attempt, f"would never start: {status.reason}")
+                elif self._overdue(attempt):
+                    self._attempt(attempt.site, overdue=True, reason=f"overdue: still {status.describe()} "
+                                  f"{time.time() - attempt.submitted_at:.0f} s after its submission")  # fmt: skip
+                    self._say(f"{attempt.site}: attempt {attempt.job_id} is past its expected start (still "
+                              f"{status.describe()}): {self.record.next_sites[0]} gets an attempt too; this one "
+                              "keeps its place, and whichever starts first runs the job")  # fmt: skip
             await self._fill()
             await asyncio.sleep(interval)
 
+    def _overdue(self, attempt: Attempt) -> bool:
+        """Whether a waiting attempt has just become overdue: past its due time, with a site left to try."""
+        due = attempt.due is not None and time.time() > attempt.due
+        return due and not attempt.overdue and bool(self.record.next_sites) and self._spec is not None
+
     async def _fill(self) -> None:
-        """Submit attempts to the next sites until ``width`` are queued or no site is left; a site that refuses
-        is passed over, its refusal kept."""
-        while self._spec is not None and self.record.next_sites and len(self._live()) < self.record.width:
-            take = self.record.next_sites[: self.record.width - len(self._live())]
+        """Submit attempts to the next sites until ``width`` count or no site is left; a site that refuses is
+        passed over, its refusal kept."""
+        while self._spec is not None and self.record.next_sites and self._counted() < self.record.width:
+            take = self.record.next_sites[: self.record.width - self._counted()]
             self._save(next_sites=self.record.next_sites[len(take) :])
             await asyncio.gather(*(self._submit(self._sites[name]) for name in take))
 
@@ -141,6 +166,7 @@ class Race:
         assert self._spec is not None
         jobdir = f"{await site.aworkdir()}/jobs/{self._spec.name or 'job'}-{self.id}-{site.name}"
         self._save(attempts=(*self.record.attempts, Attempt(site.name, jobdir)))  # before it is submitted
+        planned, due = await self._due(site)
         try:
             job = await site.asubmit(self._spec, gate=Gate(jobdir, self.record.wait))
         except SubmissionError as exc:  # refused there (a limit, an account): the next site may take it
@@ -148,8 +174,24 @@ class Race:
             self._say(f"{site.name}: refused the job ({exc.scheduler_message or exc})")
             return
         self._jobs[site.name] = job
-        self._attempt(site.name, state="queued", job_id=job.id)
-        self._say(f"{site.name}: attempt {job.id} queued")
+        self._watched.add(site.name)
+        self._attempt(site.name, state="queued", job_id=job.id, submitted_at=time.time(), planned=planned, due=due)
+        expected = "" if due is None else f", overdue after {due - time.time():.0f} s"
+        self._say(f"{site.name}: attempt {job.id} queued{expected}")
+
+    async def _due(self, site: Site) -> tuple[float | None, float | None]:
+        """What ``site``'s scheduler plans for the attempt about to be submitted (seconds, None if it makes no
+        plan), and when the attempt will be overdue (None: never; the patience alone where there is no plan).
+        The plan is the one ranking just asked for (kept a minute): no extra call."""
+        assert self._spec is not None
+        if self.record.patience is None:
+            return None, None
+        try:
+            expected = await site.aexpected_start(self._spec)
+        except OffloadError as exc:
+            log.warning("placement %s: %s did not say when it would start the job (%s)", self.id, site.name, exc)
+            return None, time.time() + self.record.patience
+        return expected.said, time.time() + (expected.seconds or 0.0) + self.record.patience
 
     async def _status(self, attempt: Attempt) -> JobStatus | None:
         try:
@@ -177,6 +219,8 @@ class Race:
             self._save(claiming=None)
             return None
         self._attempt(attempt.site, state="claimed")
+        if attempt.planned is not None and attempt.site in self._watched:  # what its start teaches the site
+            self._sites[attempt.site].learn_start(attempt.planned, time.time() - attempt.submitted_at)
         self._say(f"{attempt.site}: attempt {attempt.job_id} started first: claimed, its payload runs")
         others = [a for a in self._live() if a.site != attempt.site]
         await asyncio.gather(*(self._release(a, f"{attempt.site} started it first") for a in others))

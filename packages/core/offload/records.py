@@ -43,6 +43,13 @@ CREATE TABLE IF NOT EXISTS placements (
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS starts (
+    site TEXT NOT NULL,
+    planned REAL NOT NULL,
+    waited REAL NOT NULL,
+    at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS starts_by_site ON starts (site, at);
 """
 
 
@@ -134,6 +141,19 @@ class JobRecords:
             rows = self._db.execute(query, args).fetchall()
         return [_record(r) for r in rows]
 
+    # -- starts (offload.estimates): how long a site's jobs waited, against what its scheduler planned ---------
+
+    def learn_start(self, site: str, planned: float, waited: float) -> None:
+        with self._lock:
+            self._db.execute("INSERT INTO starts VALUES (?, ?, ?, ?)", (site, planned, waited, time.time()))
+
+    def starts_learnt(self, site: str, limit: int) -> list[tuple[float, float]]:
+        """The site's last ``limit`` starts, newest first, as (planned, waited) seconds."""
+        with self._lock:
+            rows = self._db.execute("SELECT planned, waited FROM starts WHERE site = ? ORDER BY at DESC LIMIT ?",
+                                    (site, limit)).fetchall()  # fmt: skip
+        return [(float(planned), float(waited)) for planned, waited in rows]
+
     # -- placements (offload.placement): written before any of their attempts is submitted ------------------
 
     def save_placement(self, placement: PlacementRecord) -> None:
@@ -141,7 +161,7 @@ class JobRecords:
         now = time.time()
         attempts = json.dumps([dataclasses.asdict(a) for a in placement.attempts])
         plan = json.dumps({"spec": placement.spec, "next_sites": placement.next_sites, "width": placement.width,
-                           "wait": placement.wait})  # fmt: skip
+                           "wait": placement.wait, "patience": placement.patience})  # fmt: skip
         with self._lock:
             self._db.execute(
                 "INSERT OR REPLACE INTO placements VALUES (?, ?, ?, ?, ?, ?, "
@@ -181,6 +201,10 @@ class Attempt:
     job_id: str | None = None
     state: str = "planned"
     reason: str = ""
+    submitted_at: float = 0.0
+    planned: float | None = None  # seconds its scheduler planned it to wait (what its start teaches the site)
+    due: float | None = None  # when it is overdue (a time.time()): the next site then gets an attempt too
+    overdue: bool = False
 
 
 @dataclass(frozen=True)
@@ -200,6 +224,7 @@ class PlacementRecord:
     next_sites: tuple[str, ...] = ()
     width: int = 1
     wait: int = 600
+    patience: float | None = None  # seconds an attempt may wait past its expected start (None: forever)
     created_at: float = 0.0
     updated_at: float = 0.0
 
@@ -208,8 +233,8 @@ def _placement(row: tuple) -> PlacementRecord:
     pid, name, state, attempts, claiming, plan, created, updated = row
     plan = json.loads(plan)
     return PlacementRecord(pid, name, state, tuple(Attempt(**a) for a in json.loads(attempts)), claiming,
-                           plan["spec"], tuple(plan["next_sites"]), plan["width"], plan["wait"], created,
-                           updated)  # fmt: skip
+                           plan["spec"], tuple(plan["next_sites"]), plan["width"], plan["wait"],
+                           plan.get("patience"), created, updated)  # fmt: skip
 
 
 def _record(row: tuple) -> JobRecord:

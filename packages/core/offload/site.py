@@ -23,6 +23,7 @@ from offload.claims import Gate
 from offload.config import SiteConfig
 from offload.context import SiteContext
 from offload.errors import ConfigError, JobNotFoundError, PluginError
+from offload.estimates import ExpectedStart, StartEstimates
 from offload.images import Images
 from offload.jobs import Job, JobRef, JobState, JobStatus
 from offload.plugins import Plugins, plugins
@@ -79,6 +80,7 @@ class Site:
         self._relays = reach_mod.Relays(ctx)
         self._images = Images(ctx)
         self._submitter = Submitter(ctx, self._images, self._relays)
+        self._estimates = StartEstimates(ctx)
 
     def _after_fork(self) -> None:
         # The parent's connection and loop are not ours: drop them (never close them: that would speak on the
@@ -278,6 +280,20 @@ class Site:
         return await self._scheduler.nodes(self._transport)
 
     nodes = _loop.blocking(anodes)
+
+    @_loop.on_loop
+    async def aexpected_start(self, spec: JobSpec) -> ExpectedStart:
+        """When ``spec`` would start here if submitted now: the scheduler's own plan (SLURM's ``sbatch
+        --test-only``, which submits nothing), corrected by the waits of this site's earlier jobs that offload
+        saw start (:mod:`offload.estimates`); asked at most once a minute per job shape."""
+        return await self._estimates.expected(spec)
+
+    expected_start = _loop.blocking(aexpected_start)
+
+    def learn_start(self, planned: float, waited: float) -> None:
+        """One of this site's jobs started ``waited`` s after its submission where its scheduler planned
+        ``planned``: what corrects the site's next plans."""
+        self._estimates.learn(planned, waited)
 
     def records(self, name: str | None = None, limit: int = 50) -> list[JobRecord]:
         """This machine's records of jobs on this site, newest first."""

@@ -51,6 +51,16 @@ class NodeResources:
         return max(0, self.cpus - self.cpus_used) if self.available else 0
 
 
+@dataclass(frozen=True)
+class StartEstimate:
+    """When a scheduler expects a job to start if it were submitted now, by its own planning (SLURM's
+    ``sbatch --test-only``): what the ``estimate`` placement policy ranks sites by."""
+
+    seconds: float | None  # from now; None: the scheduler would not say
+    refused: str = ""  # the scheduler's words if it would refuse the job as asked (then ``seconds`` is None)
+    where: str = ""  # the scheduler's words on where it would run it, for people ("on n1 in partition gpu")
+
+
 # Runs a shell script as a job's script would run on the login node (the profile's shell after its setup lines):
 # its exit status and output. What offload doctor hands a scheduler's own checks.
 Shell = Callable[[str], Awaitable[tuple[int, str]]]
@@ -160,6 +170,12 @@ class Scheduler:
     async def queued_in(self, transport: Transport, jobdirs: Sequence[str]) -> list[JobRef] | None:
         """The queued jobs whose directory is one of ``jobdirs`` (what got in of an interrupted submission); None
         where the scheduler cannot list jobs by directory."""
+        return None
+
+    async def estimate_start(self, transport: Transport, spec: JobSpec) -> StartEstimate | None:
+        """When ``spec`` would start if submitted now, by the scheduler's own planning, in one call that submits
+        nothing. None where the scheduler has no such planning (the ``estimate`` policy then goes by free
+        resources alone). Default: None."""
         return None
 
     async def doctor_checks(self, transport: Transport, shell: Shell) -> list[tuple[str, str, str, str]]:

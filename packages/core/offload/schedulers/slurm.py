@@ -20,6 +20,7 @@ from offload.schedulers.base import (
     NodeResources,
     Scheduler,
     Shell,
+    StartEstimate,
     exit_code_files,
     read_answer,
     secrets_sweep,
@@ -106,7 +107,6 @@ class SlurmScheduler(Scheduler):
     def directives(
         self, spec: JobSpec, jobdir: str, array_size: int | None, parallelism: int | None = None
     ) -> list[str]:
-        site, res = self.config, spec.resources
         if "\n" in jobdir or " " in jobdir or "'" in jobdir or '"' in jobdir:
             raise ConfigError(f"the site's workdir {jobdir!r} has spaces or quotes, which #SBATCH lines cannot hold")
         # offload's own directives first: they are never skipped (names, logs, arrays are how it finds the job)
@@ -119,6 +119,12 @@ class SlurmScheduler(Scheduler):
             # The job removes its secrets once it has read them, and a relay's step dies with the run it served:
             # a requeued run would start without either.
             own.append("--no-requeue")
+        return [f"#SBATCH {o}" for o in (*own, *self._resource_options(spec))]
+
+    def _resource_options(self, spec: JobSpec) -> list[str]:
+        """The options that ask for the job's resources: what the batch script's header and ``--test-only``
+        share (offload's own, names, logs, arrays, are the header's alone)."""
+        site, res = self.config, spec.resources
         opts = [f"--nodes={res.nodes}"]
         if res.tasks_per_node:
             opts.append(f"--ntasks-per-node={res.tasks_per_node}")
@@ -144,7 +150,7 @@ class SlurmScheduler(Scheduler):
             if "\n" in option:
                 raise ConfigError(f"scheduler option {option!r} contains a newline")
             opts.append(option)
-        return [f"#SBATCH {o}" for o in (*own, *opts)]
+        return opts
 
     def _gpu_request(self, res: Resources) -> str:
         """Exactly the GPUs asked for, in the site's syntax, or a ConfigError saying why it cannot be said."""
@@ -240,6 +246,20 @@ class SlurmScheduler(Scheduler):
             if key.strip() == "MaxArraySize" and value.strip().isdigit():
                 limits["max_array_size"] = max(1, int(value.strip()) - 1)  # task ids go up to MaxArraySize-1
         return limits
+
+    async def estimate_start(self, transport: Transport, spec: JobSpec) -> StartEstimate | None:
+        """``sbatch --test-only`` with the job's resource options: SLURM plans the job as if it were submitted
+        now, submits nothing, and says when and where it would start (sbatch's line "Job 12 to start at
+        2026-12-06T21:40:12 using 1 processors on nodes n1 in partition gpu") or why it would refuse it. The
+        login node's own ``date`` reads the time (in its zone, as sbatch wrote it), and its clock is "now"."""
+        argv = ["sbatch", "--test-only", *self._resource_options(spec), "--wrap=true"]
+        script = (
+            'out=$(SLURM_TIME_FORMAT=standard "$@" 2>&1); printf "%s\\n" "$out"; '
+            """t=$(printf '%s\\n' "$out" | sed -n 's/.* to start at \\([^ ]*\\) .*/\\1/p' | head -n 1); """
+            'printf "now=%s\\n" "$(date +%s)"; [ -n "$t" ] && printf "start=%s\\n" "$(date -d "$t" +%s)"; true'
+        )
+        result = await transport.run(["sh", "-c", script, "sh", *argv], check=False, timeout=60)
+        return _start_estimate(result.stdout)
 
     def job_ids(self, output: str, array_size: int | None) -> list[str]:
         """``--parsable`` prints ``id`` or, on a multi-cluster site, ``id;cluster``: the cluster stays in the id
@@ -557,6 +577,23 @@ _NEVER_CLEARS = ("PerJob", "PartitionTimeLimit", "PartitionNodeLimit", "Partitio
 
 def _never_clears(reason: str) -> bool:
     return any(word in reason for word in _NEVER_CLEARS)
+
+
+_PLANNED = re.compile(r"to start at \S+ using \d+ processors (on nodes \S+ in partition \S+)")
+
+
+def _start_estimate(output: str) -> StartEstimate | None:
+    """What ``estimate_start``'s command printed, read: sbatch's plan (seconds from the login node's now), or
+    its refusal, or None if it said neither (an sbatch that cannot plan, a wrapper that hides it)."""
+    values = dict(line.split("=", 1) for line in output.splitlines() if line.startswith(("now=", "start=")))
+    planned = _PLANNED.search(output)
+    if values.get("start", "").isdigit() and values.get("now", "").isdigit():
+        wait = max(0, int(values["start"]) - int(values["now"]))
+        return StartEstimate(float(wait), where=planned.group(1) if planned else "")
+    for line in output.splitlines():
+        if "error:" in line:
+            return StartEstimate(None, refused=line.split("error:", 1)[1].strip())
+    return None
 
 
 def _killed_outright(status: JobStatus | None) -> bool:
