@@ -43,6 +43,7 @@ from distributed.versions import VersionMismatchWarning
 import offload
 from dask_offload import launcher, options
 from dask_offload.options import ClusterOptions
+from dask_offload.tls import temporary_security
 
 log = logging.getLogger("dask_offload")
 
@@ -494,7 +495,7 @@ class OffloadCluster(SpecCluster):
             raise offload.ConfigError(f"scheduler must be 'site' or 'local', got {o['scheduler']!r}")
         name = o["name"] or f"dask-{token_hex(3)}"
         if security is None:
-            security = Security.temporary() if o["tls"] else None
+            security = temporary_security() if o["tls"] else None
         self._shared = _Shared(self._site, name, o, security)
         self._options = o
         # Refuse what the site cannot run (missing image, too many GPUs, bad walltime) before submitting.
