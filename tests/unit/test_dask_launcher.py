@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -37,3 +38,17 @@ def test_the_address_is_read_once_the_client_writes_it(tmp_path):
                             capture_output=True, text=True, timeout=30)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "tls://127.0.0.1:8786"
+
+
+def test_workers_get_the_nannys_environment_and_the_jobs_own_values_win(monkeypatch):
+    """What distributed's Nanny sets for its worker processes (one BLAS thread, a fixed hash seed) reaches offload's
+    forked workers: start-time variables in the job's environment, the rest set by the launcher before its import."""
+    from dask_offload.cluster import AT_START, worker_environ
+
+    environ = worker_environ()
+    assert environ["PYTHONHASHSEED"] == "6640" and environ["OPENBLAS_NUM_THREADS"] == "1"
+    assert set(AT_START) <= set(environ)
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")  # e.g. set by the site for the job: kept, as the Nanny keeps it
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    launcher.set_worker_environ(environ)
+    assert os.environ["OMP_NUM_THREADS"] == "8" and os.environ["OPENBLAS_NUM_THREADS"] == "1"

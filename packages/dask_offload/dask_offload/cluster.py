@@ -31,6 +31,7 @@ import weakref
 from secrets import token_hex
 from typing import Any
 
+import dask.config
 import distributed
 from distributed.comm.core import CommClosedError
 from distributed.core import Status
@@ -67,6 +68,25 @@ def expected_versions() -> dict[str, str]:
 
 class VersionMismatchError(offload.OffloadError):
     """The image's Python or ``distributed`` differs from the client's: workers would not talk to it."""
+
+
+AT_START = ("PYTHONHASHSEED", "MALLOC_TRIM_THRESHOLD_")  # of worker_environ(): read as the process starts
+
+
+def worker_environ() -> dict[str, str]:
+    """The environment distributed's Nanny sets for each worker process it starts, from this client's Dask config
+    (``distributed.nanny.pre-spawn-environ``, then ``distributed.nanny.environ``; a null value unsets), with the
+    Nanny's fixed ``PYTHONHASHSEED``. dask-jobqueue's workers get it from their Nanny; offload's worker jobs fork
+    their workers: the job's environment has what acts only from a process's start (``AT_START``), the launcher
+    sets the rest before it imports distributed (``launcher.set_worker_environ``)."""
+
+    def section(key: str) -> dict[str, str]:
+        return {name: str(value) for name, value in (dask.config.get(key) or {}).items() if value is not None}
+
+    environ = section("distributed.nanny.pre-spawn-environ")
+    if environ.get("PYTHONHASHSEED") in (None, "0"):
+        environ["PYTHONHASHSEED"] = "6640"  # the Nanny's value: hash-partitioned results agree between workers
+    return environ | section("distributed.nanny.environ")
 
 
 def describe_mismatch(found: dict[str, dict[str, str | None]]) -> str:
@@ -143,10 +163,13 @@ class _Shared:
     def spec(self, args: list[str], resources: offload.Resources, worker: bool) -> offload.JobSpec:
         o = self.options
         command = [self.python, "-c", LAUNCHER, args[0], json.dumps(expected_versions()), *args[1:]]
+        env = dict(o.get("env", {}))
         if worker and o.epilogue:
             command = with_epilogue(command, o.epilogue)
+        if worker:  # what Python and glibc read only as the process starts; the launcher sets the rest
+            env = {name: value for name, value in worker_environ().items() if name in AT_START} | env
         return offload.JobSpec(
-            command, image=o["image"], resources=resources, env=dict(o.get("env", {})), secrets=self.secrets(),
+            command, image=o["image"], resources=resources, env=env, secrets=self.secrets(),
             name=self.job_name, reach=dict(o.get("reach", {})) if worker else {},
             prologue=o.prologue if worker else (), shebang=o["shebang"],
         )  # fmt: skip
@@ -163,7 +186,8 @@ class _Shared:
         o = self.options
         cpus = self.cpus(o.job_cpus, given=o["job_cpu"] is not None)
         resources = self.resources(gpus=o.per_job if o.gpu else 0, cpus=cpus, memory_mb=o.job_memory_mb, worker=True)
-        return self.spec(["worker", address, json.dumps(groups), json.dumps(o.worker)], resources, worker=True)
+        launch = {**o.worker, "environ": worker_environ()}
+        return self.spec(["worker", address, json.dumps(groups), json.dumps(launch)], resources, worker=True)
 
     # -- batching ---------------------------------------------------------------------------------------
 
