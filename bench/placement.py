@@ -3,11 +3,13 @@
     python bench/placement.py [--runs 1] [--kills 100] [--out docs/benchmarks-placement.md]
     # or: tox -e bench-placement
 
-The two sites are the test site's SLURM cluster and its Grid Engine cell: separate schedulers that share no
+Two pairs of sites, each measured on its own: the test site's SLURM cluster with its Grid Engine cell, and the
+two SLURM clusters (``testsite`` and ``second``). The sites of a pair are separate schedulers that share no
 database, as two centres would. Each has 4 GPUs (2 nodes with 2). The scripted load, put on again before each
-way is measured: another user's job holds every GPU of the SLURM cluster for 40 s, and one holds one Grid
-Engine host (2 GPUs) for 80 s. Then 16 one-GPU jobs (each holds its GPU 10 s) are placed at once; the time to
-start of each is from its submit call to the moment it runs (for a race, to its claim); p50 and p95 over the 16.
+way is measured: another user's job holds every GPU of the first site for 40 s, and one holds one node of the
+second (2 GPUs) for 80 s; each asks for 10 minutes of walltime, as users ask for more than they use (what
+schedulers plan by). Then 16 one-GPU jobs (each holds its GPU 10 s) are placed at once; the time to start of
+each is from its submit call to the moment it runs (for a race, to its claim); p50 and p95 over the 16.
 
 The ways, one after the other:
 
@@ -17,11 +19,16 @@ The ways, one after the other:
   not started within 120 s (SkyPilot's way on Slurm).
 * **offload first-fit** (``SiteGroup.submit``): each job to the site where it starts now, one ``sinfo``/``qhost``
   per site.
+* **offload estimate** (``policy="estimate"``): failover in the order of the schedulers' plans (SLURM's
+  ``sbatch --test-only``, asked once a minute per site and shape; Grid Engine plans nothing, so ranks by its
+  free GPUs), with the default patience.
 * **offload race** (``policy="race"``): attempts on both sites, the first to start runs it, the other is released
   and cancelled.
-
-Not measured: ``sbatch -M a,b`` (Slurm's multi-cluster submission) needs both clusters in one shared slurmdbd,
-which separate centres do not have and this test site does not set up.
+* **sbatch -M testsite,second** (the SLURM pair only): Slurm's multi-cluster submission, which asks each cluster
+  when it would start the job and submits it to the earliest, once. It needs both clusters in one slurmdbd, which
+  separate centres do not have: for this row only, the second cluster is registered in the first's slurmdbd
+  (``scripts/testsite-slurm2 accounting shared``), and given back its own after. The job is submitted with
+  offload to the first cluster with ``--clusters=testsite,second`` among its options, so it is sbatch that picks.
 
 Two more rows: **failover on a never-clearing reason** (an attempt on SLURM made to wait on a dependency that can
 never be met, ``DependencyNeverSatisfied``: how many poll rounds until the next attempt is on Grid Engine), and
@@ -33,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import random
@@ -53,18 +61,23 @@ from offload import JobSpec, JobState, Resources
 
 JOBS = 16
 HOLD = 10  # seconds each job holds its GPU
-LOAD = {"testsite": (Resources(nodes=2, gpus_per_node=2), 40), "gridengine": (Resources(gpus=2), 80)}
+LOAD_WALLTIME = "00:10:00"  # what the load's jobs ask for: far more than they use, as users do
+FIRST_LOAD, SECOND_LOAD = (Resources(nodes=2, gpus_per_node=2, walltime=LOAD_WALLTIME), 40), (
+    Resources(gpus=2, walltime=LOAD_WALLTIME), 80)  # fmt: skip
+PAIRS = {"SLURM + Grid Engine": ("testsite", "gridengine"), "two SLURM clusters": ("testsite", "second")}
+NAMES = {"testsite": "SLURM", "gridengine": "Grid Engine", "second": "second SLURM"}
 GE_ENV = {"SGE_ROOT": "/var/lib/gridengine", "SGE_CELL": "default"}
+SLURM2 = Path(__file__).resolve().parent.parent / "scripts" / "testsite-slurm2"
 
 
 def job(name: str) -> JobSpec:
     return JobSpec(["sleep", str(HOLD)], resources=Resources(gpus=1, walltime="00:05:00"), container=False, name=name)
 
 
-async def load(sites: dict[str, offload.Site]) -> list[offload.Job]:
-    """The scripted load, running on both sites before anything is placed."""
-    held = [await sites[name].asubmit(JobSpec(["sleep", str(seconds)], resources=res, container=False,
-                                              name="bench-load")) for name, (res, seconds) in LOAD.items()]  # fmt: skip
+async def load(pair: list[offload.Site]) -> list[offload.Job]:
+    """The scripted load, running on both sites of the pair before anything is placed."""
+    held = [await site.asubmit(JobSpec(["sleep", str(seconds)], resources=res, container=False, name="bench-load"))
+            for site, (res, seconds) in zip(pair, (FIRST_LOAD, SECOND_LOAD), strict=True)]  # fmt: skip
     await asyncio.gather(*(j.await_state(JobState.RUNNING, timeout=120) for j in held))
     return held
 
@@ -89,16 +102,35 @@ async def ordered_failover(first: offload.Site, then: offload.Site, spec: JobSpe
         return await then.asubmit(spec)
 
 
-async def measure(way: str, sites: dict[str, offload.Site]) -> list[float]:
-    group = offload.SiteGroup([sites["testsite"], sites["gridengine"]])
+def ways(pair: tuple[str, str]) -> list[str]:
+    multi = [f"sbatch -M {','.join(pair)}"] if pair == ("testsite", "second") else []
+    return [*(f"{NAMES[name]} only" for name in pair), "ordered failover, 120 s", *multi, "offload first-fit",
+            "offload estimate", "offload race"]  # fmt: skip
+
+
+def multi_cluster(site: offload.Site, clusters: str):
+    """The peer ``sbatch -M``: submitted with offload to the first cluster, ``--clusters`` among its options."""
+
+    def submit(spec: JobSpec):
+        extra = (*spec.resources.extra, f"--clusters={clusters}")
+        return site.asubmit(dataclasses.replace(spec, resources=dataclasses.replace(spec.resources, extra=extra)))
+
+    return submit
+
+
+async def measure(way: str, pair: list[offload.Site]) -> list[float]:
+    first, second = pair
+    group = offload.SiteGroup(pair)
     submit = {
-        "SLURM only": sites["testsite"].asubmit,
-        "Grid Engine only": sites["gridengine"].asubmit,
-        "ordered failover, 120 s": lambda spec: ordered_failover(sites["testsite"], sites["gridengine"], spec),
+        f"{NAMES[first.name]} only": first.asubmit,
+        f"{NAMES[second.name]} only": second.asubmit,
+        "ordered failover, 120 s": lambda spec: ordered_failover(first, second, spec),
+        f"sbatch -M {first.name},{second.name}": multi_cluster(first, f"{first.name},{second.name}"),
         "offload first-fit": group.asubmit,
+        "offload estimate": lambda spec: group.asubmit(spec, policy="estimate"),
         "offload race": lambda spec: group.asubmit(spec, policy="race", width=2),
     }[way]
-    held = await load(sites)
+    held = await load(pair)
     try:
         results = await asyncio.gather(*(started(submit, f"bench-place-{i}") for i in range(JOBS)))
         await asyncio.gather(*(j.finished(timeout=900) for _, j in results))
@@ -106,6 +138,17 @@ async def measure(way: str, sites: dict[str, offload.Site]) -> list[float]:
         for j in held:
             await j.acancel()
     return [t for t, _ in results]
+
+
+def run_way(way: str, pair: list[offload.Site]) -> list[float]:
+    """One way's 16 times; ``sbatch -M`` with the second cluster in the first's slurmdbd only while it runs."""
+    if not way.startswith("sbatch -M"):
+        return offload._loop.run(measure(way, pair))
+    subprocess.run([str(SLURM2), "accounting", "shared"], check=True)
+    try:
+        return offload._loop.run(measure(way, pair))
+    finally:
+        subprocess.run([str(SLURM2), "accounting", "own"], check=True)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -205,6 +248,14 @@ def kills(env: dict[str, str], runs: int) -> str:
     )
 
 
+def earlier_kills(out: str | None) -> str:
+    """With ``--kills 0``: the killed-clients row of the report being replaced, said to be from then."""
+    lines = Path(out).read_text().splitlines() if out and Path(out).exists() else []
+    row = next((line for line in lines if line.startswith("- Clients SIGKILLed")), "")
+    earlier = row.split(": ", 1)[1].rstrip(".") if ": " in row else ""
+    return f"{earlier} (an earlier run; not rerun this time)" if earlier else "not run"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=1)
@@ -212,35 +263,38 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     os.environ.setdefault("OFFLOAD_CONFIG", f"{TESTSITE}/offload.toml")
-    sites = {name: offload.load_site(name) for name in ("testsite", "gridengine")}
-    ways = ["SLURM only", "Grid Engine only", "ordered failover, 120 s", "offload first-fit", "offload race"]
-    times: dict[str, list[float]] = {way: [] for way in ways}
-    for _ in range(args.runs):
-        for way in ways:
-            print(f"[bench] placement: {way} ...", file=sys.stderr, flush=True)
-            times[way] += offload._loop.run(measure(way, sites))
-    best = min(("SLURM only", "Grid Engine only"), key=lambda way: statistics.median(times[way]))
-    rows = ["| way | p50 to start | p95 to start | p50 ratio to the better single site |", "|---|---|---|---|"]
-    for way in ways:
-        p50, p95 = pct(times[way], 0.5), pct(times[way], 0.95)
-        rows.append(f"| {way} | {p50:.1f} s | {p95:.1f} s | **{p50 / pct(times[best], 0.5):.2f}** |")
+    tables: list[str] = []
+    for title, names in PAIRS.items():
+        pair = [offload.load_site(name) for name in names]
+        times: dict[str, list[float]] = {way: [] for way in ways(names)}
+        for _ in range(args.runs):
+            for way in ways(names):
+                print(f"[bench] placement, {title}: {way} ...", file=sys.stderr, flush=True)
+                times[way] += run_way(way, pair)
+        singles = [f"{NAMES[name]} only" for name in names]
+        best = min(singles, key=lambda way: statistics.median(times[way]))
+        tables += [f"### {title}: {' and '.join(names)} (the better single site: {best})", "",
+                   "| way | p50 to start | p95 to start | p50 ratio to the better single site |",
+                   "|---|---|---|---|"]  # fmt: skip
+        for way in ways(names):
+            p50, p95 = pct(times[way], 0.5), pct(times[way], 0.95)
+            tables.append(f"| {way} | {p50:.1f} s | {p95:.1f} s | **{p50 / pct(times[best], 0.5):.2f}** |")
+        tables.append("")
     with tempfile.TemporaryDirectory() as state:
         env = {**os.environ, "OFFLOAD_STATE_DIR": state}
         print("[bench] placement: failover on a never-clearing reason ...", file=sys.stderr, flush=True)
         stuck = stuck_rounds(env)
     with tempfile.TemporaryDirectory() as state:
         env = {**os.environ, "OFFLOAD_STATE_DIR": state}
-        killed = kills(env, args.kills) if args.kills else "not run"
+        killed = kills(env, args.kills) if args.kills else earlier_kills(args.out)
     report = "\n".join([
         "# Benchmark: one job, several sites",
         "",
-        f"{JOBS} one-GPU jobs ({HOLD} s each) placed at once over the test site's SLURM cluster and Grid Engine cell"
-        f" under scripted load (SLURM's 4 GPUs held {LOAD['testsite'][1]} s, 2 of Grid Engine's 4 held"
-        f" {LOAD['gridengine'][1]} s); {args.runs} run(s). What each way is and why: `bench/placement.py`. The better"
-        f" single site was {best}.",
+        f"{JOBS} one-GPU jobs ({HOLD} s each) placed at once over two sites under scripted load (the first site's 4"
+        f" GPUs held {FIRST_LOAD[1]} s, 2 of the second's 4 held {SECOND_LOAD[1]} s, each load asking for"
+        f" {LOAD_WALLTIME} of walltime); {args.runs} run(s). What each way is and why: `bench/placement.py`.",
         "",
-        *rows,
-        "",
+        *tables,
         f"- Failover on a never-clearing reason (DependencyNeverSatisfied): {stuck}.",
         f"- Clients SIGKILLed at a random point of a race, then resumed: {killed}.",
         "",

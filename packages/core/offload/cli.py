@@ -603,7 +603,8 @@ def placements(ctx: click.Context, as_json: bool) -> None:
         return
     click.echo(f"{'PLACEMENT':<16} {'NAME':<16} {'STATE':<8}  ATTEMPTS")
     for p in found:
-        attempts = ", ".join(f"{a.site}:{a.job_id or '-'} {a.state}" for a in p.attempts)
+        attempts = ", ".join(f"{a.site}:{a.job_id or '-'} {a.state}{' (overdue)' if a.overdue else ''}"
+                             for a in p.attempts)  # fmt: skip
         click.echo(f"{p.id:<16} {(p.name or '-')[:16]:<16} {p.state:<8}  {attempts}")
 
 
