@@ -214,21 +214,35 @@ def test_estimate_places_the_job_where_its_scheduler_plans_the_sooner_start(env,
 
 
 def test_an_overdue_attempt_keeps_its_place_while_the_next_site_gets_one(env, site_user):
-    """Failover from Grid Engine, whose GPUs are all held (it plans nothing ahead: the attempt is due after the
-    patience alone), to the test site's SLURM, which is free. Past its due time the Grid Engine attempt is
-    overdue; SLURM gets an attempt too, which starts and is claimed; the Grid Engine attempt, which waited in
-    its queue until then, is released and cancelled. The payload runs once."""
+    """Both sites busy, so failover keeps the user's order: Grid Engine first. Grid Engine plans nothing ahead,
+    so its attempt is due after the patience alone (3 s); past it, the attempt is overdue and SLURM gets one too,
+    while the Grid Engine attempt keeps its place in its queue. SLURM's load ends first: its attempt starts and is
+    claimed, and the Grid Engine attempt is released and cancelled. The payload runs once."""
     marker = f"PAYLOAD-{uuid.uuid4().hex[:8]}"
     hog = f"hog-{uuid.uuid4().hex[:6]}"
+    client = None
     try:
         hold_gpus(env, "gridengine", hog, "00:10:00", 300)
-        result = offload(env, "run", "--site", "gridengine,testsite", "--policy", "failover", "--patience", "3",
-                         "--gpus", "1", *payload(marker))  # fmt: skip
+        hold_gpus(env, "testsite", hog, "00:10:00", 300)
+        client = subprocess.Popen([*OFFLOAD, "run", "--site", "gridengine,testsite", "--policy", "failover",
+                                   "--patience", "3", "--gpus", "1", *payload(marker)], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        attempts = wait_until(lambda: {a["site"]: a for p in placements(env) for a in p["attempts"]
+                                       if a["job_id"]} if len([a for p in placements(env) for a in p["attempts"]
+                                                               if a["job_id"]]) == 2 else None,
+                              timeout=120, what="an attempt on each site")  # fmt: skip
+        assert attempts["gridengine"]["overdue"] and attempts["gridengine"]["state"] == "queued", attempts
+        offload(env, "cancel", "--site", "testsite", "--name", hog)  # SLURM's load ends: the job starts there
+        out, err = client.communicate(timeout=240)
     finally:
-        offload(env, "cancel", "--site", "gridengine", "--name", hog)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.count(marker) == 1, result.stdout
-    assert "gridengine: attempt" in result.stderr and "past its expected start" in result.stderr, result.stderr
+        if client is not None and client.poll() is None:
+            client.send_signal(signal.SIGINT)
+            client.communicate(timeout=120)
+        for site in ("gridengine", "testsite"):
+            offload(env, "cancel", "--site", site, "--name", hog)
+    assert client.returncode == 0, err
+    assert out.count(marker) == 1, out
+    assert "gridengine: attempt" in err and "past its expected start" in err, err
     [placement] = placements(env)
     attempts = {a["site"]: a for a in placement["attempts"]}
     assert attempts["testsite"]["state"] == "claimed", placement

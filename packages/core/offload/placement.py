@@ -112,8 +112,13 @@ class SiteGroup:
             raise ConfigError(f"rank takes an offload.JobSpec, got {type(spec).__name__}")
         verdicts = await asyncio.gather(*(_judge(site, one, estimate)
                                           for site, one in zip(self.sites, specs, strict=True)))  # fmt: skip
+        return self._ordered(verdicts, by_plan=estimate)
+
+    def _ordered(self, verdicts: Sequence[Verdict], by_plan: bool) -> list[Verdict]:
+        """Feasible first; then soonest planned start (``by_plan``), or those that can start now, most free GPUs
+        (then CPUs) first; then the order of the group."""
         order = {site.name: i for i, site in enumerate(self.sites)}
-        if estimate:
+        if by_plan:
             return sorted(verdicts, key=lambda v: (not v.feasible, v.expected_wait, not v.starts_now, order[v.site]))
         return sorted(verdicts, key=lambda v: (not v.feasible, not v.starts_now,
                                                -v.gpus_free if v.starts_now else 0,
@@ -171,7 +176,8 @@ class SiteGroup:
             raise ConfigError(f"patience is seconds an attempt may wait past its expected start (0 or more, or "
                               f"None: forever); got {patience!r}")  # fmt: skip
         verdicts = list(ranked) if ranked is not None else await self.arank(spec, estimate=policy != "first-fit")
-        feasible = [v for v in verdicts if v.feasible]
+        # race and failover ask for plans too (for their attempts' due times), but keep first-fit's order
+        feasible = [v for v in self._ordered(verdicts, by_plan=policy == "estimate") if v.feasible]
         reasons = [f"{v.site}: {v.reason}" for v in verdicts if not v.feasible]
         if not feasible:
             raise ConfigError(f"no site of {self.name} can run this job:\n  " + "\n  ".join(reasons))
