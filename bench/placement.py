@@ -66,6 +66,7 @@ FIRST_LOAD, SECOND_LOAD = (Resources(nodes=2, gpus_per_node=2, walltime=LOAD_WAL
     Resources(gpus=2, walltime=LOAD_WALLTIME), 80)  # fmt: skip
 PAIRS = {"SLURM + Grid Engine": ("testsite", "gridengine"), "two SLURM clusters": ("testsite", "second")}
 NAMES = {"testsite": "SLURM", "gridengine": "Grid Engine", "second": "second SLURM"}
+CLUSTERS = {"testsite": "offload-testsite", "second": "second"}  # their SLURM ClusterName, what -M takes
 GE_ENV = {"SGE_ROOT": "/var/lib/gridengine", "SGE_CELL": "default"}
 SLURM2 = Path(__file__).resolve().parent.parent / "scripts" / "testsite-slurm2"
 
@@ -125,7 +126,7 @@ async def measure(way: str, pair: list[offload.Site]) -> list[float]:
         f"{NAMES[first.name]} only": first.asubmit,
         f"{NAMES[second.name]} only": second.asubmit,
         "ordered failover, 120 s": lambda spec: ordered_failover(first, second, spec),
-        f"sbatch -M {first.name},{second.name}": multi_cluster(first, f"{first.name},{second.name}"),
+        f"sbatch -M {first.name},{second.name}": multi_cluster(first, ",".join(CLUSTERS.get(s.name, "") for s in pair)),
         "offload first-fit": group.asubmit,
         "offload estimate": lambda spec: group.asubmit(spec, policy="estimate"),
         "offload race": lambda spec: group.asubmit(spec, policy="race", width=2),
