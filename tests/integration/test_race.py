@@ -178,10 +178,11 @@ def hold_gpus(env, site: str, name: str, walltime: str, seconds: int) -> str:
 
 def test_estimate_places_the_job_where_its_scheduler_plans_the_sooner_start(env, site_user):
     """Both SLURM clusters busy: the test site's GPUs held by a job asking for 30 minutes, the second cluster's
-    by one asking for 1 (it ends after 15 s). First-fit has no evidence between two sites that both wait and
-    keeps the user's order (the test site first); ``sbatch --test-only`` on each says the second cluster starts
-    it in about a minute and the test site in about 30, so ``--policy estimate`` sends the job there. Its start
-    is then learnt, in this machine's records, against what the second cluster planned."""
+    by one asking for 1 (it ends after 15 s). Free resources cannot tell two sites that both wait apart (``sites
+    rank`` keeps the user's order, the test site first); ``sbatch --test-only`` on each says the second cluster
+    starts it in about a minute and the test site in about 30, so first-fit then sends it there, and so does
+    ``--policy estimate``. Its start is then learnt, in this machine's records, against what the second cluster
+    planned."""
     marker = f"PAYLOAD-{uuid.uuid4().hex[:8]}"
     hog = f"hog-{uuid.uuid4().hex[:6]}"
     try:
@@ -196,6 +197,10 @@ def test_estimate_places_the_job_where_its_scheduler_plans_the_sooner_start(env,
         plans = {v["site"]: v["expected"] for v in json.loads(ranked.stdout)}
         assert [v["site"] for v in json.loads(ranked.stdout)] == ["second", "testsite"], ranked.stdout
         assert plans["second"]["said"] <= 75 and plans["testsite"]["said"] >= 25 * 60, plans
+        # first-fit too, when no site can start it now, goes where the plan is soonest (so do the adapters)
+        detached = offload(env, "run", "--site", "testsite,second", "--detach", "--gpus", "1", "--", "true")
+        assert detached.returncode == 0 and "to site 'second'" in detached.stderr, detached.stderr
+        offload(env, "cancel", "--site", "second", detached.stdout.strip())
         result = offload(env, "run", "--site", "testsite,second", "--policy", "estimate", "--gpus", "1",
                          "--time", "00:05:00", *payload(marker))  # fmt: skip
     finally:

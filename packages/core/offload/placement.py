@@ -10,6 +10,8 @@ says why. The policy here is *first-fit*, from evidence that costs one scheduler
 2. **Where it starts now.** Of the feasible sites, those with enough free nodes for the job right now (free GPUs
    and CPUs on available nodes, from the same one ``sinfo``/``qhost`` call ``offload sites gpus`` makes) come
    first, the one with the most free GPUs (then CPUs) first; the others follow in the order the user gave.
+   When no site can start it now, that evidence cannot tell them apart: then each is asked when its scheduler
+   plans to start it (:mod:`offload.estimates`, one more call each, kept a minute), and the soonest goes first.
 3. **Failover at submission.** A site that refuses the submission (a QOS limit, an account it does not know)
    is passed over for the next, and its refusal is kept: if every site refuses, the error lists each reason.
 
@@ -131,7 +133,7 @@ class SiteGroup:
         """The site :meth:`submit` would send ``spec`` to first, for a caller that builds its job there itself
         (``offload jupyter``, whose job names its site); :class:`ConfigError` with every site's reason if none
         can run it."""
-        verdicts = await self.arank(spec)
+        verdicts = await self._planned_if_none_free(await self.arank(spec), spec)
         if not verdicts[0].feasible:
             raise ConfigError(f"no site of {self.name} can run this job:\n  " +
                               "\n  ".join(f"{v.site}: {v.reason}" for v in verdicts))  # fmt: skip
@@ -139,6 +141,30 @@ class SiteGroup:
         return next(site for site in self.sites if site.name == verdicts[0].site)
 
     choose = _loop.blocking(achoose)
+
+    async def _planned_if_none_free(self, verdicts: Sequence[Verdict],
+                                    spec: JobSpec | Callable[[Site], JobSpec]) -> list[Verdict]:  # fmt: skip
+        """First-fit's answer when no feasible site can start the job now, and free resources cannot tell them
+        apart: the feasible sites in the order of their schedulers' plans (one plan each, kept a minute,
+        :meth:`Site.expected_start`), those without one after, in the group's order."""
+        feasible = [v for v in verdicts if v.feasible]
+        if len(feasible) < 2 or any(v.starts_now for v in feasible):
+            return list(verdicts)
+        sites = {site.name: site for site in self.sites}
+
+        async def planned(verdict: Verdict) -> Verdict:
+            site = sites[verdict.site]
+            if not verdict.feasible or verdict.expected is not None:
+                return verdict
+            try:
+                expected = await site.aexpected_start(spec(site) if callable(spec) else spec)
+            except OffloadError:  # no plan from it this time: it keeps its place after those with one
+                return verdict
+            if expected.refused:
+                return Verdict(site.name, False, False, f"{site.config.scheduler} would refuse it: {expected.refused}")
+            return dataclasses.replace(verdict, expected=expected)
+
+        return self._ordered(await asyncio.gather(*(planned(v) for v in verdicts)), by_plan=True)
 
     @_loop.on_loop
     async def asubmit(self, spec: JobSpec, *, ranked: Sequence[Verdict] | None = None, policy: str = "first-fit",
@@ -151,7 +177,8 @@ class SiteGroup:
         ``policy``:
 
         * ``"first-fit"``: one submission, to the best site of :meth:`rank` (the next if that site refuses it);
-          returns once it is queued.
+          returns once it is queued. When no site can start it now, the one whose scheduler plans the soonest
+          start goes first (one plan per site, kept a minute).
         * ``"race"``: attempts on the ``width`` best sites at once; the first to start is claimed and runs the
           payload, the others are released and cancelled before theirs could run (:mod:`offload.race`). An
           attempt whose scheduler says it will never start moves to the next site. Returns once one started.
@@ -176,8 +203,11 @@ class SiteGroup:
             raise ConfigError(f"patience is seconds an attempt may wait past its expected start (0 or more, or "
                               f"None: forever); got {patience!r}")  # fmt: skip
         verdicts = list(ranked) if ranked is not None else await self.arank(spec, estimate=policy != "first-fit")
-        # race and failover ask for plans too (for their attempts' due times), but keep first-fit's order
-        feasible = [v for v in self._ordered(verdicts, by_plan=policy == "estimate") if v.feasible]
+        if policy == "first-fit":
+            verdicts = await self._planned_if_none_free(verdicts, spec)
+        else:  # race and failover ask for plans too (for their attempts' due times), but keep first-fit's order
+            verdicts = self._ordered(verdicts, by_plan=policy == "estimate")
+        feasible = [v for v in verdicts if v.feasible]
         reasons = [f"{v.site}: {v.reason}" for v in verdicts if not v.feasible]
         if not feasible:
             raise ConfigError(f"no site of {self.name} can run this job:\n  " + "\n  ".join(reasons))
