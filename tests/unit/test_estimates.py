@@ -25,6 +25,8 @@ def test_sbatch_plan_is_read_as_seconds_from_the_login_nodes_now():
     assert _start_estimate(output) == StartEstimate(60.0, where="on nodes node[1-2] in partition gpu")
     past = "sbatch: Job 9 to start at 2026-12-06T21:19:39 using 1 processors on nodes n1 in partition gpu\n"
     assert _start_estimate(past + "now=200\nstart=190\n").seconds == 0.0  # planned for "now", a moment ago
+    # behind a job with no time limit, sbatch plans a year out (seen on the test site): it cannot tell
+    assert _start_estimate(past + "now=0\nstart=31535994\n") == StartEstimate(None)
 
 
 def test_sbatch_refusal_and_silence():

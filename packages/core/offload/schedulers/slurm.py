@@ -579,6 +579,8 @@ def _never_clears(reason: str) -> bool:
     return any(word in reason for word in _NEVER_CLEARS)
 
 
+# SLURM plans a job behind others with no time limit (a partition's MaxTime=INFINITE) a year out: no plan at all
+_NO_PLAN = 300 * 86400
 _PLANNED = re.compile(r"to start at \S+ using \d+ processors (on nodes \S+ in partition \S+)")
 
 
@@ -589,6 +591,8 @@ def _start_estimate(output: str) -> StartEstimate | None:
     planned = _PLANNED.search(output)
     if values.get("start", "").isdigit() and values.get("now", "").isdigit():
         wait = max(0, int(values["start"]) - int(values["now"]))
+        if wait >= _NO_PLAN:  # what it says when the jobs ahead have no time limit: it cannot tell
+            return StartEstimate(None)
         return StartEstimate(float(wait), where=planned.group(1) if planned else "")
     for line in output.splitlines():
         if "error:" in line:
