@@ -212,7 +212,8 @@ def test_estimate_places_the_job_where_its_scheduler_plans_the_sooner_start(env,
     [placement] = placements(env)
     assert [(a["site"], a["state"]) for a in placement["attempts"]] == [("second", "claimed")], placement
     attempt = placement["attempts"][0]
-    assert attempt["planned"] == plans["second"]["said"] and attempt["due"] > attempt["submitted_at"], attempt
+    # planned again by the run's own process, a moment after `sites rank` did
+    assert abs(attempt["planned"] - plans["second"]["said"]) <= 10 and attempt["due"] > attempt["submitted_at"], attempt
     learnt = JobRecords(Path(env["OFFLOAD_STATE_DIR"]) / "jobs.sqlite").starts_learnt("second", 5)
     assert len(learnt) == 1 and 5 <= learnt[0][1] <= 120, learnt  # it waited for the load's end, ~15 s
     no_job_left(site_user)
