@@ -8,12 +8,14 @@ SLURM clusters in tests/integration/test_race.py."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 import offload
 from offload import JobSpec, JobState, Resources, SiteGroup
 from offload.config import local_site_config
-from offload.estimates import ASK_EVERY, MIN_LEARNT, corrected
+from offload.estimates import MIN_LEARNT, corrected
 from offload.records import JobRecords
 from offload.schedulers.base import StartEstimate
 from offload.schedulers.slurm import _start_estimate
@@ -56,6 +58,7 @@ def site(tmp_path, monkeypatch):
 
     async def plan(transport, spec):  # the scheduler's seam: a plan of 100 s for every job
         asked.append(spec.resources)
+        await asyncio.sleep(0.05)  # a round trip, during which other jobs ask
         return StartEstimate(100.0, where="on nodes n1")
 
     monkeypatch.setattr(site.scheduler, "estimate_start", plan)
@@ -73,10 +76,17 @@ def test_a_plan_is_asked_once_a_minute_per_job_shape(site, monkeypatch):
     assert len(site.asked) == 2
     import offload.estimates as estimates
 
-    later = estimates.time.monotonic() + ASK_EVERY + 1
-    monkeypatch.setattr(estimates.time, "monotonic", lambda: later)
+    monkeypatch.setattr(estimates, "ASK_EVERY", 0)  # a minute later
     site.expected_start(one)
     assert len(site.asked) == 3
+
+
+def test_jobs_ranked_at_once_share_one_plan(site):
+    async def many():
+        return await asyncio.gather(*(site.aexpected_start(JobSpec(["true"], name=f"j{i}")) for i in range(16)))
+
+    answers = offload._loop.run(many())
+    assert len(site.asked) == 1 and {a.said for a in answers} == {100.0}
 
 
 def test_a_raced_attempt_is_due_after_its_plan_and_its_start_teaches_the_site(site, tmp_path):

@@ -17,6 +17,7 @@ attempt too. Two things make the scheduler's word usable across sites:
 
 from __future__ import annotations
 
+import asyncio
 import statistics
 import time
 from dataclasses import dataclass
@@ -50,16 +51,28 @@ class StartEstimates:
     def __init__(self, ctx: SiteContext) -> None:
         self._ctx = ctx
         self._kept: dict[str, tuple[float, ExpectedStart]] = {}
+        self._asking: dict[str, asyncio.Future[ExpectedStart]] = {}  # plans being asked: one call per shape
 
     async def expected(self, spec: JobSpec) -> ExpectedStart:
         """When ``spec`` would start if submitted now. A site that does not answer raises the transport's
         :class:`~offload.errors.OffloadError`, as its ``sinfo`` would; a scheduler without plans gives
         ``ExpectedStart(None)``."""
         shape = repr(spec.resources)
-        now = time.monotonic()
         kept = self._kept.get(shape)
-        if kept is not None and now - kept[0] < ASK_EVERY:
+        if kept is not None and time.monotonic() - kept[0] < ASK_EVERY:
             return kept[1]
+        if shape not in self._asking:  # jobs ranked at once share one call, as they share its answer after
+            asking = self._asking[shape] = asyncio.ensure_future(self._ask(shape, spec))
+            asking.add_done_callback(lambda done: self._asked(shape, done))
+        return await asyncio.shield(self._asking[shape])
+
+    def _asked(self, shape: str, done: asyncio.Future[ExpectedStart]) -> None:
+        self._asking.pop(shape, None)
+        if not done.cancelled():
+            done.exception()  # retrieved here too: every caller that waited for it may have been cancelled
+
+    async def _ask(self, shape: str, spec: JobSpec) -> ExpectedStart:
+        now = time.monotonic()
         plan = await self._ctx.scheduler.estimate_start(self._ctx.transport, spec)
         if plan is None:
             answer = ExpectedStart(None, note=f"{self._ctx.config.scheduler} does not plan ahead")
