@@ -94,17 +94,13 @@ def test_failover_leaves_a_site_that_says_the_job_will_never_start(env, site_use
     poll, keeps SLURM's reason, and the job runs there once the GE load ends."""
     marker = f"PAYLOAD-{uuid.uuid4().hex[:8]}"
     hog = f"hog-{uuid.uuid4().hex[:6]}"
-    hogs = [offload(env, "run", "--site", site, "--detach", "--nodes", "2", "--gpus-per-node", "2", "--name", hog,
-                    "--", "sleep", "300") for site in ("testsite", "gridengine")]  # fmt: skip
-    assert all(h.returncode == 0 for h in hogs), [h.stderr for h in hogs]
-    client = subprocess.Popen([*OFFLOAD, "run", "--site", "testsite,gridengine", "--policy", "failover", "--gpus",
-                               "1", *payload(marker)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True)  # fmt: skip
+    client = None
     try:
-        for site, held in zip(("testsite", "gridengine"), hogs, strict=True):
-            wait_until(lambda s=site, h=held: "RUNNING" in offload(env, "status", "--site", s,
-                                                                      h.stdout.strip()).stdout,
-                       timeout=90, what=f"the load on {site} to run")  # fmt: skip
+        for site in ("testsite", "gridengine"):  # running before the job is placed, so neither can start it now
+            hold_gpus(env, site, hog, "00:10:00", 300)
+        client = subprocess.Popen([*OFFLOAD, "run", "--site", "testsite,gridengine", "--policy", "failover",
+                                   "--gpus", "1", *payload(marker)], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)  # fmt: skip
         attempt = wait_until(lambda: next((a for p in placements(env) for a in p["attempts"]
                                            if a["site"] == "testsite" and a["job_id"]), None),
                              timeout=120, what="the SLURM attempt")  # fmt: skip
@@ -120,7 +116,7 @@ def test_failover_leaves_a_site_that_says_the_job_will_never_start(env, site_use
         offload(env, "cancel", "--site", "gridengine", "--name", hog)  # the GE load ends: the job starts there
         out, err = client.communicate(timeout=240)
     finally:
-        if client.poll() is None:
+        if client is not None and client.poll() is None:
             client.send_signal(signal.SIGINT)
             client.communicate(timeout=120)
         for site in ("testsite", "gridengine"):
