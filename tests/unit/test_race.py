@@ -8,6 +8,8 @@ cell: tests/integration/test_placement.py."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import subprocess
 import time
 from pathlib import Path
@@ -19,7 +21,7 @@ from offload import ConfigError, JobSpec, JobState, SiteGroup, SubmissionError, 
 from offload.claims import CLAIM, RELEASE, RELEASED_EXIT, Gate, decide, gate_lines
 from offload.config import local_site_config
 from offload.jobfiles import DECISION
-from offload.race import Race, resume
+from offload.race import Placement, resume
 from offload.records import JobRecords
 
 
@@ -120,7 +122,7 @@ def test_a_client_killed_while_claiming_is_finished_by_resume_without_a_second_r
     records = JobRecords()
 
     async def until_claiming() -> str:
-        race = Race.start(payload(tmp_path), two_sites, width=2, wait=60, records=records)
+        race = Placement.start(payload(tmp_path), two_sites, width=2, wait=60, records=records)
         await race._fill()
         live = race._live()
         assert len(live) == 2
@@ -143,7 +145,7 @@ def test_resume_finds_an_attempt_whose_id_the_client_never_learnt(two_sites, tmp
     records = JobRecords()
 
     async def submitted_unrecorded() -> str:
-        race = Race.start(payload(tmp_path), two_sites[:1], width=1, wait=60, records=records)
+        race = Placement.start(payload(tmp_path), two_sites[:1], width=1, wait=60, records=records)
         await race._fill()
         attempt = race.record.attempts[0]
         race._attempt(attempt.site, state="planned", job_id=None)  # the client died before it wrote the id
@@ -198,7 +200,7 @@ def test_resume_submits_the_next_attempt_from_the_recorded_spec(two_sites, tmp_p
     records = JobRecords()
 
     async def first_attempt_lost() -> str:
-        race = Race.start(payload(tmp_path), two_sites, width=1, wait=60, records=records)
+        race = Placement.start(payload(tmp_path), two_sites, width=1, wait=60, records=records)
         await race._fill()
         [attempt] = race._live()
         await race._release(attempt, "lost")  # released and cancelled: it never runs
@@ -216,7 +218,7 @@ def test_a_spec_with_secrets_is_never_recorded_so_resume_says_to_submit_again(tw
     spec = JobSpec(["true"], secrets={"TOKEN": "s3cr3t"}, name="secretive")
 
     async def first_attempt_lost() -> str:
-        race = Race.start(spec, two_sites, width=1, wait=60, records=records)
+        race = Placement.start(spec, two_sites, width=1, wait=60, records=records)
         await race._fill()
         [attempt] = race._live()
         await race._release(attempt, "lost")
@@ -228,3 +230,77 @@ def test_a_spec_with_secrets_is_never_recorded_so_resume_says_to_submit_again(tw
     assert b"secretive" in written and b"s3cr3t" not in written
     with pytest.raises(SubmissionError, match="has secrets, which offload never writes down"):
         _loop.run(resume(placement_id, records=records))
+
+
+def started_attempts(tmp_path: Path, sites, spec: JobSpec | None = None) -> Placement:
+    """A placement whose attempts were submitted on both sites, both started and waiting at their gate."""
+
+    async def submit() -> Placement:
+        placement = Placement.start(spec or payload(tmp_path), sites, width=2, wait=60, records=JobRecords())
+        await placement.asubmit_attempts()
+        for attempt in placement._live():
+            await placement._job(attempt).await_state(JobState.RUNNING)
+        return placement
+
+    return _loop.run(submit())
+
+
+def test_a_placement_handed_to_another_process_is_claimed_there_once_and_without_its_secrets(two_sites, tmp_path):
+    """As the Airflow operator does: the attempts are submitted in one process, claimed in another (its
+    triggerer), which gets only the attempts, never the spec and its secrets."""
+    spec = dataclasses.replace(payload(tmp_path), secrets={"TOKEN": "s3cr3t"})
+    handed = started_attempts(tmp_path, two_sites, spec).to_json()
+    assert "s3cr3t" not in handed and "TOKEN" not in handed
+    said: list[str] = []
+    job = Placement.from_json(handed, say=said.append).run()
+    assert job.wait(timeout=30).state is JobState.COMPLETED
+    time.sleep(1.5)
+    assert runs(tmp_path) == [f"ran on {job.ref.jobdir}"]
+    assert any("claimed" in line for line in said) and any("released" in line for line in said), said
+    with pytest.raises(ConfigError, match="not a placement handed over by offload"):
+        Placement.from_json('{"id": "p1"}')
+
+
+def test_two_watchers_of_one_placement_never_claim_two_attempts(two_sites, tmp_path):
+    """A trigger Airflow runs twice (two triggerers for a moment) claims in two processes at once. The second
+    watcher looks at the attempts in the other order, the worst case: each would claim a different one. Each
+    releases the other attempts before it claims, so at most one attempt holds a claim, whoever comes first."""
+    handed = json.loads(started_attempts(tmp_path, two_sites).to_json())
+    reversed_ = json.dumps({**handed, "attempts": handed["attempts"][::-1]})
+
+    async def both() -> list:
+        first, second = Placement.from_json(json.dumps(handed)), Placement.from_json(reversed_)
+        return await asyncio.gather(first.arun(), second.arun(), return_exceptions=True)
+
+    outcomes = _loop.run(both())
+    decisions = [(Path(a["jobdir"]) / DECISION).readlink() for a in handed["attempts"]]
+    assert decisions.count(Path(CLAIM)) <= 1, decisions
+    time.sleep(1.5)
+    assert len(runs(tmp_path)) == decisions.count(Path(CLAIM))
+    winners = {(job.site.name, job.id) for job in outcomes if isinstance(job, offload.Job)}
+    assert len(winners) <= 1, outcomes  # both watchers that returned name the same attempt
+    assert all(isinstance(o, offload.Job | SubmissionError) for o in outcomes), outcomes
+
+
+def test_a_watcher_after_the_claim_finds_the_winner_even_once_it_ended(two_sites, tmp_path):
+    """A second watcher (the trigger run again after the first claimed) goes on with the claimed attempt; once
+    that attempt has ended, it still knows it ran (its decision says claim) rather than calling it lost."""
+    handed = started_attempts(tmp_path, two_sites).to_json()
+    job = Placement.from_json(handed).run()
+    again = Placement.from_json(json.dumps({**json.loads(handed), "attempts": json.loads(handed)["attempts"][::-1]}))
+    assert again.run() == job
+    assert job.wait(timeout=30).state is JobState.COMPLETED
+    assert Placement.from_json(handed).run() == job  # after the end too
+    assert len(runs(tmp_path)) == 1
+
+
+def test_attempts_found_on_the_sites_are_adopted_and_claimed_once(two_sites, tmp_path):
+    """A process that submitted attempts died before it handed them over (an Airflow worker): a retry finds them
+    by their name on each site and adopts them."""
+    started_attempts(tmp_path, two_sites)
+    found = [job for site in two_sites for job in site.find("raced")]
+    assert {job.site.name for job in found} == {"east", "west"}
+    job = Placement.adopt(found, name="raced").run()
+    assert job.wait(timeout=30).state is JobState.COMPLETED
+    time.sleep(1.5)
+    assert runs(tmp_path) == [f"ran on {job.ref.jobdir}"]

@@ -38,6 +38,7 @@ from offload.placement import (
     resume_placement,
 )
 from offload.profiles import SiteProfiles, load_profiles, profile_from_table
+from offload.race import Placement
 from offload.retry import Retry, RetryPolicy
 from offload.runtimes.base import ContainerCommand, Runtime
 from offload.schedulers.base import NodeResources, Scheduler
@@ -70,6 +71,7 @@ __all__ = [
     "Mount",
     "NodeResources",
     "OffloadError",
+    "Placement",
     "PluginError",
     "RemoteCommandError",
     "Resources",

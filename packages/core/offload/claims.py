@@ -67,6 +67,14 @@ def gate_lines(wait: int) -> list[str]:
     ]
 
 
+async def decision(transport: Transport, jobdir: str) -> str:
+    """The decision of the attempt in ``jobdir`` as it stands, writing nothing: :data:`CLAIM`, :data:`RELEASE`,
+    or '' (none yet, or the directory is gone)."""
+    path = shlex.quote(f"{jobdir}/{DECISION}")
+    result = await transport.run(["sh", "-c", f"readlink {path} || true"], check=False, timeout=60)
+    return result.stdout.strip()
+
+
 async def decide(transport: Transport, jobdir: str, word: str) -> str:
     """Write ``word`` (:data:`CLAIM` or :data:`RELEASE`) as the decision of the attempt in ``jobdir`` unless one
     is there already, in one command; return the decision that holds (``word`` if this call made it, what the

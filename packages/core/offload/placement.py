@@ -39,7 +39,7 @@ from offload.errors import ConfigError, OffloadError, SubmissionError
 from offload.estimates import ExpectedStart
 from offload.jobs import Job
 from offload.profiles import load_profiles
-from offload.race import Race, Say, resume
+from offload.race import Placement, Say, resume
 from offload.records import JobRecords
 from offload.schedulers.base import NodeResources
 from offload.site import Site, load_site
@@ -197,28 +197,54 @@ class SiteGroup:
         waits for its claim before it gives up by itself, if the client died). A placement a killed client
         left is finished by :func:`resume_placement`. ``ranked``: verdicts from :meth:`rank` just now, e.g.
         shown to the user first; ``say``: told each step of a race, as a line for people."""
-        if policy not in POLICIES:
-            raise ConfigError(f"unknown placement policy {policy!r}: choose one of {', '.join(POLICIES)}")
-        if patience is not None and (not isinstance(patience, int | float) or patience < 0):
-            raise ConfigError(f"patience is seconds an attempt may wait past its expected start (0 or more, or "
-                              f"None: forever); got {patience!r}")  # fmt: skip
-        verdicts = list(ranked) if ranked is not None else await self.arank(spec, estimate=policy != "first-fit")
+        _check(policy, patience)
         if policy == "first-fit":
-            verdicts = await self._planned_if_none_free(verdicts, spec)
-        else:  # race and failover ask for plans too (for their attempts' due times), but keep first-fit's order
-            verdicts = self._ordered(verdicts, by_plan=policy == "estimate")
-        feasible = [v for v in verdicts if v.feasible]
-        reasons = [f"{v.site}: {v.reason}" for v in verdicts if not v.feasible]
-        if not feasible:
-            raise ConfigError(f"no site of {self.name} can run this job:\n  " + "\n  ".join(reasons))
+            return await self._first_fit(spec, ranked)
+        placement = await self.astart(spec, ranked=ranked, policy=policy, width=width, claim_wait=claim_wait,
+                                      patience=patience, say=say)  # fmt: skip
+        return await placement.arun()
+
+    submit = _loop.blocking(asubmit)
+
+    @_loop.on_loop
+    async def astart(self, spec: JobSpec, *, ranked: Sequence[Verdict] | None = None, policy: str = "race",
+                     width: int = 2, claim_wait: int = DEFAULT_WAIT, patience: float | None = DEFAULT_PATIENCE,
+                     say: Say | None = None) -> Placement:  # fmt: skip
+        """Start racing ``spec`` as :meth:`asubmit` does with ``policy`` (``"race"``, ``"failover"`` or
+        ``"estimate"``), and return the :class:`~offload.Placement` once its first attempts are queued, before
+        any starts: its :meth:`~offload.Placement.arun` claims one, here or, handed over with
+        :meth:`~offload.Placement.to_json`, in another process (Airflow's triggerer claims a deferred task's)."""
+        _check(policy, patience)
+        if policy == "first-fit":
+            raise ConfigError("first-fit submits the job once, to one site, and claims nothing: use asubmit; a "
+                              "placement races attempts: policy 'race', 'failover' or 'estimate'")  # fmt: skip
+        verdicts = list(ranked) if ranked is not None else await self.arank(spec, estimate=True)
+        # race and failover ask for plans too (for their attempts' due times), but keep first-fit's order
+        feasible = self._feasible(self._ordered(verdicts, by_plan=policy == "estimate"))
         sites = {site.name: site for site in self.sites}
-        if policy != "first-fit":
-            race = Race.start(spec, [sites[v.site] for v in feasible], width=width if policy == "race" else 1,
-                              wait=claim_wait, patience=patience, records=self._records(), say=say)  # fmt: skip
-            if say is not None:
-                say(f"placement {race.id}: {policy} over {', '.join(v.site for v in feasible)} "
-                    f"(if this client stops: offload placements resume {race.id})")  # fmt: skip
-            return await race.run()
+        placement = Placement.start(spec, [sites[v.site] for v in feasible], width=width if policy == "race" else 1,
+                                    wait=claim_wait, patience=patience, records=self._records(), say=say)  # fmt: skip
+        if say is not None:
+            say(f"placement {placement.id}: {policy} over {', '.join(v.site for v in feasible)} "
+                f"(if this client stops: offload placements resume {placement.id})")  # fmt: skip
+        await placement.asubmit_attempts()
+        return placement
+
+    start = _loop.blocking(astart)
+
+    def _feasible(self, verdicts: Sequence[Verdict]) -> list[Verdict]:
+        """The sites that can run the job, best first; :class:`ConfigError` with every reason if none can."""
+        feasible = [v for v in verdicts if v.feasible]
+        if not feasible:
+            reasons = [f"{v.site}: {v.reason}" for v in verdicts if not v.feasible]
+            raise ConfigError(f"no site of {self.name} can run this job:\n  " + "\n  ".join(reasons))
+        return feasible
+
+    async def _first_fit(self, spec: JobSpec, ranked: Sequence[Verdict] | None) -> Job:
+        verdicts = list(ranked) if ranked is not None else await self.arank(spec)
+        feasible = self._feasible(await self._planned_if_none_free(verdicts, spec))
+        reasons = [f"{v.site}: {v.reason}" for v in verdicts if not v.feasible]
+        sites = {site.name: site for site in self.sites}
         for verdict in feasible:
             try:
                 job = await sites[verdict.site].asubmit(spec)
@@ -236,6 +262,15 @@ class SiteGroup:
         if self._placements is None:
             self._placements = JobRecords()
         return self._placements
+
+
+def _check(policy: str, patience: float | None) -> None:
+    """Refuse a bad policy or patience before anything is ranked or submitted."""
+    if policy not in POLICIES:
+        raise ConfigError(f"unknown placement policy {policy!r}: choose one of {', '.join(POLICIES)}")
+    if patience is not None and (not isinstance(patience, int | float) or patience < 0):
+        raise ConfigError(f"patience is seconds an attempt may wait past its expected start (0 or more, or "
+                          f"None: forever); got {patience!r}")  # fmt: skip
 
 
 @_loop.on_loop

@@ -6,15 +6,23 @@ The payload runs exactly once, whatever happens to the client:
 1. The placement is recorded (:class:`~offload.records.PlacementRecord`) before anything is submitted, and each
    attempt's directory is recorded before that attempt is submitted; every attempt waits on its node for its
    claim (:mod:`offload.claims`) before the payload.
-2. The first attempt seen RUNNING is the winner: the record names it as being claimed, then it is claimed, then
-   every other attempt is released (so it cannot run the payload even if it starts meanwhile, or if its site is
-   out of reach and its cancel does not arrive) and cancelled.
+2. The first attempt seen RUNNING is the winner: the record names it as being claimed, every other attempt is
+   released (so it cannot run the payload even if it starts meanwhile, or if its site is out of reach and its
+   cancel does not arrive), then it is claimed, then the others are cancelled. Releasing the others *before* the
+   claim is what makes two watchers of one placement safe (a trigger Airflow runs twice, two resumes at once):
+   a watcher claims only after it released every other attempt, and one that finds another attempt already
+   claimed takes that one as the winner, so no two attempts can both hold a claim.
 3. An attempt that will never start as it is (a refusal at submission, or a waiting reason its scheduler says
    never clears, :attr:`JobStatus.stuck`) is released and cancelled, and the next feasible site gets one. An
    attempt still waiting for a reason that may clear (``Resources``, ``Priority``) past its due time (its
    expected start, :mod:`offload.estimates`, plus the placement's patience) is *overdue*: it no longer counts
    against the width, so the next site gets an attempt too, but it keeps its place in its own queue.
-4. A client killed at any point leaves a record that :func:`resume` finishes: it claims the attempt the record
+4. A placement can be handed to another process (:meth:`Placement.to_json`, :meth:`Placement.from_json`):
+   the attempts are submitted in one process and claimed in another, as Airflow's deferred tasks do (its
+   triggerer claims), or adopted from the site's own queue (:meth:`Placement.adopt`: a retry finds the attempts
+   of the try its worker died in by their name). The decisions live in the attempts' directories on the sites,
+   so the process that claims needs no record of the one that submitted.
+5. A client killed at any point leaves a record that :func:`resume` finishes: it claims the attempt the record
    names (or reads that the attempt released itself), finds attempts whose id it never learnt from their
    directories, and goes on as above: with the attempts that exist, and new ones on the sites not tried yet if
    the spec could be recorded (a spec with secrets never is: then only the attempts that exist can run it). An
@@ -26,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import secrets as _secrets
 import time
@@ -45,9 +54,10 @@ log = logging.getLogger("offload.placement")
 Say = Callable[[str], None]  # told each step of a placement, as a line for people
 
 
-class Race:
-    """The attempts of one placement and their record. Made by :meth:`start` (a new placement) or
-    :func:`resume` (a recorded one); :meth:`run` returns the claimed attempt's :class:`Job`."""
+class Placement:
+    """The attempts of one placement and their record. Made by :meth:`start` (a new placement),
+    :func:`resume` (a recorded one), :meth:`from_json` (one handed over) or :meth:`adopt` (attempts found on the
+    sites); :meth:`arun` returns the claimed attempt's :class:`Job`."""
 
     def __init__(self, record: PlacementRecord, sites: dict[str, Site], records: JobRecords,
                  say: Say | None = None) -> None:  # fmt: skip
@@ -67,7 +77,7 @@ class Race:
 
     @classmethod
     def start(cls, spec: JobSpec, sites: Sequence[Site], *, width: int, wait: int, records: JobRecords,
-              patience: float | None = None, say: Say | None = None) -> Race:  # fmt: skip
+              patience: float | None = None, say: Say | None = None) -> Placement:  # fmt: skip
         """A new placement of ``spec`` over ``sites`` (feasible, best first), ``width`` attempts at a time;
         an attempt is overdue ``patience`` seconds after its expected start (None: never)."""
         if not isinstance(width, int) or width < 1:
@@ -75,10 +85,10 @@ class Race:
         record = PlacementRecord(f"p{_secrets.token_hex(6)}", spec.name, "placing", (), spec=spec_to_json(spec),
                                  next_sites=tuple(site.name for site in sites), width=width, wait=wait,
                                  patience=patience)  # fmt: skip
-        race = cls(record, {site.name: site for site in sites}, records, say)
-        race._spec = spec
-        race._save()  # before any attempt is submitted
-        return race
+        placement = cls(record, {site.name: site for site in sites}, records, say)
+        placement._spec = spec
+        placement._save()  # before any attempt is submitted
+        return placement
 
     # -- the record ---------------------------------------------------------------------------------------
 
@@ -100,14 +110,81 @@ class Race:
 
     # -- the race -----------------------------------------------------------------------------------------
 
-    async def run(self) -> Job:
+    @_loop.on_loop
+    async def asubmit_attempts(self) -> None:
+        """Submit the first attempts (up to the width) and return once they are queued, without waiting for one
+        to start: for a caller that hands the placement to another process to claim (:meth:`to_json`)."""
+        await self._fill()
+
+    submit_attempts = _loop.blocking(asubmit_attempts)
+
+    @_loop.on_loop
+    async def arun(self, *, abandon: bool = True) -> Job:
         """Submit (up to the width), watch, claim the first attempt that starts, release the others; return the
-        claimed attempt. Interrupted, it releases and cancels every attempt it made before it stops."""
+        claimed attempt. Interrupted, it releases and cancels every attempt it made before it stops; with
+        ``abandon=False`` it leaves them as they are, for another watcher to go on with (a trigger whose
+        triggerer stops: the next triggerer runs it again)."""
         try:
             return await self._run()
         except (asyncio.CancelledError, KeyboardInterrupt):
-            _loop.keep(self._abandon("the placement was interrupted"))
+            if abandon:
+                _loop.keep(self._abandon("the placement was interrupted"))
             raise
+
+    run = _loop.blocking(arun)
+
+    @_loop.on_loop
+    async def acancel(self, why: str = "the placement was cancelled") -> None:
+        """Give the placement up: release and cancel every attempt that waits (none can run the payload
+        afterwards), and cancel the one claimed, if any."""
+        await self._abandon(why)
+
+    cancel = _loop.blocking(acancel)
+
+    # -- handing a placement over -------------------------------------------------------------------------
+
+    def to_json(self) -> str:
+        """What another process needs to claim this placement's attempts (:meth:`from_json`): its id, name,
+        attempts and claim wait. Not the spec: that process never submits, so the secrets stay here."""
+        record = dataclasses.replace(self.record, spec=None, next_sites=())
+        return json.dumps({"id": record.id, "name": record.name, "state": record.state, "claiming": record.claiming,
+                           "width": record.width, "wait": record.wait,
+                           "attempts": [dataclasses.asdict(a) for a in record.attempts]})  # fmt: skip
+
+    @classmethod
+    def from_json(cls, text: str, *, records: JobRecords | None = None, say: Say | None = None) -> Placement:
+        """The placement :meth:`to_json` wrote, on this machine's sites of the same names, ready to :meth:`arun`
+        (which claims among its attempts and submits no new one). It is recorded here too, so ``offload
+        placements`` on this machine shows it."""
+        try:
+            data = json.loads(text)
+            attempts = tuple(Attempt(**a) for a in data["attempts"])
+            record = PlacementRecord(data["id"], data["name"], data["state"], attempts, data.get("claiming"),
+                                     width=data["width"], wait=data["wait"])  # fmt: skip
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"not a placement handed over by offload ({exc}): {text[:200]!r}") from None
+        sites = {name: load_site(name) for name in dict.fromkeys(a.site for a in attempts)}
+        placement = cls(record, sites, records or JobRecords(), say)
+        placement._save()
+        return placement
+
+    @classmethod
+    def adopt(cls, jobs: Sequence[Job], *, name: str | None = None, wait: int = claims.DEFAULT_WAIT,
+              records: JobRecords | None = None, say: Say | None = None) -> Placement:  # fmt: skip
+        """A placement of attempts found on the sites (e.g. ``Site.find(name)`` on each: those a process that
+        died had submitted), to finish with :meth:`arun`: the one already claimed, if any, stays the winner;
+        otherwise the first to start is claimed. At most one per site (the newest); it submits none."""
+        newest: dict[str, Job] = {}
+        for job in jobs:
+            newest.setdefault(job.site.name, job)
+        attempts = tuple(Attempt(site, job.ref.jobdir, job.id, state="queued", submitted_at=time.time())
+                         for site, job in newest.items())  # fmt: skip
+        record = PlacementRecord(f"p{_secrets.token_hex(6)}", name, "placing", attempts, width=len(attempts),
+                                 wait=wait)  # fmt: skip
+        placement = cls(record, {job.site.name: job.site for job in newest.values()}, records or JobRecords(), say)
+        placement._jobs.update(newest)
+        placement._save()
+        return placement
 
     async def _run(self) -> Job:
         await self._fill()
@@ -132,6 +209,10 @@ class Race:
                     if job is not None:
                         return job
                 elif status.state.is_terminal:
+                    if await self._decision(attempt) == CLAIM:  # claimed by another watcher, and it ran: the winner
+                        self._attempt(attempt.site, state="claimed")
+                        self._save(state="placed")
+                        return self._job(attempt)
                     self._attempt(attempt.site, state="released", reason=f"ended before it started: "
                                   f"{status.describe()}")  # fmt: skip
                     self._say(f"{attempt.site}: attempt {attempt.job_id} ended before it started "
@@ -209,23 +290,59 @@ class Race:
                                                  name=self.record.name)  # fmt: skip
         return job
 
+    async def _decision(self, attempt: Attempt) -> str:
+        """``attempt``'s decision as it stands ('' if none, or its site did not answer)."""
+        try:
+            return await claims.decision(self._sites[attempt.site].transport, attempt.jobdir)
+        except OffloadError:
+            return ""
+
     async def _claim(self, attempt: Attempt) -> Job | None:
-        """Claim ``attempt`` (named in the record first); then release the others. None if it released itself
-        first (it waited longer than its gate's wait): it never ran, and the race goes on."""
+        """Claim ``attempt`` (named in the record first), after releasing every other attempt; then cancel the
+        others. None if it was released first (it waited longer than its gate's wait, or another watcher of
+        this placement claimed a different one first): it never ran, and the race goes on."""
+        if await self._decision(attempt) == RELEASE:  # released already: the others are left untouched
+            self._attempt(attempt.site, state="released", reason="it was released before its claim came")
+            return None
         self._save(claiming=f"{attempt.site}/{attempt.job_id}")
+        others = [a for a in self._live() if a.site != attempt.site]
+        decided = await asyncio.gather(*(self._decide(a, RELEASE) for a in others))
+        claimed = next((a for a, word in zip(others, decided, strict=True) if word == CLAIM), None)
+        if claimed is not None:  # another watcher of this placement claimed that one first: it is the winner
+            log.info("placement %s: %s's attempt %s was claimed by another watcher first", self.id, claimed.site,
+                     claimed.job_id)  # fmt: skip
+            attempt, others = claimed, [a for a in others if a.site != claimed.site] + [attempt]
+            await self._decide(others[-1], RELEASE)
+            self._save(claiming=f"{attempt.site}/{attempt.job_id}")
         decision = await claims.decide(self._sites[attempt.site].transport, attempt.jobdir, CLAIM)
         if decision != CLAIM:
-            self._attempt(attempt.site, state="released", reason="it released itself before its claim came")
+            self._attempt(attempt.site, state="released", reason="it was released before its claim came")
             self._save(claiming=None)
+            for other in others:  # released above: none of them can run the payload now
+                self._attempt(other.site, state="released", reason=f"released while {attempt.site} was claimed")
+            await asyncio.gather(*(self._cancel(a) for a in others))
             return None
         self._attempt(attempt.site, state="claimed")
         if attempt.planned is not None and attempt.site in self._watched:  # what its start teaches the site
             self._sites[attempt.site].learn_start(attempt.planned, time.time() - attempt.submitted_at)
         self._say(f"{attempt.site}: attempt {attempt.job_id} started first: claimed, its payload runs")
-        others = [a for a in self._live() if a.site != attempt.site]
         await asyncio.gather(*(self._release(a, f"{attempt.site} started it first") for a in others))
         self._save(state="placed")
         return self._job(attempt)
+
+    async def _decide(self, attempt: Attempt, word: str) -> str:
+        """Write ``word`` as ``attempt``'s decision unless one is there; the decision that holds ('' if its site
+        did not answer: a release that did not arrive is made by the attempt itself, after its gate's wait)."""
+        try:
+            return await claims.decide(self._sites[attempt.site].transport, attempt.jobdir, word)
+        except OffloadError as exc:
+            log.warning("placement %s: could not write %s for %s's attempt %s now (%s)", self.id, word, attempt.site,
+                        attempt.job_id, exc)  # fmt: skip
+            return ""
+
+    async def _cancel(self, attempt: Attempt) -> None:
+        with contextlib.suppress(OffloadError):
+            await self._sites[attempt.site].acancel([self._job(attempt)], timeout=30)
 
     async def _release(self, attempt: Attempt, reason: str) -> None:
         """Release ``attempt`` (it can no longer run the payload), then cancel it."""
@@ -258,14 +375,14 @@ class Race:
 async def resume(placement_id: str, *, records: JobRecords | None = None, say: Say | None = None) -> Job:
     """Finish a recorded placement whose client stopped (killed, or its machine restarted): return the claimed
     attempt's :class:`Job`. It claims no attempt twice: the one the record names as being claimed is claimed
-    again (or found released), and the others race on as :class:`Race` does."""
+    again (or found released), and the others race on as :class:`Placement` does."""
     records = records or JobRecords()
     record = records.placement(placement_id)
     if record is None:
         raise ConfigError(f"no placement {placement_id!r} in this machine's records ({records.path}): "
                           "'offload placements' lists them")  # fmt: skip
     sites = {name: load_site(name) for name in dict.fromkeys([*(a.site for a in record.attempts), *record.next_sites])}
-    race = Race(record, sites, records, say)
+    race = Placement(record, sites, records, say)
     if record.state == "placed":
         winner = next(a for a in record.attempts if a.state == "claimed")
         return race._job(winner)
@@ -282,7 +399,7 @@ async def resume(placement_id: str, *, records: JobRecords | None = None, say: S
         if job is not None:
             return job
     race._save(state="placing")
-    return await race.run()
+    return await race.arun()
 
 
 async def _submitted_id(site: Site, jobdir: str) -> str | None:
