@@ -11,8 +11,11 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -141,3 +144,74 @@ def test_killing_the_triggerer_while_its_job_runs(deployment, site_name):
         assert time.time() < deadline, "no accounting record of the job"
         time.sleep(1)
     assert len(accounted) == 1, accounted  # one job: the trigger watched, never submitted
+
+
+def hold_gpus(env: dict[str, str], site: str, name: str) -> None:
+    """Scripted load: another job takes every GPU of ``site`` (both GPU nodes) until cancelled; back once it runs."""
+    offload = [sys.executable, "-m", "offload.cli"]
+    held = subprocess.run(
+        [
+            *offload,
+            "run",
+            "--site",
+            site,
+            "--detach",
+            "--nodes",
+            "2",
+            "--gpus-per-node",
+            "2",
+            "--name",
+            name,
+            "--",
+            "sleep",
+            "600",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert held.returncode == 0, held.stderr
+    deadline = time.time() + 90
+    while "RUNNING" not in subprocess.run([*offload, "status", "--site", site, held.stdout.strip()], env=env,
+                                          capture_output=True, text=True, timeout=60).stdout:  # fmt: skip
+        assert time.time() < deadline, f"the load on {site} never ran"
+        time.sleep(1)
+
+
+def test_a_race_is_claimed_in_the_triggerer_once_even_when_the_triggerer_dies_mid_race(deployment):
+    """``policy="race"`` over the two SLURM clusters, both busy (every GPU held by another job): the worker submits
+    an attempt to each and defers; the triggerer is SIGKILLed while both wait; a new one picks the trigger up.
+    The second cluster's load then ends: its attempt starts, the new triggerer claims it and releases the test
+    site's, and the payload runs once, there; no attempt is left on either cluster."""
+    dag_id, hog = "offload_race", f"hog-{uuid.uuid4().hex[:6]}"
+    env = deployment.env
+    cancel = [sys.executable, "-m", "offload.cli", "cancel", "--name", hog, "--site"]
+    try:
+        for site in ("testsite", "second"):
+            hold_gpus(env, site, hog)
+        run_id = deployment.trigger(dag_id)
+        deadline = time.time() + 180
+        while deployment.task_state(dag_id, run_id, "raced") != "deferred" or len(site_jobs("raced-")) < 2:
+            assert time.time() < deadline, (deployment.task_state(dag_id, run_id, "raced"), site_jobs("raced-"))
+            time.sleep(1)
+        assert site_jobs("raced-", running=True) == []  # both attempts wait behind the load
+        deployment.kill_component("triggerer")  # SIGKILL while the trigger watches the race
+        time.sleep(5)
+        deployment.start_component("triggerer")
+        subprocess.run([*cancel, "second"], env=env, capture_output=True, timeout=120, check=True)
+        assert deployment.wait_run(dag_id, run_id) == "success", deployment.log_of("triggerer")[-3000:]
+    finally:
+        for site in ("testsite", "second"):
+            subprocess.run([*cancel, site], env=env, capture_output=True, timeout=120)
+    value = deployment.xcoms(dag_id, run_id)["raced[-1]"]["return_value"]
+    assert value.startswith(f"ran {run_id} on second"), value  # the second cluster's nodes: second1, second2
+    outputs = [path for path in Path("/home/hpcuser").glob("offload*/jobs/raced-*/output")
+               if f"ran {run_id} " in path.read_text(errors="replace")]  # fmt: skip
+    assert len(outputs) == 1 and "offload-second" in str(outputs[0]), outputs  # one run, on the second cluster
+    log = deployment.task_log(dag_id, run_id, "raced")
+    assert "started first: claimed" in log and "released and cancelled" in log, log
+    deadline = time.time() + 60
+    while site_jobs("raced-"):
+        assert time.time() < deadline, site_jobs("raced-")
+        time.sleep(1)

@@ -40,6 +40,39 @@ def test_trigger_serialisation_round_trips():
     assert again.serialize() == (path, kwargs)
 
 
+def test_a_trigger_claiming_a_race_round_trips_with_its_attempts_and_nothing_else():
+    placement = json.dumps(
+        {
+            "id": "p1",
+            "name": "t-1",
+            "state": "placing",
+            "claiming": None,
+            "width": 2,
+            "wait": 600,
+            "attempts": [{"site": "a", "jobdir": "/w/jobs/t-1-p1-a", "job_id": "7"}],
+        }
+    )
+    trigger = OffloadJobTrigger(placement=placement, masks=["s3cr3t"])
+    path, kwargs = trigger.serialize()
+    module, _, name = path.rpartition(".")
+    again = getattr(__import__(module, fromlist=[name]), name)(**json.loads(json.dumps(kwargs)))
+    assert again.serialize() == (path, kwargs) and again.placement == placement
+    with pytest.raises(ValueError, match="watches a job"):
+        OffloadJobTrigger()
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"policy": "fastest"}, "use one of 'first-fit', 'race'"),
+    ({"policy": "failover", "site": "a,b"}, "a trigger must not do: race over those sites"),
+    ({"policy": "race"}, "several site profiles"),
+    ({"policy": "race", "site": "a,b", "offload_conn_id": "hpc"}, "a connection is one site"),
+    ({"policy": "race", "site": "a,b", "width": 0}, "at least 1"),
+])  # fmt: skip
+def test_a_bad_placement_fails_when_the_dag_is_parsed(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        OffloadOperator(task_id="t", command=["true"], **kwargs)
+
+
 def test_templated_fields_render():
     op = OffloadOperator(task_id="t", command=["echo", "{{ ds }}", "{{ params.n }}"], env={"DAY": "{{ ds }}"},
                          image="docker://me/img:{{ params.n }}", gpus="{{ params.n // 3 }}",

@@ -8,6 +8,12 @@ name is on the site itself, this needs no state written between submitting and p
 
 Deferred, the task waits in the triggerer: submitted by one process, watched by another (which brings the
 job's output into the task log as it comes), finished by a third, which logs only what was left.
+
+With several sites and ``policy="race"``, the task submits one attempt of its job to each of the ``width`` best
+sites; whichever starts first is claimed and runs the payload, once, and the others are released and cancelled
+(``offload.Placement``). Deferred, the triggerer claims: the worker hands it the attempts, never the secrets. A
+retry whose worker died finds the earlier try's attempts by their name on each site, as above, and finishes
+that placement instead of starting another.
 """
 
 from __future__ import annotations
@@ -37,6 +43,9 @@ _RESOURCES = ("gpus", "gpus_per_node", "nodes", "tasks_per_node", "cpus", "memor
               "account", "qos")  # fmt: skip
 _WHOLE = ("gpus", "gpus_per_node", "nodes", "tasks_per_node", "cpus")
 _CLEANUP = ("never", "on_success", "always")
+# A deferred race is claimed by a trigger, which may run more than once and must never submit: only the policies
+# that submit every attempt at the start are offered.
+_POLICIES = ("first-fit", "race")
 
 
 class OffloadOperator(BaseOperator):
@@ -62,6 +71,13 @@ class OffloadOperator(BaseOperator):
     :param reattach_on_restart: when a retry finds the job of an earlier try still queued or running (its worker
         died), take it over (default, like the Kubernetes operator's pods); ``False`` cancels that job and
         submits a new one, so each try runs the work itself
+    :param policy: with several sites (``site="a,b"`` or ``"@group"``): ``"first-fit"`` (default) submits the job
+        once, to the site where it starts first; ``"race"`` submits an attempt to each of the ``width`` best
+        sites, and the first to start runs the job, exactly once, the others being cancelled before their
+        payload could run. Offload's ``failover`` and ``estimate`` policies submit later attempts as earlier
+        ones fail, which a trigger (it may run twice) must not do: race over the sites you would fail over to.
+    :param width: with ``policy="race"``: how many sites get an attempt (default 2, the best by free
+        resources, then by their schedulers' plans)
     :param cleanup: when to remove the job's directory on the site once the job has ended: ``"never"``
         (default: its output and files stay for ``offload logs``/``offload get``), ``"on_success"`` (the task
         succeeded) or ``"always"``, as the SSH provider's ``SSHRemoteJobOperator`` offers; sites count inodes,
@@ -108,11 +124,22 @@ class OffloadOperator(BaseOperator):
         cancel_on_failure: bool = True,
         reattach_on_restart: bool = True,
         cleanup: Literal["never", "on_success", "always"] = "never",
+        policy: Literal["first-fit", "race"] = "first-fit",
+        width: int = 2,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         if cleanup not in _CLEANUP:
             raise ValueError(f"{self.task_id}: cleanup={cleanup!r}: use one of {', '.join(map(repr, _CLEANUP))}")
+        if policy not in _POLICIES:
+            more = (" (they submit a later attempt when one fails, which a trigger must not do: race over those "
+                    "sites instead)") if policy in ("failover", "estimate") else ""  # fmt: skip
+            raise ValueError(f"{self.task_id}: policy={policy!r}: use one of {', '.join(map(repr, _POLICIES))}{more}")
+        if policy == "race" and (offload_conn_id is not None or not site):
+            raise ValueError(f"{self.task_id}: policy='race' places the job over several site profiles "
+                             "(site='a,b' or '@group'); a connection is one site")  # fmt: skip
+        if not isinstance(width, int) or width < 1:
+            raise ValueError(f"{self.task_id}: width={width!r}: how many sites get an attempt, at least 1")
         self.command = command
         self.image = image
         self.gpus, self.gpus_per_node, self.nodes, self.tasks_per_node = gpus, gpus_per_node, nodes, tasks_per_node
@@ -135,7 +162,10 @@ class OffloadOperator(BaseOperator):
         self.cancel_on_failure = cancel_on_failure
         self.reattach_on_restart = reattach_on_restart
         self.cleanup = cleanup
+        self.policy = policy
+        self.width = width
         self._job: offload.Job | None = None
+        self._placement: offload.Placement | None = None
         self.result_key: str | None = None  # set by @task.offload: the key its job signs the result with
         if not any(_templated(getattr(self, name)) for name in _RESOURCES):
             self.job_resources()  # bad values fail when the DAG is parsed, not when the task runs
@@ -178,7 +208,15 @@ class OffloadOperator(BaseOperator):
             mask_secret(str(value))  # before anything could print them
         try:
             spec = self.build_spec(context)
-            job = self._reattach_or_submit(spec)
+            if self.policy == "race":
+                placement = self._placement = self._place(spec)
+                if self.deferrable:
+                    self.log.info("Deferring: the triggerer claims the attempt that starts first; pid %s",
+                                  os.getpid())  # fmt: skip
+                    self._defer(placement=placement.to_json())
+                job = placement.run()
+            else:
+                job = self._reattach_or_submit(spec)
         except offload.OffloadError as exc:
             raise AirflowException(str(exc)) from None
         self._job = job
@@ -187,21 +225,40 @@ class OffloadOperator(BaseOperator):
             status = job.status()
             if not status.state.is_terminal:
                 self.log.info("Deferring: job %s is %s; submitted from pid %s", job.id, status.describe(), os.getpid())
-                self.defer(
-                    trigger=OffloadJobTrigger(
-                        job_id=job.id, jobdir=job.ref.jobdir, index=job.ref.index, site=self._site_of(job),
-                        offload_conn_id=self.offload_conn_id, poll_interval=self.poll_interval,
-                        masks=[str(v) for v in self.secrets.values()], relay=bool(self.reach),
-                        result_key=self.result_key,
-                    ),
-                    method_name="execute_complete",
-                    timeout=self.execution_timeout if isinstance(self.execution_timeout, timedelta) else None,
-                )  # fmt: skip
+                self._defer(job_id=job.id, jobdir=job.ref.jobdir, index=job.ref.index, site=self._site_of(job))
         last = ""
         for line in job.logs(follow=True, interval=self.poll_interval):
             self.log.info("%s", line)
             last = line or last
         return self._end(context, job, job.wait(), last)
+
+    def _defer(self, **where: Any) -> None:
+        """Wait in the triggerer for the job (``job_id``, ``jobdir``, ``index``, ``site``), or for the placement
+        whose attempt it claims first (``placement``)."""
+        trigger = OffloadJobTrigger(**where, offload_conn_id=self.offload_conn_id, poll_interval=self.poll_interval,
+                                    masks=[str(v) for v in self.secrets.values()], relay=bool(self.reach),
+                                    result_key=self.result_key)  # fmt: skip
+        timeout = self.execution_timeout if isinstance(self.execution_timeout, timedelta) else None
+        self.defer(trigger=trigger, method_name="execute_complete", timeout=timeout)
+
+    def _place(self, spec: offload.JobSpec) -> offload.Placement:
+        """The race of this try: the one an earlier try left (its attempts found by their name on each site,
+        still queued or running), else a new one over the ``width`` best sites."""
+        sites = offload.load_sites(self.site or "")
+        left = [job for site in sites.sites for job in site.find(spec.name or "") if not job.status().state.is_terminal]
+        if left:
+            where = ", ".join(f"{job.site.name} {job.id}" for job in left)
+            earlier = offload.Placement.adopt(left, name=spec.name, say=self.log.info)
+            refused = self._reattach_refused()
+            if refused is None:
+                self.log.info("Going on with the race an earlier try left (attempts: %s)", where)
+                return earlier
+            self.log.warning("Cancelling the attempts an earlier try left (%s): %s", where, refused)
+            earlier.cancel(refused)
+        placement = sites.start(spec, policy="race", width=self.width, patience=None, say=self.log.info)
+        self.log.info("Racing placement %s: attempts %s", placement.id,
+                      ", ".join(f"{a.site} {a.job_id}" for a in placement.record.attempts if a.job_id))  # fmt: skip
+        return placement
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
         """Resume after the trigger: log what it had not shown yet, then finish."""
@@ -212,6 +269,8 @@ class OffloadOperator(BaseOperator):
         self._job = job
         self.result_key = event.get("result_key")
         self.log.info("Resumed in pid %s after the triggerer watched job %s", os.getpid(), job.id)
+        if self.policy == "race":  # the triggerer claimed it: its id is known only now
+            self._push(context, job_id=job.id)
         if event.get("error"):
             why = f"watching job {job.id} failed: {event['error']}"
             self._stop(job, why)
@@ -224,13 +283,13 @@ class OffloadOperator(BaseOperator):
         return self._end(context, job, job.status(), last)
 
     def resume_execution(self, next_method: str, next_kwargs: dict[str, Any] | None, context: Any) -> Any:
-        """Airflow resumes a task whose deferral timed out, or whose trigger failed, only to raise: its job may
-        still run, so it is cancelled (or left, as ``cancel_on_failure`` says) before the error goes on."""
+        """Airflow resumes a task whose deferral timed out, or whose trigger failed, only to raise: its job (or a
+        race's attempts) may still run, so it is cancelled (or left, as ``cancel_on_failure`` says) before the
+        error goes on."""
         try:
             return super().resume_execution(next_method, next_kwargs, context)
         except (TaskDeferralError, TaskDeferralTimeout) as exc:
-            job = self._live_job(context)
-            if job is not None:
+            for job in self._live_jobs(context):
                 self._stop(job, f"the deferred task ends ({exc or 'the trigger failed'}) while job {job.id} lives")
             raise
 
@@ -246,15 +305,17 @@ class OffloadOperator(BaseOperator):
             self.log.warning("%s: leaving it running (cancel_on_failure=False); 'offload cancel %s' ends it", why,
                              job.id)  # fmt: skip
 
-    def _live_job(self, context: Any) -> offload.Job | None:
+    def _live_jobs(self, context: Any) -> list[offload.Job]:
+        """This task instance's jobs that are not over, on every site it may use (a race's attempts: several)."""
+        live: list[offload.Job] = []
         try:
             for site in self.hook.get_sites():
                 for job in site.find(self.job_name or deterministic_name(context, self.task_id)):
                     if not job.status().state.is_terminal:
-                        return job
+                        live.append(job)
         except offload.OffloadError as exc:
             self.log.error("could not look for this task's job on the site: %s", exc)
-        return None
+        return live
 
     def _reattach_or_submit(self, spec: offload.JobSpec) -> offload.Job:
         # Only a job still queued or running is taken over: one that ended (even successfully) is not reused,
@@ -342,6 +403,9 @@ class OffloadOperator(BaseOperator):
         if self._job is not None:
             self.log.info("Task killed: cancelling job %s", self._job.id)
             self._job.cancel()
+        elif self._placement is not None:
+            self.log.info("Task killed: releasing and cancelling the attempts of placement %s", self._placement.id)
+            self._placement.cancel("the task was killed")
 
 
 def _templated(value: Any) -> bool:

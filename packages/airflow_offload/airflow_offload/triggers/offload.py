@@ -8,6 +8,11 @@ round. A site that stops answering is retried with backoff while the job may sti
 task resumes with the error (and the operator cancels the job, or says why it did not). A secret the task was
 given is masked here too (trigger arguments are encrypted in Airflow's database). When a user kills the
 deferred task (Airflow 3.3+ calls ``on_kill``), the job is cancelled.
+
+Given a race (``placement``: its attempts, as ``offload.Placement.to_json`` hands them over, without the spec or
+its secrets), it first claims the attempt that starts first and releases the others, then watches that one. It
+still never submits. Run twice at once, or again after a triggerer died mid-claim, it claims no second attempt:
+the decisions are on the site, and a watcher releases the other attempts before it claims one.
 """
 
 from __future__ import annotations
@@ -29,8 +34,8 @@ READ_RETRY = offload.RetryPolicy(first=2.0, factor=2.0, cap=60.0, attempts=RETRI
 class OffloadJobTrigger(BaseTrigger):
     def __init__(
         self,
-        job_id: str,
-        jobdir: str,
+        job_id: str = "",
+        jobdir: str = "",
         index: int | None = None,
         site: str | None = None,
         offload_conn_id: str | None = None,
@@ -39,8 +44,11 @@ class OffloadJobTrigger(BaseTrigger):
         masks: list[str] | None = None,
         relay: bool = False,
         result_key: str | None = None,
+        placement: str | None = None,
     ) -> None:
         super().__init__()
+        if not job_id and placement is None:
+            raise ValueError("an OffloadJobTrigger watches a job (job_id) or claims a placement's attempt (placement)")
         self.job_id = job_id
         self.jobdir = jobdir
         self.index = index
@@ -53,6 +61,8 @@ class OffloadJobTrigger(BaseTrigger):
         # @task.offload's key for its signed result: a secret like the masks (Airflow keeps trigger kwargs
         # encrypted), handed back in the event so the resuming worker can check the result before unpickling.
         self.result_key = result_key
+        self.placement = placement
+        self._claimed: offload.Job | None = None
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -68,6 +78,7 @@ class OffloadJobTrigger(BaseTrigger):
                 "masks": self.masks,
                 "relay": self.relay,
                 "result_key": self.result_key,
+                "placement": self.placement,
             },
         )
 
@@ -83,7 +94,11 @@ class OffloadJobTrigger(BaseTrigger):
         offset, last, pending = self.log_offset, "", b""
         relay: asyncio.Future[offload.JobStatus] | None = None
         try:
-            job = await self._job()
+            if self.placement is not None:
+                job = self._claimed = await self._claim()
+                event.update(job_id=job.id, jobdir=job.ref.jobdir, index=job.ref.index, site=job.site.name)
+            else:
+                job = await self._job()
             self.log.info("watching job %s on %s from the triggerer (pid %s)", job.id, job.site.name, os.getpid())
             if self.relay:  # the job reaches services on the worker's side: serve its relay while it runs
                 relay = asyncio.ensure_future(job.site.arelay(job))
@@ -112,7 +127,20 @@ class OffloadJobTrigger(BaseTrigger):
                 relay.cancel()
         yield TriggerEvent(event)
 
+    async def _claim(self) -> offload.Job:
+        """The placement's attempt that starts first, claimed (the others released and cancelled). Stopped, this
+        trigger leaves the attempts as they are: the trigger run again (in this triggerer or the next) goes on."""
+        assert self.placement is not None
+        placement = offload.Placement.from_json(self.placement, say=self.log.info)
+        self.log.info("claiming the first attempt of placement %s to start, from the triggerer (pid %s)",
+                      placement.id, os.getpid())  # fmt: skip
+        return await placement.arun(abandon=False)
+
     async def on_kill(self) -> None:
-        job = await self._job()
-        self.log.info("Deferred task killed: cancelling job %s", self.job_id)
+        if self.placement is not None and self._claimed is None:
+            self.log.info("Deferred task killed: releasing and cancelling the attempts of its placement")
+            await offload.Placement.from_json(self.placement).acancel("the deferred task was killed")
+            return
+        job = self._claimed or await self._job()
+        self.log.info("Deferred task killed: cancelling job %s", job.id)
         await job.acancel()
