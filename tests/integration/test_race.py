@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from offload.records import JobRecords
+from tests import leftovers
 
 from .conftest import CONFIG, queued_jobs, wait_until
 
@@ -251,3 +252,37 @@ def test_an_overdue_attempt_keeps_its_place_while_the_next_site_gets_one(env, si
     assert attempts["gridengine"]["state"] == "released" and attempts["gridengine"]["overdue"], placement
     no_job_left(site_user)
     assert runs(placement, marker) == 1, placement
+
+
+def test_jupyter_raced_over_two_clusters_starts_where_a_gpu_is_free_and_only_there(env, site_user):
+    """``offload jupyter --policy race`` over the two SLURM clusters, the test site's GPUs all held: an attempt on
+    each (each made for its own site: its Python, its notebooks folder), the second cluster's starts and is
+    claimed, the test site's is released and cancelled; the kernel runs on the second cluster's node with the GPU
+    SLURM gave it there. Ctrl-C ends the session and its job; nothing is left on either cluster."""
+    from .test_jupyter import run_cell
+
+    hog = f"hog-{uuid.uuid4().hex[:6]}"
+    proc = None
+    try:
+        hold_gpus(env, "testsite", hog, "00:10:00", 300)
+        proc = subprocess.Popen([*OFFLOAD, "jupyter", "--site", "@slurms", "--policy", "race", "--gpus", "1",
+                                 "--no-browser"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)  # fmt: skip
+        url = proc.stdout.readline().strip()
+        assert "/lab?token=" in url, proc.stderr.read() if proc.poll() is not None else url
+        base, token = url.split("/lab?token=")
+        printed = run_cell(base, token, "import os, socket; print(socket.gethostname(), "
+                                        "os.environ['CUDA_VISIBLE_DEVICES'])")  # fmt: skip
+        host, gpus = printed.split()
+        assert host.startswith("second") and gpus in ("0", "1"), printed
+        [placement] = placements(env)
+        states = {a["site"]: a["state"] for a in placement["attempts"]}
+        assert states == {"second": "claimed", "testsite": "released"}, placement
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGINT)  # Ctrl-C ends the session and the job
+            _, err = proc.communicate(timeout=120)
+        offload(env, "cancel", "--site", "testsite", "--name", hog)
+    assert proc.returncode == 130 and "cancelled job" in err, err
+    assert "second: attempt" in err and "claimed" in err, err
+    wait_until(lambda: not leftovers.site_jobs(site_user), timeout=90, what="no job left on either cluster")

@@ -228,7 +228,7 @@ def test_a_spec_with_secrets_is_never_recorded_so_resume_says_to_submit_again(tw
     placement_id = _loop.run(first_attempt_lost())
     written = b"".join(path.read_bytes() for path in (tmp_path / "state").iterdir())  # the database and its WAL
     assert b"secretive" in written and b"s3cr3t" not in written
-    with pytest.raises(SubmissionError, match="has secrets, which offload never writes down"):
+    with pytest.raises(SubmissionError, match="has secrets or a spec made per site, which offload never writes down"):
         _loop.run(resume(placement_id, records=records))
 
 

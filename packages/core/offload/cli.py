@@ -27,7 +27,7 @@ from offload import _loop
 from offload.cli_common import SITE_HELP, fail, log_to_stderr, user_errors
 from offload.errors import ConfigError
 from offload.jobs import Job, JobState, JobStatus
-from offload.placement import DEFAULT_PATIENCE, POLICIES, choose_site, load_sites, names_several, resume_placement
+from offload.placement import DEFAULT_PATIENCE, POLICIES, load_sites, names_several, resume_placement
 from offload.profiles import load_profiles
 from offload.records import JobRecords, write_private
 from offload.schedulers.base import NodeResources
@@ -716,6 +716,10 @@ def _exit_code(job: Job, status: JobStatus) -> int:
 @click.option("--no-browser", is_flag=True, help="Print the URL, do not open a browser.")
 @click.option("--detach", is_flag=True, help="Submit and return at once; the server runs until its walltime.")
 @click.option("--attach", "attach_job", metavar="JOB", help="Connect to a server started with --detach.")
+@click.option("--policy", type=click.Choice(POLICIES), default="first-fit", show_default=True,
+              help="With several sites: as for 'offload run' ('race': the server starts on whichever of the "
+              "--width best sites starts it first, and only there).")  # fmt: skip
+@click.option("--width", type=int, default=2, show_default=True, help="With --policy race: sites raced at once.")
 def jupyter(
     site_name: str | None,
     gpus: int,
@@ -728,6 +732,8 @@ def jupyter(
     no_browser: bool,
     detach: bool,
     attach_job: str | None,
+    policy: str,
+    width: int,
 ) -> None:
     """JupyterLab on a compute node, in the site's container, reached through a local port forward.
 
@@ -742,10 +748,21 @@ def jupyter(
             job = _resolve(attach_job, site_name)
             token = jl.saved_token(job.site, job.id)
         else:
-            wanted = Resources(gpus=gpus, cpus=cpus, memory=memory, walltime=walltime)  # of several sites, the
-            site = choose_site(site_name, JobSpec(["jupyter"], image=image, resources=wanted))  # one it starts first
-            job, token = jl.start(site, gpus=gpus, image=image, walltime=walltime, cpus=cpus, memory=memory,
-                                  root=root, reach=_env_pairs(reach, "--reach"))  # fmt: skip
+            if policy != "first-fit" and not names_several(site_name):
+                raise ConfigError(f"--policy {policy} places the server over several sites: name them, e.g. --site "
+                                  "a,b or --site @group")  # fmt: skip
+            if policy != "first-fit" and detach:
+                raise ConfigError(f"--policy {policy} needs this client until the server starts (it claims the "
+                                  "attempt that starts first): drop --detach, or use --policy first-fit")  # fmt: skip
+            where = load_sites(site_name) if names_several(site_name) else load_site(site_name)
+            try:
+                job, token = jl.start(where, gpus=gpus, image=image, walltime=walltime, cpus=cpus, memory=memory,
+                                      root=root, reach=_env_pairs(reach, "--reach"), policy=policy, width=width,
+                                      say=_say)  # fmt: skip
+            except KeyboardInterrupt as exc:  # what got in is cancelled (a race's attempts released first)
+                click.echo("\noffload: interrupted before the server started; a job that got in is cancelled",
+                           err=True)  # fmt: skip
+                sys.exit(128 + getattr(exc, "signum", signal.SIGINT))
             click.echo(f"offload: submitted JupyterLab as job {job.id} to '{job.site.name}'", err=True)
     if detach:
         click.echo(f"offload: it runs until its walltime: connect with 'offload jupyter --attach {job.id}', end it "

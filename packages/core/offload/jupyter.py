@@ -29,6 +29,7 @@ from pathlib import Path
 
 from offload.errors import JobFailedError, OffloadError
 from offload.jobs import Job, JobState, JobStatus
+from offload.placement import SiteGroup
 from offload.records import default_path, write_private
 from offload.site import Forward, Site
 from offload.spec import JobSpec, Mount, Resources
@@ -147,17 +148,28 @@ def jupyter_spec(site: Site, *, server: Sequence[str] | None = None, root: str |
     )  # fmt: skip
 
 
-def start(site: Site, *, gpus: int = 0, image: str | None = None, walltime: str | None = None,
+def start(site: Site | SiteGroup, *, gpus: int = 0, image: str | None = None, walltime: str | None = None,
           cpus: int | None = None, memory: str | None = None, root: str | None = None,
-          reach: dict[str, str] | None = None) -> tuple[Job, str]:  # fmt: skip
-    """Submit JupyterLab as a job; returns the job and its token (also kept, 0600, for ``--attach``)."""
+          reach: dict[str, str] | None = None, policy: str = "first-fit", width: int = 2,
+          say: Callable[[str], None] | None = None) -> tuple[Job, str]:  # fmt: skip
+    """Submit JupyterLab as a job; returns the job and its token (also kept, 0600, for ``--attach``). Over
+    several sites (a :class:`SiteGroup`), ``policy`` places it (:meth:`SiteGroup.submit`): with ``"race"`` the
+    server starts on whichever of the ``width`` best sites starts it first, and only there; each site's job is
+    made for that site (its Python, its notebooks folder)."""
     token = secrets.token_urlsafe(32)
-    spec = jupyter_spec(site, root=root, notebooks=None if root else "notebooks", image=image, reach=reach,
-                        resources=Resources(gpus=gpus, cpus=cpus, memory=memory, walltime=walltime),
-                        secrets={"JUPYTER_TOKEN": token})  # fmt: skip
-    site.validate(spec)
-    job = site.submit(spec)
-    write_private(_token_file(site, job.id), token)
+
+    def spec_for(one: Site) -> JobSpec:
+        return jupyter_spec(one, root=root, notebooks=None if root else "notebooks", image=image, reach=reach,
+                            resources=Resources(gpus=gpus, cpus=cpus, memory=memory, walltime=walltime),
+                            secrets={"JUPYTER_TOKEN": token})  # fmt: skip
+
+    if isinstance(site, SiteGroup):
+        job = site.submit(spec_for, policy=policy, width=width, say=say)
+    else:
+        spec = spec_for(site)
+        site.validate(spec)
+        job = site.submit(spec)
+    write_private(_token_file(job.site, job.id), token)
     return job, token
 
 

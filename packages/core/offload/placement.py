@@ -30,7 +30,7 @@ import asyncio
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from offload import _loop
@@ -39,7 +39,7 @@ from offload.errors import ConfigError, OffloadError, SubmissionError
 from offload.estimates import ExpectedStart
 from offload.jobs import Job
 from offload.profiles import load_profiles
-from offload.race import Placement, Say, resume
+from offload.race import Placement, Say, SpecFor, resume
 from offload.records import JobRecords
 from offload.schedulers.base import NodeResources
 from offload.site import Site, load_site
@@ -99,7 +99,7 @@ class SiteGroup:
         return ",".join(site.name for site in self.sites)
 
     @_loop.on_loop
-    async def arank(self, spec: JobSpec | Callable[[Site], JobSpec], *, estimate: bool = False) -> list[Verdict]:
+    async def arank(self, spec: SpecFor, *, estimate: bool = False) -> list[Verdict]:
         """Every site's verdict for ``spec``, best first: feasible before not, those that can start it now
         before those where it would wait (most free GPUs, then CPUs, first), then the order of the group.
         One scheduler call per site, made at once. ``spec`` may be a function giving the job as built for each
@@ -129,7 +129,7 @@ class SiteGroup:
     rank = _loop.blocking(arank)
 
     @_loop.on_loop
-    async def achoose(self, spec: JobSpec | Callable[[Site], JobSpec]) -> Site:
+    async def achoose(self, spec: SpecFor) -> Site:
         """The site :meth:`submit` would send ``spec`` to first, for a caller that builds its job there itself
         (``offload jupyter``, whose job names its site); :class:`ConfigError` with every site's reason if none
         can run it."""
@@ -143,7 +143,7 @@ class SiteGroup:
     choose = _loop.blocking(achoose)
 
     async def _planned_if_none_free(self, verdicts: Sequence[Verdict],
-                                    spec: JobSpec | Callable[[Site], JobSpec]) -> list[Verdict]:  # fmt: skip
+                                    spec: SpecFor) -> list[Verdict]:  # fmt: skip
         """First-fit's answer when no feasible site can start the job now, and free resources cannot tell them
         apart: the feasible sites in the order of their schedulers' plans (one plan each, kept a minute,
         :meth:`Site.expected_start`), those without one after, in the group's order."""
@@ -167,7 +167,7 @@ class SiteGroup:
         return self._ordered(await asyncio.gather(*(planned(v) for v in verdicts)), by_plan=True)
 
     @_loop.on_loop
-    async def asubmit(self, spec: JobSpec, *, ranked: Sequence[Verdict] | None = None, policy: str = "first-fit",
+    async def asubmit(self, spec: SpecFor, *, ranked: Sequence[Verdict] | None = None, policy: str = "first-fit",
                       width: int = 2, claim_wait: int = DEFAULT_WAIT, patience: float | None = DEFAULT_PATIENCE,
                       say: Say | None = None) -> Job:  # fmt: skip
         """Submit ``spec`` where it starts first and return its handle (``Job.site`` is where it went);
@@ -207,7 +207,7 @@ class SiteGroup:
     submit = _loop.blocking(asubmit)
 
     @_loop.on_loop
-    async def astart(self, spec: JobSpec, *, ranked: Sequence[Verdict] | None = None, policy: str = "race",
+    async def astart(self, spec: SpecFor, *, ranked: Sequence[Verdict] | None = None, policy: str = "race",
                      width: int = 2, claim_wait: int = DEFAULT_WAIT, patience: float | None = DEFAULT_PATIENCE,
                      say: Say | None = None) -> Placement:  # fmt: skip
         """Start racing ``spec`` as :meth:`asubmit` does with ``policy`` (``"race"``, ``"failover"`` or
@@ -240,14 +240,15 @@ class SiteGroup:
             raise ConfigError(f"no site of {self.name} can run this job:\n  " + "\n  ".join(reasons))
         return feasible
 
-    async def _first_fit(self, spec: JobSpec, ranked: Sequence[Verdict] | None) -> Job:
+    async def _first_fit(self, spec: SpecFor, ranked: Sequence[Verdict] | None) -> Job:
         verdicts = list(ranked) if ranked is not None else await self.arank(spec)
         feasible = self._feasible(await self._planned_if_none_free(verdicts, spec))
         reasons = [f"{v.site}: {v.reason}" for v in verdicts if not v.feasible]
         sites = {site.name: site for site in self.sites}
         for verdict in feasible:
             try:
-                job = await sites[verdict.site].asubmit(spec)
+                site = sites[verdict.site]
+                job = await site.asubmit(spec(site) if callable(spec) else spec)
             except SubmissionError as exc:  # refused there (a limit, an account): the next site may take it
                 log.warning("site %s refused the job (%s); trying the next site", verdict.site, exc.scheduler_message)
                 reasons.append(f"{verdict.site}: refused: {exc.scheduler_message or exc}")

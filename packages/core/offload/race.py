@@ -52,6 +52,7 @@ from offload.spec import JobSpec, spec_from_json, spec_to_json
 log = logging.getLogger("offload.placement")
 
 Say = Callable[[str], None]  # told each step of a placement, as a line for people
+SpecFor = JobSpec | Callable[[Site], JobSpec]  # one spec for every site, or a function that makes each site's
 
 
 class Placement:
@@ -68,21 +69,26 @@ class Placement:
         self._jobs: dict[str, Job] = {}  # by site, the attempts that are queued
         # the sites whose attempt this process submitted or saw waiting: when one starts, its wait is known
         self._watched: set[str] = set()
-        # the spec of new attempts: the caller's, or the record's (None if it has secrets, never written down)
-        self._spec: JobSpec | None = spec_from_json(record.spec) if record.spec else None
+        # the spec of new attempts: the caller's (one, or one made per site), or the record's (None if it has
+        # secrets or is made per site: never written down)
+        self._spec: SpecFor | None = spec_from_json(record.spec) if record.spec else None
 
     @property
     def id(self) -> str:
         return self.record.id
 
     @classmethod
-    def start(cls, spec: JobSpec, sites: Sequence[Site], *, width: int, wait: int, records: JobRecords,
-              patience: float | None = None, say: Say | None = None) -> Placement:  # fmt: skip
-        """A new placement of ``spec`` over ``sites`` (feasible, best first), ``width`` attempts at a time;
-        an attempt is overdue ``patience`` seconds after its expected start (None: never)."""
+    def start(cls, spec: SpecFor, sites: Sequence[Site], *, width: int, wait: int,
+              records: JobRecords, patience: float | None = None, say: Say | None = None) -> Placement:  # fmt: skip
+        """A new placement of ``spec`` (or of the spec a function makes for each site: where the job's command
+        or paths differ by site) over ``sites`` (feasible, best first), ``width`` attempts at a time; an attempt
+        is overdue ``patience`` seconds after its expected start (None: never)."""
         if not isinstance(width, int) or width < 1:
             raise ConfigError(f"a race's width is how many sites get an attempt at once, at least 1; got {width!r}")
-        record = PlacementRecord(f"p{_secrets.token_hex(6)}", spec.name, "placing", (), spec=spec_to_json(spec),
+        first = spec(sites[0]) if callable(spec) and sites else spec
+        name = first.name if isinstance(first, JobSpec) else None
+        recorded = spec_to_json(spec) if isinstance(spec, JobSpec) else None
+        record = PlacementRecord(f"p{_secrets.token_hex(6)}", name, "placing", (), spec=recorded,
                                  next_sites=tuple(site.name for site in sites), width=width, wait=wait,
                                  patience=patience)  # fmt: skip
         placement = cls(record, {site.name: site for site in sites}, records, say)
@@ -195,8 +201,9 @@ class Placement:
                 self._save(state="failed")
                 reasons = "\n  ".join(f"{a.site}: {a.reason}" for a in self.record.attempts)
                 more = "" if self._spec is not None or not self.record.next_sites else (
-                    f"\n  (not tried: {', '.join(self.record.next_sites)}; the job has secrets, which offload never "
-                    "writes down, so only its first client could submit it there: submit it again)")  # fmt: skip
+                    f"\n  (not tried: {', '.join(self.record.next_sites)}; the job has secrets or a spec made per "
+                    "site, which offload never writes down, so only its first client could submit it there: submit "
+                    "it again)")  # fmt: skip
                 raise SubmissionError(f"placement {self.id}: no site ran the job:\n  {reasons}{more}")
             statuses = await asyncio.gather(*(self._status(a) for a in live))
             for attempt, status in zip(live, statuses, strict=True):
@@ -243,13 +250,17 @@ class Placement:
             self._save(next_sites=self.record.next_sites[len(take) :])
             await asyncio.gather(*(self._submit(self._sites[name]) for name in take))
 
-    async def _submit(self, site: Site) -> None:
+    def _spec_for(self, site: Site) -> JobSpec:
         assert self._spec is not None
-        jobdir = f"{await site.aworkdir()}/jobs/{self._spec.name or 'job'}-{self.id}-{site.name}"
+        return self._spec(site) if callable(self._spec) else self._spec
+
+    async def _submit(self, site: Site) -> None:
+        spec = self._spec_for(site)
+        jobdir = f"{await site.aworkdir()}/jobs/{spec.name or 'job'}-{self.id}-{site.name}"
         self._save(attempts=(*self.record.attempts, Attempt(site.name, jobdir)))  # before it is submitted
-        planned, due = await self._due(site)
+        planned, due = await self._due(site, spec)
         try:
-            job = await site.asubmit(self._spec, gate=Gate(jobdir, self.record.wait))
+            job = await site.asubmit(spec, gate=Gate(jobdir, self.record.wait))
         except SubmissionError as exc:  # refused there (a limit, an account): the next site may take it
             self._attempt(site.name, state="refused", reason=f"refused: {exc.scheduler_message or exc}")
             self._say(f"{site.name}: refused the job ({exc.scheduler_message or exc})")
@@ -260,15 +271,14 @@ class Placement:
         expected = "" if due is None else f", overdue after {due - time.time():.0f} s"
         self._say(f"{site.name}: attempt {job.id} queued{expected}")
 
-    async def _due(self, site: Site) -> tuple[float | None, float | None]:
+    async def _due(self, site: Site, spec: JobSpec) -> tuple[float | None, float | None]:
         """What ``site``'s scheduler plans for the attempt about to be submitted (seconds, None if it makes no
         plan), and when the attempt will be overdue (None: never; the patience alone where there is no plan).
         The plan is the one ranking just asked for (kept a minute): no extra call."""
-        assert self._spec is not None
         if self.record.patience is None:
             return None, None
         try:
-            expected = await site.aexpected_start(self._spec)
+            expected = await site.aexpected_start(spec)
         except OffloadError as exc:
             log.warning("placement %s: %s did not say when it would start the job (%s)", self.id, site.name, exc)
             return None, time.time() + self.record.patience
