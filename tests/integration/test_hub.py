@@ -51,7 +51,7 @@ def free_port() -> int:
 class Hub:
     """A JupyterHub process with OffloadSpawner, restartable on the same ports, database and secrets."""
 
-    def __init__(self, folder: Path, site: str = "testsite", culler: bool = False) -> None:
+    def __init__(self, folder: Path, site: str = "testsite", culler: bool = False, policy: str = "first-fit") -> None:
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
         self.public, self.hub_port, self.proxy_api = free_port(), free_port(), free_port()
@@ -87,6 +87,7 @@ class Hub:
             c.JupyterHub.load_roles = {roles!r}
             c.JupyterHub.spawner_class = "offload"
             c.OffloadSpawner.site = {site!r}
+            c.OffloadSpawner.policy = {policy!r}
             c.OffloadSpawner.walltime = "00:30:00"
             c.OffloadSpawner.poll_interval = 1
             c.OffloadSpawner.environment = {{"JUPYTERHUB_ACTIVITY_INTERVAL": "5"}}
@@ -154,7 +155,7 @@ def hub(tmp_path, site_name, site_user):
     made: list[Hub] = []
 
     def make(**kwargs) -> Hub:
-        hub = Hub(tmp_path / f"hub{len(made)}", site=site_name, **kwargs)
+        hub = Hub(tmp_path / f"hub{len(made)}", **{"site": site_name, **kwargs})
         made.append(hub)
         hub.start()
         return hub
@@ -315,4 +316,33 @@ def test_named_servers_and_the_idle_culler(hub, site_user):
     deadline = time.time() + 60
     while job_of(site_user, "carol", "scratch"):
         assert time.time() < deadline, "the culled session's job is still queued"
+        time.sleep(1)
+
+
+def test_a_session_raced_over_two_clusters_starts_where_a_gpu_is_free(hub, testsite_config, site_user):
+    """``policy = "race"`` over the test site's two SLURM clusters, every GPU of the test site held: the spawn
+    submits an attempt to each (each made for its cluster), the second cluster's starts and is claimed, the test
+    site's is released and cancelled, and the user's kernel runs on the second cluster's node. Stopping the
+    server from the hub leaves no job on either cluster."""
+    hog = offload.load_site("testsite")
+    blockers = hog.submit_many([offload.JobSpec(["sleep", "600"], name="hub-blocker",
+                                                resources=offload.Resources(gpus=2))] * 2, arrays=False)  # fmt: skip
+    for job in blockers:
+        wait_for_state(job, offload.JobState.RUNNING)
+    hub = hub(site="@slurms", policy="race")
+    try:
+        hub.spawn("dora", profile="gpu1")
+        messages = [event.get("message", "") for event in progress_events(hub, "dora")]
+        hub.wait_ready("dora")
+    finally:
+        hog.cancel(blockers)
+    assert any("second: attempt" in m and "claimed" in m for m in messages), messages
+    assert any("testsite: attempt" in m and "released and cancelled" in m for m in messages), messages
+    token = hub.user_token("dora")
+    printed = run_cell(f"{hub.url}/user/dora", token, "import socket; print(socket.gethostname())")
+    assert printed.strip().startswith("second"), printed
+    assert hub.api("DELETE", "/users/dora/server").status_code in (202, 204)
+    deadline = time.time() + 90
+    while any(job.name.startswith("jupyterhub-dora") for job in leftovers.site_jobs(site_user).values()):
+        assert time.time() < deadline, leftovers.site_jobs(site_user)
         time.sleep(1)

@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -59,7 +61,7 @@ def test_the_token_is_a_secret_and_the_hub_api_a_reach_target(local):
     s = spawner()
     s.user_options = {"profile": "cpu"}
     s._site_key = ("local", None, None)
-    spec = s._spec("/work", s._profile())
+    spec = s._spec(s._site(), "/work", s._profile())
     assert spec.secrets["JUPYTERHUB_API_TOKEN"] == "secret-token-value"
     assert "JUPYTERHUB_API_TOKEN" not in spec.env and "secret-token-value" not in repr(spec.env)
     assert spec.reach["JUPYTERHUB_API_URL"] == "http://10.0.0.5:8081/hub/api"
@@ -112,7 +114,7 @@ async def test_a_job_left_from_a_spawn_the_hub_lost_is_cancelled_before_the_next
     s.user_options = {"profile": "cpu"}
     s._site_key = ("local", None, None)
     site = s._site()
-    name = s._spec(await site.aworkdir(), s._profile()).name
+    name = s._spec(site, await site.aworkdir(), s._profile()).name
     lost = await site.asubmit(offload.JobSpec(["sleep", "120"], name=name))
     other = await site.asubmit(offload.JobSpec(["sleep", "120"], name="jupyterhub-bob-default"))
     try:
@@ -173,7 +175,7 @@ async def run_session(s: OffloadSpawner) -> tuple[offload.JobSpec, list[str], di
     (PRINT_ARGV) printed, and the launcher's jupyter.json."""
     s._site_key = ("local", None, None)
     site = s._site()
-    spec = s._spec(await site.aworkdir(), s._profile())
+    spec = s._spec(site, await site.aworkdir(), s._profile())
     job = await site.asubmit(spec)
     try:
         status = await job.finished(timeout=60)
@@ -277,7 +279,7 @@ def test_the_default_command_is_jupyterhub_singleuser(local):
     s = spawner()
     assert s.cmd == ["jupyterhub-singleuser"] and s.get_args() == []
     s._site_key = ("local", None, None)
-    spec = s._spec("/work", s._profile())
+    spec = s._spec(s._site(), "/work", s._profile())
     assert spec.command[-1] == "[null, []]"  # no command of the hub's own: the program's jupyterhub.singleuser
 
 
@@ -295,10 +297,10 @@ c.OffloadSpawner.profiles = [
     s = spawner(config=config)
     s._site_key = ("local", None, None)
     s.user_options = {}
-    small = s._spec("/work", s._profile()).resources
+    small = s._spec(s._site(), "/work", s._profile()).resources
     assert (small.memory_mb, small.cpus, small.account, small.qos) == (3072, 3, None, None)
     s.user_options = {"profile": "big"}
-    big = s._spec("/work", s._profile())
+    big = s._spec(s._site(), "/work", s._profile())
     assert (big.resources.memory_mb, big.resources.cpus) == (64 * 1024, 16)
     assert (big.resources.account, big.resources.qos) == ("proj1", "long")
     # what jupyter-resource-usage shows is the job's, not the hub-wide limit
@@ -386,7 +388,7 @@ c.OffloadSpawner.profiles = [
                            "memory": "32768M", "image": "ghcr.io/me/lab:1", "gpus": 2}]  # fmt: skip
     s._site_key = ("local", None, None)
     s.user_options = {}
-    res = s._spec("/work", s._profile()).resources
+    res = s._spec(s._site(), "/work", s._profile()).resources
     assert (res.gpus, res.cpus, res.memory_mb) == (2, 8, 32 * 1024)
 
     refused = {
@@ -416,8 +418,37 @@ async def test_a_profile_naming_several_sites_places_the_session_on_the_one_wher
         for name in ("east", "west")) + '[groups]\npair = ["west", "east"]\n')  # fmt: skip
     s = spawner(profiles=[{"display_name": "Anywhere", "slug": "any", "site": "@pair"}])
     s.user_options = {"profile": "any"}
-    assert await s._place(s._profile(), None, None) == "west"
+    assert await s._place(s._site_names(s._profile()), s._profile(), None, None) == "west"
     assert any("Placed on west" in news for news in s._news), s._news
-    assert await s._place({"site": "east"}, None, None) == "east"  # one site: no ranking
+    assert await s._place(["east"], {"site": "east"}, None, None) == "east"  # one site: no ranking
     with pytest.raises(offload.ConfigError, match="unknown group '@none'"):
-        await s._place({"site": "@none"}, None, None)
+        s._site_names({"site": "@none"})
+
+
+async def test_a_session_raced_over_two_sites_runs_on_one_and_the_other_attempt_is_released(tmp_path, monkeypatch):
+    """``policy="race"``: an attempt on each of two real local sites, each made for its site (its work
+    directory's notebooks folder); the first to start is claimed and runs the server, the other is released and
+    never runs it. A bad policy is refused when the hub reads its config, or a profile, before any spawn."""
+    monkeypatch.setenv("OFFLOAD_CONFIG", str(tmp_path / "sites.toml"))
+    monkeypatch.setenv("OFFLOAD_STATE_DIR", str(tmp_path / "state"))
+    (tmp_path / "sites.toml").write_text("".join(
+        f'[sites.{name}]\ntransport = "local"\nscheduler = "local"\nruntime = "none"\nworkdir = "{tmp_path / name}"\n'
+        "poll_interval = 0.5\n" for name in ("east", "west")) + '[groups]\npair = ["west", "east"]\n')  # fmt: skip
+    config = hub_config(tmp_path, f"c.Spawner.cmd = [{sys.executable!r}, '-c', {PRINT_ARGV!r}]")
+    s = spawner(config=config, profiles=[{"display_name": "Anywhere", "slug": "any", "site": "@pair",
+                                          "policy": "race"}])  # fmt: skip
+    s.user_options = {"profile": "any"}
+    profile = s._profile()
+    job = await s._race(s._site_names(profile), None, None, profile, time.monotonic() + 60)
+    status = await job.finished(timeout=60)
+    assert status.state is offload.JobState.COMPLETED, await job.atail(50)
+    assert "ARGV " in await job.atail(200)
+    assert any("started first: claimed" in news for news in s._news), s._news
+    assert any("released and cancelled" in news for news in s._news), s._news
+    ran = [path for path in tmp_path.glob("*/jobs/*/output") if "ARGV " in path.read_text()]
+    assert ran == [Path(job.ref.jobdir, "output")], ran
+    assert (tmp_path / job.site.name / "hub" / "alice" / "notebooks").is_dir()  # the winner's own folder
+    with pytest.raises(Exception, match="use one of first-fit, race"):
+        spawner(policy="fastest")
+    with pytest.raises(Exception, match="policy 'fastest'"):
+        spawner(profiles=[{"display_name": "x", "slug": "x", "policy": "fastest"}])

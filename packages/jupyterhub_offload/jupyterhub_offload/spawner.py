@@ -48,7 +48,8 @@ REACH_ENV = ("JUPYTERHUB_API_URL", "JUPYTERHUB_ACTIVITY_URL")
 # Set by the job itself (the port is picked free on the node).
 DROPPED_ENV = ("JUPYTERHUB_SERVICE_URL",)
 PROFILE_KEYS = {"display_name", "slug", "description", "default", "gpus", "cpus", "memory", "walltime",
-                "partition", "account", "qos", "image", "images", "site"}  # fmt: skip
+                "partition", "account", "qos", "image", "images", "site", "policy"}  # fmt: skip
+POLICIES = ("first-fit", "race")  # a session's placement over several sites (offload.SiteGroup.submit)
 # KubeSpawner's profile_list entries share display_name, slug, description and default with offload's profiles.
 # Of the keys of their kubespawner_override, these mean the same on a SLURM site (whose allocation is at once the
 # job's request and its limit); the rest (node selectors, volumes, guarantees, ...) have no meaning here.
@@ -103,6 +104,11 @@ class OffloadSpawner(Spawner):
 
     site = Unicode(None, allow_none=True, help="The offload site profile (default: offload's default site); "
                    "several ('a,b', '@group'): the one where the session starts first.").tag(config=True)  # fmt: skip
+    policy = Unicode("first-fit", help="With several sites: 'first-fit' submits the session's job once, where it "
+                     "starts first; 'race' submits it to the `width` best sites, the first to start serves the "
+                     "session and the others are cancelled before their server could start (a profile may change "
+                     "it).").tag(config=True)  # fmt: skip
+    width = Integer(2, help="With policy 'race': how many sites get an attempt at once.").tag(config=True)
     image = Unicode(None, allow_none=True, help="Container image with jupyterhub and jupyterlab in it.").tag(
         config=True
     )
@@ -160,6 +166,12 @@ class OffloadSpawner(Spawner):
     @default("env_keep")
     def _env_keep(self) -> list[str]:
         return []  # the hub's PATH, venv and locale mean nothing in a container on a compute node
+
+    @validate("policy")
+    def _check_policy(self, proposal: dict[str, Any]) -> str:
+        if proposal["value"] not in POLICIES:
+            raise TraitError(f"OffloadSpawner.policy {proposal['value']!r}: use one of {', '.join(POLICIES)}")
+        return proposal["value"]
 
     @validate("profiles")
     def _check_profiles(self, proposal: dict[str, Any]) -> Any:
@@ -282,7 +294,7 @@ class OffloadSpawner(Spawner):
             account=profile.get("account", self.account), qos=profile.get("qos", self.qos),
         )  # fmt: skip
 
-    def _spec(self, workdir: str, profile: dict[str, Any]) -> offload.JobSpec:
+    def _spec(self, site: offload.Site, workdir: str, profile: dict[str, Any]) -> offload.JobSpec:
         resources = self._resources(profile)
         env = self.get_env()
         # What the server (and jupyter-resource-usage) is told it has: the job's allocation, not the hub-wide limit
@@ -297,7 +309,6 @@ class OffloadSpawner(Spawner):
         reach = {name: env.pop(name) for name in REACH_ENV if env.get(name)}
         for name in DROPPED_ENV:
             env.pop(name, None)
-        site = self._site()
         server = self.name or "default"
         # Spawner.notebook_dir, as the hub passes it: the server's root (~ expanded in the container, as
         # jupyterhub-singleuser does); the notebooks folder is bound in all the same.
@@ -323,16 +334,21 @@ class OffloadSpawner(Spawner):
     async def start(self) -> tuple[str, int]:
         profile = await self._chosen_profile()
         user, identity = self._resolve(self.site_user), self._resolve(self.ssh_identity)
-        self._site_key = (await self._place(profile, user, identity), user, identity)
-        site = self._site()
-        workdir = await site.aworkdir()
-        spec = self._spec(workdir, profile)
-        site.validate(spec)  # before anything reaches the site: a clear error on the spawn page
-        await self._cancel_lost_jobs(site, spec.name)
-        self.job = await site.asubmit(spec)
-        self._say(f"Submitted job {self.job.id} to {site.name}")
-        self.log.info("%s: job %s on %s", self._log_name, self.job.id, site.name)
         deadline = time.monotonic() + max(10, self.start_timeout - 10)
+        names = self._site_names(profile)
+        if len(names) > 1 and self._policy(profile) == "race":
+            self.job = await self._race(names, user, identity, profile, deadline)
+            self._site_key = (self.job.site.name, user, identity)
+            site = self.job.site
+        else:
+            self._site_key = (await self._place(names, profile, user, identity), user, identity)
+            site = self._site()
+            spec = self._spec(site, await site.aworkdir(), profile)
+            site.validate(spec)  # before anything reaches the site: a clear error on the spawn page
+            await self._cancel_lost_jobs(site, spec.name)
+            self.job = await site.asubmit(spec)
+            self._say(f"Submitted job {self.job.id} to {site.name}")
+        self.log.info("%s: job %s on %s", self._log_name, self.job.id, site.name)
         try:
             status = await self.job.await_state(offload.JobState.RUNNING, timeout=deadline - time.monotonic(),
                                                 on_change=self._say_state)  # fmt: skip
@@ -345,16 +361,44 @@ class OffloadSpawner(Spawner):
         self._say(f"Server starting on {status.node or 'the node'}; connected through the site's SSH connection")
         return ("127.0.0.1", self.local_port)
 
-    async def _place(self, profile: dict[str, Any], user: str | None, identity: str | None) -> str | None:
-        """The site this session goes to: the profile's (else the spawner's) ``site``; of several (``"a,b"``,
-        ``"@group"``), the one where the session's job starts first, asked with this user's account on each
-        (the choice is kept in the hub's state, so a restarted hub finds the session there)."""
+    def _site_names(self, profile: dict[str, Any]) -> list[str]:
+        """The sites a profile (else this spawner) names: none (offload's default site), one, or several."""
         named = profile.get("site", self.site)
-        if named is None:
-            return None
-        names = offload.load_profiles().names(named)
-        if len(names) == 1:
-            return names[0]
+        return [] if named is None else offload.load_profiles().names(named)
+
+    def _policy(self, profile: dict[str, Any]) -> str:
+        return profile.get("policy", self.policy)
+
+    async def _race(self, names: list[str], user: str | None, identity: str | None, profile: dict[str, Any],
+                    deadline: float) -> offload.Job:  # fmt: skip
+        """The session's job raced over ``names`` with this user's account on each: an attempt (made for its
+        site) on the ``width`` best; the first to start is claimed, the others released and cancelled before
+        their server could start. Attempts a hub lost track of (it restarted mid-race) are cancelled first; a
+        race that does not start within the spawn's timeout is given up, every attempt with it."""
+        sites = [site_for(name, user, identity) for name in names]
+        workdirs = {site.name: await site.aworkdir() for site in sites}
+
+        def spec_for(site: offload.Site) -> offload.JobSpec:
+            return self._spec(site, workdirs[site.name], profile)
+
+        for site in sites:
+            await self._cancel_lost_jobs(site, spec_for(site).name or "")
+        placement = await offload.SiteGroup(sites).astart(spec_for, policy="race", width=self.width, patience=None,
+                                                          claim_wait=max(60, int(self.start_timeout)),
+                                                          say=self._say)  # fmt: skip
+        try:
+            return await asyncio.wait_for(placement.arun(), timeout=max(1.0, deadline - time.monotonic()))
+        except BaseException:
+            await placement.acancel("the session did not start in time, or its spawn was stopped")
+            raise
+
+    async def _place(self, names: list[str], profile: dict[str, Any], user: str | None,
+                     identity: str | None) -> str | None:  # fmt: skip
+        """The site this session goes to: the one named; of several (``"a,b"``, ``"@group"``), the one where the
+        session's job starts first, asked with this user's account on each (the choice is kept in the hub's
+        state, so a restarted hub finds the session there)."""
+        if len(names) <= 1:
+            return names[0] if names else None
         group = offload.SiteGroup([site_for(name, user, identity) for name in names])
         probe = offload.JobSpec(["jupyter"], image=profile.get("image", self.image), resources=self._resources(profile))
         site = await group.achoose(probe)
@@ -503,6 +547,8 @@ def _check_profile(profile: Any, where: str) -> dict[str, Any]:
             hint = f" ({KUBESPAWNER_HINTS[key]})" if key in KUBESPAWNER_HINTS else ""
             raise ValueError(f"{label} has the key {key!r}, which offload does not know{hint}; its known keys are "
                              f"{known}")  # fmt: skip
+        if key == "policy" and value not in POLICIES:
+            raise ValueError(f"{label}: policy {value!r}: a session is placed with one of {', '.join(POLICIES)}")
         checked[key] = value
     override = profile.get("kubespawner_override") or {}
     if not isinstance(override, dict):
