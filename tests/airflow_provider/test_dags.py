@@ -17,6 +17,21 @@ from .conftest import HERE, REPO, accounted_jobs, run_dag, site_jobs, unique_dat
 
 pytestmark = pytest.mark.integration
 EXAMPLE = REPO / "examples" / "airflow" / "offload_example.py"
+RACE_EXAMPLE = REPO / "examples" / "airflow" / "offload_race.py"
+
+
+def test_the_race_example_runs_its_job_once_on_one_of_two_clusters(testsite_env):
+    """examples/airflow/offload_race.py over the two SLURM clusters, both free: an attempt on each, one claimed
+    (by the trigger ``dag.test()`` runs in its own process), the other released; the task's result is the run's."""
+    results, output = run_dag({**testsite_env, "OFFLOAD_SITES": "@slurms"}, RACE_EXAMPLE)
+    assert results["state"] == "success", output[-5000:]
+    value = results["xcoms"]["raced[-1]"]["return_value"]
+    assert value.startswith("ran ") and " on " in value, value
+    assert "started first: claimed" in output and "released and cancelled" in output, output[-5000:]
+    deadline = time.time() + 60
+    while site_jobs("raced-"):
+        assert time.time() < deadline, site_jobs("raced-")
+        time.sleep(1)
 
 
 # What the example's two GPUs are: SLURM binds them (CUDA_VISIBLE_DEVICES); Grid Engine counts GPUs but binds none.

@@ -34,12 +34,13 @@ def deployment(testsite_env, tmp_path_factory):
     dags = home / "dags"
     dags.mkdir()
     shutil.copy(REPO / "examples" / "airflow" / "offload_example.py", dags)
+    shutil.copy(REPO / "examples" / "airflow" / "offload_race.py", dags)
     shutil.copy(REPO / "tests" / "airflow_provider" / "deployed_dags" / "offload_deployed.py", dags)
     host_key = " ".join((STATE / "ssh_host_ed25519_key.pub").read_text().split()[:2])
     connection = {"conn_type": "ssh", "host": "127.0.0.1", "port": 2222, "login": "hpcuser",
                   "extra": {"private_key": (STATE / "id_ed25519").read_text(), "host_key": host_key}}  # fmt: skip
     env = {**testsite_env, "OFFLOAD_TEST_SECRET": SECRET, "AIRFLOW_CONN_HPC_SSH": json.dumps(connection),
-           "OFFLOAD_STATE_DIR": str(home / "offload-state")}  # fmt: skip
+           "OFFLOAD_STATE_DIR": str(home / "offload-state"), "OFFLOAD_SITES": "@slurms"}  # fmt: skip
     deployed = Deployment(home, dags, env)
     deployed.start()
     yield deployed
@@ -180,10 +181,11 @@ def hold_gpus(env: dict[str, str], site: str, name: str) -> None:
 
 
 def test_a_race_is_claimed_in_the_triggerer_once_even_when_the_triggerer_dies_mid_race(deployment):
-    """``policy="race"`` over the two SLURM clusters, both busy (every GPU held by another job): the worker submits
-    an attempt to each and defers; the triggerer is SIGKILLed while both wait; a new one picks the trigger up.
-    The second cluster's load then ends: its attempt starts, the new triggerer claims it and releases the test
-    site's, and the payload runs once, there; no attempt is left on either cluster."""
+    """The race example (examples/airflow/offload_race.py): ``policy="race"`` over the two SLURM clusters, both
+    busy (every GPU held by another job). The worker submits an attempt to each and defers; the triggerer is
+    SIGKILLed while both wait; a new one picks the trigger up. The second cluster's load then ends: its attempt
+    starts, the new triggerer claims it and releases the test site's, and the payload runs once, there; no
+    attempt is left on either cluster."""
     dag_id, hog = "offload_race", f"hog-{uuid.uuid4().hex[:6]}"
     env = deployment.env
     cancel = [sys.executable, "-m", "offload.cli", "cancel", "--name", hog, "--site"]

@@ -64,19 +64,6 @@ def ssh_connection():
     )
 
 
-@dag(dag_id="offload_race", schedule=None, catchup=False)
-def race():
-    """Over the test site's two SLURM clusters: an attempt on each, the triggerer claims the first to start."""
-    OffloadOperator(
-        task_id="raced",
-        site="@slurms",
-        policy="race",
-        gpus=1,
-        deferrable=True,
-        command=["sh", "-c", "echo ran {{ run_id }} on $(hostname)"],
-    )
-
-
 def survives_triggerer(site: str):
     """One per site of the test site (its SLURM cluster, its Grid Engine cell): the triggerer is killed mid-job. The
     task's id (hence its job's name) names the site, so each site's test counts its own jobs."""
@@ -90,7 +77,7 @@ def survives_triggerer(site: str):
     return on_site()
 
 
-for factory in (live_logs, secret, templated, skip, timeout, ssh_connection, race):
+for factory in (live_logs, secret, templated, skip, timeout, ssh_connection):
     globals()[factory.__name__ + "_dag"] = factory()
 for site in ("testsite", "gridengine"):
     globals()[f"survives_triggerer_{site}_dag"] = survives_triggerer(site)
