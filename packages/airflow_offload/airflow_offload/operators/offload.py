@@ -264,6 +264,8 @@ class OffloadOperator(BaseOperator):
         """Resume after the trigger: log what it had not shown yet, then finish."""
         for value in self.secrets.values():
             mask_secret(str(value))
+        if event.get("error") and not event.get("job_id"):  # a race no attempt of which ran: nothing to stop
+            raise AirflowException(f"placing the job failed: {event['error']}")
         site = OffloadHook(offload_conn_id=self.offload_conn_id, site=event.get("site") or self.site).get_site()
         job = site.job(event["job_id"], jobdir=event["jobdir"], index=event.get("index"))
         self._job = job
