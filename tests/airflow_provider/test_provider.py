@@ -464,3 +464,30 @@ def test_a_hook_naming_several_profiles_chooses_with_the_spec_and_lists_them_all
     assert hook.get_site(offload.JobSpec(["true"])).name == "west"
     assert hook.get_site().name == "west"  # without a spec: the first (what the TaskFlow decorator asks)
     assert [site.name for site in OffloadHook(site="east").get_sites()] == ["east"]
+
+
+def test_a_race_in_a_worker_runs_once_and_a_retry_finishes_the_race_its_failed_try_left(tmp_path, monkeypatch):
+    """Two real local sites: ``policy="race"`` without deferral claims in the worker, and the task's result is the
+    run's. Then a try that died after submitting its attempts (both waiting at their gate, unclaimed): the retry
+    finds them by the task's job name on each site and finishes that race, submitting nothing new."""
+    import offload
+
+    monkeypatch.setenv("OFFLOAD_CONFIG", str(tmp_path / "sites.toml"))
+    monkeypatch.setenv("OFFLOAD_STATE_DIR", str(tmp_path / "state"))
+    (tmp_path / "sites.toml").write_text("".join(
+        f'[sites.{name}]\ntransport = "local"\nscheduler = "local"\nruntime = "none"\nworkdir = "{tmp_path / name}"\n'
+        "poll_interval = 0.5\n" for name in ("east", "west")) + '[groups]\npair = ["east", "west"]\n')  # fmt: skip
+    command = ["sh", "-c", f"echo run >> {tmp_path}/runs; echo ran on $OFFLOAD_JOB_DIR"]
+    op = OffloadOperator(task_id="t", command=command, deferrable=False, site="@pair", policy="race")
+    ti = _FakeTI()
+    assert op.execute({"ti": ti}).startswith(f"ran on {tmp_path}")
+    assert (tmp_path / "runs").read_text() == "run\n"
+
+    ti = _FakeTI()
+    op = OffloadOperator(task_id="u", command=command, deferrable=False, site="@pair", policy="race")
+    spec = op.build_spec({"ti": ti})
+    left = offload.load_sites("@pair").start(spec, policy="race", patience=None)  # ... and the worker dies
+    value = op.execute({"ti": ti})
+    assert (tmp_path / "runs").read_text() == "run\nrun\n"
+    assert ti.pushed["job_id"] in {a.job_id for a in left.record.attempts}, (ti.pushed, left.record.attempts)
+    assert value.startswith(f"ran on {tmp_path}")
