@@ -552,12 +552,7 @@ def run(
             name=name,
             files=_local_files(files),
         )
-        if policy != "first-fit" and not names_several(site_name):
-            raise ConfigError(f"--policy {policy} places a job over several sites: name them, e.g. --site a,b or "
-                              "--site @group")  # fmt: skip
-        if policy != "first-fit" and detach:
-            raise ConfigError(f"--policy {policy} needs this client until the job starts (it claims the attempt "
-                              "that starts first): drop --detach, or use --policy first-fit")  # fmt: skip
+        _check_policy(policy, site_name, detach)
         if names_several(site_name):  # several sites: where it starts first
             group = load_sites(site_name)
             verdicts = group.rank(spec, estimate=policy != "first-fit")
@@ -582,6 +577,16 @@ def run(
         click.echo(job.id)
         return
     sys.exit(_follow(job, cancel_on_interrupt=True))
+
+
+def _check_policy(policy: str, site_name: str | None, detach: bool) -> None:
+    """Refuse a racing policy without several sites, or with --detach, before anything is submitted."""
+    if policy != "first-fit" and not names_several(site_name):
+        raise ConfigError(f"--policy {policy} places a job over several sites: name them, e.g. --site a,b or "
+                          "--site @group")  # fmt: skip
+    if policy != "first-fit" and detach:
+        raise ConfigError(f"--policy {policy} needs this client until the job starts (it claims the attempt that "
+                          "starts first): drop --detach, or use --policy first-fit")  # fmt: skip
 
 
 def _say(line: str) -> None:
@@ -748,12 +753,7 @@ def jupyter(
             job = _resolve(attach_job, site_name)
             token = jl.saved_token(job.site, job.id)
         else:
-            if policy != "first-fit" and not names_several(site_name):
-                raise ConfigError(f"--policy {policy} places the server over several sites: name them, e.g. --site "
-                                  "a,b or --site @group")  # fmt: skip
-            if policy != "first-fit" and detach:
-                raise ConfigError(f"--policy {policy} needs this client until the server starts (it claims the "
-                                  "attempt that starts first): drop --detach, or use --policy first-fit")  # fmt: skip
+            _check_policy(policy, site_name, detach)
             where = load_sites(site_name) if names_several(site_name) else load_site(site_name)
             try:
                 job, token = jl.start(where, gpus=gpus, image=image, walltime=walltime, cpus=cpus, memory=memory,
