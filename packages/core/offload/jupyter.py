@@ -157,11 +157,13 @@ def start(site: Site | SiteGroup, *, gpus: int = 0, image: str | None = None, wa
     server starts on whichever of the ``width`` best sites starts it first, and only there; each site's job is
     made for that site (its Python, its notebooks folder)."""
     token = secrets.token_urlsafe(32)
+    # asked here: the spec is made on offload's I/O loop, where a sync call (Site.workdir) cannot run
+    workdirs = {one.name: one.workdir() for one in (site.sites if isinstance(site, SiteGroup) else [site])}
 
     def spec_for(one: Site) -> JobSpec:
         return jupyter_spec(one, root=root, notebooks=None if root else "notebooks", image=image, reach=reach,
                             resources=Resources(gpus=gpus, cpus=cpus, memory=memory, walltime=walltime),
-                            secrets={"JUPYTER_TOKEN": token})  # fmt: skip
+                            secrets={"JUPYTER_TOKEN": token}, workdir=workdirs[one.name])  # fmt: skip
 
     if isinstance(site, SiteGroup):
         job = site.submit(spec_for, policy=policy, width=width, say=say)

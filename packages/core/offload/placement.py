@@ -213,7 +213,9 @@ class SiteGroup:
         """Start racing ``spec`` as :meth:`asubmit` does with ``policy`` (``"race"``, ``"failover"`` or
         ``"estimate"``), and return the :class:`~offload.Placement` once its first attempts are queued, before
         any starts: its :meth:`~offload.Placement.arun` claims one, here or, handed over with
-        :meth:`~offload.Placement.to_json`, in another process (Airflow's triggerer claims a deferred task's)."""
+        :meth:`~offload.Placement.to_json`, in another process (Airflow's triggerer claims a deferred task's).
+        ``spec`` may be a function of the site (each site's job made for it); it runs on offload's I/O loop, so it
+        may not call offload's sync API: ask what it needs of the sites (``await site.aworkdir()``) first."""
         _check(policy, patience)
         if policy == "first-fit":
             raise ConfigError("first-fit submits the job once, to one site, and claims nothing: use asubmit; a "

@@ -383,9 +383,14 @@ class OffloadSpawner(Spawner):
 
         for site in sites:
             await self._cancel_lost_jobs(site, spec_for(site).name or "")
+
+        def say(line: str) -> None:  # on the spawn page, and in the hub's log
+            self._say(line)
+            self.log.info("%s: %s", self._log_name, line)
+
         placement = await offload.SiteGroup(sites).astart(spec_for, policy="race", width=self.width, patience=None,
                                                           claim_wait=max(60, int(self.start_timeout)),
-                                                          say=self._say)  # fmt: skip
+                                                          say=say)  # fmt: skip
         try:
             return await asyncio.wait_for(placement.arun(), timeout=max(1.0, deadline - time.monotonic()))
         except BaseException:
