@@ -9,6 +9,7 @@ SLURM clusters in tests/integration/test_race.py."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 
@@ -103,3 +104,34 @@ def test_bad_patience_is_refused_before_anything_is_submitted(site):
     with pytest.raises(offload.ConfigError, match="patience"):
         SiteGroup([site]).submit(JobSpec(["true"]), policy="estimate", patience=-1)
     assert JobRecords().placements() == []
+
+
+def test_a_job_first_fit_placed_by_its_plan_teaches_the_site_when_seen_starting(site, monkeypatch):
+    """No site can start it now (every CPU of the one node busy), so first-fit asks for the plan and places the
+    job by it; the site's poller then sees it RUNNING and the wait is learnt, as a raced attempt's is. A job that
+    ends before it is seen running teaches nothing."""
+    from offload.schedulers.base import NodeResources
+
+    async def busy(transport):
+        return [NodeResources("n1", ("local",), "alloc", 0, 0, 4, 4, 1000, 1000)]
+
+    other = offload.Site(dataclasses.replace(site.config, name="other", workdir=f"{site.config.workdir}-other"))
+
+    async def later(transport, spec):
+        return StartEstimate(900.0)
+
+    for one in (site, other):
+        monkeypatch.setattr(one.scheduler, "nodes", busy)
+    monkeypatch.setattr(other.scheduler, "estimate_start", later)
+    try:
+        job = SiteGroup([other, site]).submit(JobSpec(["sleep", "2"], name="placed-by-plan"))
+    finally:
+        other.close()
+    assert job.site is site and job.wait(timeout=30).state is JobState.COMPLETED
+    [(planned, waited)] = JobRecords().starts_learnt(site.name, 5)
+    assert planned == 100.0 and 0 <= waited < 10
+    quick = site.submit(JobSpec(["true"], name="unseen"))
+    site.learn_when_started(quick, 50.0)
+    assert quick.wait(timeout=30).state is JobState.COMPLETED
+    assert len(JobRecords().starts_learnt(site.name, 5)) in (1, 2)  # seen running or not, at most one more
+    assert quick.id not in site._planned  # forgotten at its end either way

@@ -256,6 +256,8 @@ class SiteGroup:
                 reasons.append(f"{verdict.site}: refused: {exc.scheduler_message or exc}")
                 continue
             log.info("placed job %s on %s: %s", job.id, verdict.site, verdict.describe())
+            if verdict.expected is not None and verdict.expected.said is not None:  # placed by its plan
+                site.learn_when_started(job, verdict.expected.said)
             return job
         raise SubmissionError(f"every site of {self.name} refused this job:\n  " + "\n  ".join(reasons))
 

@@ -48,10 +48,12 @@ class _Round:
 
 
 class Poller:
-    def __init__(self, poll: PollFn, interval: float, on_terminal: Callable[[JobRef, JobStatus], Any]) -> None:
+    def __init__(self, poll: PollFn, interval: float, on_terminal: Callable[[JobRef, JobStatus], Any],
+                 on_start: Callable[[JobRef], Any] | None = None) -> None:  # fmt: skip
         self._poll = poll
         self.interval = interval
         self._on_terminal = on_terminal
+        self._on_start = on_start  # told when a job is first seen RUNNING
         self._refs: dict[str, JobRef] = {}  # jobs not known to have ended
         self._status: OrderedDict[str, JobStatus] = OrderedDict()
         self._changed: dict[str, float] = {}
@@ -232,6 +234,11 @@ class Poller:
             self._status.move_to_end(ref.id)
             if previous is None or previous.state is not status.state:
                 self._changed[ref.id] = now
+                if status.state is JobState.RUNNING and self._on_start is not None:
+                    try:
+                        self._on_start(ref)
+                    except Exception:  # a record-keeping failure must not stop polling
+                        log.exception("recording the start of job %s failed", ref.id)
             if status.state.is_terminal:
                 self._drop(ref.id)
                 if previous is None or not previous.state.is_terminal:

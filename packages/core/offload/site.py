@@ -13,6 +13,7 @@ import logging
 import shlex
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable, Collection, Sequence
 from typing import TypeVar
@@ -72,7 +73,8 @@ class Site:
     def _start(self) -> None:
         """The per-process state: the connection, the poller, the relays (made again in a forked child)."""
         self._transport = self._new_transport(self.config)
-        self._poller = Poller(self._poll, self.config.poll_interval, self._ended)
+        self._poller = Poller(self._poll, self.config.poll_interval, self._ended, self._started)
+        self._planned: dict[str, tuple[float, float]] = {}  # job id: (its plan, when it was submitted)
         # what the services below the facade may use of this site (they never see the Site itself)
         self._ctx = ctx = SiteContext(self.name, self.config, self._transport, self._scheduler, self._runtime,
                                       self._poller, self.aworkdir, self._records,
@@ -230,6 +232,7 @@ class Site:
         return await self._scheduler.poll(self._transport, refs)
 
     def _ended(self, ref: JobRef, status: JobStatus) -> None:
+        self._planned.pop(ref.id, None)  # ended before it was seen running: nothing to learn
         self._submitter.ended(ref, status)  # the poller is made before the submitter that keeps the job's ends
 
     @_loop.on_loop
@@ -294,6 +297,16 @@ class Site:
         """One of this site's jobs started ``waited`` s after its submission where its scheduler planned
         ``planned``: what corrects the site's next plans."""
         self._estimates.learn(planned, waited)
+
+    def learn_when_started(self, job: Job, planned: float) -> None:
+        """Learn from ``job`` (submitted just now, planned to wait ``planned`` s) once it is seen running: a job
+        placed by its plan teaches the site as a raced one does, if this process watches it start."""
+        self._planned[job.id] = (planned, time.time())
+
+    def _started(self, ref: JobRef) -> None:
+        planned = self._planned.pop(ref.id, None)
+        if planned is not None:
+            self.learn_start(planned[0], time.time() - planned[1])
 
     def records(self, name: str | None = None, limit: int = 50) -> list[JobRecord]:
         """This machine's records of jobs on this site, newest first."""
