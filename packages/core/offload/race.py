@@ -336,7 +336,7 @@ class Placement:
         if attempt.planned is not None and attempt.site in self._watched:  # what its start teaches the site
             self._sites[attempt.site].learn_start(attempt.planned, time.time() - attempt.submitted_at)
         self._say(f"{attempt.site}: attempt {attempt.job_id} started first: claimed, its payload runs")
-        await asyncio.gather(*(self._release(a, f"{attempt.site} started it first") for a in others))
+        await asyncio.gather(*(self._cancel_released(a, f"{attempt.site} started it first") for a in others))
         self._save(state="placed")
         return self._job(attempt)
 
@@ -353,6 +353,13 @@ class Placement:
     async def _cancel(self, attempt: Attempt) -> None:
         with contextlib.suppress(OffloadError):
             await self._sites[attempt.site].acancel([self._job(attempt)], timeout=30)
+
+    async def _cancel_released(self, attempt: Attempt, reason: str) -> None:
+        """Cancel an attempt released just before the claim (its release is on the site already: no second
+        round trip to write it)."""
+        self._attempt(attempt.site, state="released", reason=reason)
+        await self._cancel(attempt)
+        self._say(f"{attempt.site}: attempt {attempt.job_id} released and cancelled ({reason})")
 
     async def _release(self, attempt: Attempt, reason: str) -> None:
         """Release ``attempt`` (it can no longer run the payload), then cancel it."""
