@@ -74,3 +74,30 @@ def test_any_failing_step_names_its_line_and_command(tmp_path):
     result, _, _ = run(tmp_path, policy_before=None, extra_bin={"mktemp": "#!/bin/sh\nexit 7\n"})
     assert result.returncode == 7
     assert "[testsite] error: line" in result.stderr and "mktemp" in result.stderr and "exited with 7" in result.stderr
+
+
+PIDFILE_LIB = SCRIPT.parent / "testsite-pidfile.sh"
+
+
+def pid_alive(pidfile: Path) -> bool:
+    check = f'set -euo pipefail; . "{PIDFILE_LIB}"; pid_alive "$1"'
+    return subprocess.run(["bash", "-c", check, "pid_alive", str(pidfile)], timeout=30).returncode == 0
+
+
+def test_a_pid_file_whose_number_went_to_another_process_is_not_a_running_daemon(tmp_path):
+    """Seen on this machine: pids wrapped around, the second cluster's stale slurmdbd.pid named a process that
+    had just started, and `up` skipped slurmdbd ("already running") then failed. `down` would have killed it."""
+    for script in ("testsite", "testsite-slurm2", "testsite-gridengine"):
+        assert '. "$(dirname "$(readlink -f "$0")")/testsite-pidfile.sh"' in (SCRIPT.parent / script).read_text()
+    with subprocess.Popen(["sleep", "60"]) as other:
+        try:
+            pidfile = tmp_path / "daemon.pid"
+            pidfile.write_text(f"{other.pid}\n")
+            assert pid_alive(pidfile)  # written after the process started: the daemon it names
+            os.utime(pidfile, (os.path.getmtime(pidfile) - 3600,) * 2)
+            assert not pid_alive(pidfile)  # written an hour before that process existed
+            pidfile.write_text("not a pid\n")
+            assert not pid_alive(pidfile)
+        finally:
+            other.kill()
+    assert not pid_alive(tmp_path / "absent.pid")
