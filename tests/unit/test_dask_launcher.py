@@ -52,3 +52,43 @@ def test_workers_get_the_nannys_environment_and_the_jobs_own_values_win(monkeypa
     monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
     launcher.set_worker_environ(environ)
     assert os.environ["OMP_NUM_THREADS"] == "8" and os.environ["OPENBLAS_NUM_THREADS"] == "1"
+
+
+DEFERRED = textwrap.dedent("""
+    import asyncio, gc, importlib.util, sys
+
+    spec = importlib.util.spec_from_file_location("launcher", sys.argv[1])  # as a job has it: not via dask_offload
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+    launcher.import_distributed()
+    from distributed import Client, Scheduler, Worker
+    from distributed.protocol import utils
+
+    assert "numpy" not in sys.modules and isinstance(utils.numpy, launcher.NumpyOnFirstUse)
+    assert gc.isenabled() and gc.get_freeze_count() > 0
+    small = utils.host_array(1000)
+    assert small.nbytes == 1000 and not small.readonly and "numpy" not in sys.modules
+
+    async def main():
+        async with Scheduler(dashboard_address=":0", host="127.0.0.1") as s, Worker(s.address, nthreads=1):
+            async with Client(s.address, asynchronous=True) as client:
+                assert await client.submit(sum, [1, 2]) == 3
+                print("registered and ran a task; numpy imported:", "numpy" in sys.modules)
+                big = await client.scatter(b"x" * (4 << 20))  # a large message: read into numpy's buffer
+                assert await client.submit(len, big) == 4 << 20
+        import numpy
+
+        assert not isinstance(numpy, launcher.NumpyOnFirstUse) and sys.modules["numpy"] is numpy
+        assert isinstance(utils.host_array(1 << 20).obj, numpy.ndarray)
+
+    asyncio.run(main())
+""")
+
+
+def test_a_job_imports_numpy_only_when_distributed_first_needs_it():
+    """issue 30: numpy is a third of the job's import CPU, and a worker needs it for neither its registration nor
+    small messages. Run as a job runs: a fresh interpreter with distributed imported by the launcher."""
+    argv = [sys.executable, "-c", DEFERRED, launcher.__file__]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "registered and ran a task; numpy imported: False" in result.stdout
