@@ -5,6 +5,7 @@ and a read that hangs on a stuck parallel file system. Host keys are checked aga
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import shlex
 from collections.abc import AsyncIterator, Awaitable
@@ -291,6 +292,29 @@ async def test_port_forwards_are_not_counted_as_sessions(site):
         await forward.close()
         target.close()
         await target.wait_closed()
+
+
+async def test_the_site_connection_is_made_by_the_coalescing_connector_unless_it_is_tunnelled(site, monkeypatch):
+    """Direct: offload's connector opens the TCP connection (asyncssh's writes joined per loop step). With a
+    ProxyCommand in the user's ssh config asyncssh keeps its own path."""
+    from offload.transports.ssh_coalesce import DirectConnector
+
+    opened: list[tuple[str, int]] = []
+    create = DirectConnector.create_connection
+
+    async def counting(self, factory, host, port):
+        opened.append((host, port))
+        return await create(self, factory, host, port)
+
+    monkeypatch.setattr(DirectConnector, "create_connection", counting)
+    direct = site.transport()
+    assert (await direct.run(["echo", "hi"])).stdout.strip() == "hi"
+    assert opened == [("127.0.0.1", site.port)]
+    (site.tmp_path / "ssh_config").write_text(f"Host 127.0.0.1\n  ProxyCommand nc 127.0.0.1 {site.port}\n")
+    proxied = site.transport()
+    with contextlib.suppress(TransportError, OSError):  # nc may be missing: what matters is who connected
+        await proxied.run(["echo", "hi"])
+    assert opened == [("127.0.0.1", site.port)]
 
 
 # -- 2. a dead SFTP session -----------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from offload.config import SiteConfig
 from offload.errors import ConfigError, HostKeyError, SiteNotAnswering, TransportError
 from offload.retry import RetryPolicy
 from offload.transports.base import CommandResult, Progress
+from offload.transports.ssh_coalesce import direct_connector
 from offload.transports.ssh_forward import SSHForward
 
 log = logging.getLogger("offload.ssh")
@@ -283,7 +284,11 @@ class SSHTransport:
             1.0, lambda: log.info("connecting to %s (%s)...", config.name, self.description)
         )
         try:
-            return await asyncssh.connect(config.host, **connect_options(config))
+            options = connect_options(config)
+            direct = await direct_connector(config.host or "", options)
+            if direct is not None:
+                options["tunnel"] = direct
+            return await asyncssh.connect(config.host, **options)
         except asyncssh.HostKeyNotVerifiable as exc:
             if config.host_keys:
                 raise HostKeyError(
