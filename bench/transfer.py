@@ -5,7 +5,8 @@
   by one reader in 1 MiB ``recv`` calls (and, for reference, read directly); the same stream read in 4 KiB
   ``recv`` calls (a reader that does little per call, so the forward's own cost per packet shows); 4 readers of
   50 MiB each through the same forward at once; and the other direction, 200 MiB sent by the client to a server
-  on the login node (an upload through the forward), timed until the server says it has every byte.
+  on the login node (an upload through the forward) in 1 MiB and in 4 KiB ``sendall`` calls, timed until the server
+  says it has every byte.
 * Forward latency: 1 KiB request/response round trips (Dask's pattern) through both forwards.
 * Large files: a 1 GiB file put and got with offload's transport (what ``Job.upload``/``download`` and ``offload
   image push`` use) vs ``scp`` (OpenSSH 9: the SFTP protocol).
@@ -135,12 +136,13 @@ def drain_together(port: int, readers: int = READERS, mib: int = READER_MIB) -> 
     return sum(totals) / elapsed / 1e6
 
 
-def upload(port: int, mib: int = STREAM_MIB) -> float:
-    """MB/s sending ``mib`` MiB through ``port`` to the sink, until it answers that it has every byte."""
-    block = b"u" * (1 << 20)
+def upload(port: int, mib: int = STREAM_MIB, write_size: int = 1 << 20) -> float:
+    """MB/s sending ``mib`` MiB through ``port`` to the sink in ``sendall(write_size)`` calls, until it answers
+    that it has every byte."""
+    block = b"u" * write_size
     with socket.create_connection(("127.0.0.1", port)) as s:
         start = time.perf_counter()
-        for _ in range(mib):
+        for _ in range((mib << 20) // write_size):
             s.sendall(block)
         s.shutdown(socket.SHUT_WR)
         answer = b""
@@ -212,7 +214,9 @@ def forward_rows(runs: int) -> list[Comparison]:
         rows.append(rate(f"{STREAM_MIB} MiB stream, one reader, {SMALL_READ // 1024} KiB reads", drain, "stream",
                          read_size=SMALL_READ))  # fmt: skip
         rows.append(rate(f"{READERS} readers of {READER_MIB} MiB at once", drain_together, "small_stream"))
-        rows.append(rate(f"upload: {STREAM_MIB} MiB sent to the login node", upload, "sink"))
+        rows.append(rate(f"upload: {STREAM_MIB} MiB sent to the login node, 1 MiB writes", upload, "sink"))
+        rows.append(rate(f"upload: {STREAM_MIB} MiB sent to the login node, {SMALL_READ // 1024} KiB writes", upload,
+                         "sink", write_size=SMALL_READ))  # fmt: skip
         offload_rtt, ssh_rtt = alternate(runs, lambda: round_trip(ours["echo"].local_port),
                                          lambda: round_trip(ssh["echo"].port))  # fmt: skip
         rows.append(Comparison("1 KiB request/response through the forward", "ssh -L", offload_rtt, ssh_rtt,

@@ -54,7 +54,7 @@ class NumpyOnFirstUse(types.ModuleType):
         return getattr(self.real(), name)
 
     def empty(self, shape, dtype=float, *args, **kwargs):
-        if "numpy" not in sys.modules and dtype == "u1" and len(shape) == 1 and shape[0] < self.SMALL:
+        if sys.modules.get("numpy") is None and dtype == "u1" and len(shape) == 1 and shape[0] < self.SMALL:
             return types.SimpleNamespace(data=memoryview(bytearray(shape[0])))
         return self.real().empty(shape, dtype, *args, **kwargs)
 
