@@ -21,8 +21,11 @@ code does. Runs alternate; medians.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import multiprocessing
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -58,17 +61,32 @@ def _ssh_args(config, port_flag: str = "-p") -> list[str]:
 
 
 class Servers:
-    """On the login node (this machine, for the test site): a port per stream size streams that many MiB to each
-    connection, one echoes, one takes an upload (reads to EOF, then answers the byte count). Threads in this
-    process, so nothing is left behind."""
+    """On the login node: a port per stream size streams that many MiB to each connection, one echoes, one takes
+    an upload (reads to EOF, then answers the byte count). They run in a process of their own, as a login node's
+    servers are not in the client's process (threads here would share its GIL with offload's I/O thread, and
+    not with ``ssh -L``); the process ends with :meth:`close`, or with this one (``PR_SET_PDEATHSIG``)."""
 
     def __init__(self) -> None:
-        self.stream = self._serve(lambda conn: self._send(conn, STREAM_MIB))
-        self.small_stream = self._serve(lambda conn: self._send(conn, READER_MIB))
-        self.echo = self._serve(self._echo)
-        self.sink = self._serve(self._sink)
+        spawn = multiprocessing.get_context("spawn")  # not fork: this process may run offload's I/O thread already
+        parent, child = spawn.Pipe()
+        self._process = spawn.Process(target=Servers._run, args=(child,), daemon=True)
+        self._process.start()
+        self.stream, self.small_stream, self.echo, self.sink = parent.recv()
 
-    def _serve(self, handler) -> int:
+    def close(self) -> None:
+        self._process.kill()
+        self._process.join()
+
+    @classmethod
+    def _run(cls, report) -> None:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: gone with the benchmark, even if killed
+        streams = [cls._serve(lambda conn, mib=mib: cls._send(conn, mib)) for mib in (STREAM_MIB, READER_MIB)]
+        ports = (*streams, cls._serve(cls._echo), cls._serve(cls._sink))
+        report.send(ports)
+        threading.Event().wait()
+
+    @staticmethod
+    def _serve(handler) -> int:
         listener = socket.create_server(("127.0.0.1", 0))
 
         def accept() -> None:
@@ -226,6 +244,7 @@ def forward_rows(runs: int) -> list[Comparison]:
         for forward in ssh.values():
             forward.close()
         site.close()
+        servers.close()
 
 
 def file_rows(runs: int) -> list[Comparison]:
