@@ -346,6 +346,21 @@ def test_a_job_that_ended_early_gives_its_containers_a_code_kubernetes_keeps():
     failed = offload.JobStatus(offload.JobState.FAILED, "mentions OUT_OF_MEMORY in passing", 3)
     codes = [container_statuses(["a"], {}, s, {})[0]["state"]["terminated"]["exitCode"] for s in (oom, lost, failed)]
     assert codes == [137, 255, 3]
+    ended = container_statuses(["a"], {}, oom, {})[0]["state"]["terminated"]
+    assert ended["message"] == "OUT_OF_MEMORY: FAILED (JobLaunchFailure, signal 9)"
+
+
+def test_a_container_the_kernel_killed_for_memory_is_oomkilled_when_its_driver_recorded_the_kill():
+    """Seen on the site: the OOM killer took the container's process but not its driver, which wrote exit 137,
+    and the job ended OUT_OF_MEMORY; the status must still say so (it said only "Error")."""
+    states = parse_state("main start 100\nmain exit 137 101\n")
+    oom = offload.JobStatus(offload.JobState.FAILED, "", 137, "n1", None, offload.EndCause.OUT_OF_MEMORY)
+    (killed,) = container_statuses(["main"], {}, oom, states)
+    assert killed["state"]["terminated"]["exitCode"] == 137
+    assert killed["state"]["terminated"]["reason"] == "OOMKilled"
+    assert "OUT_OF_MEMORY" in killed["state"]["terminated"]["message"]
+    (plain,) = container_statuses(["main"], {}, offload.JobStatus(offload.JobState.FAILED, "", 137), states)
+    assert plain["state"]["terminated"]["reason"] == "Error" and "message" not in plain["state"]["terminated"]
 
 
 async def test_the_plugin_api_end_to_end_on_the_local_site(site):

@@ -431,12 +431,15 @@ def container_statuses(names: list[str], images: dict[str, str], status: offload
             state = {"terminated": {"exitCode": code, "reason": "Completed" if code == 0 else "Error",
                                     "startedAt": _time(entry.get("started")),
                                     "finishedAt": _time(entry.get("finished"))}}  # fmt: skip
+            if code == EXIT_CODES[offload.EndCause.OUT_OF_MEMORY] and status.cause is offload.EndCause.OUT_OF_MEMORY:
+                # the kernel killed the container's process, and its driver lived to record it: Kubernetes' words
+                state["terminated"].update(reason="OOMKilled", message=_end_words(status))
         elif status.state.is_terminal:
             # never started, or killed with the job: the job's end, as an exit code Kubernetes keeps
             now = _time(datetime.now(UTC).timestamp())
             # the VK overwrites "reason" with "Error: <code>": the words go in "message" too
             state = {"terminated": {"exitCode": end_code or 1, "reason": f"job {status.describe()}",
-                                    "message": status.describe(), "startedAt": _time(entry.get("started")),
+                                    "message": _end_words(status), "startedAt": _time(entry.get("started")),
                                     "finishedAt": now}}  # fmt: skip
         elif "started" in entry:
             state = {"running": {"startedAt": _time(entry["started"])}}
@@ -447,6 +450,15 @@ def container_statuses(names: list[str], images: dict[str, str], status: offload
         out.append({"name": name, "state": state, "ready": "running" in state, "restartCount": 0,
                     "image": images.get(name, ""), "imageID": "", "started": "running" in state})  # fmt: skip
     return out
+
+
+def _end_words(status: offload.JobStatus) -> str:
+    """A terminated container's message: why its job ended, the cause as data first (``OUT_OF_MEMORY``), then
+    the scheduler's own words, which need not name it (``FAILED (JobLaunchFailure)``)."""
+    words = status.describe()
+    if status.cause is not None and status.cause.value not in words:
+        words = f"{status.cause.value}: {words}"
+    return words
 
 
 def _end_code(status: offload.JobStatus) -> int:
