@@ -89,15 +89,19 @@ def test_a_pid_file_whose_number_went_to_another_process_is_not_a_running_daemon
     had just started, and `up` skipped slurmdbd ("already running") then failed. `down` would have killed it."""
     for script in ("testsite", "testsite-slurm2", "testsite-gridengine"):
         assert '. "$(dirname "$(readlink -f "$0")")/testsite-pidfile.sh"' in (SCRIPT.parent / script).read_text()
-    with subprocess.Popen(["sleep", "60"]) as other:
+    daemon = tmp_path / "slurmdbd"  # a program named as the site's daemon is
+    daemon.write_bytes(Path("/bin/sleep").read_bytes())
+    daemon.chmod(0o755)
+    pidfile = tmp_path / "daemon.pid"
+    with subprocess.Popen([str(daemon), "60"]) as named, subprocess.Popen(["sleep", "60"]) as other:
         try:
-            pidfile = tmp_path / "daemon.pid"
-            pidfile.write_text(f"{other.pid}\n")
-            assert pid_alive(pidfile)  # written after the process started: the daemon it names
-            os.utime(pidfile, (os.path.getmtime(pidfile) - 3600,) * 2)
-            assert not pid_alive(pidfile)  # written an hour before that process existed
+            pidfile.write_text(f"{named.pid}\n")
+            assert pid_alive(pidfile)
+            pidfile.write_text(f"{other.pid}\n")  # the number now belongs to an unrelated process
+            assert not pid_alive(pidfile)
             pidfile.write_text("not a pid\n")
             assert not pid_alive(pidfile)
         finally:
+            named.kill()
             other.kill()
     assert not pid_alive(tmp_path / "absent.pid")
