@@ -9,6 +9,7 @@ import copy
 import io
 import json
 import tarfile
+import time
 import uuid
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 import offload
 from interlink_offload import PodServer, plan_pod, site_image
-from interlink_offload.pods import container_statuses, parse_state
+from interlink_offload.pods import KILLED_HOLD, container_statuses, parse_state
 from interlink_offload.server import parse_listen
 
 
@@ -361,6 +362,26 @@ def test_a_container_the_kernel_killed_for_memory_is_oomkilled_when_its_driver_r
     assert "OUT_OF_MEMORY" in killed["state"]["terminated"]["message"]
     (plain,) = container_statuses(["main"], {}, offload.JobStatus(offload.JobState.FAILED, "", 137), states)
     assert plain["state"]["terminated"]["reason"] == "Error" and "message" not in plain["state"]["terminated"]
+
+
+def test_a_killed_container_waits_for_its_jobs_end_before_it_is_terminated():
+    """Seen on the site: a status asked between the driver's record of the kill and the scheduler's end of the
+    job said "Error" with no cause, and the Virtual Kubelet asks no more once every container is terminated
+    (``checkPodsStatus`` is skipped for a pod in a terminal phase): the kill shows only with the job's end."""
+    now = int(time.time())  # the driver writes whole seconds (date +%s)
+    running = offload.JobStatus(offload.JobState.RUNNING)
+    states = parse_state(f"main start {now - 2}\nmain exit 137 {now - 1}\nside start {now - 2}\n")
+    (main, side) = container_statuses(["main", "side"], {}, running, states)
+    assert "running" in main["state"] and "running" in side["state"]
+    oom = offload.JobStatus(offload.JobState.FAILED, "", 137, "n1", None, offload.EndCause.OUT_OF_MEMORY)
+    assert container_statuses(["main"], {}, oom, states)[0]["state"]["terminated"]["reason"] == "OOMKilled"
+    # a kill that did not end the job (another container goes on): the container ends once the hold is over
+    old = parse_state(f"main start {now - 60}\nmain exit 137 {now - 1 - int(KILLED_HOLD)}\n")
+    (killed,) = container_statuses(["main"], {}, running, old)
+    assert killed["state"]["terminated"]["exitCode"] == 137 and killed["state"]["terminated"]["reason"] == "Error"
+    # other exit codes end at once, as before
+    (failed,) = container_statuses(["main"], {}, running, parse_state(f"main start {now}\nmain exit 3 {now}\n"))
+    assert failed["state"]["terminated"]["exitCode"] == 3
 
 
 async def test_the_plugin_api_end_to_end_on_the_local_site(site):

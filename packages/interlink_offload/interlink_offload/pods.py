@@ -48,6 +48,11 @@ GPU_RESOURCE = "nvidia.com/gpu"
 # Exit codes that carry a job's end into Kubernetes, where the Virtual Kubelet keeps only exit codes.
 EXIT_CODES = {offload.JobState.TIMEOUT: 124, offload.JobState.CANCELLED: 143, offload.EndCause.OUT_OF_MEMORY: 137,
               offload.EndCause.NODE_FAILURE: 255, offload.EndCause.PREEMPTED: 143}  # fmt: skip
+# A container killed by SIGKILL (137) while its job still runs may have been killed for memory, which the
+# scheduler says only once the job ends; the Virtual Kubelet stops asking about a pod once all its containers
+# are terminated, so such a container is shown running until its job's end is known, or for this many seconds
+# after its kill (a SIGKILL that does not end the job: the container ends as "Error").
+KILLED_HOLD = 30.0
 # Where the job's directory goes in a container's command line, until the driver knows it ("$d")
 _JOBDIR = "/offload-job-directory"
 
@@ -423,10 +428,13 @@ def container_statuses(names: list[str], images: dict[str, str], status: offload
     """v1.ContainerStatus objects for ``names``, from the job's status and the driver's state file."""
     out = []
     end_code = _end_code(status)
+    now = datetime.now(UTC).timestamp()
     for name in names:
         entry = states.get(name, {})
         state: dict[str, Any]
-        if "exit" in entry:
+        if _kill_pending(entry, status, now):
+            state = {"running": {"startedAt": _time(entry.get("started"))}}
+        elif "exit" in entry:
             code = entry["exit"]
             state = {"terminated": {"exitCode": code, "reason": "Completed" if code == 0 else "Error",
                                     "startedAt": _time(entry.get("started")),
@@ -436,11 +444,10 @@ def container_statuses(names: list[str], images: dict[str, str], status: offload
                 state["terminated"].update(reason="OOMKilled", message=_end_words(status))
         elif status.state.is_terminal:
             # never started, or killed with the job: the job's end, as an exit code Kubernetes keeps
-            now = _time(datetime.now(UTC).timestamp())
             # the VK overwrites "reason" with "Error: <code>": the words go in "message" too
             state = {"terminated": {"exitCode": end_code or 1, "reason": f"job {status.describe()}",
                                     "message": _end_words(status), "startedAt": _time(entry.get("started")),
-                                    "finishedAt": now}}  # fmt: skip
+                                    "finishedAt": _time(now)}}  # fmt: skip
         elif "started" in entry:
             state = {"running": {"startedAt": _time(entry["started"])}}
         else:
@@ -450,6 +457,14 @@ def container_statuses(names: list[str], images: dict[str, str], status: offload
         out.append({"name": name, "state": state, "ready": "running" in state, "restartCount": 0,
                     "image": images.get(name, ""), "imageID": "", "started": "running" in state})  # fmt: skip
     return out
+
+
+def _kill_pending(entry: dict[str, Any], status: offload.JobStatus, now: float) -> bool:
+    """The container's driver recorded a SIGKILL, its job still runs and the kill is recent: whether it was
+    the scheduler's memory kill is known only once the job ends (:data:`KILLED_HOLD`)."""
+    if entry.get("exit") != EXIT_CODES[offload.EndCause.OUT_OF_MEMORY] or status.state.is_terminal:
+        return False
+    return now - (entry.get("finished") or now) < KILLED_HOLD
 
 
 def _end_words(status: offload.JobStatus) -> str:
