@@ -35,6 +35,7 @@ class FakeSSHSite:
         self.peak_sessions = 0
         self.refused = 0
         self.sftp_sessions: list[asyncssh.SFTPServer] = []
+        self.sftp_reads: list[tuple[int, int]] = []  # (offset, size) of each read request
         self.close_sftp_on_request = False  # every SFTP session ends at its first request
         self.unhang = asyncio.Event()
         self.port = 0
@@ -135,6 +136,7 @@ class _SFTPServer(asyncssh.SFTPServer):
         return file_obj
 
     async def read(self, file_obj: object, offset: int, size: int) -> bytes:
+        self._site.sftp_reads.append((offset, size))
         if file_obj in self._hanging:
             await self._site.unhang.wait()  # a read stuck on a hung file system
         return super().read(file_obj, offset, size)
@@ -385,6 +387,30 @@ async def test_put_resumes_and_get_fetches_within_the_bounds(site, tmp_path):
     await transport.get("big.bin", str(back))
     assert back.read_bytes() == local.read_bytes()
     assert len(site.sftp_sessions) == 1
+
+
+async def test_a_read_asks_only_for_what_the_file_holds(site):
+    """A log follower asks for up to 4 MiB each poll: the requests stay within the file (one at its end asks
+    for nothing), where asyncssh alone sends a parallel request for every block of the size asked, past the
+    end too (17 a poll of a quiet log on OpenSSH's sftp-server; cancelled, they printed "Task exception was never
+    retrieved")."""
+    transport = site.transport()
+    (site.root / "log").write_bytes(b"0123456789")
+    assert await transport.read_file("log", 0, 4 << 20) == b"0123456789"
+    assert site.sftp_reads == [(0, 10)]
+    site.sftp_reads.clear()
+    assert await transport.read_file("log", 10, 4 << 20) == b""
+    assert await transport.read_file("log", 4, 3) == b"456"
+    assert await transport.read_file("log", -4) == b"6789"  # the last bytes, as a tail reads them
+    assert await transport.read_file("log", -40, 2) == b"01"
+    assert await transport.read_file("log") == b"0123456789"
+    assert site.sftp_reads == [(4, 3), (6, 4), (0, 2), (0, 10)]
+    big = bytes(range(256)) * (8 << 12)  # 8 MiB: parallel requests, all within it
+    (site.root / "big").write_bytes(big)
+    site.sftp_reads.clear()
+    assert await transport.read_file("big", 1 << 20, 4 << 20) == big[1 << 20 : 5 << 20]
+    assert all(offset + size <= 5 << 20 for offset, size in site.sftp_reads)
+    assert await transport.read_file("missing", 0, 10) == b""
 
 
 # -- 5. a connection that drops -----------------------------------------------------------------------------

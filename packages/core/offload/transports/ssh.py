@@ -611,12 +611,17 @@ class SSHTransport:
     async def read_file(self, path: str, offset: int = 0, size: int | None = None) -> bytes:
         async def read(sftp: asyncssh.SFTPClient) -> bytes:
             async with sftp.open(path, "rb") as f:
-                if offset < 0:  # the last -offset bytes
-                    total = (await f.stat()).size or 0
-                    await f.seek(max(0, total + offset))
-                elif offset:
-                    await f.seek(offset)
-                return await f.read(-1 if size is None else size)
+                # Only what the file holds now is asked for. asyncssh splits a read into parallel requests of
+                # the server's largest size, and a follower's read of a quiet log (READ_CHUNK, 4 MiB) was 17
+                # requests past its end every poll; cancelled (a cluster closing), those ended unretrieved,
+                # each printing "Task exception was never retrieved ... SFTPEOFError" (asyncssh's reader does
+                # not cancel its requests). A file at its end costs one stat.
+                end = (await f.stat()).size
+                if end is None:  # a server that does not say: read until it says EOF
+                    return await f.read(-1 if size is None else size, max(0, offset))
+                start = max(0, end + offset) if offset < 0 else offset  # negative: the last -offset bytes
+                length = end - start if size is None else min(size, end - start)
+                return await f.read(length, start) if length > 0 else b""
 
         self.stats["sftp:read"] += 1
         try:
