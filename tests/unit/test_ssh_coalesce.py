@@ -12,7 +12,7 @@ import asyncssh
 import pytest
 
 from offload.transports import ssh_coalesce
-from offload.transports.ssh_coalesce import CoalescingTransport, direct_connector
+from offload.transports.ssh_coalesce import CoalescingTransport, direct_connector, skip_empty_ignores
 
 
 class RecordingTransport(asyncio.Transport):
@@ -130,6 +130,77 @@ async def test_an_ssh_connection_through_the_connector_carries_commands_and_a_la
             assert await asyncio.wait_for(reader.read(), 30) == str(len(payload)).encode()
             assert bytes(received) == payload
         assert max(joined) >= 16  # a 1 MiB write: 32 data packets and their IGNOREs, in a few socket writes
+    finally:
+        server.close()
+        target.close()
+        await server.wait_closed()
+        await target.wait_closed()
+
+
+@pytest.mark.parametrize(("cipher", "skip", "expect_ignores"), [
+    ("aes128-gcm@openssh.com", True, False),
+    ("chacha20-poly1305@openssh.com", True, False),
+    ("aes128-gcm@openssh.com", False, True),  # asyncssh alone: one before every packet
+    ("aes128-cbc", True, True),  # CBC: the countermeasure stays
+])  # fmt: skip
+async def test_the_empty_ignore_before_each_packet_is_skipped_unless_the_cipher_is_cbc(
+    monkeypatch, cipher, skip, expect_ignores
+):
+    """What a real asyncssh server receives from the client while it runs a command and takes a 1 MiB upload
+    through a forwarded channel (counted in the server's handler of SSH_MSG_IGNORE)."""
+    from asyncssh.connection import SSHConnection
+
+    ignores = {"server": 0}
+    handle = SSHConnection._packet_handlers[2]
+
+    def counting(conn, pkttype, pktid, packet):
+        if conn.is_server():
+            ignores["server"] += 1
+        return handle(conn, pkttype, pktid, packet)
+
+    monkeypatch.setitem(SSHConnection._packet_handlers, 2, counting)
+    host_key = asyncssh.generate_private_key("ssh-ed25519")
+    client_key = asyncssh.generate_private_key("ssh-ed25519")
+    received = bytearray()
+
+    async def sink(reader, writer) -> None:
+        while chunk := await reader.read(1 << 16):
+            received.extend(chunk)
+        writer.close()
+
+    class Server(asyncssh.SSHServer):
+        def connection_requested(self, dest_host, dest_port, orig_host, orig_port):
+            return True
+
+    async def process(proc) -> None:
+        proc.stdout.write("ok\n")
+        proc.exit(0)
+
+    target = await asyncio.start_server(sink, "127.0.0.1", 0)
+    server = await asyncssh.create_server(
+        Server, "127.0.0.1", 0, server_host_keys=[host_key], process_factory=process, encryption_algs=[cipher],
+        authorized_client_keys=asyncssh.import_authorized_keys(client_key.export_public_key().decode()),
+    )  # fmt: skip
+    try:
+        async with asyncssh.connect(
+            "127.0.0.1", port=server.sockets[0].getsockname()[1], username="u", client_keys=[client_key],
+            known_hosts=None, config=[], encryption_algs=[cipher],
+        ) as conn:  # fmt: skip
+            if skip:
+                skip_empty_ignores(conn)
+            assert conn.get_extra_info("send_cipher") == cipher
+            ignores["server"] = 0  # those of the authentication, sent before the connection is returned
+            assert (await conn.run("true", check=True)).stdout == "ok\n"
+            _, writer = await conn.open_connection("127.0.0.1", target.sockets[0].getsockname()[1])
+            writer.write(bytes(1 << 20))
+            writer.write_eof()
+            await writer.drain()
+            for _ in range(500):
+                if len(received) == 1 << 20:
+                    break
+                await asyncio.sleep(0.01)
+            assert len(received) == 1 << 20
+        assert (ignores["server"] > 0) is expect_ignores, ignores
     finally:
         server.close()
         target.close()

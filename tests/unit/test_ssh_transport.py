@@ -312,6 +312,8 @@ async def test_the_site_connection_is_made_by_the_coalescing_connector_unless_it
     direct = site.transport()
     assert (await direct.run(["echo", "hi"])).stdout.strip() == "hi"
     assert opened == [("127.0.0.1", site.port)]
+    # and the empty SSH_MSG_IGNORE before each packet is skipped (test_ssh_coalesce shows what the server gets)
+    assert "skip_empty_ignores" in (await direct._connection()).send_packet.__qualname__
     (site.tmp_path / "ssh_config").write_text(f"Host 127.0.0.1\n  ProxyCommand nc 127.0.0.1 {site.port}\n")
     proxied = site.transport()
     with contextlib.suppress(TransportError, OSError):  # nc may be missing: what matters is who connected

@@ -31,7 +31,7 @@ from offload.config import SiteConfig
 from offload.errors import ConfigError, HostKeyError, SiteNotAnswering, TransportError
 from offload.retry import RetryPolicy
 from offload.transports.base import CommandResult, Progress
-from offload.transports.ssh_coalesce import direct_connector
+from offload.transports.ssh_coalesce import direct_connector, skip_empty_ignores
 from offload.transports.ssh_forward import SSHForward
 
 log = logging.getLogger("offload.ssh")
@@ -288,7 +288,9 @@ class SSHTransport:
             direct = await direct_connector(config.host or "", options)
             if direct is not None:
                 options["tunnel"] = direct
-            return await asyncssh.connect(config.host, **options)
+            conn = await asyncssh.connect(config.host, **options)
+            skip_empty_ignores(conn)
+            return conn
         except asyncssh.HostKeyNotVerifiable as exc:
             if config.host_keys:
                 raise HostKeyError(

@@ -11,6 +11,8 @@ than one pass of the event loop.
 
 It plugs in as asyncssh's ``tunnel`` (any object with ``create_connection``), for a direct connection only: a
 jump host or a ``ProxyCommand`` keep asyncssh's own path (:func:`direct_connector`).
+
+Those empty ``SSH_MSG_IGNORE`` packets are dropped too, on every connection (:func:`skip_empty_ignores`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import asyncssh
 
 # Bytes that wait no longer: about what asyncio reads from a socket in one go.
 FLUSH_AT = 256 << 10
+_MSG_IGNORE = 2  # RFC 4253, section 11.2
+_EMPTY_STRING = b"\0\0\0\0"  # an SSH string of no bytes: what asyncssh's ignore packets carry
 
 
 class CoalescingTransport(asyncio.Transport):
@@ -175,3 +179,24 @@ async def direct_connector(host: str, options: dict[str, object]) -> DirectConne
     if resolved.tunnel or resolved.proxy_command:
         return None
     return DirectConnector(resolved.family or 0, resolved.local_addr or None)
+
+
+def skip_empty_ignores(conn: asyncssh.SSHClientConnection) -> None:
+    """Stop ``conn`` sending the empty ``SSH_MSG_IGNORE`` asyncssh puts before every packet of the connection
+    protocol once keys are set.
+
+    That packet is a countermeasure for CBC-mode ciphers, whose next IV an observer knows; offload offers only
+    AES-GCM, ChaCha20-Poly1305 and AES-CTR (``_CIPHERS`` in :mod:`offload.transports.ssh`), and OpenSSH's own
+    client sends no such packet with them. Each one is a packet encrypted in the client's Python: half of the
+    packets of an upload through a forward, where sshd takes at most 32 KiB per packet. Should a CBC cipher be
+    in use all the same (a rekey is free to pick any offered one), they are sent as before."""
+    send_packet = conn.send_packet
+
+    def send(pkttype: int, *args: bytes, **kwargs: Any) -> None:
+        if pkttype == _MSG_IGNORE and args == (_EMPTY_STRING,):
+            cipher = conn.get_extra_info("send_cipher") or "cbc"  # none yet: keep asyncssh's way
+            if "cbc" not in cipher:
+                return
+        send_packet(pkttype, *args, **kwargs)
+
+    conn.send_packet = send  # type: ignore[method-assign]  # asyncssh calls it as self.send_packet
