@@ -5,7 +5,9 @@ connection is direct only where asyncssh would have made a direct one."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncssh
@@ -80,16 +82,21 @@ async def test_close_sends_what_waits_and_abort_drops_it():
     assert inner.writes == [] and inner.aborted
 
 
-async def test_an_ssh_connection_through_the_connector_carries_commands_and_a_large_upload(tmp_path, monkeypatch):
-    """A real asyncssh server and client on 127.0.0.1, the client's TCP connection made by the connector."""
-    joined: list[int] = []  # how many of asyncssh's writes each socket write carried
-    flush = CoalescingTransport.flush
+class LoginNode:
+    """A real asyncssh server on 127.0.0.1 that runs commands (``ran COMMAND``) and allows forwards, and a TCP
+    sink beside it that answers how many bytes it took once its client is done sending."""
 
-    def counting_flush(self) -> None:
-        joined.append(len(self._pending))
-        flush(self)
+    def __init__(self, server: asyncssh.SSHAcceptor, sink: asyncio.AbstractServer, received: bytearray,
+                 client_key: asyncssh.SSHKey) -> None:  # fmt: skip
+        self.port = server.sockets[0].getsockname()[1]
+        self.sink_port = sink.sockets[0].getsockname()[1]
+        self.received = received
+        self.options = {"port": self.port, "username": "u", "client_keys": [client_key], "known_hosts": None,
+                        "config": []}  # fmt: skip
 
-    monkeypatch.setattr(CoalescingTransport, "flush", counting_flush)
+
+@contextlib.asynccontextmanager
+async def login_node(**server_options: object) -> AsyncIterator[LoginNode]:
     host_key = asyncssh.generate_private_key("ssh-ed25519")
     client_key = asyncssh.generate_private_key("ssh-ed25519")
     received = bytearray()
@@ -113,28 +120,41 @@ async def test_an_ssh_connection_through_the_connector_carries_commands_and_a_la
     server = await asyncssh.create_server(
         Server, "127.0.0.1", 0, server_host_keys=[host_key], process_factory=process,
         authorized_client_keys=asyncssh.import_authorized_keys(client_key.export_public_key().decode()),
+        **server_options,
     )  # fmt: skip
-    port = server.sockets[0].getsockname()[1]
-    options = {"port": port, "username": "u", "client_keys": [client_key], "known_hosts": None, "config": []}
-    connector = await direct_connector("127.0.0.1", options)
-    assert connector is not None
     try:
-        async with asyncssh.connect("127.0.0.1", tunnel=connector, **options) as conn:
+        yield LoginNode(server, target, received, client_key)
+    finally:
+        server.close()
+        target.close()
+        await server.wait_closed()
+        await target.wait_closed()
+
+
+async def test_an_ssh_connection_through_the_connector_carries_commands_and_a_large_upload(tmp_path, monkeypatch):
+    """A real asyncssh server and client on 127.0.0.1, the client's TCP connection made by the connector."""
+    joined: list[int] = []  # how many of asyncssh's writes each socket write carried
+    flush = CoalescingTransport.flush
+
+    def counting_flush(self) -> None:
+        joined.append(len(self._pending))
+        flush(self)
+
+    monkeypatch.setattr(CoalescingTransport, "flush", counting_flush)
+    async with login_node() as node:
+        connector = await direct_connector("127.0.0.1", node.options)
+        assert connector is not None
+        async with asyncssh.connect("127.0.0.1", tunnel=connector, **node.options) as conn:
             assert (await conn.run("hostname", check=True)).stdout == "ran hostname\n"
-            reader, writer = await conn.open_connection("127.0.0.1", target.sockets[0].getsockname()[1])
+            reader, writer = await conn.open_connection("127.0.0.1", node.sink_port)
             payload = bytes(range(256)) * (32 << 10)  # 8 MiB: 256 data packets, each after an SSH_MSG_IGNORE
             for i in range(0, len(payload), 1 << 20):
                 writer.write(payload[i : i + (1 << 20)])
                 await writer.drain()
             writer.write_eof()
             assert await asyncio.wait_for(reader.read(), 30) == str(len(payload)).encode()
-            assert bytes(received) == payload
+            assert bytes(node.received) == payload
         assert max(joined) >= 16  # a 1 MiB write: 32 data packets and their IGNOREs, in a few socket writes
-    finally:
-        server.close()
-        target.close()
-        await server.wait_closed()
-        await target.wait_closed()
 
 
 @pytest.mark.parametrize(("cipher", "skip", "expect_ignores"), [
@@ -159,53 +179,18 @@ async def test_the_empty_ignore_before_each_packet_is_skipped_unless_the_cipher_
         return handle(conn, pkttype, pktid, packet)
 
     monkeypatch.setitem(SSHConnection._packet_handlers, 2, counting)
-    host_key = asyncssh.generate_private_key("ssh-ed25519")
-    client_key = asyncssh.generate_private_key("ssh-ed25519")
-    received = bytearray()
-
-    async def sink(reader, writer) -> None:
-        while chunk := await reader.read(1 << 16):
-            received.extend(chunk)
-        writer.close()
-
-    class Server(asyncssh.SSHServer):
-        def connection_requested(self, dest_host, dest_port, orig_host, orig_port):
-            return True
-
-    async def process(proc) -> None:
-        proc.stdout.write("ok\n")
-        proc.exit(0)
-
-    target = await asyncio.start_server(sink, "127.0.0.1", 0)
-    server = await asyncssh.create_server(
-        Server, "127.0.0.1", 0, server_host_keys=[host_key], process_factory=process, encryption_algs=[cipher],
-        authorized_client_keys=asyncssh.import_authorized_keys(client_key.export_public_key().decode()),
-    )  # fmt: skip
-    try:
-        async with asyncssh.connect(
-            "127.0.0.1", port=server.sockets[0].getsockname()[1], username="u", client_keys=[client_key],
-            known_hosts=None, config=[], encryption_algs=[cipher],
-        ) as conn:  # fmt: skip
+    async with login_node(encryption_algs=[cipher]) as node:
+        async with asyncssh.connect("127.0.0.1", encryption_algs=[cipher], **node.options) as conn:
             if skip:
                 skip_empty_ignores(conn)
             assert conn.get_extra_info("send_cipher") == cipher
             ignores["server"] = 0  # those of the authentication, sent before the connection is returned
-            assert (await conn.run("true", check=True)).stdout == "ok\n"
-            _, writer = await conn.open_connection("127.0.0.1", target.sockets[0].getsockname()[1])
+            assert (await conn.run("true", check=True)).stdout == "ran true\n"
+            reader, writer = await conn.open_connection("127.0.0.1", node.sink_port)
             writer.write(bytes(1 << 20))
             writer.write_eof()
-            await writer.drain()
-            for _ in range(500):
-                if len(received) == 1 << 20:
-                    break
-                await asyncio.sleep(0.01)
-            assert len(received) == 1 << 20
+            assert await asyncio.wait_for(reader.read(), 30) == str(1 << 20).encode()
         assert (ignores["server"] > 0) is expect_ignores, ignores
-    finally:
-        server.close()
-        target.close()
-        await server.wait_closed()
-        await target.wait_closed()
 
 
 async def test_a_jump_host_or_proxy_command_keeps_asyncssh_s_own_path(tmp_path: Path):
