@@ -201,6 +201,30 @@ def test_the_trigger_hands_the_result_key_back_to_the_resuming_worker():
     assert kwargs["result_key"] == "ab" * 32
 
 
+async def test_a_job_ending_right_after_the_deferral_resumes_the_task_only_once_the_worker_exit_is_seen(
+    monkeypatch, capsys
+):
+    """Airflow 3.3 fails a task whose deferring worker's exit reaches the scheduler after the trigger queued it
+    again (apache/airflow#67287, reproduced on the test site with a 3 s job): the event waits out the settle
+    counted from the deferral; a trigger run long after it (a triggerer restart) does not wait."""
+    import time
+
+    import offload
+    from airflow_offload.triggers import offload as triggers
+
+    monkeypatch.setattr(triggers, "RESUME_SETTLE", 2.0)
+    job = offload.load_site("local").submit(offload.JobSpec(["true"], name="settle"))
+    job.wait(timeout=60)
+    for deferred_at, waits in ((time.time(), True), (time.time() - 3600, False)):
+        trigger = OffloadJobTrigger(job_id=job.id, jobdir=job.ref.jobdir, site="local", deferred_at=deferred_at)
+        events = [event async for event in trigger.run()]
+        said = capsys.readouterr()
+        assert [e.payload["state"] for e in events] == ["COMPLETED"]
+        assert ("resuming the task in" in said.out + said.err) is waits, said
+        if waits:  # a lower bound only: a sleep is never shorter
+            assert time.time() >= deferred_at + 2.0
+
+
 def test_deferrable_defaults_to_airflows_operators_default_deferrable():
     """Like Airflow's own providers: ``[operators] default_deferrable`` decides when the DAG does not, and the
     default is read when the provider is imported (a fresh process per setting)."""

@@ -5,7 +5,8 @@ brings the job's new output into the task's log every ``poll_interval`` (what th
 by re-deferring, without holding a worker slot at all), and it says how far it got, so the resumed task logs
 only what is left. All triggers of one triggerer share one SSH connection per site and one ``squeue`` per
 round. A site that stops answering is retried with backoff while the job may still live; only after that the
-task resumes with the error (and the operator cancels the job, or says why it did not). A secret the task was
+task resumes with the error (and the operator cancels the job, or says why it did not). A job that ends within
+:data:`RESUME_SETTLE` seconds of the deferral resumes the task only then (see there). A secret the task was
 given is masked here too (trigger arguments are encrypted in Airflow's database). When a user kills the
 deferred task (Airflow 3.3+ calls ``on_kill``), the job is cancelled.
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -29,6 +31,13 @@ from airflow_offload.version_compat import BaseTrigger, TriggerEvent, mask_secre
 
 RETRIES = 12  # failed reads in a row before giving up (backoff from 2 s to 60 s: 4 to 8 minutes with jitter)
 READ_RETRY = offload.RetryPolicy(first=2.0, factor=2.0, cap=60.0, attempts=RETRIES + 1)
+# Seconds after the deferral before the event may resume the task. The worker that deferred reports its exit to
+# the executor; when that report reaches the scheduler after the event has already queued the task again, Airflow
+# (3.3.2, apache/airflow#67287 and #72716) takes it for a task killed externally and fails it. The report can take
+# one supervisor wait to come (``[workers] min_heartbeat_interval``, 5 s by default): seen on the test site, a
+# 3 s job resumed 1 s before its worker's exit was reported, and the task failed. Twice that wait covers it; only a
+# job ending that soon after the deferral waits, and a trigger run again later (a triggerer restart) never does.
+RESUME_SETTLE = 10.0
 
 
 class OffloadJobTrigger(BaseTrigger):
@@ -45,6 +54,7 @@ class OffloadJobTrigger(BaseTrigger):
         relay: bool = False,
         result_key: str | None = None,
         placement: str | None = None,
+        deferred_at: float | None = None,
     ) -> None:
         super().__init__()
         if not job_id and placement is None:
@@ -62,6 +72,7 @@ class OffloadJobTrigger(BaseTrigger):
         # encrypted), handed back in the event so the resuming worker can check the result before unpickling.
         self.result_key = result_key
         self.placement = placement
+        self.deferred_at = deferred_at  # the worker's time.time() when it deferred
         self._claimed: offload.Job | None = None
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
@@ -79,6 +90,7 @@ class OffloadJobTrigger(BaseTrigger):
                 "relay": self.relay,
                 "result_key": self.result_key,
                 "placement": self.placement,
+                "deferred_at": self.deferred_at,
             },
         )
 
@@ -125,7 +137,18 @@ class OffloadJobTrigger(BaseTrigger):
         finally:
             if relay is not None:
                 relay.cancel()
+        await self._settle(event["job_id"])
         yield TriggerEvent(event)
+
+    async def _settle(self, job_id: str) -> None:
+        """Wait out what is left of :data:`RESUME_SETTLE` since the deferral (never longer: clocks of the worker
+        and the triggerer may differ)."""
+        if self.deferred_at is not None:
+            left = min(RESUME_SETTLE, self.deferred_at + RESUME_SETTLE - time.time())
+            if left > 0:
+                self.log.info("job %s ended %.1f s after the deferral: resuming the task in %.1f s, once Airflow has "
+                              "seen the deferring worker exit", job_id, RESUME_SETTLE - left, left)  # fmt: skip
+                await asyncio.sleep(left)
 
     async def _claim(self) -> offload.Job:
         """The placement's attempt that starts first, claimed (the others released and cancelled). Stopped, this
