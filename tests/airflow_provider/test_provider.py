@@ -206,7 +206,8 @@ async def test_a_job_ending_right_after_the_deferral_resumes_the_task_only_once_
 ):
     """Airflow 3.3 fails a task whose deferring worker's exit reaches the scheduler after the trigger queued it
     again (apache/airflow#67287, reproduced on the test site with a 3 s job): the event waits out the settle
-    counted from the deferral; a trigger run long after it (a triggerer restart) does not wait."""
+    counted from the deferral. A trigger run long after it (a triggerer restart) does not wait, nor one run in the
+    process that deferred (``dag.test()``: no executor)."""
     import time
 
     import offload
@@ -215,14 +216,19 @@ async def test_a_job_ending_right_after_the_deferral_resumes_the_task_only_once_
     monkeypatch.setattr(triggers, "RESUME_SETTLE", 2.0)
     job = offload.load_site("local").submit(offload.JobSpec(["true"], name="settle"))
     job.wait(timeout=60)
-    for deferred_at, waits in ((time.time(), True), (time.time() - 3600, False)):
-        trigger = OffloadJobTrigger(job_id=job.id, jobdir=job.ref.jobdir, site="local", deferred_at=deferred_at)
+    cases = [
+        ({"deferred_at": time.time(), "deferred_by": "worker-host:4242"}, True),
+        ({"deferred_at": time.time() - 3600, "deferred_by": "worker-host:4242"}, False),
+        (triggers.deferral(), False),
+    ]
+    for deferred, waits in cases:
+        trigger = OffloadJobTrigger(job_id=job.id, jobdir=job.ref.jobdir, site="local", **deferred)
         events = [event async for event in trigger.run()]
         said = capsys.readouterr()
         assert [e.payload["state"] for e in events] == ["COMPLETED"]
-        assert ("resuming the task in" in said.out + said.err) is waits, said
+        assert ("resuming the task in" in said.out + said.err) is waits, (deferred, said)
         if waits:  # a lower bound only: a sleep is never shorter
-            assert time.time() >= deferred_at + 2.0
+            assert time.time() >= deferred["deferred_at"] + 2.0
 
 
 def test_deferrable_defaults_to_airflows_operators_default_deferrable():

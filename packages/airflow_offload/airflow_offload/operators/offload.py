@@ -22,14 +22,13 @@ import hashlib
 import os
 import posixpath
 import re
-import time
 from collections.abc import Container, Mapping, Sequence
 from datetime import timedelta
 from typing import Any, Literal
 
 import offload
 from airflow_offload.hooks.offload import OffloadHook
-from airflow_offload.triggers.offload import OffloadJobTrigger
+from airflow_offload.triggers.offload import OffloadJobTrigger, deferral
 from airflow_offload.version_compat import (
     AirflowException,
     AirflowSkipException,
@@ -238,7 +237,7 @@ class OffloadOperator(BaseOperator):
         whose attempt it claims first (``placement``)."""
         trigger = OffloadJobTrigger(**where, offload_conn_id=self.offload_conn_id, poll_interval=self.poll_interval,
                                     masks=[str(v) for v in self.secrets.values()], relay=bool(self.reach),
-                                    result_key=self.result_key, deferred_at=time.time())  # fmt: skip
+                                    result_key=self.result_key, **deferral())  # fmt: skip
         timeout = self.execution_timeout if isinstance(self.execution_timeout, timedelta) else None
         self.defer(trigger=trigger, method_name="execute_complete", timeout=timeout)
 

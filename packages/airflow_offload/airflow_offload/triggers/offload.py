@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -36,8 +37,19 @@ READ_RETRY = offload.RetryPolicy(first=2.0, factor=2.0, cap=60.0, attempts=RETRI
 # (3.3.2, apache/airflow#67287 and #72716) takes it for a task killed externally and fails it. The report can take
 # one supervisor wait to come (``[workers] min_heartbeat_interval``, 5 s by default): seen on the test site, a
 # 3 s job resumed 1 s before its worker's exit was reported, and the task failed. Twice that wait covers it; only a
-# job ending that soon after the deferral waits, and a trigger run again later (a triggerer restart) never does.
+# job ending that soon after the deferral waits, and a trigger run again later (a triggerer restart) never does,
+# nor one run in the process that deferred (``dag.test()`` runs its triggers inline: no executor, no race).
 RESUME_SETTLE = 10.0
+
+
+def this_process() -> str:
+    """The process, as a trigger tells it apart from the deferring worker: ``host:pid``."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def deferral() -> dict[str, Any]:
+    """The trigger arguments that say when and where a task deferred (:data:`RESUME_SETTLE`)."""
+    return {"deferred_at": time.time(), "deferred_by": this_process()}
 
 
 class OffloadJobTrigger(BaseTrigger):
@@ -55,6 +67,7 @@ class OffloadJobTrigger(BaseTrigger):
         result_key: str | None = None,
         placement: str | None = None,
         deferred_at: float | None = None,
+        deferred_by: str | None = None,
     ) -> None:
         super().__init__()
         if not job_id and placement is None:
@@ -72,7 +85,8 @@ class OffloadJobTrigger(BaseTrigger):
         # encrypted), handed back in the event so the resuming worker can check the result before unpickling.
         self.result_key = result_key
         self.placement = placement
-        self.deferred_at = deferred_at  # the worker's time.time() when it deferred
+        self.deferred_at = deferred_at  # the worker's time.time() when it deferred (deferral())
+        self.deferred_by = deferred_by  # and the worker (this_process())
         self._claimed: offload.Job | None = None
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
@@ -91,6 +105,7 @@ class OffloadJobTrigger(BaseTrigger):
                 "result_key": self.result_key,
                 "placement": self.placement,
                 "deferred_at": self.deferred_at,
+                "deferred_by": self.deferred_by,
             },
         )
 
@@ -143,7 +158,7 @@ class OffloadJobTrigger(BaseTrigger):
     async def _settle(self, job_id: str) -> None:
         """Wait out what is left of :data:`RESUME_SETTLE` since the deferral (never longer: clocks of the worker
         and the triggerer may differ)."""
-        if self.deferred_at is not None:
+        if self.deferred_at is not None and self.deferred_by != this_process():
             left = min(RESUME_SETTLE, self.deferred_at + RESUME_SETTLE - time.time())
             if left > 0:
                 self.log.info("job %s ended %.1f s after the deferral: resuming the task in %.1f s, once Airflow has "
