@@ -135,6 +135,30 @@ def test_a_reused_pid_is_not_taken_for_the_job(site):
         stranger.kill()
 
 
+def test_a_process_that_is_no_job_of_this_machine_is_neither_found_nor_touched(site):
+    """A local job is known by its directory, from this machine's records: a bare process id names none, even
+    a live process's. ``site.job`` says so, and a cancel of such a ref neither signals the process nor writes
+    ``cancelled`` beside an empty directory (as root: ``/cancelled``, which made every unknown id look
+    cancelled on the machine where a run left it)."""
+    import subprocess
+
+    from offload import _loop
+    from offload.jobs import JobRef
+
+    stranger = subprocess.Popen(["sleep", "30"])
+    existed = Path("/cancelled").exists()
+    try:
+        with pytest.raises(offload.JobNotFoundError, match="neither in the scheduler's queue"):
+            site.job(str(stranger.pid))
+        _loop.run(site.scheduler.cancel(site.transport, [JobRef(str(stranger.pid), "")]))
+        time.sleep(0.2)
+        assert stranger.poll() is None  # not killed
+        assert Path("/cancelled").exists() == existed
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
 def test_local_records_are_private(site):
     records = site._records.path
     assert oct(records.stat().st_mode & 0o777) == "0o600"

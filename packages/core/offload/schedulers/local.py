@@ -30,6 +30,14 @@ _OURS = _STARTED + (
 )
 
 
+def _known(refs: Sequence[JobRef]) -> list[JobRef]:
+    """The refs that name a job of this machine: a local job is known by its directory (from this machine's
+    records, or given); a bare process id is no job, even a live process's. Without this a cancel would signal
+    any process by its id, and poll and cancel would look at and write ``/cancelled`` (a CI run as root found one
+    left there, and every unknown id then looked cancelled)."""
+    return [ref for ref in refs if ref.jobdir]
+
+
 class LocalScheduler(Scheduler):
     name = "local"
     runs_on_client = True  # jobs are processes of this machine: they reach its services directly
@@ -91,6 +99,9 @@ class LocalScheduler(Scheduler):
         return [pid]
 
     async def poll(self, transport: Transport, refs: Sequence[JobRef]) -> dict[str, JobStatus]:
+        refs = _known(refs)
+        if not refs:
+            return {}
         script = (
             'while [ "$#" -gt 0 ]; do pid=$1; dir=$2; shift 2; '
             f'if [ -f "$dir/{EXIT_CODE}" ]; then echo "$pid done"; '
@@ -140,5 +151,7 @@ class LocalScheduler(Scheduler):
             'kill -TERM "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null; fi; done; true'
         )
         script = _OURS + script
-        args = [arg for ref in refs for arg in (ref.id, ref.jobdir)]
-        await transport.run(["sh", "-c", script, "sh", *args])
+        refs = _known(refs)
+        if refs:
+            args = [arg for ref in refs for arg in (ref.id, ref.jobdir)]
+            await transport.run(["sh", "-c", script, "sh", *args])
