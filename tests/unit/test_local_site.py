@@ -135,11 +135,11 @@ def test_a_reused_pid_is_not_taken_for_the_job(site):
         stranger.kill()
 
 
-def test_a_process_that_is_no_job_of_this_machine_is_neither_found_nor_touched(site):
+def test_a_process_that_is_no_job_of_this_machine_is_not_found_and_a_cancel_writes_nothing_at_the_root(site):
     """A local job is known by its directory, from this machine's records: a bare process id names none, even
-    a live process's. ``site.job`` says so, and a cancel of such a ref neither signals the process nor writes
-    ``cancelled`` beside an empty directory (as root: ``/cancelled``, which made every unknown id look
-    cancelled on the machine where a run left it)."""
+    a live process's, and ``site.job`` says so. A ref without a directory (a failed submission's jobid file, read
+    back) is cancelled by its pid alone: nothing is written beside an empty directory (as root: ``/cancelled``,
+    which made every unknown id look cancelled on the machine where a run left it)."""
     import subprocess
 
     from offload import _loop
@@ -151,8 +151,7 @@ def test_a_process_that_is_no_job_of_this_machine_is_neither_found_nor_touched(s
         with pytest.raises(offload.JobNotFoundError, match="neither in the scheduler's queue"):
             site.job(str(stranger.pid))
         _loop.run(site.scheduler.cancel(site.transport, [JobRef(str(stranger.pid), "")]))
-        time.sleep(0.2)
-        assert stranger.poll() is None  # not killed
+        assert stranger.wait(timeout=10) == -15  # SIGTERM: the pid of an undone submission is its job's
         assert Path("/cancelled").exists() == existed
     finally:
         stranger.kill()

@@ -30,14 +30,6 @@ _OURS = _STARTED + (
 )
 
 
-def _known(refs: Sequence[JobRef]) -> list[JobRef]:
-    """The refs that name a job of this machine: a local job is known by its directory (from this machine's
-    records, or given); a bare process id is no job, even a live process's. Without this a cancel would signal
-    any process by its id, and poll and cancel would look at and write ``/cancelled`` (a CI run as root found one
-    left there, and every unknown id then looked cancelled)."""
-    return [ref for ref in refs if ref.jobdir]
-
-
 class LocalScheduler(Scheduler):
     name = "local"
     runs_on_client = True  # jobs are processes of this machine: they reach its services directly
@@ -99,7 +91,9 @@ class LocalScheduler(Scheduler):
         return [pid]
 
     async def poll(self, transport: Transport, refs: Sequence[JobRef]) -> dict[str, JobStatus]:
-        refs = _known(refs)
+        # A local job is known by its directory (this machine's records, or given): a bare process id names no
+        # job, even a live process's, and an empty directory would make the script read /exit_code, /cancelled.
+        refs = [ref for ref in refs if ref.jobdir]
         if not refs:
             return {}
         script = (
@@ -145,13 +139,14 @@ class LocalScheduler(Scheduler):
         return argv  # local jobs run on this machine: the shell can simply start here
 
     async def cancel(self, transport: Transport, refs: Sequence[JobRef]) -> None:
+        # A ref without a directory comes from a failed submission's jobid file (submit.undo): its pid is the
+        # job's, and there is no directory to mark it cancelled in (never "/cancelled").
         script = (
             'while [ "$#" -gt 0 ]; do pid=$1; dir=$2; shift 2; '
-            f'if [ ! -f "$dir/{EXIT_CODE}" ] && ours "$pid" "$dir"; then : > "$dir/{CANCELLED}"; '
+            'if [ -z "$dir" ]; then kill -TERM "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null; '
+            f'elif [ ! -f "$dir/{EXIT_CODE}" ] && ours "$pid" "$dir"; then : > "$dir/{CANCELLED}"; '
             'kill -TERM "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null; fi; done; true'
         )
         script = _OURS + script
-        refs = _known(refs)
-        if refs:
-            args = [arg for ref in refs for arg in (ref.id, ref.jobdir)]
-            await transport.run(["sh", "-c", script, "sh", *args])
+        args = [arg for ref in refs for arg in (ref.id, ref.jobdir)]
+        await transport.run(["sh", "-c", script, "sh", *args])
