@@ -142,10 +142,11 @@ class LocalScheduler(Scheduler):
         # A ref without a directory comes from a failed submission's jobid file (submit.undo): its pid is the
         # job's, and there is no directory to mark it cancelled in (never "/cancelled").
         script = (
+            'stop() { kill -TERM "-$1" 2>/dev/null || kill -TERM "$1" 2>/dev/null; }; '
             'while [ "$#" -gt 0 ]; do pid=$1; dir=$2; shift 2; '
-            'if [ -z "$dir" ]; then kill -TERM "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null; '
-            f'elif [ ! -f "$dir/{EXIT_CODE}" ] && ours "$pid" "$dir"; then : > "$dir/{CANCELLED}"; '
-            'kill -TERM "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null; fi; done; true'
+            'if [ -z "$dir" ]; then stop "$pid"; '
+            f'elif [ ! -f "$dir/{EXIT_CODE}" ] && ours "$pid" "$dir"; then : > "$dir/{CANCELLED}"; stop "$pid"; fi; '
+            "done; true"
         )
         script = _OURS + script
         args = [arg for ref in refs for arg in (ref.id, ref.jobdir)]
